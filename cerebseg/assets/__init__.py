@@ -1,0 +1,42 @@
+"""Templates and atlas libraries: building them from public source files, finding and checking them.
+
+Layout of an assets folder (``manifest.json`` lists every file with its sha256)::
+
+    manifest.json
+    tpl-MNI152NLin2009cAsym_res-1_T1w.nii.gz              whole-head template (1 mm)
+    tpl-MNI152NLin2009cAsym_res-1_desc-brain_T1w.nii.gz   brain-extracted template
+    tpl-MNI152NLin2009cAsym_res-1_desc-brain_mask.nii.gz  its brain mask
+    <library>/seg-cerebellum_dseg.tsv                     lookup table (index, name, ...)
+    <library>/entry-<name>_T1w.nii.gz                     entry T1w on the working grid
+    <library>/entry-<name>_T2w.nii.gz                     entry T2w (when the source has one)
+    <library>/entry-<name>_dseg.nii.gz                    entry labels on the working grid
+"""
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+MANIFEST = 'manifest.json'
+ASSETS_FORMAT = 1
+TEMPLATE_HEAD = 'tpl-MNI152NLin2009cAsym_res-1_T1w.nii.gz'
+TEMPLATE_BRAIN = 'tpl-MNI152NLin2009cAsym_res-1_desc-brain_T1w.nii.gz'
+TEMPLATE_MASK = 'tpl-MNI152NLin2009cAsym_res-1_desc-brain_mask.nii.gz'
+LUT_NAME = 'seg-cerebellum_dseg.tsv'
+DEFAULT_LIBRARY = 'suit'
+
+
+def package_json(name: str) -> dict:
+    """A JSON file from ``cerebseg/data`` (e.g. ``protocols/suit.json``)."""
+    return json.loads(resources.files('cerebseg').joinpath('data', name).read_text())
+
+
+def available_protocols() -> list[str]:
+    folder = resources.files('cerebseg').joinpath('data', 'protocols')
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith('.json'))
+
+
+def user_cache_dir() -> Path:
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return Path(base) / 'cerebseg' / 'assets'

@@ -1,0 +1,74 @@
+"""Find and verify the assets folder: ``--assets-dir``, then ``$CEREBSEG_ASSETS``, then the cache."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cerebseg.assets import ASSETS_FORMAT, MANIFEST, user_cache_dir
+from cerebseg.errors import MissingAssetError
+from cerebseg.utils.images import sha256sum
+
+BUILD_HINT = ('Build them with `cerebseg-assets build --sources DIR --out DIR` (DIR holding the '
+              'public source files) or `cerebseg-assets fetch --out DIR`, then pass '
+              '`--assets-dir DIR` or set CEREBSEG_ASSETS=DIR.')
+
+
+@dataclass(frozen=True)
+class Assets:
+    root: Path
+    manifest: dict
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def library(self, name: str) -> dict:
+        libs = self.manifest['libraries']
+        if name not in libs:
+            raise MissingAssetError(
+                f'The atlas library {name!r} is not in {self.root} (it has {sorted(libs)}). '
+                + BUILD_HINT.replace('build --sources', f'build --library {name} --sources'))
+        return libs[name]
+
+
+def candidate_dirs(assets_dir: str | os.PathLike | None) -> list[tuple[str, Path]]:
+    found = []
+    if assets_dir:
+        found.append(('--assets-dir', Path(assets_dir)))
+    if os.environ.get('CEREBSEG_ASSETS'):
+        found.append(('CEREBSEG_ASSETS', Path(os.environ['CEREBSEG_ASSETS'])))
+    found.append(('user cache', user_cache_dir()))
+    return found
+
+
+def load_assets(assets_dir: str | os.PathLike | None = None, verify: bool = True) -> Assets:
+    """The first assets folder that exists in the search order, checked against its manifest.
+
+    A folder named explicitly (``--assets-dir`` or ``CEREBSEG_ASSETS``) is used or refused,
+    never skipped. Raises :class:`MissingAssetError` (exit 126) naming what is wrong.
+    """
+    for origin, root in candidate_dirs(assets_dir):
+        if not (root / MANIFEST).is_file():
+            if origin == 'user cache':
+                continue
+            raise MissingAssetError(f'No cerebseg assets in {root} (from {origin}): '
+                                    f'{MANIFEST} is missing. {BUILD_HINT}')
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+        except (OSError, ValueError) as err:
+            raise MissingAssetError(f'Corrupt {root / MANIFEST}: {err}. {BUILD_HINT}') from err
+        if manifest.get('format') != ASSETS_FORMAT:
+            raise MissingAssetError(f'The assets in {root} have format {manifest.get("format")}, '
+                                    f'this cerebseg needs {ASSETS_FORMAT}. {BUILD_HINT}')
+        if verify:
+            for rel, digest in manifest['files'].items():
+                path = root / rel
+                if not path.is_file():
+                    raise MissingAssetError(f'Asset file missing: {path}. {BUILD_HINT}')
+                if sha256sum(path) != digest:
+                    raise MissingAssetError(f'Asset file corrupt (sha256 mismatch): {path}. '
+                                            f'{BUILD_HINT}')
+        return Assets(root=root, manifest=manifest)
+    raise MissingAssetError(f'No cerebseg assets found (looked in {user_cache_dir()}). '
+                            f'{BUILD_HINT}')

@@ -1,0 +1,69 @@
+"""``cerebseg-assets``: build (or fetch and build) the templates and atlas libraries."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cerebseg import __version__
+from cerebseg.assets import DEFAULT_LIBRARY, available_protocols, user_cache_dir
+from cerebseg.errors import CerebsegError
+
+LOGGER = logging.getLogger('cerebseg.assets')
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='cerebseg-assets', description='Build the templates and atlas libraries that '
+        'cerebseg uses, from the public source files.')
+    parser.add_argument('--version', action='version', version=f'cerebseg {__version__}')
+    sub = parser.add_subparsers(dest='command', required=True)
+    protocols = available_protocols()
+    for name, helptext in (('build', 'build from source files already on disk'),
+                           ('fetch', 'download the source files from their public URLs, '
+                                     'then build')):
+        cmd = sub.add_parser(name, help=helptext)
+        if name == 'build':
+            cmd.add_argument('--sources', required=True, type=Path,
+                             help='folder with the source files (layout of '
+                                  'cerebseg/data/sources.json, e.g. ../shared/data)')
+        else:
+            cmd.add_argument('--sources', type=Path, default=None,
+                             help='where to download the source files (default: OUT/sources)')
+        cmd.add_argument('--out', type=Path, default=user_cache_dir(),
+                         help=f'assets folder to write (default: {user_cache_dir()})')
+        cmd.add_argument('--library', action='append', choices=protocols, default=None,
+                         help=f'atlas library (label protocol) to build; repeatable '
+                              f'(default: {DEFAULT_LIBRARY})')
+        cmd.add_argument('--random-seed', type=int, default=0)
+        cmd.add_argument('-v', '--verbose', action='count', default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cerebseg.assets.build import build_assets
+    from cerebseg.assets.fetch import fetch_sources
+
+    opts = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
+                        format='%(asctime)s %(name)s %(levelname)s: %(message)s',
+                        stream=sys.stderr)
+    libraries = tuple(opts.library or [DEFAULT_LIBRARY])
+    try:
+        sources = opts.sources
+        if opts.command == 'fetch':
+            sources = fetch_sources(sources or opts.out / 'sources')
+        elif not sources.is_dir():
+            LOGGER.error('Source folder not found: %s', sources)
+            return 2
+        manifest = build_assets(sources, opts.out, libraries=libraries, seed=opts.random_seed)
+    except CerebsegError as err:
+        LOGGER.error('%s', err)
+        return err.exit_code
+    LOGGER.info('Assets written: %s', manifest)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

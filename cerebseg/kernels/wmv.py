@@ -1,0 +1,117 @@
+"""Locally weighted majority voting (label fusion), NumPy implementation.
+
+Method (Artaechevarria et al. 2009, "local weighted voting"): for atlas ``k`` at voxel ``x``
+
+    MSD_k(x) = mean over channels c available for atlas k of
+               mean over the (2r+1)^3 cube around x of (I_c(y) - A_kc(y))^2
+    w_k(x)   = (MSD_k(x) + eps) ** -beta
+    P_l(x)   = sum_k w_k(x) [L_k(x) == l] / sum_k w_k(x)
+
+and the fused label is the ``l`` with the largest ``P_l``; ties go to the smallest label index
+(``numpy.argmax`` keeps the first maximum). Intensities must be normalised alike (cerebseg maps
+the 2nd and 98th foreground percentiles to 0 and 1). The cube mean at the volume border uses the
+nearest-voxel extension (``scipy.ndimage.uniform_filter``'s ``mode='nearest'``).
+
+The compiled Cython/OpenMP kernel of issue 3 implements the same function; this module stays as
+its reference twin.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check(labels, atlas_images, target, available):
+    labels = np.asarray(labels)
+    atlas_images = np.asarray(atlas_images, dtype=np.float32)
+    target = np.asarray(target, dtype=np.float32)
+    if target.ndim == 3:
+        target = target[None]
+    if atlas_images.ndim == 4:
+        atlas_images = atlas_images[:, None]
+    n_atlas, n_chan = atlas_images.shape[:2]
+    if labels.shape != (n_atlas,) + target.shape[1:]:
+        raise ValueError(f'labels has shape {labels.shape}; expected (K, X, Y, Z) = '
+                         f'{(n_atlas,) + target.shape[1:]}')
+    if atlas_images.shape[1:] != target.shape:
+        raise ValueError(f'atlas_images has shape {atlas_images.shape}; expected (K, C, X, Y, Z) '
+                         f'with (C, X, Y, Z) = {target.shape}')
+    if available is None:
+        available = np.ones((n_atlas, n_chan), dtype=bool)
+    available = np.asarray(available, dtype=bool)
+    if available.shape != (n_atlas, n_chan) or not available.any(axis=1).all():
+        raise ValueError('available must be (K, C) with at least one channel per atlas')
+    return labels, atlas_images, target, available
+
+
+def local_weights(atlas_images, target, available=None, radius: int = 2, beta: float = 1.0,
+                  eps: float = 1e-3) -> np.ndarray:
+    """Per-atlas voting weights ``(K, X, Y, Z)`` float32 (see the module docstring)."""
+    from scipy.ndimage import uniform_filter
+
+    dummy = np.zeros((np.shape(atlas_images)[0],) + np.shape(target)[-3:], np.int16)
+    _, atlas_images, target, available = _check(dummy, atlas_images, target, available)
+    n_atlas = atlas_images.shape[0]
+    weights = np.empty((n_atlas,) + target.shape[1:], dtype=np.float32)
+    for k in range(n_atlas):
+        msd = np.zeros(target.shape[1:], dtype=np.float32)
+        chans = np.flatnonzero(available[k])
+        for c in chans:
+            diff = target[c] - atlas_images[k, c]
+            msd += uniform_filter(diff * diff, size=2 * radius + 1, mode='nearest')
+        msd /= len(chans)
+        weights[k] = (msd + eps) ** (-beta)
+    return weights
+
+
+def weighted_majority_vote(labels, atlas_images, target, n_labels: int, available=None,
+                           radius: int = 2, beta: float = 1.0, eps: float = 1e-3):
+    """Fuse ``K`` warped label maps.
+
+    Parameters
+    ----------
+    labels : (K, X, Y, Z) int
+        Warped atlas label maps, values in ``[0, n_labels)`` (0 = background).
+    atlas_images : (K, X, Y, Z) or (K, C, X, Y, Z) float
+        Warped atlas intensities (C channels, e.g. T1w and T2w).
+    target : (X, Y, Z) or (C, X, Y, Z) float
+        Subject intensities, normalised like the atlases.
+    n_labels : int
+        Number of labels including background.
+    available : (K, C) bool, optional
+        Which channels each atlas has (an atlas without T2w votes on T1w alone).
+
+    Returns
+    -------
+    fused : (X, Y, Z) int16
+    probabilities : (n_labels, X, Y, Z) float32, summing to 1 over labels.
+    """
+    labels, atlas_images, target, available = _check(labels, atlas_images, target, available)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_labels):
+        raise ValueError(f'labels must lie in [0, {n_labels}); found '
+                         f'[{labels.min()}, {labels.max()}]')
+    shape = target.shape[1:]
+    fused = np.zeros(shape, dtype=np.int16)
+    probs = np.zeros((n_labels,) + shape, dtype=np.float32)
+    probs[0] = 1.0
+    # Where every atlas says background the answer is background whatever the weights: compute
+    # only inside the bounding box of the votes, grown by the patch radius.
+    voted = np.argwhere(labels.any(axis=0))
+    if voted.size == 0:
+        return fused, probs
+    lo = np.maximum(voted.min(axis=0) - radius - 1, 0)
+    hi = np.minimum(voted.max(axis=0) + radius + 2, shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    weights = local_weights(atlas_images[(slice(None), slice(None)) + box],
+                            target[(slice(None),) + box], available, radius, beta, eps)
+    total = weights.sum(axis=0)
+    sub = np.zeros((n_labels,) + total.shape, dtype=np.float32)
+    flat_sub = sub.reshape(-1)
+    index = np.arange(total.size)
+    for k in range(labels.shape[0]):
+        # each voxel gets one vote per atlas, so the scattered indices are unique
+        flat_sub[labels[k][box].reshape(-1).astype(np.int64) * total.size + index] += \
+            weights[k].reshape(-1)
+    sub /= total[None]
+    probs[(slice(None),) + box] = sub
+    fused[box] = np.argmax(sub, axis=0)
+    return fused, probs
