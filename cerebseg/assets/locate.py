@@ -69,6 +69,6 @@ def load_assets(assets_dir: str | os.PathLike | None = None, verify: bool = True
                 if sha256sum(path) != digest:
                     raise MissingAssetError(f'Asset file corrupt (sha256 mismatch): {path}. '
                                             f'{BUILD_HINT}')
-        return Assets(root=root, manifest=manifest)
+        return Assets(root=root.absolute(), manifest=manifest)
     raise MissingAssetError(f'No cerebseg assets found (looked in {user_cache_dir()}). '
                             f'{BUILD_HINT}')

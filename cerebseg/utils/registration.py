@@ -10,6 +10,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -115,18 +116,39 @@ def rigid_to(fixed, moving, out_prefix: str, seed: int | None = 0, spacing: floa
 
 
 def syn_to(fixed, moving, out_prefix: str, seed: int | None = 0,
-           iterations: tuple[int, ...] = (70, 40, 20), metric: str = 'CC'):
-    """Affine + SyN (ANTs) of ``moving`` onto ``fixed``; returns the forward transform list.
+           iterations: tuple[int, ...] = (40, 20, 0), spacing: float = 1.0):
+    """Affine (2 mm) then SyN (mutual information, at ``spacing`` mm) of ``moving`` onto ``fixed``.
 
-    The list is in ``ants.apply_transforms`` order (warp first, then affine).
+    Library templates are cropped around the cerebellum (zero elsewhere), so every stage
+    measures similarity only inside the template's own field of view (its dilated foreground,
+    as the moving mask); otherwise SyN stretches the cerebellum over the occipital lobe. Both
+    start from identity: entries and subjects are already affinely in MNI space.
+
+    Returns the forward transform list in ``ants.apply_transforms`` order (warp, affine).
     """
+    import tempfile
+
     import ants
 
-    with ants_seed(seed):
-        reg = ants.registration(fixed, moving, type_of_transform='SyN', syn_metric=metric,
-                                syn_sampling=2 if metric == 'CC' else 32,
+    mask = ants.iMath(ants.get_mask(moving, low_thresh=0.05 * float(moving.max()), cleanup=0),
+                      'MD', 3)
+    lo = (2.0,) * 3
+    with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
+        identity = str(Path(tmp) / 'identity.mat')
+        ants.write_transform(ants.create_ants_transform('AffineTransform', dimension=3),
+                             identity)
+        aff = ants.registration(ants.resample_image(fixed, lo, False, 0),
+                                ants.resample_image(moving, lo, False, 0),
+                                type_of_transform='Affine', initial_transform=identity,
+                                moving_mask=ants.resample_image(mask, lo, False, 1))
+        sp = (spacing,) * 3
+        reg = ants.registration(ants.resample_image(fixed, sp, False, 0),
+                                ants.resample_image(moving, sp, False, 0),
+                                type_of_transform='SyNOnly',
+                                initial_transform=aff['fwdtransforms'],
+                                moving_mask=ants.resample_image(mask, sp, False, 1),
                                 reg_iterations=tuple(iterations))
-    return _keep(reg['fwdtransforms'], out_prefix)
+        return _keep(reg['fwdtransforms'], out_prefix)
 
 
 def affine_determinant(transform_file: str) -> float:

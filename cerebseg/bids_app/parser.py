@@ -1,0 +1,132 @@
+"""Command line of the BIDS-App (BIDS-Apps spec, fMRIPrep conventions)."""
+from __future__ import annotations
+
+import argparse
+import os
+from functools import partial
+from pathlib import Path
+
+from cerebseg import __version__
+from cerebseg.assets import DEFAULT_LIBRARY, available_protocols
+
+
+def _path_exists(value, parser, what='Path'):
+    path = Path(value).expanduser().absolute()
+    if not path.exists():
+        hint = ''
+        if os.environ.get('CEREBSEG_CONTAINER'):
+            hint = ' (inside a container: is it mounted with -v/-B?)'
+        parser.error(f'{what} does not exist: {path}{hint}')
+    return path
+
+
+def _positive_int(value, parser, name):
+    try:
+        num = int(value)
+    except ValueError:
+        num = 0
+    if num < 1:
+        parser.error(f'{name} must be a positive integer, got {value!r}')
+    return num
+
+
+def _positive_float(value, parser, name):
+    try:
+        num = float(value)
+    except ValueError:
+        num = 0.0
+    if num <= 0:
+        parser.error(f'{name} must be a positive number, got {value!r}')
+    return num
+
+
+def _drop_prefix(value: str, prefix: str) -> str:
+    return value[len(prefix):] if value.startswith(prefix) else value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='cerebseg',
+        description='cerebseg segments the cerebellum into lobules from T1w (and T2w) MRI and '
+                    'writes BIDS derivatives: label maps in native space, volumes, transforms.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    exists = partial(_path_exists, parser=parser)
+    parser.add_argument('bids_dir', type=partial(exists, what='BIDS folder'),
+                        help='the root of the BIDS dataset')
+    parser.add_argument('output_dir', type=Path,
+                        help='where derivatives go (e.g. bids_dir/derivatives/cerebseg)')
+    parser.add_argument('analysis_level', choices=['participant', 'group'],
+                        help='participant: segment; group: gather volumes into one table')
+
+    sel = parser.add_argument_group('Selecting data')
+    sel.add_argument('--participant-label', '--participant_label', dest='participant_label',
+                     nargs='+', metavar='LABEL',
+                     type=lambda s: _drop_prefix(s, 'sub-'),
+                     help='participants to process (with or without "sub-"); default: all')
+    sel.add_argument('--session-label', '--session_label', dest='session_label', nargs='+',
+                     metavar='LABEL', type=lambda s: _drop_prefix(s, 'ses-'),
+                     help='sessions to process (with or without "ses-"); default: all')
+    sel.add_argument('--bids-filter-file', '--bids_filter_file', dest='bids_filter_file',
+                     type=partial(exists, what='BIDS filter file'), metavar='FILE',
+                     help='JSON with pybids filters for the "t1w" and "t2w" queries')
+    sel.add_argument('--t1-only', action='store_true',
+                     help='ignore T2w images (T1w-only mode)')
+    sel.add_argument('--skip-bids-validation', '--skip_bids_validation', action='store_true',
+                     help='do not validate the dataset with pybids before indexing')
+
+    perf = parser.add_argument_group('Resources')
+    perf.add_argument('--nprocs', '--n-cpus', '--nthreads', dest='nprocs', default=None,
+                      type=partial(_positive_int, parser=parser, name='--nprocs'),
+                      help='processes run at once (default: all CPUs)')
+    perf.add_argument('--omp-nthreads', dest='omp_nthreads', default=None,
+                      type=partial(_positive_int, parser=parser, name='--omp-nthreads'),
+                      help='threads per process (ANTs/ITK, torch, OpenMP); default: nprocs')
+    perf.add_argument('--mem-gb', '--mem_gb', dest='mem_gb', default=None,
+                      type=partial(_positive_float, parser=parser, name='--mem-gb'),
+                      help='memory limit for the scheduler (GB)')
+    perf.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
+                      help='where torch models run (auto: CUDA when available)')
+
+    method = parser.add_argument_group('Method')
+    method.add_argument('--atlas-library', choices=available_protocols(),
+                        default=DEFAULT_LIBRARY, help='label protocol / atlas library')
+    method.add_argument('--assets-dir', type=Path, default=None,
+                        help='assets folder (default: $CEREBSEG_ASSETS, then the user cache)')
+    method.add_argument('--random-seed', type=int, default=0, help='seed of every sampler')
+
+    other = parser.add_argument_group('Other')
+    other.add_argument('-w', '--work-dir', dest='work_dir', type=Path,
+                       default=Path('work'),
+                       help='working folder; re-running with the same one resumes')
+    other.add_argument('--stop-on-first-crash', action='store_true',
+                       help='stop at the first failure instead of going on with the rest')
+    other.add_argument('-v', '--verbose', dest='verbose', action='count', default=0,
+                       help='more messages (-vv for debugging)')
+    other.add_argument('--version', action='version', version=f'cerebseg {__version__}')
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the arguments (errors exit with code 2)."""
+    parser = _build_parser()
+    opts = parser.parse_args(argv)
+    opts.output_dir = opts.output_dir.expanduser().absolute()
+    opts.work_dir = opts.work_dir.expanduser().absolute()
+    bids_dir = opts.bids_dir
+    if opts.output_dir == bids_dir:
+        parser.error(f'output_dir must not be the BIDS folder itself; use '
+                     f'{bids_dir / "derivatives" / "cerebseg"}')
+    if bids_dir in opts.output_dir.parents and \
+            opts.output_dir.relative_to(bids_dir).parts[0] != 'derivatives':
+        parser.error(f'output_dir {opts.output_dir} is inside the BIDS folder; put it under '
+                     f'{bids_dir / "derivatives"} (e.g. {bids_dir / "derivatives" / "cerebseg"}) '
+                     'or outside the dataset')
+    if opts.work_dir == opts.output_dir or opts.output_dir in opts.work_dir.parents and \
+            opts.work_dir.relative_to(opts.output_dir).parts[0].startswith('sub-'):
+        parser.error('the work folder must not be the output folder or a participant folder')
+    nprocs = opts.nprocs or os.cpu_count() or 1
+    opts.nprocs = nprocs
+    opts.omp_nthreads = opts.omp_nthreads or nprocs
+    if opts.omp_nthreads > nprocs:
+        parser.error(f'--omp-nthreads ({opts.omp_nthreads}) cannot exceed --nprocs ({nprocs})')
+    return opts

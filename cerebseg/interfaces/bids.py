@@ -1,0 +1,82 @@
+"""DerivativesDataSink: the one place where derivatives get their BIDS names (atomic writes)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    traits)
+
+#: entities kept from the source file, in BIDS order
+SOURCE_ENTITIES = ('sub', 'ses', 'acq', 'ce', 'rec', 'run')
+#: entities a derivative may add, in BIDS order
+DERIV_ENTITIES = ('from', 'to', 'mode', 'space', 'res', 'seg', 'desc')
+
+
+def source_entities(path: str) -> dict[str, str]:
+    """The BIDS entities of a raw file name (``sub-01_ses-a_run-2_T1w.nii.gz``)."""
+    name = Path(path).name
+    found = dict(re.findall(r'(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9]+)(?=_)', name))
+    if 'sub' not in found:
+        raise ValueError(f'Not a BIDS file name (no sub- entity): {name}')
+    return {k: found[k] for k in SOURCE_ENTITIES if k in found}
+
+
+def derivative_path(base: str | os.PathLike, source_file: str, suffix: str, extension: str,
+                    **entities) -> Path:
+    """``base/sub-X[/ses-Y]/anat/<source entities>_<entities>_<suffix><extension>``."""
+    src = source_entities(source_file)
+    unknown = set(entities) - set(DERIV_ENTITIES)
+    if unknown:
+        raise ValueError(f'Unknown derivative entities {sorted(unknown)}')
+    parts = [f'{k}-{v}' for k, v in src.items()]
+    parts += [f'{k}-{entities[k]}' for k in DERIV_ENTITIES if entities.get(k)]
+    folder = Path(base) / f"sub-{src['sub']}"
+    if 'ses' in src:
+        folder = folder / f"ses-{src['ses']}"
+    return folder / 'anat' / ('_'.join(parts + [suffix]) + extension)
+
+
+class _SinkInputSpec(BaseInterfaceInputSpec):
+    base_directory = traits.Str(mandatory=True, desc='output folder (derivatives root)')
+    source_file = traits.Str(mandatory=True, desc='the raw file the derivative comes from')
+    in_file = File(exists=True, mandatory=True, desc='file to store')
+    suffix = traits.Str(mandatory=True, desc='BIDS suffix (dseg, xfm, morph, T1w, ...)')
+    extension = traits.Str(mandatory=True, desc='file extension with the dot')
+    entities = traits.Dict(traits.Str, traits.Str, usedefault=True, desc='derivative entities')
+    meta = traits.Dict(usedefault=True, desc='JSON sidecar content (none if empty)')
+    meta_files = traits.List(File(exists=True), usedefault=True,
+                             desc='JSON files whose content is merged into the sidecar')
+
+
+class _SinkOutputSpec(TraitedSpec):
+    out_file = File(desc='where the derivative was written')
+    out_meta = traits.Str(desc='the sidecar written (empty: none)')
+
+
+class DerivativesDataSink(SimpleInterface):
+    """Copy ``in_file`` to its BIDS-derivatives name (temporary file + rename: never half-written)."""
+
+    input_spec = _SinkInputSpec
+    output_spec = _SinkOutputSpec
+    always_run = True
+
+    def _run_interface(self, runtime):
+        from cerebseg.utils.images import atomic_copy, atomic_write_text
+
+        out = derivative_path(self.inputs.base_directory, self.inputs.source_file,
+                              self.inputs.suffix, self.inputs.extension, **self.inputs.entities)
+        atomic_copy(self.inputs.in_file, out)
+        self._results['out_file'] = str(out)
+        self._results['out_meta'] = ''
+        meta = dict(self.inputs.meta)
+        for path in self.inputs.meta_files:
+            with open(path) as fobj:
+                meta.update(json.load(fobj))
+        if meta:
+            sidecar = str(out)[: -len(self.inputs.extension)] + '.json'
+            atomic_write_text(sidecar, json.dumps(meta, indent=2, sort_keys=True) + '\n')
+            self._results['out_meta'] = sidecar
+        return runtime

@@ -1,0 +1,124 @@
+"""Multi-atlas interfaces: register a library entry to the subject, fuse the warped labels."""
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
+                                    SimpleInterface, TraitedSpec, traits)
+
+
+class _RegisterInputSpec(BaseInterfaceInputSpec):
+    target_t1 = File(exists=True, mandatory=True, desc='subject T1w on the working grid')
+    entry_t1 = File(exists=True, mandatory=True, desc='library entry T1w (working grid)')
+    entry_t2 = traits.Str('', usedefault=True, desc='library entry T2w (empty: none)')
+    entry_dseg = File(exists=True, mandatory=True, desc='library entry labels (working grid)')
+    spacing = traits.Float(1.0, usedefault=True, desc='registration resolution (mm)')
+    iterations = traits.List(traits.Int, [40, 20, 0], usedefault=True,
+                             desc='SyN iterations per level, coarse to fine')
+    seed = traits.Int(0, usedefault=True, desc='random seed of the ANTs samplers')
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc='ITK/ANTs threads')
+
+
+class _RegisterOutputSpec(TraitedSpec):
+    warped_t1 = File(exists=True, desc='entry T1w warped to the subject')
+    warped_t2 = traits.Str(desc='entry T2w warped to the subject (empty: none)')
+    warped_dseg = File(exists=True, desc='entry labels warped to the subject')
+
+
+class RegisterEntry(SimpleInterface):
+    """ANTs affine + SyN (:func:`cerebseg.utils.registration.syn_to`) of one entry onto the subject.
+
+    The registration runs on ``spacing`` mm copies of both images; the resulting transforms are
+    applied to the 0.5 mm entry (labels with ``genericLabel`` interpolation).
+    """
+
+    input_spec = _RegisterInputSpec
+    output_spec = _RegisterOutputSpec
+
+    def _run_interface(self, runtime):
+        import ants
+        import nibabel as nib
+        import numpy as np
+
+        from cerebseg.utils.images import ants_to_nib, atomic_save, nib_to_ants, to_label_image
+        from cerebseg.utils.registration import set_threads, syn_to
+
+        set_threads(self.inputs.num_threads)
+        fixed = nib_to_ants(nib.load(self.inputs.target_t1))
+        moving = nib_to_ants(nib.load(self.inputs.entry_t1))
+        transforms = syn_to(fixed, moving, os.path.join(runtime.cwd, 'entry_to_subject_'),
+                            self.inputs.seed, iterations=tuple(self.inputs.iterations),
+                            spacing=self.inputs.spacing)
+        warped = ants.apply_transforms(fixed, moving, transforms, interpolator='linear')
+        self._results['warped_t1'] = os.path.join(runtime.cwd, 'warped_T1w.nii.gz')
+        atomic_save(ants_to_nib(warped), self._results['warped_t1'])
+        self._results['warped_t2'] = ''
+        if self.inputs.entry_t2:
+            t2 = ants.apply_transforms(fixed, nib_to_ants(nib.load(self.inputs.entry_t2)),
+                                       transforms, interpolator='linear')
+            self._results['warped_t2'] = os.path.join(runtime.cwd, 'warped_T2w.nii.gz')
+            atomic_save(ants_to_nib(t2), self._results['warped_t2'])
+        dseg = ants.apply_transforms(fixed, nib_to_ants(nib.load(self.inputs.entry_dseg)),
+                                     transforms, interpolator='genericLabel')
+        self._results['warped_dseg'] = os.path.join(runtime.cwd, 'warped_dseg.nii.gz')
+        atomic_save(to_label_image(np.rint(dseg.numpy()), nib.load(self.inputs.target_t1).affine),
+                    self._results['warped_dseg'])
+        return runtime
+
+
+class _FuseInputSpec(BaseInterfaceInputSpec):
+    target_t1 = File(exists=True, mandatory=True, desc='subject T1w on the working grid')
+    target_t2 = traits.Str('', usedefault=True, desc='subject T2w on the working grid')
+    warped_t1 = InputMultiObject(File(exists=True), mandatory=True, desc='warped entry T1w')
+    warped_t2 = InputMultiObject(traits.Str, mandatory=True,
+                                 desc="warped entry T2w ('' where an entry has none)")
+    warped_dseg = InputMultiObject(File(exists=True), mandatory=True, desc='warped labels')
+    n_labels = traits.Int(mandatory=True, desc='number of labels including background')
+    radius = traits.Int(2, usedefault=True, desc='patch radius (voxels) of the local similarity')
+
+
+class _FuseOutputSpec(TraitedSpec):
+    dseg = File(exists=True, desc='fused labels on the working grid')
+    probseg = File(exists=True, desc='fused label probabilities (4D, uint8 scaled to [0, 1])')
+
+
+class FuseLabels(SimpleInterface):
+    """Locally weighted majority voting (:func:`cerebseg.kernels.wmv.weighted_majority_vote`)."""
+
+    input_spec = _FuseInputSpec
+    output_spec = _FuseOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+        import numpy as np
+
+        from cerebseg.kernels.wmv import weighted_majority_vote
+        from cerebseg.utils.images import atomic_save, to_label_image
+
+        ref = nib.load(self.inputs.target_t1)
+        use_t2 = bool(self.inputs.target_t2)
+        target = [np.asarray(ref.dataobj, np.float32)]
+        if use_t2:
+            target.append(np.asarray(nib.load(self.inputs.target_t2).dataobj, np.float32))
+        n_atlas = len(self.inputs.warped_t1)
+        images = np.zeros((n_atlas, len(target)) + ref.shape, np.float32)
+        available = np.zeros((n_atlas, len(target)), bool)
+        for k, path in enumerate(self.inputs.warped_t1):
+            images[k, 0] = np.asarray(nib.load(path).dataobj, np.float32)
+            available[k, 0] = True
+            if use_t2 and self.inputs.warped_t2[k]:
+                images[k, 1] = np.asarray(nib.load(self.inputs.warped_t2[k]).dataobj, np.float32)
+                available[k, 1] = True
+        labels = np.stack([np.asarray(nib.load(p).dataobj, np.int16)
+                           for p in self.inputs.warped_dseg])
+        fused, probs = weighted_majority_vote(labels, images, np.stack(target),
+                                              self.inputs.n_labels, available=available,
+                                              radius=self.inputs.radius)
+        self._results['dseg'] = os.path.join(runtime.cwd, 'fused_dseg.nii.gz')
+        atomic_save(to_label_image(fused, ref.affine), self._results['dseg'])
+        # stored as uint8 with a scale factor (nibabel picks it): 1/255 resolution
+        img = nib.Nifti1Image(np.moveaxis(probs, 0, -1), ref.affine)
+        img.header.set_data_dtype(np.uint8)
+        self._results['probseg'] = os.path.join(runtime.cwd, 'fused_probseg.nii.gz')
+        atomic_save(img, self._results['probseg'])
+        return runtime

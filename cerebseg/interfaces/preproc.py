@@ -1,0 +1,204 @@
+"""Preprocessing interfaces: validation, bias correction and denoising, MNI affine, T2w->T1w."""
+from __future__ import annotations
+
+import json
+import os
+
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    traits)
+from nipype.utils.filemanip import fname_presuffix
+
+
+class _ThreadedInputSpec(BaseInterfaceInputSpec):
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc='ITK/ANTs threads')
+    seed = traits.Int(0, usedefault=True, desc='random seed of the ANTs samplers')
+
+
+class _CorrectInputSpec(_ThreadedInputSpec):
+    in_file = File(exists=True, mandatory=True, desc='anatomical image (T1w or T2w)')
+    role = traits.Str('T1w', usedefault=True, desc='what the image is, for error messages')
+    denoise = traits.Bool(True, usedefault=True, desc='run non-local means denoising')
+
+
+class _CorrectOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc='bias-corrected (and denoised) image, native grid')
+    skull_stripped = traits.Bool(desc='whether the input looks brain-extracted')
+
+
+class ValidateAndCorrect(SimpleInterface):
+    """Check an input image (clear error on bad data), then N4 and denoise it in native space."""
+
+    input_spec = _CorrectInputSpec
+    output_spec = _CorrectOutputSpec
+
+    def _run_interface(self, runtime):
+        import ants
+        import numpy as np
+
+        from cerebseg.utils.images import ants_to_nib, atomic_save, load_checked, nib_to_ants
+        from cerebseg.utils.preproc import bias_correct, denoise, is_skull_stripped
+        from cerebseg.utils.registration import set_threads
+
+        set_threads(self.inputs.num_threads)
+        img = load_checked(self.inputs.in_file, self.inputs.role)
+        data = np.asarray(img.dataobj)
+        stripped = is_skull_stripped(data, img.header.get_zooms()[:3])
+        aimg = nib_to_ants(img)
+        mask = (aimg > 0).astype('float32') if stripped else ants.get_mask(aimg)
+        out = bias_correct(aimg, mask=mask)
+        if self.inputs.denoise:
+            out = denoise(out, mask=mask)
+        if stripped:
+            out = out * mask
+        self._results['out_file'] = fname_presuffix(self.inputs.in_file, suffix='_corrected',
+                                                    newpath=runtime.cwd)
+        atomic_save(ants_to_nib(out), self._results['out_file'])
+        self._results['skull_stripped'] = bool(stripped)
+        return runtime
+
+
+class _MNIAffineInputSpec(_ThreadedInputSpec):
+    in_file = File(exists=True, mandatory=True, desc='bias-corrected T1w, native grid')
+    source_file = traits.Str(mandatory=True, desc='the input T1w (for error messages)')
+    skull_stripped = traits.Bool(mandatory=True, desc='input is brain-extracted')
+    template_head = File(exists=True, mandatory=True, desc='MNI152NLin2009cAsym whole head')
+    template_brain = File(exists=True, mandatory=True, desc='MNI152NLin2009cAsym brain')
+    template_mask = File(exists=True, mandatory=True, desc='MNI152NLin2009cAsym brain mask')
+    min_correlation = traits.Float(mandatory=True, desc='refuse fits correlating less than this')
+
+
+class _MNIAffineOutputSpec(TraitedSpec):
+    transform = File(exists=True, desc='ANTs affine, T1w -> MNI152NLin2009cAsym')
+    qc_file = File(exists=True, desc='JSON with the fit quality')
+
+
+class MNIAffine(SimpleInterface):
+    """Affine registration to MNI152NLin2009cAsym with a quality gate (bad fit -> exit 65)."""
+
+    input_spec = _MNIAffineInputSpec
+    output_spec = _MNIAffineOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+        import numpy as np
+
+        from cerebseg.errors import BadDataError
+        from cerebseg.utils.images import nib_to_ants
+        from cerebseg.utils.registration import affine_to_template, set_threads
+
+        set_threads(self.inputs.num_threads)
+        fit = affine_to_template(
+            nib_to_ants(nib.load(self.inputs.in_file)),
+            nib_to_ants(nib.load(self.inputs.template_head)),
+            nib_to_ants(nib.load(self.inputs.template_brain)),
+            np.asarray(nib.load(self.inputs.template_mask).dataobj) > 0,
+            skull_stripped=self.inputs.skull_stripped,
+            out_prefix=os.path.join(runtime.cwd, 'T1w_to_MNI_'), seed=self.inputs.seed)
+        qc = {'TemplateFitCorrelation': round(fit.correlation, 4),
+              'TemplateFitMinimum': self.inputs.min_correlation,
+              'TemplateFitStart': fit.candidate,
+              'InputSkullStripped': bool(self.inputs.skull_stripped)}
+        self._results['qc_file'] = os.path.join(runtime.cwd, 'mni_affine_qc.json')
+        with open(self._results['qc_file'], 'w') as fobj:
+            json.dump(qc, fobj, indent=2)
+        if fit.correlation < self.inputs.min_correlation:
+            raise BadDataError(
+                f'{self.inputs.source_file} does not fit the MNI152NLin2009cAsym template: after '
+                f'affine registration its correlation with the template inside the brain is '
+                f'{fit.correlation:.3f} (human T1w scans give 0.4 to 0.5; the minimum is '
+                f'{self.inputs.min_correlation}). The image is not a T1-weighted human head or '
+                'brain scan, or it is badly corrupted (wrong orientation in the header, heavy '
+                'artefacts). cerebseg will not segment it; check the image.')
+        self._results['transform'] = fit.transform
+        return runtime
+
+
+class _T2InputSpec(_ThreadedInputSpec):
+    t1_file = File(exists=True, mandatory=True, desc='bias-corrected T1w, native grid')
+    t2_file = File(exists=True, mandatory=True, desc='bias-corrected T2w, its own grid')
+    source_file = traits.Str(mandatory=True, desc='the input T2w (for error messages)')
+    min_correlation = traits.Float(mandatory=True, desc='refuse fits correlating less than this')
+
+
+class _T2OutputSpec(TraitedSpec):
+    transform = File(exists=True, desc='ANTs rigid, T2w -> T1w')
+    qc_file = File(exists=True, desc='JSON with the fit quality')
+
+
+class CoregisterT2(SimpleInterface):
+    """Rigid registration of the T2w to the T1w of the same session, with a quality gate."""
+
+    input_spec = _T2InputSpec
+    output_spec = _T2OutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from cerebseg.errors import BadDataError
+        from cerebseg.utils.images import nib_to_ants
+        from cerebseg.utils.registration import rigid_to, set_threads
+
+        set_threads(self.inputs.num_threads)
+        transform, corr = rigid_to(nib_to_ants(nib.load(self.inputs.t1_file)),
+                                   nib_to_ants(nib.load(self.inputs.t2_file)),
+                                   os.path.join(runtime.cwd, 'T2w_to_T1w_'), self.inputs.seed)
+        self._results['qc_file'] = os.path.join(runtime.cwd, 't2_rigid_qc.json')
+        with open(self._results['qc_file'], 'w') as fobj:
+            json.dump({'T2wToT1wEdgeCorrelation': round(corr, 4)}, fobj, indent=2)
+        if corr < self.inputs.min_correlation:
+            raise BadDataError(
+                f'{self.inputs.source_file} could not be registered to its T1w: after rigid '
+                f'registration the edges of the two images correlate {corr:.3f} (minimum '
+                f'{self.inputs.min_correlation}). The T2w is from another person or session, '
+                'covers another part of the head, or is corrupted. Remove it from the selection '
+                '(--bids-filter-file) or run T1w-only with --t1-only.')
+        self._results['transform'] = transform
+        return runtime
+
+
+class _GridInputSpec(_ThreadedInputSpec):
+    t1_file = File(exists=True, mandatory=True, desc='bias-corrected T1w, native grid')
+    t1_to_mni = File(exists=True, mandatory=True, desc='T1w -> MNI affine (ANTs)')
+    t2_file = traits.Str('', usedefault=True, desc='bias-corrected T2w (empty: none)')
+    t2_to_t1 = traits.Str('', usedefault=True, desc='T2w -> T1w rigid (ANTs)')
+    grid = traits.Dict(mandatory=True, desc='working grid (BoxGrid.to_dict())')
+
+
+class _GridOutputSpec(TraitedSpec):
+    t1_box = File(exists=True, desc='normalised T1w on the working grid')
+    t2_box = traits.Str(desc='normalised T2w on the working grid (empty: none)')
+
+
+class ToWorkingGrid(SimpleInterface):
+    """Resample into the 0.5 mm MNI box, N4 again inside the box, normalise intensities."""
+
+    input_spec = _GridInputSpec
+    output_spec = _GridOutputSpec
+
+    def _run_interface(self, runtime):
+        import ants
+        import nibabel as nib
+
+        from cerebseg.utils.grid import BoxGrid
+        from cerebseg.utils.images import ants_to_nib, atomic_save, nib_to_ants
+        from cerebseg.utils.preproc import bias_correct, normalise_intensity
+        from cerebseg.utils.registration import set_threads
+
+        set_threads(self.inputs.num_threads)
+        ref = BoxGrid.from_dict(self.inputs.grid).reference()
+        chain = [self.inputs.t1_to_mni]
+        jobs = [('t1_box', self.inputs.t1_file, chain)]
+        if self.inputs.t2_file:
+            jobs.append(('t2_box', self.inputs.t2_file, chain + [self.inputs.t2_to_t1]))
+        self._results['t2_box'] = ''
+        for key, path, transforms in jobs:
+            moving = nib_to_ants(nib.load(path))
+            boxed = ants.apply_transforms(ref, moving, transforms, interpolator='bSpline')
+            boxed = boxed.new_image_like(boxed.numpy().clip(min=0))
+            fg = ants.get_mask(boxed)
+            boxed = bias_correct(boxed, mask=fg, shrink_factor=2)
+            norm = normalise_intensity(boxed.numpy(), fg.numpy() > 0)
+            out = os.path.join(runtime.cwd, f'{key}.nii.gz')
+            atomic_save(ants_to_nib(boxed.new_image_like(norm)), out)
+            self._results[key] = out
+        return runtime

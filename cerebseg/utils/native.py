@@ -1,0 +1,68 @@
+"""From working-grid probabilities to native-space labels, and label volumes."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def probabilities_to_native(probseg, reference, transform: str):
+    """Resample per-label probabilities (nibabel 4D, labels last) into ``reference``'s grid.
+
+    Each label's probability is resampled with linear interpolation through the inverse of
+    ``transform`` (native -> MNI affine, ANTs), then the label of highest probability wins
+    (ties to the lower index). Outside the working box the background probability is 1.
+    This keeps thin lobules that a nearest-neighbour resampling of a label image would lose.
+
+    Returns the native label array (int16) on ``reference``'s grid.
+    """
+    import ants
+    import nibabel as nib
+
+    from cerebseg.utils.images import nib_to_ants
+
+    raw = np.asarray(probseg.dataobj.get_unscaled())  # uint8 on disk: keep it compact
+    slope, inter = probseg.dataobj.slope, probseg.dataobj.inter
+    n_labels = probseg.shape[3]
+    best = None
+    labels = None
+    for lab in range(n_labels):
+        vol = raw[..., lab].astype(np.float32) * np.float32(slope) + np.float32(inter)
+        moving = nib_to_ants(nib.Nifti1Image(vol, probseg.affine))
+        res = ants.apply_transforms(reference, moving, [transform], interpolator='linear',
+                                    whichtoinvert=[True], defaultvalue=1.0 if lab == 0 else 0.0)
+        prob = res.numpy()
+        if best is None:
+            best = prob
+            labels = np.zeros(prob.shape, np.int16)
+        else:
+            better = prob > best
+            best = np.where(better, prob, best)
+            labels[better] = lab
+    return labels
+
+
+def label_volumes(labels: np.ndarray, zooms, n_labels: int) -> np.ndarray:
+    """Volume (mm^3) of every label index ``0 .. n_labels - 1`` in a label array."""
+    counts = np.bincount(np.asarray(labels, np.int64).ravel(), minlength=n_labels)[:n_labels]
+    return counts * float(np.prod(zooms))
+
+
+def morph_table(labels: np.ndarray, zooms, lut: list[dict], icv_mm3: float) -> str:
+    """BIDS-style TSV: index, name, volume_mm3, volume_icv_fraction (one row per non-0 label)."""
+    vols = label_volumes(labels, zooms, max(r['index'] for r in lut) + 1)
+    lines = ['index\tname\tvolume_mm3\tvolume_icv_fraction']
+    for row in lut:
+        if row['index'] == 0:
+            continue
+        vol = vols[row['index']]
+        lines.append(f"{row['index']}\t{row['name']}\t{vol:.1f}\t{vol / icv_mm3:.6e}")
+    return '\n'.join(lines) + '\n'
+
+
+def read_lut_tsv(path) -> list[dict]:
+    import csv
+
+    with open(path, newline='', encoding='utf-8') as fobj:
+        rows = list(csv.DictReader(fobj, delimiter='\t'))
+    for row in rows:
+        row['index'] = int(row['index'])
+    return rows

@@ -1,0 +1,65 @@
+"""Top-level workflow of one participant's T1w run (wiring only)."""
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from cerebseg.workflows.multiatlas import init_multiatlas_wf
+from cerebseg.workflows.outputs import init_ds_wf
+from cerebseg.workflows.preproc import init_preproc_wf
+
+
+def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templates: dict,
+                           grid: dict, library: dict, dseg_meta: dict, omp_nthreads: int,
+                           seed: int, reg_spacing: float = 1.0,
+                           reg_iterations: tuple[int, ...] = (40, 20, 0),
+                           name: str = 'single_subject_wf'):
+    """Segment the cerebellum of one T1w (with its T2w when given) and write the derivatives.
+
+    Parameters
+    ----------
+    t1w, t2w : str
+        Input images (``t2w`` None for a T1w-only run).
+    templates : dict
+        Absolute paths of the MNI template ``head``, ``brain``, ``mask``, and ``icv_ml``.
+    library : dict
+        ``entries`` (absolute paths), ``n_labels``, ``lut`` (absolute path).
+    dseg_meta : dict
+        Static part of the dseg sidecars (sources, method, mode, version).
+
+    .. workflow::
+
+        inputnode -> preproc_wf -> multiatlas_wf -> ds_wf
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't2w']), name='inputnode')
+    inputnode.inputs.t1w = t1w
+    if t2w:
+        inputnode.inputs.t2w = t2w
+    preproc_wf = init_preproc_wf(templates=templates, grid=grid, use_t2w=bool(t2w),
+                                 omp_nthreads=omp_nthreads, seed=seed)
+    multiatlas_wf = init_multiatlas_wf(
+        entries=library['entries'], n_labels=library['n_labels'], lut=library['lut'],
+        template_icv_ml=templates['icv_ml'], reg_spacing=reg_spacing,
+        reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed)
+    ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta)
+    qc_files = pe.Node(niu.Merge(3), name='qc_files', run_without_submitting=True)
+    wf.connect([
+        (inputnode, preproc_wf, [('t1w', 'inputnode.t1w'), ('t2w', 'inputnode.t2w')]),
+        (inputnode, multiatlas_wf, [('t1w', 'inputnode.t1w')]),
+        (preproc_wf, multiatlas_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
+                                     ('outputnode.t2_box', 'inputnode.t2_box'),
+                                     ('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
+        (inputnode, ds_wf, [('t1w', 'inputnode.source_file')]),
+        (preproc_wf, ds_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
+                             ('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
+        (multiatlas_wf, ds_wf, [('outputnode.dseg_native', 'inputnode.dseg_native'),
+                                ('outputnode.dseg_box', 'inputnode.dseg_box'),
+                                ('outputnode.morph', 'inputnode.morph')]),
+        (preproc_wf, qc_files, [('outputnode.mni_qc', 'in1')]),
+        (multiatlas_wf, qc_files, [('outputnode.icv', 'in2')]),
+        (qc_files, ds_wf, [('out', 'inputnode.qc_files')]),
+    ])
+    if t2w:
+        wf.connect(preproc_wf, 'outputnode.t2_qc', qc_files, 'in3')
+    return wf

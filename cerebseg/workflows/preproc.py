@@ -1,0 +1,80 @@
+"""Anatomical preprocessing workflow (wiring only)."""
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from cerebseg.interfaces.preproc import CoregisterT2, MNIAffine, ToWorkingGrid, ValidateAndCorrect
+from cerebseg.utils.registration import MIN_TEMPLATE_CORRELATION
+
+#: below this edge correlation a T2w -> T1w rigid fit is refused (IXI002: 0.47)
+MIN_T2_EDGE_CORRELATION = 0.15
+
+
+def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads: int,
+                    seed: int, name: str = 'preproc_wf'):
+    """Bias correction and denoising (native), MNI affine, T2w->T1w rigid, working-grid box.
+
+    Parameters
+    ----------
+    templates : dict
+        Paths of the MNI152NLin2009cAsym ``head``, ``brain`` and ``mask`` images.
+    grid : dict
+        The working grid (``BoxGrid.to_dict()``).
+    use_t2w : bool
+        Whether a T2w is part of this run.
+
+    Inputs
+    ------
+    t1w, t2w
+        Raw input images (``t2w`` unused when ``use_t2w`` is False).
+
+    Outputs
+    -------
+    t1_to_mni
+        ANTs affine T1w -> MNI152NLin2009cAsym.
+    t1_box, t2_box
+        Normalised images on the working grid (``t2_box`` is '' without T2w).
+    mni_qc
+        JSON file with the fit quality.
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't2w']), name='inputnode')
+    outputnode = pe.Node(niu.IdentityInterface(fields=['t1_to_mni', 't1_box', 't2_box',
+                                                       'mni_qc', 't2_qc']), name='outputnode')
+    t1_correct = pe.Node(ValidateAndCorrect(role='T1w', num_threads=omp_nthreads),
+                         name='t1_correct', n_procs=omp_nthreads)
+    mni_affine = pe.Node(MNIAffine(template_head=templates['head'],
+                                   template_brain=templates['brain'],
+                                   template_mask=templates['mask'],
+                                   min_correlation=MIN_TEMPLATE_CORRELATION,
+                                   num_threads=omp_nthreads, seed=seed),
+                         name='mni_affine', n_procs=omp_nthreads)
+    to_grid = pe.Node(ToWorkingGrid(grid=grid, num_threads=omp_nthreads, seed=seed),
+                      name='to_grid', n_procs=omp_nthreads)
+    wf.connect([
+        (inputnode, t1_correct, [('t1w', 'in_file')]),
+        (inputnode, mni_affine, [('t1w', 'source_file')]),
+        (t1_correct, mni_affine, [('out_file', 'in_file'),
+                                  ('skull_stripped', 'skull_stripped')]),
+        (t1_correct, to_grid, [('out_file', 't1_file')]),
+        (mni_affine, to_grid, [('transform', 't1_to_mni')]),
+        (mni_affine, outputnode, [('transform', 't1_to_mni'), ('qc_file', 'mni_qc')]),
+        (to_grid, outputnode, [('t1_box', 't1_box'), ('t2_box', 't2_box')]),
+    ])
+    if use_t2w:
+        t2_correct = pe.Node(ValidateAndCorrect(role='T2w', num_threads=omp_nthreads),
+                             name='t2_correct', n_procs=omp_nthreads)
+        t2_coreg = pe.Node(CoregisterT2(min_correlation=MIN_T2_EDGE_CORRELATION,
+                                        num_threads=omp_nthreads, seed=seed),
+                           name='t2_coreg', n_procs=omp_nthreads)
+        wf.connect([
+            (inputnode, t2_correct, [('t2w', 'in_file')]),
+            (inputnode, t2_coreg, [('t2w', 'source_file')]),
+            (t1_correct, t2_coreg, [('out_file', 't1_file')]),
+            (t2_correct, t2_coreg, [('out_file', 't2_file')]),
+            (t2_correct, to_grid, [('out_file', 't2_file')]),
+            (t2_coreg, to_grid, [('transform', 't2_to_t1')]),
+            (t2_coreg, outputnode, [('qc_file', 't2_qc')]),
+        ])
+    return wf

@@ -1,0 +1,58 @@
+"""Shared fixtures: synthetic NIfTIs and BIDS trees, the real data folder, built assets."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+os.environ.setdefault('NIPYPE_NO_ET', '1')
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data')).resolve()
+
+
+def make_nifti(path, shape=(20, 20, 20), zooms=(1.0, 1.0, 1.0), data=None, dtype=np.float32):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        rng = np.random.default_rng(0)
+        data = rng.random(shape).astype(dtype)
+    affine = np.diag(list(zooms) + [1.0])
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return path
+
+
+def make_bids(root, layout: dict, shape=(20, 20, 20)):
+    """``layout``: {'01': ['anat/sub-01_T1w.nii.gz', ...]} (paths relative to sub-XX/)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / 'dataset_description.json').write_text(json.dumps(
+        {'Name': 'synthetic', 'BIDSVersion': '1.10.0'}))
+    for sub, files in layout.items():
+        for rel in files:
+            make_nifti(root / f'sub-{sub}' / rel, shape=shape)
+    return root
+
+
+@pytest.fixture(scope='session')
+def shared_data():
+    if not (SHARED / 'README.md').is_file():
+        pytest.skip(f'real data not found at {SHARED} (set CEREBSEG_SHARED_DATA)')
+    return SHARED
+
+
+@pytest.fixture(scope='session')
+def assets_dir(shared_data, tmp_path_factory):
+    """The atlas library built from ../shared/data once per session (about 40 s)."""
+    from cerebseg.assets.build import build_assets
+
+    prebuilt = os.environ.get('CEREBSEG_TEST_ASSETS')
+    if prebuilt and (Path(prebuilt) / 'manifest.json').is_file():
+        return Path(prebuilt)
+    out = tmp_path_factory.mktemp('assets')
+    build_assets(shared_data, out, libraries=('suit',))
+    return out
