@@ -120,8 +120,7 @@ def run_participant(run, cfg, assets, library: dict) -> tuple[int, str]:
     wf.base_dir = cfg.work_dir
     ncfg.update_config({'execution': {'crashdump_dir': str(log_dir), 'crashfile_format': 'txt',
                                       'stop_on_first_crash': True,
-                                      'remove_unnecessary_outputs': False},
-                        'monitoring': {'enabled': False}})
+                                      'remove_unnecessary_outputs': False}})
     wf.config['execution'].update({'crashdump_dir': str(log_dir), 'crashfile_format': 'txt',
                                    'stop_on_first_crash': True})
     plugin_args = {'n_procs': cfg.nprocs, 'raise_insufficient': False}

@@ -19,8 +19,11 @@ def probabilities_to_native(probseg, reference, transform: str):
 
     from cerebseg.utils.images import nib_to_ants
 
-    raw = np.asarray(probseg.dataobj.get_unscaled())  # uint8 on disk: keep it compact
-    slope, inter = probseg.dataobj.slope, probseg.dataobj.inter
+    proxy = probseg.dataobj
+    if hasattr(proxy, 'get_unscaled'):  # uint8 on disk: keep it compact, scale per label
+        raw, slope, inter = np.asarray(proxy.get_unscaled()), proxy.slope, proxy.inter
+    else:
+        raw, slope, inter = np.asarray(proxy), 1.0, 0.0
     n_labels = probseg.shape[3]
     best = None
     labels = None

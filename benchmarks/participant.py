@@ -1,0 +1,83 @@
+"""Wall time and peak memory of each stage of one participant, from a fresh work folder.
+
+Usage::
+
+    python benchmarks/participant.py --assets-dir .assets \
+        --dataset ../shared/data/bids/multimodal --participant ixi002 \
+        --dataset ../shared/data/bids/ds002748 --participant 01
+
+Prints one table per participant (stage, node, seconds, peak memory in GB as sampled by
+nipype's resource monitor) and the end-to-end wall time of ``cerebseg ... participant``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault('NIPYPE_NO_ET', '1')
+
+
+def node_table(work: Path) -> list[tuple[str, str, float, float]]:
+    from nipype.utils.filemanip import loadpkl
+
+    rows = []
+    for res in sorted(work.rglob('result_*.pklz')):
+        result = loadpkl(res)
+        runtime = result.runtime
+        runtimes = runtime if isinstance(runtime, list) else [runtime]
+        for i, rt in enumerate(runtimes):
+            if rt is None:
+                continue
+            rel = res.parent.relative_to(work)
+            stage = rel.parts[1] if len(rel.parts) > 2 else '-'
+            name = res.parent.name if len(runtimes) == 1 else f'{res.parent.name}[{i}]'
+            if stage == 'ds_wf' or name == 'qc_files':
+                continue
+            rows.append((stage, name, float(getattr(rt, 'duration', 0.0) or 0.0),
+                         float(getattr(rt, 'mem_peak_gb', 0.0) or 0.0)))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--assets-dir', required=True)
+    parser.add_argument('--dataset', action='append', required=True)
+    parser.add_argument('--participant', action='append', required=True)
+    parser.add_argument('--nprocs', type=int, default=os.cpu_count())
+    opts = parser.parse_args(argv)
+    if len(opts.dataset) != len(opts.participant):
+        parser.error('give one --participant per --dataset')
+
+    from nipype import config
+
+    from cerebseg.bids_app.run import main as cerebseg
+
+    config.enable_resource_monitor()
+    config.set('monitoring', 'sample_frequency', '0.5')
+    for dataset, sub in zip(opts.dataset, opts.participant):
+        with tempfile.TemporaryDirectory() as tmp:
+            work, out = Path(tmp) / 'work', Path(tmp) / 'out'
+            t0 = time.perf_counter()
+            code = cerebseg([dataset, str(out), 'participant', '--participant-label', sub,
+                             '--assets-dir', opts.assets_dir, '-w', str(work),
+                             '--nprocs', str(opts.nprocs)])
+            wall = time.perf_counter() - t0
+            rows = node_table(work)
+        print(f'\n## sub-{sub} ({Path(dataset).name}), exit code {code}, '
+              f'{opts.nprocs} processes')
+        print(f'| {"stage":<14} | {"node":<16} | {"time (s)":>8} | {"peak mem (GB)":>13} |')
+        print(f'|{"-" * 16}|{"-" * 18}|{"-" * 10}|{"-" * 15}|')
+        for stage, name, secs, mem in rows:
+            print(f'| {stage:<14} | {name:<16} | {secs:8.1f} | {mem:13.2f} |')
+        print(f'| {"total (wall)":<14} | {"":<16} | {wall:8.1f} | '
+              f'{max((r[3] for r in rows), default=0):13.2f} |')
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""The command line on bad inputs (clear errors, exit codes) and end to end on a real subject."""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cerebseg.bids_app.run import main
+from conftest import make_bids, make_nifti
+
+
+def _digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_missing_assets_exit_126(tmp_path, caplog):
+    root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
+    empty = tmp_path / 'assets'
+    empty.mkdir()
+    code = main([str(root), str(tmp_path / 'out'), 'participant', '--assets-dir', str(empty),
+                 '-w', str(tmp_path / 'work')])
+    assert code == 126
+    assert 'cerebseg-assets build' in caplog.text
+
+
+def test_corrupt_asset_exit_126(tmp_path, caplog):
+    root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
+    assets = tmp_path / 'assets'
+    make_nifti(assets / 'tpl.nii.gz')
+    (assets / 'manifest.json').write_text(json.dumps(
+        {'format': 1, 'files': {'tpl.nii.gz': '0' * 64}, 'libraries': {}}))
+    code = main([str(root), str(tmp_path / 'out'), 'participant', '--assets-dir', str(assets)])
+    assert code == 126
+    assert 'sha256 mismatch' in caplog.text and 'tpl.nii.gz' in caplog.text
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('case, code, message', [
+    ('empty', 65, 'dataset_description.json is missing'),
+    ('unknown', 2, "Participant(s) ['99'] not found"),
+    ('no_t1w', 65, 'No T1w image for sub-01'),
+    ('truncated', 65, 'truncated or not a NIfTI'),
+    ('2d', 65, 'is 2D'),
+    ('4d', 65, 'is 4D'),
+    ('nan', 65, 'NaN'),
+    ('voxel', 65, 'voxel sizes'),
+])
+def test_bad_inputs(tmp_path, assets_dir, caplog, case, code, message):
+    root = tmp_path / 'ds'
+    if case == 'empty':
+        root.mkdir()
+    elif case == 'no_t1w':
+        make_bids(root, {'01': ['anat/sub-01_T2w.nii.gz']})
+    else:
+        make_bids(root, {'01': ['anat/sub-01_T1w.nii.gz']})
+        t1w = root / 'sub-01/anat/sub-01_T1w.nii.gz'
+        if case == 'truncated':
+            data = t1w.read_bytes()
+            t1w.write_bytes(data[: len(data) // 3])
+        elif case == '2d':
+            make_nifti(t1w, data=np.random.rand(30, 30))
+        elif case == '4d':
+            make_nifti(t1w, data=np.random.rand(30, 30, 30, 4))
+        elif case == 'nan':
+            data = np.random.rand(30, 30, 30)
+            data[1, 2, 3] = np.nan
+            make_nifti(t1w, data=data)
+        elif case == 'voxel':
+            make_nifti(t1w, shape=(30, 30, 30), zooms=(1.0, 1.0, 50.0))
+    out = tmp_path / 'out'
+    (out / 'sub-02/anat').mkdir(parents=True)
+    (out / 'sub-02/anat/sub-02_seg-cerebellum_morph.tsv').write_text('kept')
+    before = _digest(root)
+    label = '99' if case == 'unknown' else '01'
+    rc = main([str(root), str(out), 'participant', '--participant-label', label,
+               '--assets-dir', str(assets_dir), '-w', str(tmp_path / 'work')])
+    assert rc == code
+    assert message in caplog.text
+    assert _digest(root) == before, 'inputs must never be modified'
+    assert (out / 'sub-02/anat/sub-02_seg-cerebellum_morph.tsv').read_text() == 'kept'
+
+
+def _single_subject_bids(root: Path, t1w: Path, t2w: Path | None = None) -> Path:
+    make_bids(root, {})
+    anat = root / 'sub-01' / 'anat'
+    anat.mkdir(parents=True)
+    shutil.copyfile(t1w, anat / 'sub-01_T1w.nii.gz')
+    if t2w is not None:
+        shutil.copyfile(t2w, anat / 'sub-01_T2w.nii.gz')
+    return root
+
+
+@pytest.mark.integration
+def test_nonbrain_phantom_is_refused(tmp_path, shared_data, assets_dir, caplog):
+    root = _single_subject_bids(tmp_path / 'ds',
+                                shared_data / 'subjects/nonbrain_phantom/sub-ge01_T1w.nii.gz')
+    out = tmp_path / 'out'
+    rc = main([str(root), str(out), 'participant', '--assets-dir', str(assets_dir),
+               '-w', str(tmp_path / 'work')])
+    assert rc == 65
+    assert 'does not fit the MNI152NLin2009cAsym template' in caplog.text
+    assert not list(out.rglob('*_dseg.nii.gz')), 'no label map for a non-brain'
+    assert list(out.glob('sub-01/log/*/crash-*.txt')), 'the crash file is kept'
+
+
+@pytest.mark.integration
+def test_unregistrable_t2w_is_refused(tmp_path, shared_data, assets_dir, caplog):
+    from scipy.ndimage import gaussian_filter
+
+    noise = gaussian_filter(np.random.default_rng(0).random((96, 96, 80)), 2) * 1000
+    fake_t2 = make_nifti(tmp_path / 'noise_T2w.nii.gz', data=noise.astype(np.float32),
+                         zooms=(2.0, 2.0, 2.0))
+    root = _single_subject_bids(tmp_path / 'ds',
+                                shared_data / 'bids/multimodal/sub-ixi002/anat/'
+                                              'sub-ixi002_T1w.nii.gz', fake_t2)
+    rc = main([str(root), str(tmp_path / 'out'), 'participant', '--assets-dir',
+               str(assets_dir), '-w', str(tmp_path / 'work')])
+    assert rc == 65
+    assert 'could not be registered to its T1w' in caplog.text
+
+
+@pytest.mark.integration
+def test_end_to_end_real_subject(tmp_path, shared_data, assets_dir):
+    """ds002748 sub-01 (T1w only, skull-stripped): every output, on the right grid, plausible."""
+    bids = shared_data / 'bids/ds002748'
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    argv = [str(bids), str(out), 'participant', '--participant-label', '01',
+            '--assets-dir', str(assets_dir), '-w', str(work)]
+    assert main(argv) == 0
+    anat = out / 'sub-01/anat'
+    expected = ['sub-01_space-T1w_seg-cerebellum_dseg.nii.gz',
+                'sub-01_space-T1w_seg-cerebellum_dseg.json',
+                'sub-01_space-MNI152NLin2009cAsym_res-05_seg-cerebellum_dseg.nii.gz',
+                'sub-01_space-MNI152NLin2009cAsym_res-05_desc-preproc_T1w.nii.gz',
+                'sub-01_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat',
+                'sub-01_seg-cerebellum_morph.tsv']
+    for name in expected:
+        assert (anat / name).is_file(), name
+    for name in ('dataset_description.json', 'seg-cerebellum_dseg.tsv'):
+        assert (out / name).is_file()
+    assert list(out.glob('sub-01/log/*/cerebseg.toml'))
+    assert not list(out.rglob('.*.nii.gz*')), 'no temporary files left'
+
+    t1 = nib.load(bids / 'sub-01/anat/sub-01_T1w.nii.gz')
+    dseg = nib.load(anat / 'sub-01_space-T1w_seg-cerebellum_dseg.nii.gz')
+    assert dseg.shape == t1.shape[:3]
+    np.testing.assert_allclose(dseg.affine, t1.affine, atol=1e-4)
+    lut = [line.split('\t') for line in (out / 'seg-cerebellum_dseg.tsv').read_text()
+           .splitlines()[1:]]
+    indices = {int(r[0]) for r in lut}
+    present = set(np.unique(np.asarray(dseg.dataobj)).astype(int))
+    assert present <= indices and len(present) > 30
+    total_cm3 = (np.asarray(dseg.dataobj) > 0).sum() * np.prod(t1.header.get_zooms()[:3]) / 1e3
+    assert 100 < total_cm3 < 180, f'cerebellum {total_cm3:.1f} cm3'
+    # left labels lie left of right labels (RAS world x)
+    ijk = {lab: np.argwhere(np.asarray(dseg.dataobj) == lab).mean(0) for lab in (5, 7)}
+    xyz = {lab: nib.affines.apply_affine(t1.affine, v) for lab, v in ijk.items()}
+    assert xyz[5][0] < xyz[7][0], 'Left_VI must be left of Right_VI'
+    meta = json.loads((anat / 'sub-01_space-T1w_seg-cerebellum_dseg.json').read_text())
+    assert meta['Mode'] == 'T1w' and meta['Sources'] == ['bids:raw:sub-01/anat/sub-01_T1w.nii.gz']
+    assert meta['TemplateFitCorrelation'] > 0.3 and meta['IntracranialVolume_mm3'] > 9e5
+    desc = json.loads((out / 'dataset_description.json').read_text())
+    assert desc['DatasetType'] == 'derivative' and desc['GeneratedBy'][0]['Name'] == 'cerebseg'
+
+    # a re-run with the same work folder resumes and gives the same labels
+    first = hashlib.sha256(np.asarray(dseg.dataobj).tobytes()).hexdigest()
+    assert main(argv) == 0
+    again = nib.load(anat / 'sub-01_space-T1w_seg-cerebellum_dseg.nii.gz')
+    assert hashlib.sha256(np.asarray(again.dataobj).tobytes()).hexdigest() == first
+    # group level gathers the volumes
+    assert main([str(bids), str(out), 'group']) == 0
+    assert (out / 'group_seg-cerebellum_morph.tsv').read_text().count('sub-01') == 1

@@ -1,0 +1,87 @@
+"""Working grid -> native space, volumes, lookup tables, relabelling."""
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cerebseg.assets.build import abbreviate, lut_to_tsv, relabel
+from cerebseg.utils.images import nib_to_ants
+from cerebseg.utils.native import label_volumes, morph_table, probabilities_to_native
+
+
+@pytest.fixture
+def identity_mat(tmp_path):
+    import ants
+
+    path = str(tmp_path / 'identity.mat')
+    ants.write_transform(ants.create_ants_transform('AffineTransform', dimension=3), path)
+    return path
+
+
+def test_thin_structure_survives_resampling(identity_mat):
+    """A 1-voxel-thick sheet at 0.5 mm keeps its label on a 1 mm grid."""
+    shape = (40, 40, 40)
+    probs = np.zeros(shape + (3,), np.float32)
+    probs[..., 0] = 1.0
+    probs[:, :, 22, :] = 0.0
+    probs[:, :, 22, 1] = 1.0  # the thin label: one 0.5 mm slice at z = 11 mm
+    probs[:, :, 30:34, :] = 0.0
+    probs[:, :, 30:34, 2] = 1.0
+    work = nib.Nifti1Image(probs, np.diag([0.5, 0.5, 0.5, 1.0]))
+    ref = nib_to_ants(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32),
+                                      np.diag([1.0, 1.0, 1.0, 1.0])))
+    labels = probabilities_to_native(work, ref, identity_mat)
+    assert labels.shape == (20, 20, 20)
+    assert (labels[:, :, 11] == 1).all(), 'the thin sheet vanished'
+    assert (labels == 1).sum() == 20 * 20
+    assert (labels == 2).sum() == 20 * 20 * 2
+
+
+def test_competing_labels_use_probabilities(identity_mat):
+    """Between two 0.5 mm voxels the label with the larger interpolated probability wins."""
+    probs = np.zeros((4, 4, 4, 3), np.float32)
+    probs[0, ..., 1] = 0.6  # voxel 0: label 1 (0.6) over background (0.4)
+    probs[0, ..., 0] = 0.4
+    probs[1, ..., 2] = 0.55  # voxel 1: label 2 (0.55) over label 1 (0.45)
+    probs[1, ..., 1] = 0.45
+    probs[2:, ..., 0] = 1.0
+    work = nib.Nifti1Image(probs, np.eye(4))
+    shifted = np.eye(4)
+    shifted[0, 3] = 0.5  # reference voxel centre half-way between work voxels 0 and 1
+    ref = nib_to_ants(nib.Nifti1Image(np.zeros((2, 4, 4), np.float32), shifted))
+    labels = probabilities_to_native(work, ref, identity_mat)
+    # interpolated: p1 = 0.525, p2 = 0.275, p0 = 0.2 -> label 1, although a nearest-neighbour
+    # pick of the label image could give 2
+    assert (labels[0] == 1).all()
+
+
+def test_outside_the_box_is_background(identity_mat):
+    probs = np.zeros((10, 10, 10, 2), np.float32)
+    probs[..., 1] = 1.0
+    work = nib.Nifti1Image(probs, np.eye(4))
+    ref = nib_to_ants(nib.Nifti1Image(np.zeros((30, 30, 30), np.float32), np.eye(4)))
+    labels = probabilities_to_native(work, ref, identity_mat)
+    assert labels[5, 5, 5] == 1 and labels[25, 25, 25] == 0
+
+
+def test_volumes_and_table():
+    labels = np.zeros((10, 10, 10), np.int16)
+    labels[:2] = 1
+    labels[2:3] = 2
+    vols = label_volumes(labels, (1.0, 2.0, 0.5), 4)
+    np.testing.assert_allclose(vols, [700.0, 200.0, 100.0, 0.0])
+    lut = [{'index': 0, 'name': 'background'}, {'index': 1, 'name': 'A'},
+           {'index': 2, 'name': 'B'}, {'index': 3, 'name': 'C'}]
+    rows = morph_table(labels, (1.0, 2.0, 0.5), lut, icv_mm3=1000.0).splitlines()
+    assert rows[0] == 'index\tname\tvolume_mm3\tvolume_icv_fraction'
+    assert rows[1].startswith('1\tA\t200.0\t2.0')
+    assert rows[3].startswith('3\tC\t0.0\t0')
+
+
+def test_relabel_and_lut():
+    data = np.array([[[0, 11, 111, 5]]])
+    out = relabel(data, {11: 1, 111: 2})
+    np.testing.assert_array_equal(out, [[[0, 1, 2, 0]]])
+    assert abbreviate('Left_CrusI') == 'L-CrusI' and abbreviate('Vermis_VI') == 'V-VI'
+    tsv = lut_to_tsv([{'index': 0, 'name': 'background', 'abbreviation': 'BG',
+                       'color': '#000000'}])
+    assert tsv.startswith('index\tname\tabbreviation\tcolor\n0\tbackground')

@@ -1,0 +1,74 @@
+"""Workflow graphs built on tiny synthetic inputs (no processing) and interface specs."""
+import importlib
+import inspect
+
+import pytest
+from nipype.interfaces.base import BaseInterface
+from nipype.pipeline.engine.utils import generate_expanded_graph
+
+from cerebseg.utils.grid import WORKING_GRID
+from cerebseg.workflows.base import init_single_subject_wf
+from conftest import make_bids, make_nifti
+
+
+@pytest.fixture
+def fake_assets(tmp_path):
+    files = {k: str(make_nifti(tmp_path / f'{k}.nii.gz', shape=(16, 16, 16)))
+             for k in ('head', 'brain', 'mask', 'e1_t1', 'e1_dseg', 'e2_t1', 'e2_t2', 'e2_dseg')}
+    lut = tmp_path / 'lut.tsv'
+    lut.write_text('index\tname\tabbreviation\tcolor\n0\tbackground\tBG\t#000000\n')
+    templates = {'head': files['head'], 'brain': files['brain'], 'mask': files['mask'],
+                 'icv_ml': 1800.0}
+    library = {'entries': [{'t1w': files['e1_t1'], 'dseg': files['e1_dseg']},
+                           {'t1w': files['e2_t1'], 't2w': files['e2_t2'],
+                            'dseg': files['e2_dseg']}],
+               'n_labels': 35, 'lut': str(lut)}
+    return templates, library
+
+
+@pytest.mark.parametrize('with_t2', [False, True])
+def test_single_subject_graph(tmp_path, fake_assets, with_t2):
+    templates, library = fake_assets
+    root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz',
+                                              'anat/sub-01_T2w.nii.gz']})
+    t1w = str(root / 'sub-01/anat/sub-01_T1w.nii.gz')
+    t2w = str(root / 'sub-01/anat/sub-01_T2w.nii.gz') if with_t2 else None
+    wf = init_single_subject_wf(t1w=t1w, t2w=t2w, output_dir=str(tmp_path / 'out'),
+                                templates=templates, grid=WORKING_GRID.to_dict(),
+                                library=library, dseg_meta={'Mode': 'x'}, omp_nthreads=1,
+                                seed=0)
+    wf.base_dir = str(tmp_path / 'work')
+    graph = generate_expanded_graph(wf._create_flat_graph())
+    names = {n.fullname.split('.')[-1] for n in graph.nodes()}
+    assert {'t1_correct', 'mni_affine', 'to_grid', 'fuse', 'to_native', 'volumes',
+            'ds_dseg_native', 'ds_dseg_box', 'ds_morph', 'ds_t1_to_mni'} <= names
+    register = next(n for n in graph.nodes() if n.fullname.endswith('.register'))
+    assert len(register.inputs.entry_t1) == 2  # one registration per library entry
+    assert register.inputs.entry_t2 == ['', library['entries'][1]['t2w']]
+    assert ('t2_coreg' in names) == with_t2
+    assert not (tmp_path / 'out').exists(), 'building a graph must not write outputs'
+
+
+INTERFACE_MODULES = ['cerebseg.interfaces.preproc', 'cerebseg.interfaces.multiatlas',
+                     'cerebseg.interfaces.native', 'cerebseg.interfaces.bids']
+
+
+def _interfaces():
+    for modname in INTERFACE_MODULES:
+        mod = importlib.import_module(modname)
+        for _, cls in inspect.getmembers(mod, inspect.isclass):
+            if issubclass(cls, BaseInterface) and cls.__module__ == modname:
+                yield cls
+
+
+@pytest.mark.parametrize('cls', list(_interfaces()), ids=lambda c: c.__name__)
+def test_every_trait_is_described(cls):
+    """A misspelt ``dec=`` passes silently in nipype: check every trait has ``desc``."""
+    for spec in (cls.input_spec(), cls.output_spec()):
+        for name, trait in spec.traits().items():
+            if name.startswith('trait_') or name in ('ignore_exception',):
+                continue
+            assert trait.desc, f'{cls.__name__}.{name} has no desc'
+    threaded = cls.input_spec().traits().get('num_threads')
+    if threaded is not None:
+        assert threaded.nohash, f'{cls.__name__}.num_threads must be nohash'
