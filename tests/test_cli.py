@@ -174,3 +174,13 @@ def test_end_to_end_real_subject(tmp_path, shared_data, assets_dir):
     # group level gathers the volumes
     assert main([str(bids), str(out), 'group']) == 0
     assert (out / 'group_seg-cerebellum_morph.tsv').read_text().count('sub-01') == 1
+
+
+def test_cuda_requested_without_gpu_exit_2(tmp_path, caplog):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
+    rc = main([str(root), str(tmp_path / 'out'), 'participant', '--device', 'cuda'])
+    assert rc == 2 and 'no CUDA device' in caplog.text

@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     from cerebseg.assets.locate import load_assets
     from cerebseg.bids_app.bids import collect_inputs, load_filters, write_group_table
     from cerebseg.bids_app.config import RunConfig
-    from cerebseg.errors import CerebsegError
+    from cerebseg.errors import CerebsegError, UsageError
+    from cerebseg.models.inference import resolve_device
 
     cfg = RunConfig.from_namespace(opts)
     try:
@@ -175,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             table = write_group_table(cfg.output_dir)
             LOGGER.log(IMPORTANT, 'Group table written: %s', table)
             return 0
+        try:
+            device = resolve_device(cfg.device)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        LOGGER.info('Torch device: %s', device)
         assets = load_assets(cfg.assets_dir or None)
         library = _library_paths(assets, cfg.atlas_library)
         runs = collect_inputs(cfg.bids_dir, cfg.participant_label, cfg.session_label,

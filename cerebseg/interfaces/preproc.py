@@ -17,16 +17,15 @@ class _ThreadedInputSpec(BaseInterfaceInputSpec):
 class _CorrectInputSpec(_ThreadedInputSpec):
     in_file = File(exists=True, mandatory=True, desc='anatomical image (T1w or T2w)')
     role = traits.Str('T1w', usedefault=True, desc='what the image is, for error messages')
-    denoise = traits.Bool(True, usedefault=True, desc='run non-local means denoising')
 
 
 class _CorrectOutputSpec(TraitedSpec):
-    out_file = File(exists=True, desc='bias-corrected (and denoised) image, native grid')
+    out_file = File(exists=True, desc='bias-corrected image, native grid')
     skull_stripped = traits.Bool(desc='whether the input looks brain-extracted')
 
 
 class ValidateAndCorrect(SimpleInterface):
-    """Check an input image (clear error on bad data), then N4 and denoise it in native space."""
+    """Check an input image (clear error on bad data), then N4-correct it in native space."""
 
     input_spec = _CorrectInputSpec
     output_spec = _CorrectOutputSpec
@@ -36,7 +35,7 @@ class ValidateAndCorrect(SimpleInterface):
         import numpy as np
 
         from cerebseg.utils.images import ants_to_nib, atomic_save, load_checked, nib_to_ants
-        from cerebseg.utils.preproc import bias_correct, denoise, is_skull_stripped
+        from cerebseg.utils.preproc import bias_correct, is_skull_stripped
         from cerebseg.utils.registration import set_threads
 
         set_threads(self.inputs.num_threads)
@@ -46,8 +45,6 @@ class ValidateAndCorrect(SimpleInterface):
         aimg = nib_to_ants(img)
         mask = (aimg > 0).astype('float32') if stripped else ants.get_mask(aimg)
         out = bias_correct(aimg, mask=mask)
-        if self.inputs.denoise:
-            out = denoise(out, mask=mask)
         if stripped:
             out = out * mask
         self._results['out_file'] = fname_presuffix(self.inputs.in_file, suffix='_corrected',
@@ -162,6 +159,7 @@ class _GridInputSpec(_ThreadedInputSpec):
     t2_file = traits.Str('', usedefault=True, desc='bias-corrected T2w (empty: none)')
     t2_to_t1 = traits.Str('', usedefault=True, desc='T2w -> T1w rigid (ANTs)')
     grid = traits.Dict(mandatory=True, desc='working grid (BoxGrid.to_dict())')
+    denoise = traits.Bool(True, usedefault=True, desc='non-local means denoising (native)')
 
 
 class _GridOutputSpec(TraitedSpec):
@@ -170,7 +168,14 @@ class _GridOutputSpec(TraitedSpec):
 
 
 class ToWorkingGrid(SimpleInterface):
-    """Resample into the 0.5 mm MNI box, N4 again inside the box, normalise intensities."""
+    """Denoise, resample into the 0.5 mm MNI box, N4 again inside the box, normalise.
+
+    Denoising (ANTs non-local means, native resolution) runs on the part of the native image
+    that maps into the box only: 8 times fewer voxels than a whole head, the same result there.
+
+    The box N4 fits its field on 4 mm voxels (shrink factor 8): at 0.5 mm, shrink factor 2
+    costs about 150 s per image on 2 cores for the same smooth field.
+    """
 
     input_spec = _GridInputSpec
     output_spec = _GridOutputSpec
@@ -178,11 +183,12 @@ class ToWorkingGrid(SimpleInterface):
     def _run_interface(self, runtime):
         import ants
         import nibabel as nib
+        import numpy as np
 
         from cerebseg.utils.grid import BoxGrid
         from cerebseg.utils.images import ants_to_nib, atomic_save, nib_to_ants
-        from cerebseg.utils.preproc import bias_correct, normalise_intensity
-        from cerebseg.utils.registration import set_threads
+        from cerebseg.utils.preproc import bias_correct, denoise, normalise_intensity
+        from cerebseg.utils.registration import crop_to_box, set_threads
 
         set_threads(self.inputs.num_threads)
         ref = BoxGrid.from_dict(self.inputs.grid).reference()
@@ -192,12 +198,16 @@ class ToWorkingGrid(SimpleInterface):
             jobs.append(('t2_box', self.inputs.t2_file, chain + [self.inputs.t2_to_t1]))
         self._results['t2_box'] = ''
         for key, path, transforms in jobs:
-            moving = nib_to_ants(nib.load(path))
+            moving = crop_to_box(nib_to_ants(nib.load(path)), transforms, ref)
+            if self.inputs.denoise:
+                moving = denoise(moving)
             boxed = ants.apply_transforms(ref, moving, transforms, interpolator='bSpline')
-            boxed = boxed.new_image_like(boxed.numpy().clip(min=0))
-            fg = ants.get_mask(boxed)
-            boxed = bias_correct(boxed, mask=fg, shrink_factor=2)
-            norm = normalise_intensity(boxed.numpy(), fg.numpy() > 0)
+            data = boxed.numpy().clip(min=0)
+            fg = data > 0.05 * np.percentile(data[data > 0], 99)
+            boxed = bias_correct(boxed.new_image_like(data),
+                                 mask=boxed.new_image_like(fg.astype(np.float32)),
+                                 shrink_factor=8)
+            norm = normalise_intensity(boxed.numpy(), fg)
             out = os.path.join(runtime.cwd, f'{key}.nii.gz')
             atomic_save(ants_to_nib(boxed.new_image_like(norm)), out)
             self._results[key] = out

@@ -5,8 +5,10 @@ import gzip
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -80,50 +82,39 @@ def load_checked(path: str | os.PathLike, role: str = 'image') -> nib.Nifti1Imag
     return nib.Nifti1Image(floats, img.affine, img.header)
 
 
-def atomic_save(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> Path:
-    """Save ``img`` to ``path`` through a temporary file in the same folder and a rename."""
+@contextmanager
+def _atomic_target(path: str | os.PathLike, suffix: str = ''):
+    """Yield a temporary name beside ``path``; rename it to ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ''.join(path.suffixes[-2:]) if path.name.endswith('.nii.gz') else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        nib.save(img, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def atomic_save(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> Path:
+    """Save ``img`` to ``path`` through a temporary file in the same folder and a rename."""
+    suffix = '.nii.gz' if str(path).endswith('.nii.gz') else Path(path).suffix
+    with _atomic_target(path, suffix) as tmp:
+        nib.save(img, tmp)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as fobj:
-            fobj.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with _atomic_target(path) as tmp:
+        Path(tmp).write_text(text, encoding='utf-8')
+    return Path(path)
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    import shutil
-
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{dst.name}.', dir=dst.parent)
-    os.close(fd)
-    try:
+    with _atomic_target(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dst
+    return Path(dst)
 
 
 def nib_to_ants(img: nib.spatialimages.SpatialImage, dtype='float32'):

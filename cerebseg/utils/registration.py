@@ -162,3 +162,32 @@ def affine_determinant(transform_file: str) -> float:
     tx = ants.read_transform(transform_file)
     params = np.asarray(tx.parameters, dtype=float)
     return float(np.linalg.det(params[:9].reshape(3, 3)))
+
+
+def crop_to_box(image, transforms: list[str], box_reference, margin_mm: float = 6.0):
+    """Crop a native image to the region that ``transforms`` maps into ``box_reference``.
+
+    ``transforms`` go from native to box space in ``ants.apply_transforms`` order (they map
+    box points into the native image). Used to denoise only what the working grid will see.
+    """
+    import itertools
+
+    import ants
+    import pandas as pd
+
+    origin = np.asarray(box_reference.origin)
+    extent = (np.asarray(box_reference.shape) - 1) * np.asarray(box_reference.spacing)
+    direction = np.asarray(box_reference.direction)
+    corners = [origin + direction @ (extent * np.array(c))
+               for c in itertools.product((0, 1), repeat=3)]
+    frame = {'x': [c[0] for c in corners], 'y': [c[1] for c in corners],
+             'z': [c[2] for c in corners]}
+    mapped = ants.apply_transforms_to_points(3, pd.DataFrame(frame), transforms)
+    idx = np.array([ants.transform_physical_point_to_index(image, tuple(p))
+                    for p in mapped[['x', 'y', 'z']].to_numpy()])
+    pad = np.ceil(margin_mm / np.asarray(image.spacing)).astype(int)
+    lo = np.maximum(np.floor(idx.min(axis=0)).astype(int) - pad, 0)
+    hi = np.minimum(np.ceil(idx.max(axis=0)).astype(int) + pad + 1, image.shape)
+    if np.any(hi <= lo):
+        return image
+    return ants.crop_indices(image, lo.tolist(), hi.tolist())
