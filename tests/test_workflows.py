@@ -46,6 +46,7 @@ def test_single_subject_graph(tmp_path, fake_assets, with_t2):
     assert len(register.inputs.entry_t1) == 2  # one registration per library entry
     assert register.inputs.entry_t2 == ['', library['entries'][1]['t2w']]
     assert ('t2_coreg' in names) == with_t2
+    assert ('ds_t2_to_t1' in names) == with_t2
     assert not (tmp_path / 'out').exists(), 'building a graph must not write outputs'
 
 

@@ -42,7 +42,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         entries=library['entries'], n_labels=library['n_labels'], lut=library['lut'],
         template_icv_ml=templates['icv_ml'], reg_spacing=reg_spacing,
         reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed)
-    ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta)
+    ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w))
     qc_files = pe.Node(niu.Merge(3), name='qc_files', run_without_submitting=True)
     wf.connect([
         (inputnode, preproc_wf, [('t1w', 'inputnode.t1w'), ('t2w', 'inputnode.t2w')]),
@@ -61,5 +61,6 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         (qc_files, ds_wf, [('out', 'inputnode.qc_files')]),
     ])
     if t2w:
-        wf.connect(preproc_wf, 'outputnode.t2_qc', qc_files, 'in3')
+        wf.connect([(preproc_wf, qc_files, [('outputnode.t2_qc', 'in3')]),
+                    (preproc_wf, ds_wf, [('outputnode.t2_to_t1', 'inputnode.t2_to_t1')])])
     return wf

@@ -16,9 +16,13 @@ OUTPUTS = (
     ('t1_to_mni', 'xfm', '.mat', {'from': 'T1w', 'to': SPACE, 'mode': 'image'}, False),
     ('morph', 'morph', '.tsv', {'seg': 'cerebellum'}, False),
 )
+#: written only when a T2w was used
+T2W_OUTPUTS = (
+    ('t2_to_t1', 'xfm', '.mat', {'from': 'T2w', 'to': 'T1w', 'mode': 'image'}, False),
+)
 
 
-def init_ds_wf(*, output_dir: str, dseg_meta: dict, name: str = 'ds_wf'):
+def init_ds_wf(*, output_dir: str, dseg_meta: dict, with_t2w: bool, name: str = 'ds_wf'):
     """Write the participant's derivatives.
 
     Inputs
@@ -27,13 +31,16 @@ def init_ds_wf(*, output_dir: str, dseg_meta: dict, name: str = 'ds_wf'):
         The raw T1w (names the outputs).
     dseg_native, dseg_box, t1_box, t1_to_mni, morph
         Files to store.
+    t2_to_t1
+        The T2w -> T1w rigid transform (``with_t2w`` only).
     qc_files
         JSON files merged into the dseg sidecars (fit quality, ICV).
     """
     wf = pe.Workflow(name=name)
-    fields = ['source_file', 'qc_files'] + [o[0] for o in OUTPUTS]
+    outputs = OUTPUTS + (T2W_OUTPUTS if with_t2w else ())
+    fields = ['source_file', 'qc_files'] + [o[0] for o in outputs]
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name='inputnode')
-    for field, suffix, ext, entities, sidecar in OUTPUTS:
+    for field, suffix, ext, entities, sidecar in outputs:
         node = pe.Node(DerivativesDataSink(base_directory=output_dir, suffix=suffix,
                                            extension=ext, entities=entities,
                                            meta=dseg_meta if sidecar else {}),

@@ -33,6 +33,8 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
     -------
     t1_to_mni
         ANTs affine T1w -> MNI152NLin2009cAsym.
+    t2_to_t1
+        ANTs rigid T2w -> T1w (only with a T2w).
     t1_box, t2_box
         Normalised images on the working grid (``t2_box`` is '' without T2w).
     mni_qc
@@ -40,8 +42,9 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't2w']), name='inputnode')
-    outputnode = pe.Node(niu.IdentityInterface(fields=['t1_to_mni', 't1_box', 't2_box',
-                                                       'mni_qc', 't2_qc']), name='outputnode')
+    outputnode = pe.Node(niu.IdentityInterface(fields=['t1_to_mni', 't2_to_t1', 't1_box',
+                                                       't2_box', 'mni_qc', 't2_qc']),
+                         name='outputnode')
     t1_correct = pe.Node(ValidateAndCorrect(role='T1w', num_threads=omp_nthreads),
                          name='t1_correct', n_procs=omp_nthreads)
     mni_affine = pe.Node(MNIAffine(template_head=templates['head'],
@@ -75,6 +78,6 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
             (t2_correct, t2_coreg, [('out_file', 't2_file')]),
             (t2_correct, to_grid, [('out_file', 't2_file')]),
             (t2_coreg, to_grid, [('transform', 't2_to_t1')]),
-            (t2_coreg, outputnode, [('qc_file', 't2_qc')]),
+            (t2_coreg, outputnode, [('qc_file', 't2_qc'), ('transform', 't2_to_t1')]),
         ])
     return wf
