@@ -12,7 +12,7 @@ export NIPYPE_NO_ET = 1
 
 $(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel cython
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel cython
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test]'
 	touch $@
