@@ -26,19 +26,18 @@ def node_table(work: Path) -> list[tuple[str, str, float, float]]:
 
     rows = []
     for res in sorted(work.rglob('result_*.pklz')):
-        result = loadpkl(res)
-        runtime = result.runtime
-        runtimes = runtime if isinstance(runtime, list) else [runtime]
-        for i, rt in enumerate(runtimes):
-            if rt is None:
-                continue
-            rel = res.parent.relative_to(work)
-            stage = rel.parts[1] if len(rel.parts) > 2 else '-'
-            name = res.parent.name if len(runtimes) == 1 else f'{res.parent.name}[{i}]'
-            if stage == 'ds_wf' or name == 'qc_files':
-                continue
-            rows.append((stage, name, float(getattr(rt, 'duration', 0.0) or 0.0),
-                         float(getattr(rt, 'mem_peak_gb', 0.0) or 0.0)))
+        runtime = loadpkl(res).runtime
+        if runtime is None or isinstance(runtime, list):
+            continue  # a MapNode's summary: its sub-nodes are listed one by one
+        rel = res.parent.relative_to(work)
+        stage = rel.parts[1] if len(rel.parts) > 2 else '-'
+        if stage == 'ds_wf' or res.parent.name == 'qc_files':
+            continue
+        stage = 'multiatlas_wf' if 'mapflow' in rel.parts else stage
+        rows.append((getattr(runtime, 'startTime', ''), stage, res.parent.name,
+                     float(getattr(runtime, 'duration', 0.0) or 0.0),
+                     float(getattr(runtime, 'mem_peak_gb', 0.0) or 0.0)))
+    rows = [r[1:] for r in sorted(rows)]
     return rows
 
 

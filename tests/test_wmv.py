@@ -62,7 +62,7 @@ def test_better_matching_atlas_wins():
     target = rng.random((10, 10, 10)).astype(np.float32)
     good = target + 0.01 * rng.standard_normal(target.shape).astype(np.float32)
     bad = rng.random((10, 10, 10)).astype(np.float32)
-    labels = np.stack([np.full(target.shape, 1), np.full(target.shape, 2), np.full(target.shape, 2)])
+    labels = np.stack([np.full(target.shape, v) for v in (1, 2, 2)])
     fused, _ = weighted_majority_vote(labels, np.stack([good, bad, bad]), target, 3)
     assert np.all(fused == 1)  # one similar atlas outvotes two dissimilar ones
     w = local_weights(np.stack([good, bad]), target)

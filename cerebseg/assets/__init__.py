@@ -1,4 +1,4 @@
-"""Templates and atlas libraries: building them from public source files, finding and checking them.
+"""Templates and atlas libraries: building them from public sources, finding, checking them.
 
 Layout of an assets folder (``manifest.json`` lists every file with its sha256)::
 

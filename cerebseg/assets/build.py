@@ -1,4 +1,4 @@
-"""Build the templates and atlas libraries from the public source files (``cerebseg-assets build``).
+"""Build the templates and atlas libraries from public source files (``cerebseg-assets build``).
 
 Each library entry is a template T1w (and T2w where the source has one) with its cerebellar
 label map, put on the working grid by an affine registration of the template to
@@ -118,7 +118,7 @@ def build_templates(sources: Path, out: Path) -> dict:
 
 def build_entry(entry: dict, mapping: dict[int, int], sources: Path, out: Path,
                 grid: BoxGrid, template_head, seed: int = 0) -> dict:
-    """Register one library template to MNI152NLin2009cAsym (affine) and resample it on ``grid``."""
+    """Register one library template to MNI152NLin2009cAsym (affine), resample it on ``grid``."""
     import ants
 
     t1_src = nib.load(_source(sources, entry['t1w']))

@@ -1,4 +1,4 @@
-"""Find and verify the assets folder: ``--assets-dir``, then ``$CEREBSEG_ASSETS``, then the cache."""
+"""Find and verify the assets: ``--assets-dir``, then ``$CEREBSEG_ASSETS``, then the cache."""
 from __future__ import annotations
 
 import json

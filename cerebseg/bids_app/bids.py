@@ -139,7 +139,8 @@ def write_derivative_description(bids_dir, output_dir) -> Path:
     try:
         raw = json.loads(src.read_text())
         doi = raw.get('DatasetDOI')
-        desc['SourceDatasets'] = [{'URL': f'doi:{doi}'} if doi else {'URL': Path(bids_dir).as_uri()}]
+        url = f'doi:{doi}' if doi else Path(bids_dir).as_uri()
+        desc['SourceDatasets'] = [{'URL': url}]
     except (OSError, ValueError):
         desc['SourceDatasets'] = [{'URL': Path(bids_dir).as_uri()}]
     return atomic_write_text(Path(output_dir) / 'dataset_description.json',

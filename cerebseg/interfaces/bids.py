@@ -57,7 +57,7 @@ class _SinkOutputSpec(TraitedSpec):
 
 
 class DerivativesDataSink(SimpleInterface):
-    """Copy ``in_file`` to its BIDS-derivatives name (temporary file + rename: never half-written)."""
+    """Copy ``in_file`` to its BIDS-derivatives name (temporary file + rename: never half-done)."""
 
     input_spec = _SinkInputSpec
     output_spec = _SinkOutputSpec

@@ -26,7 +26,7 @@ class _RegisterOutputSpec(TraitedSpec):
 
 
 class RegisterEntry(SimpleInterface):
-    """ANTs affine + SyN (:func:`cerebseg.utils.registration.syn_to`) of one entry onto the subject.
+    """ANTs affine + SyN (:func:`cerebseg.utils.registration.syn_to`): one entry onto the subject.
 
     The registration runs on ``spacing`` mm copies of both images; the resulting transforms are
     applied to the 0.5 mm entry (labels with ``genericLabel`` interpolation).

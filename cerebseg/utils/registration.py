@@ -94,11 +94,12 @@ def affine_to_template(moving, template_head, template_brain, brain_mask: np.nda
 
 
 def rigid_to(fixed, moving, out_prefix: str, seed: int | None = 0, spacing: float = 2.0):
-    """Rigid registration (mutual information) of ``moving`` to ``fixed``; returns (file, corr).
+    """Rigid registration (Mattes MI, at ``spacing`` mm) of ``moving`` onto ``fixed``.
 
-    ``corr`` is the correlation of the normalised-mutual-information-free check: the Pearson
-    correlation of the two images' gradient magnitudes inside the fixed foreground, which is
-    positive for a T2w on a T1w of the same head whatever their contrasts.
+    Returns the transform file and a quality figure: the Pearson correlation of the gradient
+    magnitudes of ``fixed`` and of the registered ``moving`` inside the foreground of
+    ``fixed``. Edges coincide whatever the contrasts, so a T2w on the T1w of the same head
+    scores high (IXI002: 0.74) and an unrelated image near 0.
     """
     import ants
 

@@ -7,7 +7,7 @@ from nipype.pipeline import engine as pe
 from cerebseg.interfaces.preproc import CoregisterT2, MNIAffine, ToWorkingGrid, ValidateAndCorrect
 from cerebseg.utils.registration import MIN_TEMPLATE_CORRELATION
 
-#: below this edge correlation a T2w -> T1w rigid fit is refused (IXI002: 0.47)
+#: below this edge correlation a T2w -> T1w rigid fit is refused (IXI002: 0.74)
 MIN_T2_EDGE_CORRELATION = 0.15
 
 
