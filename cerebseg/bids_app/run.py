@@ -100,6 +100,7 @@ def _crash_kind(crash_dir: Path) -> tuple[int, str]:
 def run_participant(run, cfg, assets, library: dict) -> tuple[int, str]:
     """Build and run the workflow of one T1w; returns (exit code, message)."""
     from nipype import config as ncfg
+    from nipype import logging as nlogging
 
     from cerebseg.utils.images import atomic_write_text
     from cerebseg.workflows.base import init_single_subject_wf
@@ -118,9 +119,14 @@ def run_participant(run, cfg, assets, library: dict) -> tuple[int, str]:
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed,
         name=f'cerebseg_{run.label.replace("-", "_")}_wf')
     wf.base_dir = cfg.work_dir
+    nipype_level = 'INFO' if cfg.verbose > 1 else 'WARNING'
     ncfg.update_config({'execution': {'crashdump_dir': str(log_dir), 'crashfile_format': 'txt',
                                       'stop_on_first_crash': True,
-                                      'remove_unnecessary_outputs': False}})
+                                      'remove_unnecessary_outputs': False},
+                        'logging': {'workflow_level': nipype_level,
+                                    'interface_level': nipype_level,
+                                    'utils_level': nipype_level}})
+    nlogging.update_logging(ncfg)
     wf.config['execution'].update({'crashdump_dir': str(log_dir), 'crashfile_format': 'txt',
                                    'stop_on_first_crash': True})
     plugin_args = {'n_procs': cfg.nprocs, 'raise_insufficient': False}

@@ -102,7 +102,7 @@ class MNIAffine(SimpleInterface):
             raise BadDataError(
                 f'{self.inputs.source_file} does not fit the MNI152NLin2009cAsym template: after '
                 f'affine registration its correlation with the template inside the brain is '
-                f'{fit.correlation:.3f} (human T1w scans give 0.4 to 0.5; the minimum is '
+                f'{fit.correlation:.3f} (human T1w scans give 0.45 to 0.6; the minimum is '
                 f'{self.inputs.min_correlation}). The image is not a T1-weighted human head or '
                 'brain scan, or it is badly corrupted (wrong orientation in the header, heavy '
                 'artefacts). cerebseg will not segment it; check the image.')

@@ -20,8 +20,9 @@ LOGGER = logging.getLogger('cerebseg.utils.registration')
 
 #: below this correlation (inside the template brain mask) between the affinely registered
 #: subject and the MNI template, the fit is taken as failed: the input is not a human brain
-#: or the registration did not converge. Measured: real T1w 0.41-0.50 (IXI002, ds002748,
-#: whole-head "chris"), a failed fit of a real head 0.13-0.16, the non-brain phantom 0.05.
+#: or the registration did not converge. Measured: real T1w 0.45-0.60 (IXI002 0.60,
+#: ds002748 sub-01 0.53, whole-head "chris" 0.45), a failed fit of a real head 0.13-0.16,
+#: the non-brain phantom 0.05.
 MIN_TEMPLATE_CORRELATION = 0.25
 
 
