@@ -75,6 +75,7 @@ class _FuseInputSpec(BaseInterfaceInputSpec):
     warped_dseg = InputMultiObject(File(exists=True), mandatory=True, desc='warped labels')
     n_labels = traits.Int(mandatory=True, desc='number of labels including background')
     radius = traits.Int(2, usedefault=True, desc='patch radius (voxels) of the local similarity')
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc='OpenMP threads')
 
 
 class _FuseOutputSpec(TraitedSpec):
@@ -83,7 +84,11 @@ class _FuseOutputSpec(TraitedSpec):
 
 
 class FuseLabels(SimpleInterface):
-    """Locally weighted majority voting (:func:`cerebseg.kernels.wmv.weighted_majority_vote`)."""
+    """Locally weighted voting (:func:`cerebseg.kernels.wmv.weighted_majority_vote`).
+
+    Runs the compiled OpenMP kernel when it is built (``num_threads`` threads), else the NumPy
+    twin.
+    """
 
     input_spec = _FuseInputSpec
     output_spec = _FuseOutputSpec
@@ -113,7 +118,8 @@ class FuseLabels(SimpleInterface):
                            for p in self.inputs.warped_dseg])
         fused, probs = weighted_majority_vote(labels, images, np.stack(target),
                                               self.inputs.n_labels, available=available,
-                                              radius=self.inputs.radius)
+                                              radius=self.inputs.radius,
+                                              num_threads=self.inputs.num_threads)
         self._results['dseg'] = os.path.join(runtime.cwd, 'fused_dseg.nii.gz')
         atomic_save(to_label_image(fused, ref.affine), self._results['dseg'])
         # stored as uint8 with a scale factor (nibabel picks it): 1/255 resolution

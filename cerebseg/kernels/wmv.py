@@ -12,12 +12,33 @@ and the fused label is the ``l`` with the largest ``P_l``; ties go to the smalle
 the 2nd and 98th foreground percentiles to 0 and 1). The cube mean at the volume border uses the
 nearest-voxel extension (``scipy.ndimage.uniform_filter``'s ``mode='nearest'``).
 
-The compiled Cython/OpenMP kernel of issue 3 implements the same function; this module stays as
-its reference twin.
+:func:`weighted_majority_vote` runs the compiled Cython/OpenMP kernel (``_wmv.pyx``) when it
+is built and falls back, with one warning, on its NumPy twin :func:`weighted_majority_vote_numpy`.
+The two agree to float32 rounding (the kernel sums in double precision); labels are identical
+except where the two best probabilities differ by less than that rounding.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+LOGGER = logging.getLogger('cerebseg.kernels.wmv')
+_WARNED = []
+
+
+def compiled_kernel():
+    """The compiled kernel, or None (logged once) when the extension is not built."""
+    try:
+        from cerebseg.kernels._wmv import wmv_kernel
+    except ImportError:
+        if not _WARNED:
+            LOGGER.warning('The compiled label-fusion kernel (cerebseg.kernels._wmv) is not '
+                           'built; using the slower NumPy implementation. Reinstall cerebseg '
+                           'with a C compiler (pip install .) to build it.')
+            _WARNED.append(True)
+        return None
+    return wmv_kernel
 
 
 def _check(labels, atlas_images, target, available):
@@ -63,9 +84,54 @@ def local_weights(atlas_images, target, available=None, radius: int = 2, beta: f
     return weights
 
 
+def _vote_box(labels, radius):
+    """Bounding box of the voxels where some atlas votes for a label, grown by the radius."""
+    voted = np.argwhere(labels.any(axis=0))
+    if voted.size == 0:
+        return None
+    shape = labels.shape[1:]
+    lo = np.maximum(voted.min(axis=0) - radius - 1, 0)
+    hi = np.minimum(voted.max(axis=0) + radius + 2, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def weighted_majority_vote(labels, atlas_images, target, n_labels: int, available=None,
-                           radius: int = 2, beta: float = 1.0, eps: float = 1e-3):
-    """Fuse ``K`` warped label maps.
+                           radius: int = 2, beta: float = 1.0, eps: float = 1e-3,
+                           num_threads: int = 1, use_compiled: bool | None = None):
+    """Fuse ``K`` warped label maps (compiled kernel when built, else the NumPy twin).
+
+    Same parameters and returns as :func:`weighted_majority_vote_numpy`, plus ``num_threads``
+    (OpenMP threads of the kernel) and ``use_compiled`` (None: whichever is available).
+    """
+    kernel = compiled_kernel() if use_compiled in (None, True) else None
+    if kernel is None:
+        if use_compiled:
+            raise ImportError('cerebseg.kernels._wmv is not built')
+        return weighted_majority_vote_numpy(labels, atlas_images, target, n_labels, available,
+                                            radius, beta, eps)
+    labels, atlas_images, target, available = _check(labels, atlas_images, target, available)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_labels):
+        raise ValueError(f'labels must lie in [0, {n_labels}); found '
+                         f'[{labels.min()}, {labels.max()}]')
+    shape = target.shape[1:]
+    fused = np.zeros(shape, dtype=np.int16)
+    probs = np.zeros((n_labels,) + shape, dtype=np.float32)
+    probs[0] = 1.0
+    box = _vote_box(labels, radius)
+    if box is None:
+        return fused, probs
+    kernel(np.ascontiguousarray(labels, dtype=np.int16),
+           np.ascontiguousarray(atlas_images, dtype=np.float32),
+           np.ascontiguousarray(target, dtype=np.float32),
+           np.ascontiguousarray(available, dtype=np.uint8), fused, probs,
+           int(radius), float(beta), float(eps), max(int(num_threads), 1),
+           box[0].start, box[0].stop, box[1].start, box[1].stop, box[2].start, box[2].stop)
+    return fused, probs
+
+
+def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, available=None,
+                                 radius: int = 2, beta: float = 1.0, eps: float = 1e-3):
+    """Fuse ``K`` warped label maps (NumPy reference implementation).
 
     Parameters
     ----------
@@ -95,12 +161,9 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
     probs[0] = 1.0
     # Where every atlas says background the answer is background whatever the weights: compute
     # only inside the bounding box of the votes, grown by the patch radius.
-    voted = np.argwhere(labels.any(axis=0))
-    if voted.size == 0:
+    box = _vote_box(labels, radius)
+    if box is None:
         return fused, probs
-    lo = np.maximum(voted.min(axis=0) - radius - 1, 0)
-    hi = np.minimum(voted.max(axis=0) + radius + 2, shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
     weights = local_weights(atlas_images[(slice(None), slice(None)) + box],
                             target[(slice(None),) + box], available, radius, beta, eps)
     total = weights.sum(axis=0)

@@ -46,7 +46,8 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template
     register.inputs.entry_t1 = [e['t1w'] for e in entries]
     register.inputs.entry_t2 = [e.get('t2w', '') for e in entries]
     register.inputs.entry_dseg = [e['dseg'] for e in entries]
-    fuse = pe.Node(FuseLabels(n_labels=n_labels), name='fuse', mem_gb=4)
+    fuse = pe.Node(FuseLabels(n_labels=n_labels, num_threads=omp_nthreads), name='fuse',
+                   n_procs=omp_nthreads, mem_gb=4)
     to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads), name='to_native',
                         n_procs=omp_nthreads, mem_gb=2)
     volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml), name='volumes')
