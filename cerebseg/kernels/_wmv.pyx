@@ -39,11 +39,12 @@ def wmv_kernel(const short[:, :, :, ::1] labels,
     """Fill ``fused`` and ``probs`` inside the box [x0, x1) x [y0, y1) x [z0, z1).
 
     labels (K, X, Y, Z) int16; atlas (K, C, X, Y, Z) float32; target (C, X, Y, Z) float32;
-    available (K, C) uint8; fused (X, Y, Z) int16 and probs (L, X, Y, Z) float32 are written.
+    available (K, C) uint8; fused (X, Y, Z) int16 and probs (X, Y, Z, L) float32 (labels last:
+    one voxel's probabilities are contiguous) are written.
     """
     cdef Py_ssize_t n_atlas = labels.shape[0]
     cdef Py_ssize_t n_chan = target.shape[0]
-    cdef Py_ssize_t n_labels = probs.shape[0]
+    cdef Py_ssize_t n_labels = probs.shape[3]
     cdef Py_ssize_t ny = y1 - y0, nz = z1 - z0
     cdef Py_ssize_t plane = ny * nz
     cdef Py_ssize_t i, j, l, k, c, d, idx, lab, best_lab
@@ -100,19 +101,19 @@ def wmv_kernel(const short[:, :, :, ::1] labels,
             for j in range(ny):
                 for l in range(nz):
                     for lab in range(n_labels):
-                        probs[lab, i, y0 + j, z0 + l] = 0.0
+                        probs[i, y0 + j, z0 + l, lab] = 0.0
                     total = 0.0
                     for k in range(n_atlas):
                         w = wk[k * plane + j * nz + l]
                         total = total + w
-                        probs[labels[k, i, y0 + j, z0 + l], i, y0 + j, z0 + l] += <float> w
+                        probs[i, y0 + j, z0 + l, labels[k, i, y0 + j, z0 + l]] += <float> w
                     best = -1.0
                     best_lab = 0
                     for lab in range(n_labels):
-                        p = probs[lab, i, y0 + j, z0 + l] / total
-                        probs[lab, i, y0 + j, z0 + l] = <float> p
-                        if probs[lab, i, y0 + j, z0 + l] > best:
-                            best = probs[lab, i, y0 + j, z0 + l]
+                        p = probs[i, y0 + j, z0 + l, lab] / total
+                        probs[i, y0 + j, z0 + l, lab] = <float> p
+                        if probs[i, y0 + j, z0 + l, lab] > best:
+                            best = probs[i, y0 + j, z0 + l, lab]
                             best_lab = lab
                     fused[i, y0 + j, z0 + l] = <short> best_lab
         free(col)

@@ -101,7 +101,9 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
     """Fuse ``K`` warped label maps (compiled kernel when built, else the NumPy twin).
 
     Same parameters and returns as :func:`weighted_majority_vote_numpy`, plus ``num_threads``
-    (OpenMP threads of the kernel) and ``use_compiled`` (None: whichever is available).
+    (OpenMP threads of the kernel) and ``use_compiled`` (None: whichever is available). The
+    kernel's probabilities come as a (L, X, Y, Z) view of a labels-last array, so
+    ``np.moveaxis(probs, 0, -1)`` is contiguous.
     """
     kernel = compiled_kernel() if use_compiled in (None, True) else None
     if kernel is None:
@@ -115,18 +117,18 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
                          f'[{labels.min()}, {labels.max()}]')
     shape = target.shape[1:]
     fused = np.zeros(shape, dtype=np.int16)
-    probs = np.zeros((n_labels,) + shape, dtype=np.float32)
-    probs[0] = 1.0
+    probs = np.zeros(shape + (n_labels,), dtype=np.float32)  # labels last for the kernel
+    probs[..., 0] = 1.0
     box = _vote_box(labels, radius)
     if box is None:
-        return fused, probs
+        return fused, np.moveaxis(probs, -1, 0)
     kernel(np.ascontiguousarray(labels, dtype=np.int16),
            np.ascontiguousarray(atlas_images, dtype=np.float32),
            np.ascontiguousarray(target, dtype=np.float32),
            np.ascontiguousarray(available, dtype=np.uint8), fused, probs,
            int(radius), float(beta), float(eps), max(int(num_threads), 1),
            box[0].start, box[0].stop, box[1].start, box[1].stop, box[2].start, box[2].stop)
-    return fused, probs
+    return fused, np.moveaxis(probs, -1, 0)
 
 
 def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, available=None,
