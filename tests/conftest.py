@@ -26,6 +26,37 @@ def make_nifti(path, shape=(20, 20, 20), zooms=(1.0, 1.0, 1.0), data=None, dtype
     return path
 
 
+def make_bad_nifti(path, case: str):
+    """Write an image cerebseg must refuse: truncated, notnifti, 2d, 4d, nan, voxel, constant,
+    slab."""
+    import gzip
+
+    path = Path(path)
+    if case == 'truncated':
+        good = make_nifti(path, shape=(40, 40, 40)).read_bytes()
+        path.write_bytes(good[: len(good) // 3])
+    elif case == 'notnifti':
+        with gzip.open(path, 'wb') as fobj:
+            fobj.write(b'this is not an image' * 100)
+    elif case == '2d':
+        make_nifti(path, data=np.random.rand(30, 30))
+    elif case == '4d':
+        make_nifti(path, data=np.random.rand(30, 30, 30, 4))
+    elif case == 'nan':
+        data = np.random.rand(30, 30, 30)
+        data[1, 2, 3] = np.nan
+        make_nifti(path, data=data)
+    elif case == 'voxel':
+        make_nifti(path, shape=(30, 30, 30), zooms=(1.0, 1.0, 50.0))
+    elif case == 'constant':
+        make_nifti(path, data=np.ones((20, 20, 20)))
+    elif case == 'slab':
+        make_nifti(path, data=np.random.rand(64, 64, 4))
+    else:
+        raise ValueError(case)
+    return path
+
+
 def make_bids(root, layout: dict, shape=(20, 20, 20)):
     """``layout``: {'01': ['anat/sub-01_T1w.nii.gz', ...]} (paths relative to sub-XX/)."""
     root = Path(root)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cerebseg.bids_app.run import main
-from conftest import make_bids, make_nifti
+from conftest import make_bad_nifti, make_bids, make_nifti
 
 
 def _digest(folder: Path) -> dict:
@@ -57,20 +57,7 @@ def test_bad_inputs(tmp_path, assets_dir, caplog, case, code, message):
         make_bids(root, {'01': ['anat/sub-01_T2w.nii.gz']})
     else:
         make_bids(root, {'01': ['anat/sub-01_T1w.nii.gz']})
-        t1w = root / 'sub-01/anat/sub-01_T1w.nii.gz'
-        if case == 'truncated':
-            data = t1w.read_bytes()
-            t1w.write_bytes(data[: len(data) // 3])
-        elif case == '2d':
-            make_nifti(t1w, data=np.random.rand(30, 30))
-        elif case == '4d':
-            make_nifti(t1w, data=np.random.rand(30, 30, 30, 4))
-        elif case == 'nan':
-            data = np.random.rand(30, 30, 30)
-            data[1, 2, 3] = np.nan
-            make_nifti(t1w, data=data)
-        elif case == 'voxel':
-            make_nifti(t1w, shape=(30, 30, 30), zooms=(1.0, 1.0, 50.0))
+        make_bad_nifti(root / 'sub-01/anat/sub-01_T1w.nii.gz', case)
     out = tmp_path / 'out'
     (out / 'sub-02/anat').mkdir(parents=True)
     (out / 'sub-02/anat/sub-02_seg-cerebellum_morph.tsv').write_text('kept')

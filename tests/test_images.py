@@ -1,6 +1,4 @@
 """Input validation, atomic writes, nibabel <-> ANTs conversion."""
-import gzip
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ from cerebseg.utils.grid import WORKING_GRID
 from cerebseg.utils.images import (ants_affine, atomic_save, load_checked, nib_to_ants,
                                    sha256sum)
 
-from conftest import make_nifti
+from conftest import make_bad_nifti, make_nifti
 
 
 def test_valid_image_loads(tmp_path):
@@ -34,27 +32,7 @@ def test_single_volume_4d_is_squeezed(tmp_path):
     ('slab', 'slab'),
 ])
 def test_bad_images_are_refused_with_the_file_name(tmp_path, case, match):
-    path = tmp_path / f'sub-01_{case}.nii.gz'
-    if case == 'truncated':
-        good = make_nifti(tmp_path / 'good.nii.gz', shape=(40, 40, 40))
-        path.write_bytes(good.read_bytes()[:5000])
-    elif case == 'notnifti':
-        with gzip.open(path, 'wb') as fobj:
-            fobj.write(b'this is not an image' * 100)
-    elif case == '2d':
-        make_nifti(path, data=np.random.rand(20, 20))
-    elif case == '4d':
-        make_nifti(path, data=np.random.rand(20, 20, 20, 3))
-    elif case == 'nan':
-        data = np.random.rand(20, 20, 20)
-        data[3, 3, 3] = np.nan
-        make_nifti(path, data=data)
-    elif case == 'voxel':
-        make_nifti(path, zooms=(1.0, 1.0, 25.0))
-    elif case == 'constant':
-        make_nifti(path, data=np.ones((20, 20, 20)))
-    elif case == 'slab':
-        make_nifti(path, data=np.random.rand(64, 64, 4))
+    path = make_bad_nifti(tmp_path / f'sub-01_{case}.nii.gz', case)
     with pytest.raises(BadDataError, match=match) as err:
         load_checked(path, 'T1w')
     assert str(path) in str(err.value)

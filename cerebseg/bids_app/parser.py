@@ -20,23 +20,15 @@ def _path_exists(value, parser, what='Path'):
     return path
 
 
-def _positive_int(value, parser, name):
+def _positive(value, parser, name, kind=int):
+    """``kind(value)`` if it is > 0, else a usage error naming the option."""
     try:
-        num = int(value)
+        num = kind(value)
     except ValueError:
         num = 0
-    if num < 1:
-        parser.error(f'{name} must be a positive integer, got {value!r}')
-    return num
-
-
-def _positive_float(value, parser, name):
-    try:
-        num = float(value)
-    except ValueError:
-        num = 0.0
     if num <= 0:
-        parser.error(f'{name} must be a positive number, got {value!r}')
+        parser.error(f'{name} must be a positive {"integer" if kind is int else "number"}, '
+                     f'got {value!r}')
     return num
 
 
@@ -76,13 +68,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     perf = parser.add_argument_group('Resources')
     perf.add_argument('--nprocs', '--n-cpus', '--nthreads', dest='nprocs', default=None,
-                      type=partial(_positive_int, parser=parser, name='--nprocs'),
+                      type=partial(_positive, parser=parser, name='--nprocs'),
                       help='processes run at once (default: all CPUs)')
     perf.add_argument('--omp-nthreads', dest='omp_nthreads', default=None,
-                      type=partial(_positive_int, parser=parser, name='--omp-nthreads'),
+                      type=partial(_positive, parser=parser, name='--omp-nthreads'),
                       help='threads per process (ANTs/ITK, torch, OpenMP); default: nprocs')
     perf.add_argument('--mem-gb', '--mem_gb', dest='mem_gb', default=None,
-                      type=partial(_positive_float, parser=parser, name='--mem-gb'),
+                      type=partial(_positive, parser=parser, name='--mem-gb', kind=float),
                       help='memory limit for the scheduler (GB)')
     perf.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
                       help='where torch models run (auto: CUDA when available)')

@@ -41,7 +41,7 @@ def compiled_kernel():
     return wmv_kernel
 
 
-def _check(labels, atlas_images, target, available):
+def _check(labels, atlas_images, target, available, n_labels=None):
     labels = np.asarray(labels)
     atlas_images = np.asarray(atlas_images, dtype=np.float32)
     target = np.asarray(target, dtype=np.float32)
@@ -61,6 +61,9 @@ def _check(labels, atlas_images, target, available):
     available = np.asarray(available, dtype=bool)
     if available.shape != (n_atlas, n_chan) or not available.any(axis=1).all():
         raise ValueError('available must be (K, C) with at least one channel per atlas')
+    if n_labels is not None and labels.size and (labels.min() < 0 or labels.max() >= n_labels):
+        raise ValueError(f'labels must lie in [0, {n_labels}); found '
+                         f'[{labels.min()}, {labels.max()}]')
     return labels, atlas_images, target, available
 
 
@@ -111,10 +114,8 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
             raise ImportError('cerebseg.kernels._wmv is not built')
         return weighted_majority_vote_numpy(labels, atlas_images, target, n_labels, available,
                                             radius, beta, eps)
-    labels, atlas_images, target, available = _check(labels, atlas_images, target, available)
-    if labels.size and (labels.min() < 0 or labels.max() >= n_labels):
-        raise ValueError(f'labels must lie in [0, {n_labels}); found '
-                         f'[{labels.min()}, {labels.max()}]')
+    labels, atlas_images, target, available = _check(labels, atlas_images, target, available,
+                                                     n_labels)
     shape = target.shape[1:]
     fused = np.zeros(shape, dtype=np.int16)
     probs = np.zeros(shape + (n_labels,), dtype=np.float32)  # labels last for the kernel
@@ -153,10 +154,8 @@ def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, av
     fused : (X, Y, Z) int16
     probabilities : (n_labels, X, Y, Z) float32, summing to 1 over labels.
     """
-    labels, atlas_images, target, available = _check(labels, atlas_images, target, available)
-    if labels.size and (labels.min() < 0 or labels.max() >= n_labels):
-        raise ValueError(f'labels must lie in [0, {n_labels}); found '
-                         f'[{labels.min()}, {labels.max()}]')
+    labels, atlas_images, target, available = _check(labels, atlas_images, target, available,
+                                                     n_labels)
     shape = target.shape[1:]
     fused = np.zeros(shape, dtype=np.int16)
     probs = np.zeros((n_labels,) + shape, dtype=np.float32)
