@@ -60,11 +60,17 @@ def main(argv=None) -> int:
     for dataset, sub in zip(opts.dataset, opts.participant):
         with tempfile.TemporaryDirectory() as tmp:
             work, out = Path(tmp) / 'work', Path(tmp) / 'out'
-            t0 = time.perf_counter()
-            code = cerebseg([dataset, str(out), 'participant', '--participant-label', sub,
-                             '--assets-dir', opts.assets_dir, '-w', str(work),
-                             '--nprocs', str(opts.nprocs)])
-            wall = time.perf_counter() - t0
+            cwd = os.getcwd()
+            os.chdir(tmp)  # nipype's resource monitor writes .proc-* files into the cwd
+            try:
+                t0 = time.perf_counter()
+                code = cerebseg([str(Path(cwd, dataset)), str(out), 'participant',
+                                 '--participant-label', sub,
+                                 '--assets-dir', str(Path(cwd, opts.assets_dir)),
+                                 '-w', str(work), '--nprocs', str(opts.nprocs)])
+                wall = time.perf_counter() - t0
+            finally:
+                os.chdir(cwd)
             rows = node_table(work)
         print(f'\n## sub-{sub} ({Path(dataset).name}), exit code {code}, '
               f'{opts.nprocs} processes')
