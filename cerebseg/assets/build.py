@@ -27,7 +27,7 @@ from cerebseg.utils.grid import WORKING_GRID, BoxGrid
 from cerebseg.utils.images import (ants_to_nib, atomic_save, atomic_write_text, nib_to_ants,
                                    sha256sum, to_label_image)
 from cerebseg.utils.preproc import masked_correlation, normalise_intensity
-from cerebseg.utils.registration import ants_seed
+from cerebseg.utils.registration import ants_seed, identity_transform
 
 LOGGER = logging.getLogger('cerebseg.assets.build')
 
@@ -129,11 +129,8 @@ def build_entry(entry: dict, mapping: dict[int, int], sources: Path, out: Path,
     # the MNI template so that the fit is driven by cerebellum and brainstem.
     box1 = ants.resample_image_to_target(template_head, grid.reference(1.0), 'linear')
     with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
-        # All sources are in MNI-like coordinates: start from identity, not from the centres of
-        # mass (a cropped cerebellum template and a whole head have very different ones).
-        identity = str(Path(tmp) / 'identity.mat')
-        ants.write_transform(ants.create_ants_transform('AffineTransform', dimension=3),
-                             identity)
+        # all sources are in MNI-like coordinates: start from identity
+        identity = identity_transform(str(Path(tmp) / 'identity.mat'))
         reg = ants.registration(box1, moving, type_of_transform='Affine',
                                 initial_transform=identity, outprefix=str(Path(tmp) / 'aff_'))
         ref = grid.reference()

@@ -33,7 +33,7 @@ def _set_environment(omp_nthreads: int) -> None:
     os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(omp_nthreads)
 
 
-def _dseg_meta(run, library: dict, assets_root: Path, bids_dir: Path, cfg) -> dict:
+def _dseg_meta(run, library: dict, bids_dir: Path, cfg) -> dict:
     from cerebseg import __version__
 
     def bids_uri(path):
@@ -115,20 +115,18 @@ def run_participant(run, cfg, assets, library: dict) -> tuple[int, str]:
     wf = init_single_subject_wf(
         t1w=run.t1w, t2w=run.t2w, output_dir=str(output_dir), templates=templates,
         grid=assets.manifest['grid'], library=library,
-        dseg_meta=_dseg_meta(run, library, assets.root, Path(cfg.bids_dir), cfg),
+        dseg_meta=_dseg_meta(run, library, Path(cfg.bids_dir), cfg),
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed,
         name=f'cerebseg_{run.label.replace("-", "_")}_wf')
     wf.base_dir = cfg.work_dir
     nipype_level = 'INFO' if cfg.verbose > 1 else 'WARNING'
-    ncfg.update_config({'execution': {'crashdump_dir': str(log_dir), 'crashfile_format': 'txt',
-                                      'stop_on_first_crash': True,
-                                      'remove_unnecessary_outputs': False},
-                        'logging': {'workflow_level': nipype_level,
+    ncfg.update_config({'logging': {'workflow_level': nipype_level,
                                     'interface_level': nipype_level,
                                     'utils_level': nipype_level}})
     nlogging.update_logging(ncfg)
     wf.config['execution'].update({'crashdump_dir': str(log_dir), 'crashfile_format': 'txt',
-                                   'stop_on_first_crash': True})
+                                   'stop_on_first_crash': True,
+                                   'remove_unnecessary_outputs': False})
     plugin_args = {'n_procs': cfg.nprocs, 'raise_insufficient': False}
     if cfg.mem_gb:
         plugin_args['memory_gb'] = cfg.mem_gb

@@ -44,7 +44,8 @@ class RegisterEntry(SimpleInterface):
         from cerebseg.utils.registration import set_threads, syn_to
 
         set_threads(self.inputs.num_threads)
-        fixed = nib_to_ants(nib.load(self.inputs.target_t1))
+        target = nib.load(self.inputs.target_t1)
+        fixed = nib_to_ants(target)
         moving = nib_to_ants(nib.load(self.inputs.entry_t1))
         transforms = syn_to(fixed, moving, os.path.join(runtime.cwd, 'entry_to_subject_'),
                             self.inputs.seed, iterations=tuple(self.inputs.iterations),
@@ -61,7 +62,7 @@ class RegisterEntry(SimpleInterface):
         dseg = ants.apply_transforms(fixed, nib_to_ants(nib.load(self.inputs.entry_dseg)),
                                      transforms, interpolator='genericLabel')
         self._results['warped_dseg'] = os.path.join(runtime.cwd, 'warped_dseg.nii.gz')
-        atomic_save(to_label_image(np.rint(dseg.numpy()), nib.load(self.inputs.target_t1).affine),
+        atomic_save(to_label_image(np.rint(dseg.numpy()), target.affine),
                     self._results['warped_dseg'])
         return runtime
 

@@ -187,7 +187,8 @@ class ToWorkingGrid(SimpleInterface):
 
         from cerebseg.utils.grid import BoxGrid
         from cerebseg.utils.images import ants_to_nib, atomic_save, nib_to_ants
-        from cerebseg.utils.preproc import bias_correct, denoise, normalise_intensity
+        from cerebseg.utils.preproc import (bias_correct, denoise, foreground_mask,
+                                            normalise_intensity)
         from cerebseg.utils.registration import crop_to_box, set_threads
 
         set_threads(self.inputs.num_threads)
@@ -203,7 +204,7 @@ class ToWorkingGrid(SimpleInterface):
                 moving = denoise(moving)
             boxed = ants.apply_transforms(ref, moving, transforms, interpolator='bSpline')
             data = boxed.numpy().clip(min=0)
-            fg = data > 0.05 * np.percentile(data[data > 0], 99)
+            fg = foreground_mask(data)
             boxed = bias_correct(boxed.new_image_like(data),
                                  mask=boxed.new_image_like(fg.astype(np.float32)),
                                  shrink_factor=8)

@@ -44,19 +44,24 @@ def denoise(aimg, mask=None):
                               noise_model='Rician')
 
 
+def foreground_mask(data: np.ndarray) -> np.ndarray:
+    """Voxels above 5 % of the 99th percentile of the positive voxels."""
+    positive = data[data > 0]
+    if positive.size == 0:
+        raise ValueError('Cannot find a foreground in an image without positive voxels.')
+    return data > 0.05 * np.percentile(positive, 99)
+
+
 def normalise_intensity(data: np.ndarray, mask: np.ndarray | None = None,
                         low: float = 2.0, high: float = 98.0) -> np.ndarray:
     """Map the ``low`` and ``high`` percentiles of the foreground to 0 and 1 (clipped to [0, 2]).
 
-    The foreground is ``mask`` or, when none is given, the voxels above 5 % of the 99th
-    percentile of the positive voxels. Background stays 0.
+    The foreground is ``mask`` or, when none is given, :func:`foreground_mask`. Background
+    stays 0.
     """
     data = np.asarray(data, dtype=np.float32)
     if mask is None:
-        positive = data[data > 0]
-        if positive.size == 0:
-            raise ValueError('Cannot normalise an image without positive voxels.')
-        mask = data > 0.05 * np.percentile(positive, 99)
+        mask = foreground_mask(data)
     values = data[mask]
     if values.size < 100:
         raise ValueError(f'The foreground has {values.size} voxels; too few to normalise.')

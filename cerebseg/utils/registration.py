@@ -44,6 +44,18 @@ def set_threads(n: int) -> None:
     os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(max(int(n), 1))
 
 
+def identity_transform(path: str) -> str:
+    """Write an identity affine to ``path`` (an ANTs initial transform) and return the path.
+
+    Used where both images already lie in MNI-like coordinates, so that ANTs does not start
+    from the centres of mass (a cropped cerebellum template and a whole head differ there).
+    """
+    import ants
+
+    ants.write_transform(ants.create_ants_transform('AffineTransform', dimension=3), path)
+    return path
+
+
 def _keep(paths: list[str], out_prefix: str) -> list[str]:
     """Move ANTs' temporary transform files to ``out_prefix`` + their own suffix."""
     kept = []
@@ -80,12 +92,13 @@ def affine_to_template(moving, template_head, template_brain, brain_mask: np.nda
     target = template_brain if skull_stripped else template_head
     fixed_lo = ants.resample_image(target, (spacing,) * 3, False, 0)
     moving_lo = ants.resample_image(moving, (spacing,) * 3, False, 0)
+    target_data = target.numpy()
     best = None
     with ants_seed(seed):
         for candidate in ('TRSAA', 'Affine'):
             reg = ants.registration(fixed_lo, moving_lo, type_of_transform=candidate)
             warped = ants.apply_transforms(target, moving, reg['fwdtransforms'])
-            corr = masked_correlation(warped.numpy(), target.numpy(), brain_mask)
+            corr = masked_correlation(warped.numpy(), target_data, brain_mask)
             LOGGER.info('Affine start %s: correlation with the template %.3f', candidate, corr)
             if best is None or corr > best[0]:
                 best = (corr, candidate, reg['fwdtransforms'])
@@ -136,9 +149,7 @@ def syn_to(fixed, moving, out_prefix: str, seed: int | None = 0,
                       'MD', 3)
     lo = (2.0,) * 3
     with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
-        identity = str(Path(tmp) / 'identity.mat')
-        ants.write_transform(ants.create_ants_transform('AffineTransform', dimension=3),
-                             identity)
+        identity = identity_transform(str(Path(tmp) / 'identity.mat'))
         aff = ants.registration(ants.resample_image(fixed, lo, False, 0),
                                 ants.resample_image(moving, lo, False, 0),
                                 type_of_transform='Affine', initial_transform=identity,
