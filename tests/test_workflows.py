@@ -4,6 +4,7 @@ import inspect
 
 import pytest
 from nipype.interfaces.base import BaseInterface
+from nipype.pipeline.engine import MapNode
 from nipype.pipeline.engine.utils import generate_expanded_graph
 
 from cerebseg.utils.grid import WORKING_GRID
@@ -26,8 +27,9 @@ def fake_assets(tmp_path):
     return templates, library
 
 
-@pytest.mark.parametrize('with_t2', [False, True])
-def test_single_subject_graph(tmp_path, fake_assets, with_t2):
+@pytest.mark.parametrize('with_t2,registration', [(False, 'torch'), (True, 'torch'),
+                                                   (True, 'ants')])
+def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
     templates, library = fake_assets
     root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz',
                                               'anat/sub-01_T2w.nii.gz']})
@@ -36,22 +38,42 @@ def test_single_subject_graph(tmp_path, fake_assets, with_t2):
     wf = init_single_subject_wf(t1w=t1w, t2w=t2w, output_dir=str(tmp_path / 'out'),
                                 templates=templates, grid=WORKING_GRID.to_dict(),
                                 library=library, dseg_meta={'Mode': 'x'}, omp_nthreads=1,
-                                seed=0)
+                                seed=0, registration=registration, device='cpu')
     wf.base_dir = str(tmp_path / 'work')
     graph = generate_expanded_graph(wf._create_flat_graph())
     names = {n.fullname.split('.')[-1] for n in graph.nodes()}
     assert {'t1_correct', 'mni_affine', 'to_grid', 'fuse', 'to_native', 'volumes',
             'ds_dseg_native', 'ds_dseg_box', 'ds_morph', 'ds_t1_to_mni'} <= names
     register = next(n for n in graph.nodes() if n.fullname.endswith('.register'))
-    assert len(register.inputs.entry_t1) == 2  # one registration per library entry
+    assert len(register.inputs.entry_t1) == 2
     assert register.inputs.entry_t2 == ['', library['entries'][1]['t2w']]
+    # ants: one registration per library entry; torch: all entries in one batch, throttled as a
+    # GPU node when it runs on a GPU
+    assert isinstance(register, MapNode) == (registration == 'ants')
+    assert not register.is_gpu_node()
     assert ('t2_coreg' in names) == with_t2
     assert ('ds_t2_to_t1' in names) == with_t2
     assert not (tmp_path / 'out').exists(), 'building a graph must not write outputs'
 
 
 INTERFACE_MODULES = ['cerebseg.interfaces.preproc', 'cerebseg.interfaces.multiatlas',
-                     'cerebseg.interfaces.native', 'cerebseg.interfaces.bids']
+                     'cerebseg.interfaces.native', 'cerebseg.interfaces.bids',
+                     'cerebseg.interfaces.registration']
+
+
+def test_torch_node_declares_gpu(tmp_path, fake_assets):
+    from cerebseg.workflows.multiatlas import init_multiatlas_wf
+
+    _, library = fake_assets
+    wf = init_multiatlas_wf(entries=library['entries'], n_labels=35, lut=library['lut'],
+                            template_icv_ml=1800.0, reg_spacing=1.0, reg_iterations=[1],
+                            omp_nthreads=1, seed=0, registration='torch', device='cuda:0',
+                            use_gpu=True)
+    assert wf.get_node('register').is_gpu_node()
+    with pytest.raises(ValueError, match="'torch' or 'ants'"):
+        init_multiatlas_wf(entries=library['entries'], n_labels=35, lut=library['lut'],
+                           template_icv_ml=1800.0, reg_spacing=1.0, reg_iterations=[1],
+                           omp_nthreads=1, seed=0, registration='elastix')
 
 
 def _interfaces():

@@ -28,6 +28,7 @@ class RunConfig:
     mem_gb: float = 0.0
     device: str = 'auto'
     atlas_library: str = 'suit'
+    registration: str = 'torch'
     assets_dir: str = ''
     random_seed: int = 0
     stop_on_first_crash: bool = False

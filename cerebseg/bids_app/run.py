@@ -33,6 +33,17 @@ def _set_environment(omp_nthreads: int) -> None:
     os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(omp_nthreads)
 
 
+_REGISTRATION_TEXT = {
+    'ants': 'ANTs affine (2 mm) + SyN (Mattes mutual information, 40x20x0 iterations at 4/2/1 '
+            'mm) of every library entry to the subject, masked to the entry field of view; '
+            'labels carried with genericLabel interpolation.',
+    'torch': 'cerebseg torch registration of all library entries in one batch: affine, then a '
+             'diffeomorphic stationary velocity field (scaling and squaring) at 4 and 2 mm, '
+             'squared local normalised cross-correlation inside the entry field of view plus '
+             'diffusion regularisation, Adam; labels carried by nearest neighbour.',
+}
+
+
 def _dseg_meta(run, library: dict, bids_dir: Path, cfg) -> dict:
     from cerebseg import __version__
 
@@ -52,10 +63,7 @@ def _dseg_meta(run, library: dict, bids_dir: Path, cfg) -> dict:
                              'T1w; 0.5 mm box around cerebellum and brainstem; N4 in the box; '
                              'intensities scaled so that the 2nd/98th foreground percentiles '
                              'are 0/1.',
-            'Registration': 'ANTs affine (2 mm) + SyN (Mattes mutual information, 40x20x0 '
-                            'iterations at 4/2/1 mm) of every library entry to the subject, '
-                            'masked to the entry field of view; labels carried with '
-                            'genericLabel interpolation.',
+            'Registration': _REGISTRATION_TEXT[cfg.registration],
             'Fusion': 'locally weighted voting: weight = 1/(mean squared intensity difference '
                       'over a 5x5x5 patch + 1e-3), averaged over T1w and T2w where the entry '
                       'has both.',
@@ -97,11 +105,12 @@ def _crash_kind(crash_dir: Path) -> tuple[int, str]:
     return 70, f'a processing step failed; see the crash files in {crash_dir}'
 
 
-def run_participant(run, cfg, assets, library: dict) -> tuple[int, str]:
+def run_participant(run, cfg, assets, library: dict, device=None) -> tuple[int, str]:
     """Build and run the workflow of one T1w; returns (exit code, message)."""
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
+    from cerebseg.models.regnet import DEFAULT_WEIGHTS
     from cerebseg.utils.images import atomic_write_text
     from cerebseg.workflows.base import init_single_subject_wf
 
@@ -116,7 +125,9 @@ def run_participant(run, cfg, assets, library: dict) -> tuple[int, str]:
         t1w=run.t1w, t2w=run.t2w, output_dir=str(output_dir), templates=templates,
         grid=assets.manifest['grid'], library=library,
         dseg_meta=_dseg_meta(run, library, Path(cfg.bids_dir), cfg),
-        omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed,
+        omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
+        device=str(device or 'cpu'), use_gpu=device is not None and device.type != 'cpu',
+        regnet=str(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else '',
         name=f'cerebseg_{run.label.replace("-", "_")}_wf')
     wf.base_dir = cfg.work_dir
     nipype_level = 'INFO' if cfg.verbose > 1 else 'WARNING'
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         try:
             _prevalidate(run)
-            code, msg = run_participant(run, cfg, assets, library)
+            code, msg = run_participant(run, cfg, assets, library, device)
         except CerebsegError as err:
             code, msg = err.exit_code, str(err)
         except Exception as err:  # a bug: say so, keep going with the other participants

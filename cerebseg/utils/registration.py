@@ -130,6 +130,29 @@ def rigid_to(fixed, moving, out_prefix: str, seed: int | None = 0, spacing: floa
     return kept[0], masked_correlation(grad_f, grad_m, mask)
 
 
+def fov_mask_image(moving):
+    """The entry's field of view (foreground above 5 % of its maximum, dilated 3 voxels)."""
+    import ants
+
+    return ants.iMath(ants.get_mask(moving, low_thresh=0.05 * float(moving.max()), cleanup=0),
+                      'MD', 3)
+
+
+def affine_fov_to(fixed, moving, mask, tmp: str, seed: int | None = 0):
+    """Affine (Mattes, 2 mm, from identity) of ``moving`` onto ``fixed`` inside ``moving``'s
+    field of view ``mask``. Returns ANTs' forward transform list."""
+    import ants
+
+    lo = (2.0,) * 3
+    identity = identity_transform(str(Path(tmp) / 'identity.mat'))
+    with ants_seed(seed):
+        aff = ants.registration(ants.resample_image(fixed, lo, False, 0),
+                                ants.resample_image(moving, lo, False, 0),
+                                type_of_transform='Affine', initial_transform=identity,
+                                moving_mask=ants.resample_image(mask, lo, False, 1))
+    return aff['fwdtransforms']
+
+
 def syn_to(fixed, moving, out_prefix: str, seed: int | None = 0,
            iterations: tuple[int, ...] = (40, 20, 0), spacing: float = 1.0):
     """Affine (2 mm) then SyN (mutual information, at ``spacing`` mm) of ``moving`` onto ``fixed``.
@@ -145,22 +168,16 @@ def syn_to(fixed, moving, out_prefix: str, seed: int | None = 0,
 
     import ants
 
-    mask = ants.iMath(ants.get_mask(moving, low_thresh=0.05 * float(moving.max()), cleanup=0),
-                      'MD', 3)
-    lo = (2.0,) * 3
-    with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
-        identity = identity_transform(str(Path(tmp) / 'identity.mat'))
-        aff = ants.registration(ants.resample_image(fixed, lo, False, 0),
-                                ants.resample_image(moving, lo, False, 0),
-                                type_of_transform='Affine', initial_transform=identity,
-                                moving_mask=ants.resample_image(mask, lo, False, 1))
+    mask = fov_mask_image(moving)
+    with tempfile.TemporaryDirectory() as tmp:
+        affine = affine_fov_to(fixed, moving, mask, tmp, seed)
         sp = (spacing,) * 3
-        reg = ants.registration(ants.resample_image(fixed, sp, False, 0),
-                                ants.resample_image(moving, sp, False, 0),
-                                type_of_transform='SyNOnly',
-                                initial_transform=aff['fwdtransforms'],
-                                moving_mask=ants.resample_image(mask, sp, False, 1),
-                                reg_iterations=tuple(iterations))
+        with ants_seed(seed):
+            reg = ants.registration(ants.resample_image(fixed, sp, False, 0),
+                                    ants.resample_image(moving, sp, False, 0),
+                                    type_of_transform='SyNOnly', initial_transform=affine,
+                                    moving_mask=ants.resample_image(mask, sp, False, 1),
+                                    reg_iterations=tuple(iterations))
         return _keep(reg['fwdtransforms'], out_prefix)
 
 
@@ -204,3 +221,35 @@ def crop_to_box(image, transforms: list[str], box_reference, margin_mm: float = 
     if np.any(hi <= lo):
         return image
     return ants.crop_indices(image, lo.tolist(), hi.tolist())
+
+
+def affine_to_box(t1_path: str, assets, seed: int = 0, spacing: float | None = None):
+    """A T1w on the working grid by the affine path only (no N4 or denoising): for benchmarks and
+    for the registration network's training data, not for segmentation.
+
+    Registers to MNI152NLin2009cAsym with :func:`affine_to_template`, resamples linearly into
+    the assets' box (at ``spacing`` mm when given) and normalises intensities. Returns the
+    array and the template-fit correlation.
+    """
+    import tempfile
+
+    import ants
+    import nibabel as nib
+
+    from cerebseg.utils.grid import BoxGrid
+    from cerebseg.utils.images import nib_to_ants
+    from cerebseg.utils.preproc import is_skull_stripped, normalise_intensity
+
+    img = nib.load(t1_path)
+    data = np.asarray(img.dataobj, np.float32)
+    tpl = assets.manifest['templates']
+    head, brain = (nib_to_ants(nib.load(str(assets.path(tpl[k])))) for k in ('head', 'brain'))
+    mask = np.asarray(nib.load(str(assets.path(tpl['mask']))).dataobj) > 0
+    with tempfile.TemporaryDirectory() as tmp:
+        fit = affine_to_template(nib_to_ants(img), head, brain, mask,
+                                 is_skull_stripped(data, img.header.get_zooms()[:3]),
+                                 str(Path(tmp) / 'aff_'), seed=seed)
+        ref = BoxGrid.from_dict(assets.manifest['grid']).reference(spacing)
+        boxed = ants.apply_transforms(ref, nib_to_ants(img), [fit.transform],
+                                      interpolator='linear').numpy()
+    return normalise_intensity(boxed.clip(min=0)), fit.correlation

@@ -13,6 +13,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            grid: dict, library: dict, dseg_meta: dict, omp_nthreads: int,
                            seed: int, reg_spacing: float = 1.0,
                            reg_iterations: tuple[int, ...] = (40, 20, 0),
+                           registration: str = 'torch', device: str = 'cpu',
+                           use_gpu: bool = False, regnet: str = '',
                            name: str = 'single_subject_wf'):
     """Segment the cerebellum of one T1w (with its T2w when given) and write the derivatives.
 
@@ -26,6 +28,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         ``entries`` (absolute paths), ``n_labels``, ``lut`` (absolute path).
     dseg_meta : dict
         Static part of the dseg sidecars (sources, method, mode, version).
+    registration, device, use_gpu, regnet
+        See :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`.
 
     .. workflow::
 
@@ -41,7 +45,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     multiatlas_wf = init_multiatlas_wf(
         entries=library['entries'], n_labels=library['n_labels'], lut=library['lut'],
         template_icv_ml=templates['icv_ml'], reg_spacing=reg_spacing,
-        reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed)
+        reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed,
+        registration=registration, device=device, use_gpu=use_gpu, regnet=regnet)
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w))
     qc_files = pe.Node(niu.Merge(3), name='qc_files', run_without_submitting=True)
     wf.connect([

@@ -6,17 +6,24 @@ from nipype.pipeline import engine as pe
 
 from cerebseg.interfaces.multiatlas import FuseLabels, RegisterEntry
 from cerebseg.interfaces.native import LabelVolumes, ProbsToNative
+from cerebseg.interfaces.registration import TorchRegisterEntries
 
 
 def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template_icv_ml: float,
                        reg_spacing: float, reg_iterations: list[int], omp_nthreads: int,
-                       seed: int, name: str = 'multiatlas_wf'):
-    """Register each library entry to the subject (ANTs SyN), fuse by local weighted voting.
+                       seed: int, registration: str = 'torch', device: str = 'cpu',
+                       use_gpu: bool = False, regnet: str = '', name: str = 'multiatlas_wf'):
+    """Register each library entry to the subject, fuse by local weighted voting.
 
     Parameters
     ----------
     entries : list of dict
         Absolute paths ``t1w``, ``dseg`` and optional ``t2w`` of each library entry.
+    registration : {'torch', 'ants'}
+        ``torch``: all entries in one batch (diffeomorphic SVF, :mod:`cerebseg.models.registration`)
+        on ``device`` (``use_gpu`` when that is a GPU; ``regnet`` a network checkpoint to start
+        from, or empty); ``ants``: one ANTs affine + SyN per entry (``reg_spacing``,
+        ``reg_iterations``).
 
     Inputs
     ------
@@ -39,10 +46,19 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template
                         name='inputnode')
     outputnode = pe.Node(niu.IdentityInterface(
         fields=['dseg_box', 'probseg_box', 'dseg_native', 'morph', 'icv']), name='outputnode')
-    register = pe.MapNode(
-        RegisterEntry(spacing=reg_spacing, iterations=reg_iterations, seed=seed,
-                      num_threads=omp_nthreads),
-        iterfield=['entry_t1', 'entry_t2', 'entry_dseg'], name='register', n_procs=omp_nthreads)
+    if registration == 'torch':
+        register = pe.Node(
+            TorchRegisterEntries(seed=seed, device=device, use_gpu=use_gpu, regnet=regnet,
+                                 num_threads=omp_nthreads),
+            name='register', n_procs=omp_nthreads, mem_gb=1 + 0.5 * len(entries))
+    elif registration == 'ants':
+        register = pe.MapNode(
+            RegisterEntry(spacing=reg_spacing, iterations=reg_iterations, seed=seed,
+                          num_threads=omp_nthreads),
+            iterfield=['entry_t1', 'entry_t2', 'entry_dseg'], name='register',
+            n_procs=omp_nthreads)
+    else:
+        raise ValueError(f"registration must be 'torch' or 'ants', not {registration!r}")
     register.inputs.entry_t1 = [e['t1w'] for e in entries]
     register.inputs.entry_t2 = [e.get('t2w', '') for e in entries]
     register.inputs.entry_dseg = [e['dseg'] for e in entries]

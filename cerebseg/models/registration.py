@@ -1,0 +1,378 @@
+"""Diffeomorphic multi-atlas registration in torch (CPU or GPU), by instance optimisation.
+
+Model. Every library entry ``k`` is mapped onto the subject by
+
+    phi_k(x) = A_k (x + u_k(x)),      u_k = exp(v_k)
+
+where ``x`` are physical coordinates (mm, relative to the box centre) of the subject's working
+grid, ``A_k`` an affine (3 x 4, identity at start: entries and subjects are already affinely in
+MNI space) and ``u_k`` the displacement obtained from a stationary velocity field ``v_k`` by
+scaling and squaring (``2**steps`` compositions; MONAI's ``DVF2DDF``). The entry image is read at
+``phi_k(x)`` (MONAI's ``Warp``, trilinear, border padding). ``v_k`` lives on a control grid no finer
+than ``control_mm`` and is upsampled trilinearly to the grid it is integrated on.
+
+Objective, per entry: ``-mean_{x in M_k} LNCC_k(x) + lambda * mean |grad u_k|^2`` where LNCC is
+the squared local normalised cross-correlation of MONAI's loss (cubic window of ``window`` voxels
+at every level; :class:`MaskedLNCC`), ``M_k`` the entry's field of view (library templates are cropped around the cerebellum,
+zero elsewhere: without the mask the optimiser stretches the cerebellum over the occipital lobe,
+as ANTs SyN did before it got a moving mask) and the regulariser the diffusion energy of the
+displacement in mm per mm (on the control grid, where ``u`` is integrated before it is upsampled
+to the level's grid).
+
+Optimisation: Adam, coarse to fine over ``levels_mm`` (images resampled after box smoothing, all
+levels share the box corners, so fields carry over exactly), all ``K`` entries in one batch. An
+affine stage (Adam on ``A_k`` at the coarsest level) runs first. The velocity can be initialised
+(``init_velocity``), e.g. by :class:`cerebseg.models.regnet.RegNet`.
+
+Everything here takes and returns arrays on the working grid; the device comes from
+:func:`cerebseg.models.inference.resolve_device`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LOGGER = logging.getLogger('cerebseg.models.registration')
+
+
+@dataclass(frozen=True)
+class SVFConfig:
+    """Settings of :func:`register_svf` (defaults: the benchmarked ones)."""
+
+    levels_mm: tuple[float, ...] = (4.0, 2.0)
+    iterations: tuple[int, ...] = (50, 30)
+    affine_iterations: int = 50
+    control_mm: float = 4.0
+    window: int = 5
+    smoothness: float = 0.5
+    learning_rate: float = 0.2
+    affine_learning_rate: float = 0.005
+    steps: int = 7
+
+
+#: after the registration network: the finest level only (no affine, no 4 mm level)
+REFINE_CONFIG = SVFConfig(iterations=(0, SVFConfig().iterations[-1]), affine_iterations=0)
+
+
+@dataclass
+class SVFResult:
+    """Transforms of ``K`` entries onto one subject (see the module docstring)."""
+
+    affine: np.ndarray            # (K, 3, 4), mm -> mm
+    velocity: np.ndarray          # (K, 3, cx, cy, cz), mm, on the control grid
+    shape: tuple[int, int, int]   # working grid the result applies to
+    spacing: float                # its voxel size (mm)
+    steps: int = 7
+    losses: list = field(default_factory=list)  # (stage, final loss per entry, seconds)
+
+
+def _monai():
+    """MONAI's Warp and DVF2DDF (imported lazily; its 'native grid_sample' note muted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        from monai.networks.blocks import DVF2DDF, Warp
+    return Warp, DVF2DDF
+
+
+def _warp_layer(mode='bilinear', padding_mode='border'):
+    Warp, _ = _monai()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return Warp(mode=mode, padding_mode=padding_mode)
+
+
+def _integrator(steps):
+    _, DVF2DDF = _monai()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return DVF2DDF(num_steps=steps, mode='bilinear', padding_mode='border')
+
+
+def level_shape(shape, factor: float) -> tuple[int, ...]:
+    """Grid of the same box (same corner voxel centres) ``factor`` times coarser."""
+    return tuple(max(round((n - 1) / factor) + 1, 2) for n in shape)
+
+
+def level_spacing(shape, spacing: float, lshape) -> torch.Tensor:
+    """Voxel size (mm, per axis) of ``lshape`` spanning the box of ``shape`` at ``spacing``."""
+    return torch.tensor([(n - 1) * spacing / (m - 1) for n, m in zip(shape, lshape)])
+
+
+def box_mean(x: torch.Tensor, size) -> torch.Tensor:
+    """Separable cubic box mean over odd ``size`` (int or per axis); borders average inside."""
+    sizes = [size] * 3 if isinstance(size, int) else list(size)
+    for axis, w in enumerate(sizes):
+        if w <= 1:
+            continue
+        kernel, pad = [1, 1, 1], [0, 0, 0]
+        kernel[axis], pad[axis] = w, w // 2
+        x = F.avg_pool3d(x, kernel, stride=1, padding=pad, count_include_pad=False)
+    return x
+
+
+def downsample(volume: torch.Tensor, lshape) -> torch.Tensor:
+    """Resample to the coarser grid ``lshape`` of the same box, halving at most once per step.
+
+    Each step smooths with a 3-voxel box (anti-aliasing) and resamples trilinearly with the corner
+    voxel centres kept, so every level spans exactly the same box.
+    """
+    shape = tuple(volume.shape[2:])
+    while tuple(shape) != tuple(lshape):
+        step = tuple(max(m, (n - 1) // 2 + 1) for n, m in zip(shape, lshape))
+        volume = box_mean(volume, [3 if m < n else 1 for n, m in zip(shape, step)])
+        volume = F.interpolate(volume, size=step, mode='trilinear', align_corners=True)
+        shape = step
+    return volume
+
+
+def resize_field(field_: torch.Tensor, lshape) -> torch.Tensor:
+    """Trilinear resize of a (B, 3, ...) field in mm (values unchanged: they are physical)."""
+    if tuple(field_.shape[2:]) == tuple(lshape):
+        return field_
+    return F.interpolate(field_, size=tuple(lshape), mode='trilinear', align_corners=True)
+
+
+def grid_mm(lshape, sp: torch.Tensor, device) -> torch.Tensor:
+    """(3, X, Y, Z) physical coordinates (mm) relative to the box centre."""
+    axes = [(torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2) * float(s)
+            for n, s in zip(lshape, sp)]
+    return torch.stack(torch.meshgrid(*axes, indexing='ij'))
+
+
+def displacement_mm(velocity_mm: torch.Tensor, lshape, sp: torch.Tensor, steps: int):
+    """u = exp(v) in mm on ``lshape`` (velocity resized, integrated in voxel units)."""
+    sp = sp.to(velocity_mm.device).view(1, 3, 1, 1, 1)
+    v_vox = resize_field(velocity_mm, lshape) / sp
+    return _integrator(steps)(v_vox) * sp
+
+
+def sampling_ddf(affine: torch.Tensor, u_mm: torch.Tensor, x_mm: torch.Tensor, sp: torch.Tensor):
+    """Voxel displacement (MONAI DDF) that reads the entry at ``A (x + u(x))``."""
+    pts = x_mm.unsqueeze(0) + u_mm                                  # (K, 3, X, Y, Z)
+    mapped = torch.einsum('kij,kj...->ki...', affine[:, :, :3], pts) \
+        + affine[:, :, 3].view(-1, 3, 1, 1, 1)
+    return (mapped - x_mm.unsqueeze(0)) / sp.to(u_mm.device).view(1, 3, 1, 1, 1)
+
+
+def diffusion_energy(u_mm: torch.Tensor, sp: torch.Tensor) -> torch.Tensor:
+    """Mean squared spatial derivative of a (K, 3, X, Y, Z) displacement (mm per mm), per entry."""
+    terms = []
+    for axis in range(3):
+        d = torch.diff(u_mm, dim=2 + axis) / float(sp[axis])
+        terms.append((d * d).mean(dim=(1, 2, 3, 4)))
+    return sum(terms)
+
+
+class MaskedLNCC:
+    """Squared local normalised cross-correlation with a fixed image, averaged inside masks.
+
+    The same quantity as MONAI's ``LocalNormalizedCrossCorrelationLoss`` (rectangular window)
+    with the fixed image's local statistics computed once and separable box means (borders: mean
+    over the voxels inside the volume).
+    """
+
+    def __init__(self, fixed: torch.Tensor, mask: torch.Tensor, window: int,
+                 eps: float = 1e-5):
+        self.window, self.eps = int(window), eps
+        self.mask = mask
+        self.weight = mask.sum(dim=(1, 2, 3, 4)).clamp_min(1.0)
+        self.t_mean = self._box(fixed)
+        self.t_var = (self._box(fixed * fixed) - self.t_mean ** 2).clamp_min(eps)
+        self.fixed = fixed
+
+    def _box(self, x):
+        return box_mean(x, self.window)
+
+    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        """Mean LNCC in [0, 1] per entry of ``warped`` (K, 1, X, Y, Z)."""
+        p_mean = self._box(warped)
+        cross = self._box(warped * self.fixed) - p_mean * self.t_mean
+        p_var = (self._box(warped * warped) - p_mean ** 2).clamp_min(self.eps)
+        cc = cross * cross / (p_var * self.t_var)
+        return (cc * self.mask).sum(dim=(1, 2, 3, 4)) / self.weight
+
+
+def _as_tensor(array, device):
+    return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32), device=device)
+
+
+def fov_mask(moving: np.ndarray, fraction: float = 0.05, dilate_vox: int = 4) -> np.ndarray:
+    """Each entry's field of view: intensity above ``fraction`` of its maximum, dilated by a cube."""
+    vol = torch.as_tensor(np.ascontiguousarray(moving, np.float32))[:, None]
+    fg = (vol > fraction * vol.amax(dim=(1, 2, 3, 4), keepdim=True)).float()
+    w = 2 * dilate_vox + 1
+    for kernel in ((w, 1, 1), (1, w, 1), (1, 1, w)):
+        fg = F.max_pool3d(fg, kernel, stride=1, padding=[k // 2 for k in kernel])
+    return fg[:, 0].numpy() > 0
+
+
+def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
+                 mask: np.ndarray | None = None, config: SVFConfig = SVFConfig(),
+                 device='cpu', init_velocity: np.ndarray | None = None,
+                 init_affine: np.ndarray | None = None, seed: int = 0) -> SVFResult:
+    """Register ``K`` entries (``moving`` (K, X, Y, Z)) onto ``fixed`` (X, Y, Z) in one batch.
+
+    Intensities should be normalised alike (cerebseg maps the 2nd/98th foreground percentiles to
+    0/1); LNCC is insensitive to the remaining contrast differences. ``mask`` (K, X, Y, Z) is
+    where each entry's similarity counts (default :func:`fov_mask`). ``init_velocity`` (K, 3, ...)
+    in mm on any grid of the box skips nothing but starts the optimisation there; with it the
+    affine stage is skipped unless ``init_affine`` is also None and ``config.affine_iterations``.
+    """
+    torch.manual_seed(seed)
+    device = torch.device(device)
+    if fixed.ndim != 3 or moving.ndim != 4 or moving.shape[1:] != fixed.shape:
+        raise ValueError(f'fixed must be (X, Y, Z) and moving (K, X, Y, Z) on the same grid; got '
+                         f'{fixed.shape} and {moving.shape}')
+    if len(config.levels_mm) != len(config.iterations):
+        raise ValueError('levels_mm and iterations must have the same length')
+    n_atlas, shape = moving.shape[0], fixed.shape
+    if mask is None:
+        mask = fov_mask(moving)
+    fixed_t = _as_tensor(fixed, device)[None, None]
+    moving_t = _as_tensor(moving, device)[:, None]
+    mask_t = _as_tensor(mask, device)[:, None]
+    warp = _warp_layer()
+    eye = torch.eye(3, 4, device=device).expand(n_atlas, 3, 4)
+    affine = (eye.clone() if init_affine is None else _as_tensor(init_affine, device)).clone()
+    ctrl_factor = max(config.control_mm, config.levels_mm[0]) / spacing
+    if init_velocity is not None:
+        velocity = _as_tensor(init_velocity, device)
+    else:
+        velocity = torch.zeros((n_atlas, 3) + level_shape(shape, ctrl_factor), device=device)
+    losses = []
+
+    def level_data(lmm):
+        lshape = level_shape(shape, lmm / spacing)
+        sp = level_spacing(shape, spacing, lshape)
+        return (lshape, sp, downsample(fixed_t, lshape), downsample(moving_t, lshape),
+                (downsample(mask_t, lshape) > 0.5).float(), grid_mm(lshape, sp, device))
+
+    # 1) affine stage at the coarsest level
+    if config.affine_iterations and init_velocity is None:
+        tic = time.perf_counter()
+        lshape, sp, f_l, m_l, k_l, x_l = level_data(config.levels_mm[0])
+        delta = torch.zeros((n_atlas, 3, 4), device=device, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=config.affine_learning_rate)
+        similarity = MaskedLNCC(f_l, k_l, config.window)
+        scale = torch.tensor([1.0, 1.0, 1.0, 10.0], device=device)  # translations in 10 mm units
+        zero_u = torch.zeros((n_atlas, 3) + tuple(lshape), device=device)
+        for _ in range(config.affine_iterations):
+            opt.zero_grad()
+            a = affine + delta * scale
+            warped = warp(m_l, sampling_ddf(a, zero_u, x_l, sp))
+            loss = -similarity(warped).sum()
+            loss.backward()
+            opt.step()
+        affine = (affine + delta.detach() * scale).contiguous()
+        losses.append(('affine', float(loss.detach()) / n_atlas, time.perf_counter() - tic))
+
+    # 2) velocity field, coarse to fine
+    for lmm, n_iter in zip(config.levels_mm, config.iterations):
+        if n_iter <= 0:
+            continue
+        tic = time.perf_counter()
+        lshape, sp, f_l, m_l, k_l, x_l = level_data(lmm)
+        cshape = level_shape(shape, max(config.control_mm, lmm) / spacing)
+        csp = level_spacing(shape, spacing, cshape)
+        velocity = resize_field(velocity, cshape).detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([velocity], lr=config.learning_rate)
+        similarity = MaskedLNCC(f_l, k_l, config.window)
+        for _ in range(n_iter):
+            opt.zero_grad()
+            u_ctrl = displacement_mm(velocity, cshape, csp, config.steps)
+            u = resize_field(u_ctrl, lshape)
+            warped = warp(m_l, sampling_ddf(affine, u, x_l, sp))
+            loss = (-similarity(warped)
+                    + config.smoothness * diffusion_energy(u_ctrl, csp)).sum()
+            loss.backward()
+            opt.step()
+        losses.append((f'{lmm:g}mm', float(loss.detach()) / n_atlas, time.perf_counter() - tic))
+        LOGGER.debug('level %s: loss %.4f, %.1f s', *losses[-1])
+    return SVFResult(affine=affine.detach().cpu().numpy(),
+                     velocity=velocity.detach().cpu().numpy(), shape=tuple(shape),
+                     spacing=float(spacing), steps=config.steps, losses=losses)
+
+
+def transform_ddf(result: SVFResult, device='cpu', index=None) -> torch.Tensor:
+    """MONAI DDF (K, 3, X, Y, Z), voxel units of the full grid, of ``phi_k`` (or of entry ``index``)."""
+    device = torch.device(device)
+    sel = slice(None) if index is None else slice(index, index + 1)
+    shape = result.shape
+    sp = level_spacing(shape, result.spacing, shape)
+    velocity = _as_tensor(result.velocity[sel], device)
+    affine = _as_tensor(result.affine[sel], device)
+    # integrate on the control grid (smooth there), then upsample the displacement
+    cshape = tuple(result.velocity.shape[2:])
+    csp = level_spacing(shape, result.spacing, cshape)
+    u = resize_field(displacement_mm(velocity, cshape, csp, result.steps), shape)
+    return sampling_ddf(affine, u, grid_mm(shape, sp, device), sp)
+
+
+@torch.no_grad()
+def apply_svf(result: SVFResult, volumes: np.ndarray, *, order: int = 1, device='cpu'):
+    """Warp (K, ...) or (K, C, ...) entry volumes onto the subject grid; ``order`` 0 for labels."""
+    volumes = np.asarray(volumes)
+    squeeze = volumes.ndim == 4
+    vol = volumes[:, None] if squeeze else volumes
+    warp = _warp_layer(mode='nearest' if order == 0 else 'bilinear')
+    out = np.empty(vol.shape, dtype=np.float32 if order else volumes.dtype)
+    for k in range(vol.shape[0]):
+        ddf = transform_ddf(result, device, index=k)
+        moved = warp(_as_tensor(vol[k:k + 1], device), ddf)[0].cpu().numpy()
+        out[k] = np.rint(moved) if order == 0 else moved
+    return out[:, 0] if squeeze else out
+
+
+def jacobian_determinant(mapping_mm: np.ndarray, spacing) -> np.ndarray:
+    """det of the Jacobian of a point mapping given as (3, X, Y, Z) physical coordinates (mm)."""
+    sp = np.broadcast_to(np.asarray(spacing, float), (3,))
+    grads = [np.gradient(mapping_mm[i], *sp) for i in range(3)]      # grads[i][j] = d phi_i / d x_j
+    jac = np.stack([np.stack(g) for g in grads])                     # (3, 3, X, Y, Z)
+    return np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+
+
+@torch.no_grad()
+def svf_mapping_mm(result: SVFResult, index: int = 0, device='cpu') -> np.ndarray:
+    """(3, X, Y, Z) physical coordinates phi(x) of entry ``index`` (for Jacobians)."""
+    shape = result.shape
+    sp = level_spacing(shape, result.spacing, shape)
+    ddf = transform_ddf(result, device, index=index)[0]
+    x = grid_mm(shape, sp, torch.device(device))
+    return (x + ddf * sp.to(ddf.device).view(3, 1, 1, 1)).cpu().numpy()
+
+
+def random_velocity(shape, spacing: float, *, seed: int, max_mm: float = 4.0,
+                    control_mm: float = 8.0) -> np.ndarray:
+    """A random smooth stationary velocity field (3, X, Y, Z) in mm, for known deformations.
+
+    Gaussian noise on a ``control_mm`` lattice, smoothed, scaled so that the largest component
+    is ``max_mm``, upsampled trilinearly. Integrated by :func:`random_deformation`.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    cshape = level_shape(shape, control_mm / spacing)
+    noise = rng.standard_normal((3,) + cshape)
+    noise = np.stack([ndimage.gaussian_filter(c, 1.0, mode='nearest') for c in noise])
+    noise *= max_mm / np.abs(noise).max()
+    return resize_field(torch.as_tensor(noise, dtype=torch.float32)[None], shape)[0].numpy()
+
+
+@torch.no_grad()
+def random_deformation(volumes: np.ndarray, velocity_mm: np.ndarray, spacing: float, *,
+                       order: int = 1, steps: int = 7) -> np.ndarray:
+    """Warp (N, X, Y, Z) volumes by exp(``velocity_mm``) (a diffeomorphism; labels: order 0)."""
+    shape = volumes.shape[1:]
+    sp = level_spacing(shape, spacing, shape)
+    u = displacement_mm(torch.as_tensor(velocity_mm, dtype=torch.float32)[None], shape, sp, steps)
+    ddf = u / sp.view(1, 3, 1, 1, 1)
+    warp = _warp_layer(mode='nearest' if order == 0 else 'bilinear')
+    vol = torch.as_tensor(np.ascontiguousarray(volumes, np.float32))[None]
+    out = warp(vol, ddf)[0].numpy()
+    return np.rint(out).astype(volumes.dtype) if order == 0 else out

@@ -1,0 +1,138 @@
+"""Torch registration: integration, recovery of a known deformation, batching, device, network."""
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from cerebseg.models import registration as reg
+from cerebseg.models.inference import resolve_device
+
+SPACING = 1.0
+CONFIG = reg.SVFConfig(levels_mm=(4.0, 2.0), iterations=(40, 40), affine_iterations=20,
+                       control_mm=4.0, window=5)
+
+
+def phantom(seed=0, shape=(40, 44, 36)):
+    """Smooth random texture inside an ellipsoid, and 4 labels cut from it by quantiles."""
+    rng = np.random.default_rng(seed)
+    tex = ndimage.gaussian_filter(rng.standard_normal(shape), 2.5)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing='ij'))
+    inside = (grid ** 2).sum(0) < 0.6
+    image = np.where(inside, (tex - tex.min()) / np.ptp(tex) + 0.2, 0.0).astype(np.float32)
+    edges = np.quantile(tex[inside], [0.25, 0.5, 0.75])
+    labels = np.where(inside, np.digitize(tex, edges) + 1, 0).astype(np.int16)
+    return image, labels
+
+
+def dice(a, b):
+    return np.mean([2 * ((a == k) & (b == k)).sum() / ((a == k).sum() + (b == k).sum())
+                    for k in np.unique(b) if k])
+
+
+def test_zero_velocity_is_identity():
+    image, labels = phantom()
+    velocity = np.zeros((3,) + image.shape, np.float32)
+    assert np.array_equal(reg.random_deformation(labels[None], velocity, SPACING, order=0)[0],
+                          labels)
+    np.testing.assert_allclose(reg.random_deformation(image[None], velocity, SPACING)[0], image,
+                               atol=1e-5)
+
+
+def test_exp_of_minus_v_inverts_exp_of_v():
+    shape = (40, 44, 36)
+    coords = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape],
+                                  indexing='ij'))
+    v = reg.random_velocity(shape, SPACING, seed=3, max_mm=3.0)
+    there = reg.random_deformation(coords, v, SPACING)        # x + u(x)
+    back = reg.random_deformation(there, -v, SPACING)         # ~ x
+    inner = (slice(None),) + (slice(6, -6),) * 3
+    moved = np.abs(there - coords)[inner].max()
+    assert moved > 1.0
+    assert np.abs(back - coords)[inner].max() < 0.1 * moved
+
+
+def test_random_deformation_is_diffeomorphic():
+    shape = (40, 44, 36)
+    v = reg.random_velocity(shape, SPACING, seed=5, max_mm=4.0)
+    result = reg.SVFResult(affine=np.eye(3, 4, dtype=np.float32)[None], velocity=v[None],
+                           shape=shape, spacing=SPACING)
+    det = reg.jacobian_determinant(reg.svf_mapping_mm(result), SPACING)
+    assert det.min() > 0
+    assert det.std() > 0.01  # it did deform
+
+
+@pytest.fixture(scope='module')
+def known_case():
+    image, labels = phantom(seed=1)
+    v = reg.random_velocity(image.shape, SPACING, seed=11, max_mm=3.0)
+    fixed = reg.random_deformation(image[None], v, SPACING)[0]
+    truth = reg.random_deformation(labels[None], v, SPACING, order=0)[0]
+    return image, labels, fixed, truth
+
+
+def test_recovers_a_known_deformation(known_case):
+    torch.set_num_threads(1)
+    image, labels, fixed, truth = known_case
+    before = dice(labels, truth)
+    result = reg.register_svf(fixed, image[None], spacing=SPACING, config=CONFIG, seed=0)
+    warped = reg.apply_svf(result, labels[None], order=0)[0]
+    after = dice(warped, truth)
+    assert before < 0.8, 'the test deformation is too small to be informative'
+    assert after > before + 0.08, (before, after)
+    det = reg.jacobian_determinant(reg.svf_mapping_mm(result), SPACING)
+    assert (det <= 0).mean() < 1e-3
+    # the warped image matches the subject better than the unregistered one
+    inner = (slice(6, -6),) * 3
+    err_after = np.abs(reg.apply_svf(result, image[None])[0] - fixed)[inner].mean()
+    assert err_after < 0.7 * np.abs(image - fixed)[inner].mean()
+
+
+def test_batch_equals_one_by_one(known_case):
+    """Entries of a batch do not interact: one batch of 2 = two runs of 1."""
+    image, _, fixed, _ = known_case
+    other = np.roll(image, 2, axis=0)
+    cfg = reg.SVFConfig(levels_mm=(4.0,), iterations=(10,), affine_iterations=5, control_mm=4.0)
+    both = reg.register_svf(fixed, np.stack([image, other]), spacing=SPACING, config=cfg)
+    one = reg.register_svf(fixed, other[None], spacing=SPACING, config=cfg)
+    np.testing.assert_allclose(both.velocity[1], one.velocity[0], atol=2e-3)
+    np.testing.assert_allclose(both.affine[1], one.affine[0], atol=1e-4)
+
+
+def test_rejects_mismatched_grids():
+    with pytest.raises(ValueError, match='same grid'):
+        reg.register_svf(np.zeros((8, 8, 8), np.float32), np.zeros((1, 8, 8, 9), np.float32))
+
+
+def test_runs_on_the_resolved_device(known_case):
+    """--device auto/cpu reach the optimisation; on a CUDA machine GPU and CPU agree."""
+    image, _, fixed, _ = known_case
+    cfg = reg.SVFConfig(levels_mm=(4.0,), iterations=(5,), affine_iterations=0, control_mm=4.0)
+    cpu = reg.register_svf(fixed, image[None], spacing=SPACING, config=cfg, device='cpu')
+    auto = reg.register_svf(fixed, image[None], spacing=SPACING, config=cfg,
+                            device=resolve_device('auto'))
+    np.testing.assert_allclose(auto.velocity, cpu.velocity, atol=1e-3)
+
+
+def test_regnet_roundtrip_and_training_step(tmp_path):
+    from cerebseg.models.regnet import RegNet, load_regnet, predict_velocity, save_regnet, \
+        train_regnet
+
+    image, _ = phantom(seed=2, shape=(33, 37, 29))
+    calls = []
+    net = train_regnet([image, np.roll(image, 3, 1)], [image], spacing=0.5, steps=2, batch=2,
+                       seed=0, max_mm=1.0, log_every=1,
+                       checkpoint=lambda n, o, step, loss: calls.append((step, loss)))
+    assert [c[0] for c in calls] == [1, 2] and all(np.isfinite(c[1]) for c in calls)
+    path = tmp_path / 'regnet.pt'
+    save_regnet(net, path, {'steps': 2})
+    loaded = load_regnet(path)
+    v1 = predict_velocity(net, image, image[None], 0.5)
+    v2 = predict_velocity(loaded, image, image[None], 0.5)
+    np.testing.assert_array_equal(v1, v2)
+    assert v1.shape == (1, 3) + reg.level_shape(image.shape, 8)
+    torch.save({'architecture': 'Other'}, tmp_path / 'bad.pt')
+    with pytest.raises(ValueError, match='not a cerebseg RegNet'):
+        load_regnet(tmp_path / 'bad.pt')
+    with pytest.raises(FileNotFoundError, match='cerebseg-train registration'):
+        load_regnet(tmp_path / 'missing.pt')
+    assert isinstance(loaded, RegNet)
