@@ -5,10 +5,16 @@ Cases are built from the real atlas library (``--assets-dir``): the target is on
 truth; the K atlases are the library entries under other random deformations (entries reused
 when K > 3). Everything is on the 0.5 mm working grid with the 35 SUIT labels.
 
-Prints, for K = 4, 8, 16: seconds per fusion, speed-up over NumPy, mean Dice against the truth,
-and the kernel's time against the memory-bandwidth bound (bytes the fusion must move / the
-bandwidth of a NumPy copy measured in the same run). ANTs ``joint_label_fusion`` runs on a
-64^3 crop only (it takes minutes per atlas on the whole grid); its row says so.
+Prints, for K = 4, 8, 16: seconds per fusion (best of ``--repeat`` runs after a warm-up), speed-up
+over NumPy, mean Dice against the truth, the memory-bandwidth bound and the time against it. The
+bound is the bytes the fusion must move at least, read once or written once: all of its inputs
+(labels, atlas and target images) plus the outputs it returns (the kernel: fused labels, and the
+flat index and L float32 probabilities of each voxel where the atlases disagree; the twin and
+``.dense()``: fused labels and the (L, X, Y, Z) float32 probabilities), divided by the
+bandwidth of a NumPy copy (read + write) measured in the same run. The kernel reads the images
+only near disagreements, so it may in principle come under that bound. ANTs
+``joint_label_fusion`` runs on a 64^3 crop only (it takes minutes per atlas on the whole grid);
+its row says so.
 
 Usage: python benchmarks/fusion.py --assets-dir .assets [--k 4 8 16] [--jlf]
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -94,41 +101,54 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
+def best_of(fn, repeat):
+    runs = [timed(fn) for _ in range(max(repeat, 1))]
+    return min(r[0] for r in runs), runs[-1][1]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--assets-dir', required=True, type=Path)
     parser.add_argument('--k', type=int, nargs='+', default=[4, 8, 16])
     parser.add_argument('--jlf', action='store_true', help='add ANTs joint label fusion')
+    parser.add_argument('--repeat', type=int, default=3, help='timed runs (best is shown)')
     opts = parser.parse_args(argv)
     lib = opts.assets_dir / 'suit'
     n_labels = 35
     bw = bandwidth_gbs()
     print(f'memory bandwidth (NumPy copy, read + write): {bw:.1f} GB/s')
     print(f'compiled kernel: {"yes" if compiled_kernel() else "NOT BUILT"}\n')
-    print('| K | method | seconds | speed-up vs NumPy | mean Dice | time / bandwidth bound |')
-    print('|---|---|---|---|---|---|')
+    print('| K | method | seconds | speed-up vs NumPy | mean Dice | bound (ms) | '
+          'time / bound |')
+    print('|---|---|---|---|---|---|---|')
     for k in opts.k:
         labels, images, target, truth = make_case(lib, k, seed=k)
         n_vox = target.size
-        moved = labels.nbytes + images.nbytes + target.nbytes + n_labels * n_vox * 4 + n_vox * 2
-        bound = moved / (bw * 1e9)
-        t_np, (f_np, _) = timed(lambda: weighted_majority_vote_numpy(labels, images, target,
-                                                                     n_labels))
-        print(f'| {k} | NumPy twin | {t_np:.2f} | 1.0 | {dice(f_np, truth, n_labels):.4f} | '
-              f'{t_np / bound:.1f} |', flush=True)
-        for threads in (1, 2):
-            if compiled_kernel() is None:
-                break
-            weighted_majority_vote(labels, images, target, n_labels, use_compiled=True,
-                                   num_threads=threads)  # warm-up: page faults, threads
-            t_k, (f_k, _) = timed(lambda: weighted_majority_vote(
-                labels, images, target, n_labels, use_compiled=True, num_threads=threads))
-            print(f'| {k} | kernel, {threads} thread(s) | {t_k:.2f} | {t_np / t_k:.1f} | '
-                  f'{dice(f_k, truth, n_labels):.4f} | {t_k / bound:.1f} |', flush=True)
+        inputs = labels.nbytes + images.nbytes + target.nbytes
+        dense_bound = (inputs + n_labels * n_vox * 4 + n_vox * 2) / (bw * 1e9)
+
+        def row(method, seconds, fused, bound, t_ref, k=k, truth=truth):
+            print(f'| {k} | {method} | {seconds:.3f} | {t_ref / seconds:.1f} | '
+                  f'{dice(fused, truth, n_labels):.4f} | {bound * 1e3:.1f} | '
+                  f'{seconds / bound:.2f} |', flush=True)
+
+        t_np, (f_np, _) = timed(partial(weighted_majority_vote_numpy, labels, images, target,
+                                        n_labels))
+        row('NumPy twin', t_np, f_np, dense_bound, t_np)
+        for threads in (1, 2) if compiled_kernel() else ():
+            run = partial(weighted_majority_vote, labels, images, target, n_labels,
+                          use_compiled=True, num_threads=threads)
+            run()  # warm-up: threads, code
+            t_k, res = best_of(run, opts.repeat)
+            bound = (inputs + res.fused.nbytes + res.index.nbytes + res.probs.nbytes) / (bw * 1e9)
+            row(f'kernel, {threads} thread(s)', t_k, res.fused, bound, t_np)
+            if threads == 2:  # the old API: dense (L, X, Y, Z) probabilities
+                t_d, _ = best_of(lambda run=run: run().dense(), opts.repeat)
+                row('kernel, 2 threads, + .dense()', t_d, res.fused, dense_bound, t_np)
         maj = np.apply_along_axis(lambda v: np.bincount(v, minlength=n_labels).argmax(), 0,
                                   labels[:, ::4, ::4, ::4])
         print(f'| {k} | plain majority vote (1/4 grid) | - | - | '
-              f'{dice(maj, truth[::4, ::4, ::4], n_labels):.4f} | - |', flush=True)
+              f'{dice(maj, truth[::4, ::4, ::4], n_labels):.4f} | - | - |', flush=True)
         if opts.jlf:
             import ants
 
@@ -140,12 +160,12 @@ def main(argv=None) -> int:
                 label_list=[to_img(lb[crop]) for lb in labels],
                 rad=2, verbose=False))
             fused = jlf['segmentation'].numpy().astype(int)
-            t_kc, (f_kc, _) = timed(lambda: weighted_majority_vote(
+            t_kc, (f_kc, _, _) = timed(lambda: weighted_majority_vote(
                 labels[(slice(None),) + crop], images[(slice(None),) + crop], target[crop],
                 n_labels, num_threads=2))
             print(f'| {k} | antsJointFusion, 64^3 crop | {t_j:.2f} | kernel on the same '
                   f'crop: {t_kc:.2f} s | {dice(fused, truth[crop], n_labels):.4f} (kernel '
-                  f'{dice(f_kc, truth[crop], n_labels):.4f}) | - |', flush=True)
+                  f'{dice(f_kc, truth[crop], n_labels):.4f}) | - | - |', flush=True)
     return 0
 
 

@@ -1,16 +1,25 @@
-"""Label fusion numerics (NumPy reference)."""
+"""Label fusion numerics: the NumPy reference, the compiled kernel and their agreement."""
 import numpy as np
 import pytest
 
-from cerebseg.kernels.wmv import (compiled_kernel, local_weights, weighted_majority_vote,
-                                  weighted_majority_vote_numpy)
+from cerebseg.kernels.wmv import (LabelFusion, compiled_kernel, local_weights,
+                                  weighted_majority_vote, weighted_majority_vote_numpy)
 
 needs_kernel = pytest.mark.skipif(compiled_kernel() is None,
                                   reason='compiled kernel not built')
+
+
+def _dense(use_compiled):
+    """weighted_majority_vote as (fused, dense probabilities), like the twin returns."""
+    def run(*args, **kwargs):
+        res = weighted_majority_vote(*args, use_compiled=use_compiled, num_threads=2, **kwargs)
+        return res.fused, res.dense()
+    return run
+
+
 IMPLEMENTATIONS = [pytest.param(weighted_majority_vote_numpy, id='numpy'),
-                   pytest.param(lambda *a, **k: weighted_majority_vote(*a, use_compiled=True,
-                                                                       num_threads=2, **k),
-                                id='compiled', marks=needs_kernel)]
+                   pytest.param(_dense(False), id='numpy-compact'),
+                   pytest.param(_dense(True), id='compiled', marks=needs_kernel)]
 
 
 def _brute_force(labels, images, target, n_labels, radius, beta=1.0, eps=1e-3):
@@ -105,26 +114,132 @@ def test_rejects_bad_inputs(bad):
             weighted_majority_vote(labels, images[:, :3], target, 4)
 
 
+def _assert_matches_twin(res, ref_fused, ref_probs):
+    """A compact result against the twin's dense one: probabilities, labels and the layout."""
+    assert isinstance(res, LabelFusion) and res.fused.dtype == np.int16
+    assert res.probs.dtype == np.float32 and res.index.dtype == np.int64
+    probs = res.dense()
+    np.testing.assert_allclose(probs, ref_probs, rtol=2e-5, atol=1e-6)
+    top2 = np.sort(ref_probs, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-4  # no near-tie: the labels must be identical
+    np.testing.assert_array_equal(res.fused[clear], ref_fused[clear])
+    np.testing.assert_array_equal(res.fused, np.argmax(probs, axis=0))  # its own tie rule
+    np.testing.assert_allclose(res.probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def _disagree(labels):
+    return np.flatnonzero((labels != labels[:1]).any(axis=0))
+
+
 @needs_kernel
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_kernel_equals_twin_on_random_inputs(seed):
-    """Random labels, intensities, two channels with a missing one, any thread count."""
+    """Random labels, intensities, two channels with a missing one, any thread count.
+
+    Two x-planes inside the votes agree everywhere (the kernel restarts its x-window after
+    them), and one region lies on the volume border (clamped cubes).
+    """
     rng = np.random.default_rng(seed)
     shape = (23, 17, 19)
     labels = np.zeros((5,) + shape, np.int16)
     labels[:, 3:20, 2:15, 4:17] = rng.integers(0, 8, size=(5, 17, 13, 13))
+    labels[:, 10:12] = 3
+    labels[:, 20:, 15:, :3] = rng.integers(0, 8, size=(5, 3, 2, 3))
     images = rng.random((5, 2) + shape).astype(np.float32)
     target = rng.random((2,) + shape).astype(np.float32)
     available = np.ones((5, 2), bool)
     available[1, 1] = available[3, 1] = False
     ref_fused, ref_probs = weighted_majority_vote_numpy(labels, images, target, 8, available)
-    for threads in (1, 2):
-        fused, probs = weighted_majority_vote(labels, images, target, 8, available,
-                                              use_compiled=True, num_threads=threads)
-        np.testing.assert_allclose(probs, ref_probs, rtol=2e-5, atol=1e-6)
-        top2 = np.sort(ref_probs, axis=0)[-2:]
-        clear = (top2[1] - top2[0]) > 1e-4  # no near-tie: the labels must be identical
-        np.testing.assert_array_equal(fused[clear], ref_fused[clear])
+    for threads in (1, 2, 3, 64):
+        res = weighted_majority_vote(labels, images, target, 8, available, use_compiled=True,
+                                     num_threads=threads)
+        _assert_matches_twin(res, ref_fused, ref_probs)
+        np.testing.assert_array_equal(res.index, _disagree(labels))
+
+
+@needs_kernel
+@pytest.mark.parametrize('radius,beta', [(1, 1.0), (3, 2.0), (2, 0.5)])
+def test_kernel_equals_twin_everywhere_random(radius, beta):
+    """Votes over the whole volume, other radii and exponents."""
+    rng = np.random.default_rng(radius)
+    labels = rng.integers(0, 3, size=(4, 9, 11, 8)).astype(np.int16)
+    images = rng.random((4, 9, 11, 8)).astype(np.float32)
+    target = rng.random((9, 11, 8)).astype(np.float32)
+    ref = weighted_majority_vote_numpy(labels, images, target, 3, radius=radius, beta=beta)
+    res = weighted_majority_vote(labels, images, target, 3, radius=radius, beta=beta,
+                                 use_compiled=True, num_threads=2)
+    _assert_matches_twin(res, *ref)
+
+
+@pytest.mark.parametrize('use_compiled', [pytest.param(True, marks=needs_kernel), False])
+def test_where_atlases_agree_probability_is_exactly_one(use_compiled):
+    """Unanimous voxels are not in the compact result and get P = 1 exactly, whatever the
+    intensities; the others are listed in C order."""
+    rng = np.random.default_rng(5)
+    labels = np.full((3, 12, 10, 9), 2, np.int16)
+    labels[:, :4] = 0
+    labels[1, 6, 3, 4] = 1
+    labels[2, 8, 5:7, 2] = 4
+    images = rng.random((3, 12, 10, 9)).astype(np.float32) * 100
+    target = rng.random((12, 10, 9)).astype(np.float32)
+    res = weighted_majority_vote(labels, images, target, 5, use_compiled=use_compiled)
+    np.testing.assert_array_equal(res.index, np.ravel_multi_index(
+        ([6, 8, 8], [3, 5, 6], [4, 2, 2]), (12, 10, 9)))
+    assert res.probs.shape == (3, 5)
+    probs = res.dense()
+    agree = np.ones((12, 10, 9), bool)
+    agree.flat[res.index] = False
+    assert np.all(probs[2][agree & (labels[0] == 2)] == 1.0)
+    assert np.all(probs[0][agree & (labels[0] == 0)] == 1.0)
+    assert np.all(probs[:, agree].sum(axis=0) == 1.0)
+    assert np.all(res.fused[agree] == labels[0][agree])
+    assert np.all(res.probs[0, [0, 3, 4]] == 0) and res.probs[0, 1] > 0 and res.probs[0, 2] > 0
+
+
+@needs_kernel
+def test_kernel_when_all_agree_or_all_background():
+    rng = np.random.default_rng(6)
+    images = rng.random((3, 6, 7, 8)).astype(np.float32)
+    target = rng.random((6, 7, 8)).astype(np.float32)
+    for value in (0, 3):
+        labels = np.full((3, 6, 7, 8), value, np.int16)
+        res = weighted_majority_vote(labels, images, target, 4, use_compiled=True)
+        assert res.index.size == 0 and res.probs.shape == (0, 4)
+        assert np.all(res.fused == value)
+        assert np.all(res.dense()[value] == 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize('bad', [-1, 6, 40000])
+def test_kernel_rejects_labels_out_of_range(bad):
+    labels = np.zeros((2, 4, 5, 6), np.int32 if bad == 40000 else np.int16)
+    labels[1, 2, 3, 4] = bad
+    images = np.zeros((2, 4, 5, 6), np.float32)
+    with pytest.raises(ValueError, match='labels must lie'):
+        weighted_majority_vote(labels, images, images[0], 6, use_compiled=True)
+
+
+def test_probseg_uint8_is_what_nibabel_writes(tmp_path):
+    """FuseLabels writes ``probseg_uint8`` with slope 1/255: the bytes nibabel writes for the
+    dense float probabilities (uint8 on disk, scale factor picked by nibabel)."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(7)
+    labels = np.zeros((3, 10, 9, 8), np.int16)
+    labels[:, 2:8, 2:7, 2:6] = rng.integers(0, 4, size=(3, 6, 5, 4))
+    images = rng.random((3, 10, 9, 8)).astype(np.float32)
+    target = rng.random((10, 9, 8)).astype(np.float32)
+    res = weighted_majority_vote(labels, images, target, 4)
+    img = nib.Nifti1Image(np.moveaxis(res.dense(), 0, -1), np.eye(4))
+    img.header.set_data_dtype(np.uint8)
+    nib.save(img, tmp_path / 'float.nii.gz')
+    img = nib.Nifti1Image(res.probseg_uint8(), np.eye(4))
+    img.header.set_slope_inter(1.0 / 255, 0.0)
+    nib.save(img, tmp_path / 'uint8.nii.gz')
+    ref, new = (nib.load(tmp_path / f'{n}.nii.gz') for n in ('float', 'uint8'))
+    assert new.get_data_dtype() == ref.get_data_dtype() == np.uint8
+    assert (new.dataobj.slope, new.dataobj.inter) == (ref.dataobj.slope, ref.dataobj.inter)
+    np.testing.assert_array_equal(new.dataobj.get_unscaled(), ref.dataobj.get_unscaled())
 
 
 @needs_kernel
@@ -141,10 +256,57 @@ def test_kernel_equals_twin_on_real_library(assets_dir):
                        for n in names]).astype(np.float32)
     target = images[2] + 0.05 * np.random.default_rng(0).standard_normal(images[2].shape)
     ref_fused, ref_probs = weighted_majority_vote_numpy(labels, images, target, 35)
-    fused, probs = weighted_majority_vote(labels, images, target, 35, use_compiled=True,
-                                          num_threads=2)
-    np.testing.assert_allclose(probs, ref_probs, rtol=2e-5, atol=1e-6)
+    res = weighted_majority_vote(labels, images, target, 35, use_compiled=True, num_threads=2)
+    _assert_matches_twin(res, ref_fused, ref_probs)
+    np.testing.assert_array_equal(res.index, _disagree(labels))
     top2 = np.sort(ref_probs, axis=0)[-2:]
-    clear = (top2[1] - top2[0]) > 1e-4
-    assert clear.mean() > 0.99
-    np.testing.assert_array_equal(fused[clear], ref_fused[clear])
+    assert ((top2[1] - top2[0]) > 1e-4).mean() > 0.99
+
+
+@pytest.mark.parametrize('use_compiled', [pytest.param(True, marks=needs_kernel), False])
+def test_no_atlas_gives_background(use_compiled):
+    res = weighted_majority_vote(np.zeros((0, 3, 4, 5), np.int16),
+                                 np.zeros((0, 3, 4, 5), np.float32),
+                                 np.zeros((3, 4, 5), np.float32), 3, use_compiled=use_compiled)
+    assert np.all(res.fused == 0) and res.index.size == 0
+    assert np.all(res.dense()[0] == 1.0)
+
+
+def test_fuse_labels_interface(tmp_path):
+    """FuseLabels end to end on small files: the fused dseg, and a 4D uint8 probseg (labels
+    last, slope 1/255) identical to what nibabel writes for the dense float probabilities."""
+    import nibabel as nib
+
+    from cerebseg.interfaces.multiatlas import FuseLabels
+
+    rng = np.random.default_rng(8)
+    shape, aff = (12, 11, 10), np.diag([0.5, 0.5, 0.5, 1.0])
+    labels = np.zeros((3,) + shape, np.int16)
+    labels[:, 3:9, 2:8, 2:8] = rng.integers(0, 5, size=(3, 6, 6, 6))
+    images = rng.random((3, 2) + shape).astype(np.float32)
+    target = rng.random((2,) + shape).astype(np.float32)
+
+    def save(arr, name):
+        nib.save(nib.Nifti1Image(arr, aff), tmp_path / name)
+        return str(tmp_path / name)
+
+    res = FuseLabels(target_t1=save(target[0], 't1.nii.gz'),
+                     target_t2=save(target[1], 't2.nii.gz'),
+                     warped_t1=[save(images[k, 0], f'w{k}_t1.nii.gz') for k in range(3)],
+                     warped_t2=[save(images[0, 1], 'w0_t2.nii.gz'), '', ''],
+                     warped_dseg=[save(labels[k], f'w{k}_dseg.nii.gz') for k in range(3)],
+                     n_labels=5, num_threads=2).run(cwd=str(tmp_path))
+    available = np.array([[True, True], [True, False], [True, False]])
+    ref_fused, ref_probs = weighted_majority_vote_numpy(labels, images, target, 5, available)
+    dseg = nib.load(res.outputs.dseg)
+    np.testing.assert_array_equal(np.asarray(dseg.dataobj), ref_fused)
+    probseg = nib.load(res.outputs.probseg)
+    assert probseg.shape == shape + (5,) and probseg.get_data_dtype() == np.uint8
+    assert probseg.dataobj.slope == np.float32(1 / 255) and probseg.dataobj.inter == 0
+    np.testing.assert_allclose(probseg.get_fdata(), np.moveaxis(ref_probs, 0, -1),
+                               atol=0.5 / 255 + 1e-6)
+    old = nib.Nifti1Image(np.moveaxis(ref_probs, 0, -1), aff)  # the probseg as written before
+    old.header.set_data_dtype(np.uint8)
+    nib.save(old, tmp_path / 'old.nii.gz')
+    old = nib.load(tmp_path / 'old.nii.gz')
+    np.testing.assert_array_equal(probseg.dataobj.get_unscaled(), old.dataobj.get_unscaled())

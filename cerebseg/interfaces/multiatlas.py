@@ -117,15 +117,14 @@ class FuseLabels(SimpleInterface):
                 available[k, 1] = True
         labels = np.stack([np.asarray(nib.load(p).dataobj, np.int16)
                            for p in self.inputs.warped_dseg])
-        fused, probs = weighted_majority_vote(labels, images, np.stack(target),
-                                              self.inputs.n_labels, available=available,
-                                              radius=self.inputs.radius,
-                                              num_threads=self.inputs.num_threads)
+        fusion = weighted_majority_vote(labels, images, np.stack(target), self.inputs.n_labels,
+                                        available=available, radius=self.inputs.radius,
+                                        num_threads=self.inputs.num_threads)
         self._results['dseg'] = os.path.join(runtime.cwd, 'fused_dseg.nii.gz')
-        atomic_save(to_label_image(fused, ref.affine), self._results['dseg'])
-        # stored as uint8 with a scale factor (nibabel picks it): 1/255 resolution
-        img = nib.Nifti1Image(np.moveaxis(probs, 0, -1), ref.affine)
-        img.header.set_data_dtype(np.uint8)
+        atomic_save(to_label_image(fusion.fused, ref.affine), self._results['dseg'])
+        # uint8 in 1/255 steps (rounded), labels last: what nibabel writes for the float array
+        img = nib.Nifti1Image(fusion.probseg_uint8(), ref.affine)
+        img.header.set_slope_inter(1.0 / 255, 0.0)
         self._results['probseg'] = os.path.join(runtime.cwd, 'fused_probseg.nii.gz')
         atomic_save(img, self._results['probseg'])
         return runtime

@@ -4,13 +4,25 @@
 
 Same method as :mod:`cerebseg.kernels.wmv` (its NumPy twin): for atlas k at voxel x,
 MSD_k(x) is the mean over the channels atlas k has of the mean over the (2r+1)^3 cube around x
-(indices clamped at the border, like ``mode='nearest'``) of (I_c - A_kc)^2; the weight is
+(indices clamped at the volume border, like ``mode='nearest'``) of (I_c - A_kc)^2; the weight is
 (MSD_k + eps)^-beta; P_l = sum_k w_k [L_k == l] / sum_k w_k; the fused label is the first l
-with the largest P_l. Inside the box [x0, x1) x [y0, y1) x [z0, z1) indices are clamped to the
-box (the twin filters the same crop with ``mode='nearest'``; the box is grown beyond the votes,
-so voxels with a vote see true neighbours). Threads (``num_threads``) take one x-plane at a
-time; the cube sums are separable (x, then z, then y), in per-thread plane buffers: no K weight
-volumes are ever allocated, only K weight planes per thread.
+with the largest P_l.
+
+Where all K atlases vote the same label that label has P = 1 whatever the weights, so the work
+is in two calls:
+
+* :func:`wmv_scan` reads the labels once: ``fused`` gets the common label, or -1 where the
+  atlases disagree; per x-plane it counts the disagreeing voxels and their y/z bounding box, and
+  it checks that every label lies in [0, L).
+* :func:`wmv_fuse` computes weights only for the disagreeing voxels, in contiguous chunks of
+  x-planes (16 or more, shared out to the threads: small chunks have tight y/z boxes). Per atlas
+  it keeps the x-window sum of the squared differences over the chunk's y/z box (grown by r) as
+  a plane in double precision, slid along x (two planes of image reads per step); at each
+  disagreeing voxel it sums the (2r+1)^2 (y, z) neighbourhood of that plane, or slides that sum
+  from the voxel before it in z when that one disagreed too. The probabilities are summed in
+  float32, and the label is the best of the voted ones (ties to the smallest label). Output is
+  compact: the flat index and the L probabilities of each disagreeing voxel, in C order; no
+  (L, X, Y, Z) volume is ever written.
 
 Typed memoryviews only: the build needs neither NumPy nor torch.
 """
@@ -27,95 +39,261 @@ cdef inline Py_ssize_t _clamp(Py_ssize_t v, Py_ssize_t lo, Py_ssize_t hi) noexce
     return v
 
 
-def wmv_kernel(const short[:, :, :, ::1] labels,
-               const float[:, :, :, :, ::1] atlas,
-               const float[:, :, :, ::1] target,
-               const unsigned char[:, ::1] available,
-               short[:, :, ::1] fused,
-               float[:, :, :, ::1] probs,
-               int radius, double beta, double eps, int num_threads,
-               Py_ssize_t x0, Py_ssize_t x1, Py_ssize_t y0, Py_ssize_t y1,
-               Py_ssize_t z0, Py_ssize_t z1):
-    """Fill ``fused`` and ``probs`` inside the box [x0, x1) x [y0, y1) x [z0, z1).
+def wmv_scan(const short[:, :, :, ::1] labels, short[:, :, ::1] fused,
+             long long[::1] count, int[:, ::1] bbox, unsigned char[::1] bad,
+             int n_labels, int num_threads):
+    """Agreement pass over ``labels`` (K, X, Y, Z) int16.
 
-    labels (K, X, Y, Z) int16; atlas (K, C, X, Y, Z) float32; target (C, X, Y, Z) float32;
-    available (K, C) uint8; fused (X, Y, Z) int16 and probs (X, Y, Z, L) float32 (labels last:
-    one voxel's probabilities are contiguous) are written.
+    Writes ``fused`` (X, Y, Z): the label all atlases vote, -1 where they disagree; per x-plane
+    i, ``count[i]`` disagreeing voxels, ``bbox[i] = (ylo, yhi, zlo, zhi)`` (half-open; empty
+    when count is 0) and ``bad[i] = 1`` when a label of the plane lies outside [0, n_labels).
     """
     cdef Py_ssize_t n_atlas = labels.shape[0]
-    cdef Py_ssize_t n_chan = target.shape[0]
-    cdef Py_ssize_t n_labels = probs.shape[3]
-    cdef Py_ssize_t ny = y1 - y0, nz = z1 - z0
+    cdef Py_ssize_t nx = labels.shape[1], ny = labels.shape[2], nz = labels.shape[3]
     cdef Py_ssize_t plane = ny * nz
-    cdef Py_ssize_t i, j, l, k, c, d, idx, lab, best_lab
-    cdef double acc, diff, total, best, p, w
-    cdef int n_used
-    cdef double inv_cube = 1.0 / ((2 * radius + 1) * (2 * radius + 1) * (2 * radius + 1))
-    cdef double *col
-    cdef double *row
-    cdef double *wk
-    if n_atlas == 0 or plane == 0 or x1 <= x0:
+    cdef Py_ssize_t i, j, l, k, idx, n
+    cdef int ylo, yhi, zlo, zhi
+    cdef unsigned char oob
+    cdef short v, m
+    cdef const short *l0
+    cdef const short *lk
+    cdef short *f
+    if n_atlas == 0 or plane == 0:
         return
     with nogil, parallel(num_threads=num_threads):
-        col = <double *> malloc(plane * sizeof(double))
-        row = <double *> malloc(plane * sizeof(double))
-        wk = <double *> malloc(n_atlas * plane * sizeof(double))
-        for i in prange(x0, x1, schedule='dynamic'):
-            for k in range(n_atlas):
+        for i in prange(nx, schedule='static'):
+            l0 = &labels[0, i, 0, 0]
+            f = &fused[i, 0, 0]
+            oob = 0
+            for idx in range(plane):
+                v = l0[idx]
+                f[idx] = v
+                oob = oob | (<unsigned short> v >= n_labels)
+            for k in range(1, n_atlas):
+                lk = &labels[k, i, 0, 0]
                 for idx in range(plane):
-                    wk[k * plane + idx] = 0.0
-                n_used = 0
-                for c in range(n_chan):
-                    if not available[k, c]:
-                        continue
-                    n_used = n_used + 1
-                    # sum over x of the squared differences
-                    for j in range(ny):
-                        for l in range(nz):
-                            acc = 0.0
-                            for d in range(-radius, radius + 1):
-                                diff = (target[c, _clamp(i + d, x0, x1), y0 + j, z0 + l]
-                                        - atlas[k, c, _clamp(i + d, x0, x1), y0 + j, z0 + l])
-                                acc = acc + diff * diff
-                            col[j * nz + l] = acc
-                    # then over z
-                    for j in range(ny):
-                        for l in range(nz):
-                            acc = 0.0
-                            for d in range(-radius, radius + 1):
-                                acc = acc + col[j * nz + _clamp(l + d, 0, nz)]
-                            row[j * nz + l] = acc
-                    # then over y: the cube mean, added to this atlas's MSD plane
-                    for j in range(ny):
-                        for l in range(nz):
-                            acc = 0.0
-                            for d in range(-radius, radius + 1):
-                                acc = acc + row[_clamp(j + d, 0, ny) * nz + l]
-                            wk[k * plane + j * nz + l] += acc * inv_cube
-                for idx in range(plane):
-                    if beta == 1.0:
-                        wk[k * plane + idx] = 1.0 / (wk[k * plane + idx] / n_used + eps)
-                    else:
-                        wk[k * plane + idx] = pow(wk[k * plane + idx] / n_used + eps, -beta)
-            # votes
+                    v = lk[idx]
+                    f[idx] = f[idx] | <short> -(v != l0[idx])
+                    oob = oob | (<unsigned short> v >= n_labels)
+            bad[i] = oob
+            n = 0
+            ylo = <int> ny
+            yhi = 0
+            zlo = <int> nz
+            zhi = 0
             for j in range(ny):
+                m = 0
+                for l in range(nz):  # any -1 in the row?
+                    m = m | f[j * nz + l]
+                if m >= 0:
+                    continue
+                ylo = <int> j if j < ylo else ylo
+                yhi = <int> j + 1
                 for l in range(nz):
-                    for lab in range(n_labels):
-                        probs[i, y0 + j, z0 + l, lab] = 0.0
-                    total = 0.0
-                    for k in range(n_atlas):
-                        w = wk[k * plane + j * nz + l]
-                        total = total + w
-                        probs[i, y0 + j, z0 + l, labels[k, i, y0 + j, z0 + l]] += <float> w
-                    best = -1.0
-                    best_lab = 0
-                    for lab in range(n_labels):
-                        p = probs[i, y0 + j, z0 + l, lab] / total
-                        probs[i, y0 + j, z0 + l, lab] = <float> p
-                        if probs[i, y0 + j, z0 + l, lab] > best:
-                            best = probs[i, y0 + j, z0 + l, lab]
-                            best_lab = lab
-                    fused[i, y0 + j, z0 + l] = <short> best_lab
-        free(col)
-        free(row)
+                    n = n + (f[j * nz + l] < 0)
+                l = 0
+                while f[j * nz + l] >= 0:
+                    l = l + 1
+                zlo = <int> l if l < zlo else zlo
+                l = nz - 1
+                while f[j * nz + l] >= 0:
+                    l = l - 1
+                zhi = <int> l + 1 if l + 1 > zhi else zhi
+            count[i] = n
+            bbox[i, 0] = ylo
+            bbox[i, 1] = yhi
+            bbox[i, 2] = zlo
+            bbox[i, 3] = zhi
+
+
+def wmv_fuse(const short[:, :, :, ::1] labels,
+             const float[:, :, :, :, ::1] atlas,
+             const float[:, :, :, ::1] target,
+             const unsigned char[:, ::1] available,
+             short[:, :, ::1] fused,
+             const long long[::1] offset, const int[:, ::1] bbox,
+             long long[::1] index, float[:, ::1] probs,
+             int radius, double beta, double eps, int num_threads):
+    """Weights, probabilities and labels of the voxels :func:`wmv_scan` marked -1 in ``fused``.
+
+    labels (K, X, Y, Z) int16; atlas (K, C, X, Y, Z) float32; target (C, X, Y, Z) float32;
+    available (K, C) uint8; ``offset`` (X + 1,) the running sum of the per-plane counts and
+    ``bbox`` the per-plane boxes of :func:`wmv_scan`. The disagreeing voxels of plane i get rows
+    offset[i] .. offset[i + 1] of ``index`` (flat C-order voxel index) and ``probs`` (M, L), and
+    their label in ``fused``.
+    """
+    cdef Py_ssize_t n_atlas = labels.shape[0]
+    cdef Py_ssize_t nx = labels.shape[1], ny = labels.shape[2], nz = labels.shape[3]
+    cdef Py_ssize_t n_chan = target.shape[0]
+    cdef Py_ssize_t n_labels = probs.shape[1]
+    cdef Py_ssize_t first = 0, last = nx, n_chunks, chunk
+    cdef Py_ssize_t ca, cb, ya, yb, za, zb, wy, wz, area, max_area
+    cdef Py_ssize_t i, ii, j, l, k, c, d, e, idx, row, lab, best_lab, prev
+    cdef double acc, total, best, w, diff_a, diff_b
+    cdef const float *t_in
+    cdef const float *a_in
+    cdef const float *t_out
+    cdef const float *a_out
+    cdef double inv_cube = 1.0 / ((2 * radius + 1) * (2 * radius + 1) * (2 * radius + 1))
+    cdef double *xsum
+    cdef double *wk
+    cdef double *cube
+    cdef Py_ssize_t *rows
+    cdef Py_ssize_t last_l
+    cdef double *inv_used
+    cdef double *xs
+    cdef float *pr
+    cdef int n_used
+    if n_atlas == 0 or ny * nz == 0:
+        return
+    while first < nx and offset[first + 1] == offset[first]:
+        first = first + 1
+    while last > first and offset[last] == offset[last - 1]:
+        last = last - 1
+    if first >= last:
+        return
+    # small chunks: tighter y/z boxes and balanced threads, for one x-window restart each
+    n_chunks = max(1, min(max(16, 4 * <Py_ssize_t> num_threads), (last - first) // 8))
+    # the largest chunk box bounds the per-thread buffer
+    ya = ny
+    yb = 0
+    za = nz
+    zb = 0
+    for i in range(first, last):
+        if offset[i + 1] > offset[i]:
+            ya = min(ya, <Py_ssize_t> bbox[i, 0])
+            yb = max(yb, <Py_ssize_t> bbox[i, 1])
+            za = min(za, <Py_ssize_t> bbox[i, 2])
+            zb = max(zb, <Py_ssize_t> bbox[i, 3])
+    max_area = (min(yb + radius, ny) - max(ya - radius, 0)) * (min(zb + radius, nz)
+                                                               - max(za - radius, 0))
+    inv_used = <double *> malloc(n_atlas * sizeof(double))
+    for k in range(n_atlas):
+        n_used = 0
+        for c in range(n_chan):
+            n_used = n_used + (available[k, c] != 0)
+        inv_used[k] = inv_cube / n_used
+    with nogil, parallel(num_threads=num_threads):
+        wk = <double *> malloc(n_atlas * sizeof(double))
+        xsum = <double *> malloc(n_atlas * max_area * sizeof(double))
+        cube = <double *> malloc(n_atlas * sizeof(double))
+        rows = <Py_ssize_t *> malloc((2 * radius + 1) * sizeof(Py_ssize_t))
+        for chunk in prange(n_chunks, schedule='dynamic', chunksize=1):
+            ca = first + chunk * (last - first) // n_chunks
+            cb = first + (chunk + 1) * (last - first) // n_chunks
+            # y/z box of the chunk's disagreeing voxels, grown by the radius
+            ya = ny
+            yb = 0
+            za = nz
+            zb = 0
+            for i in range(ca, cb):
+                if offset[i + 1] > offset[i]:
+                    ya = min(ya, <Py_ssize_t> bbox[i, 0])
+                    yb = max(yb, <Py_ssize_t> bbox[i, 1])
+                    za = min(za, <Py_ssize_t> bbox[i, 2])
+                    zb = max(zb, <Py_ssize_t> bbox[i, 3])
+            ya = max(ya - radius, 0)
+            yb = min(yb + radius, ny)
+            za = max(za - radius, 0)
+            zb = min(zb + radius, nz)
+            wy = yb - ya
+            wz = zb - za
+            area = wy * wz
+            prev = -2  # the plane xsum holds, or -2: none
+            for i in range(ca, cb):
+                if offset[i + 1] == offset[i]:
+                    continue
+                # x-window sums of the squared differences, per atlas, over the chunk's box
+                for k in range(n_atlas):
+                    xs = xsum + k * area
+                    if prev != i - 1:
+                        for idx in range(area):
+                            xs[idx] = 0.0
+                    for c in range(n_chan):
+                        if not available[k, c]:
+                            continue
+                        if prev == i - 1:  # slide: add plane i + r, drop plane i - r - 1
+                            ii = _clamp(i + radius, 0, nx)
+                            d = _clamp(i - radius - 1, 0, nx)
+                            for j in range(wy):
+                                t_in = &target[c, ii, ya + j, za]
+                                a_in = &atlas[k, c, ii, ya + j, za]
+                                t_out = &target[c, d, ya + j, za]
+                                a_out = &atlas[k, c, d, ya + j, za]
+                                for l in range(wz):
+                                    diff_a = t_in[l] - a_in[l]
+                                    diff_b = t_out[l] - a_out[l]
+                                    xs[j * wz + l] += diff_a * diff_a - diff_b * diff_b
+                        else:
+                            for e in range(-radius, radius + 1):
+                                ii = _clamp(i + e, 0, nx)
+                                for j in range(wy):
+                                    t_in = &target[c, ii, ya + j, za]
+                                    a_in = &atlas[k, c, ii, ya + j, za]
+                                    for l in range(wz):
+                                        diff_a = t_in[l] - a_in[l]
+                                        xs[j * wz + l] += diff_a * diff_a
+                prev = i
+                # the disagreeing voxels of the plane, in C order
+                row = offset[i]
+                for j in range(bbox[i, 0], bbox[i, 1]):
+                    last_l = -2
+                    for l in range(bbox[i, 2], bbox[i, 3]):
+                        if fused[i, j, l] >= 0:
+                            continue
+                        # (2r+1)^2 (y, z) sums of the x-window planes: slid from the voxel before
+                        # when it was computed too, else summed afresh
+                        if l == last_l + 1:
+                            ii = _clamp(l + radius, 0, nz) - za
+                            e = _clamp(l - radius - 1, 0, nz) - za
+                            for k in range(n_atlas):
+                                xs = xsum + k * area
+                                acc = 0.0
+                                for d in range(2 * radius + 1):
+                                    acc = acc + xs[rows[d] + ii] - xs[rows[d] + e]
+                                cube[k] = cube[k] + acc
+                        else:
+                            for d in range(2 * radius + 1):
+                                rows[d] = (_clamp(j + d - radius, 0, ny) - ya) * wz
+                            for k in range(n_atlas):
+                                xs = xsum + k * area
+                                acc = 0.0
+                                if l >= radius and l + radius < nz:
+                                    for d in range(2 * radius + 1):
+                                        for e in range(l - radius - za, l + radius + 1 - za):
+                                            acc = acc + xs[rows[d] + e]
+                                else:
+                                    for d in range(2 * radius + 1):
+                                        for e in range(-radius, radius + 1):
+                                            acc = acc + xs[rows[d] + _clamp(l + e, 0, nz) - za]
+                                cube[k] = acc
+                        last_l = l
+                        total = 0.0
+                        for k in range(n_atlas):
+                            if beta == 1.0:
+                                w = 1.0 / (cube[k] * inv_used[k] + eps)
+                            else:
+                                w = pow(cube[k] * inv_used[k] + eps, -beta)
+                            wk[k] = w
+                            total = total + w
+                        pr = &probs[row, 0]
+                        for lab in range(n_labels):
+                            pr[lab] = 0.0
+                        for k in range(n_atlas):
+                            pr[labels[k, i, j, l]] += <float> (wk[k] / total)
+                        # only voted labels can win; ties go to the smallest label
+                        best = -1.0
+                        best_lab = 0
+                        for k in range(n_atlas):
+                            lab = labels[k, i, j, l]
+                            if pr[lab] > best or (pr[lab] == best and lab < best_lab):
+                                best = pr[lab]
+                                best_lab = lab
+                        fused[i, j, l] = <short> best_lab
+                        index[row] = (i * ny + j) * nz + l
+                        row = row + 1
+        free(xsum)
         free(wk)
+        free(cube)
+        free(rows)
+    free(inv_used)

@@ -15,11 +15,16 @@ nearest-voxel extension (``scipy.ndimage.uniform_filter``'s ``mode='nearest'``).
 :func:`weighted_majority_vote` runs the compiled Cython/OpenMP kernel (``_wmv.pyx``) when it
 is built and falls back, with one warning, on its NumPy twin :func:`weighted_majority_vote_numpy`.
 The two agree to float32 rounding (the kernel sums in double precision); labels are identical
-except where the two best probabilities differ by less than that rounding.
+except where the two best probabilities differ by less than that rounding. Where all atlases vote
+the same label its probability is 1 whatever the weights: the kernel computes weights only where
+they disagree (a few % of the working grid) and returns a compact :class:`LabelFusion` (the
+probabilities of those voxels only); the twin computes everything in the box of the votes and
+returns dense arrays.
 """
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,9 +33,9 @@ _WARNED = []
 
 
 def compiled_kernel():
-    """The compiled kernel, or None (logged once) when the extension is not built."""
+    """The compiled kernel module, or None (logged once) when the extension is not built."""
     try:
-        from cerebseg.kernels._wmv import wmv_kernel
+        from cerebseg.kernels import _wmv
     except ImportError:
         if not _WARNED:
             LOGGER.warning('The compiled label-fusion kernel (cerebseg.kernels._wmv) is not '
@@ -38,7 +43,53 @@ def compiled_kernel():
                            'with a C compiler (pip install .) to build it.')
             _WARNED.append(True)
         return None
-    return wmv_kernel
+    return _wmv
+
+
+class LabelFusion(NamedTuple):
+    """Fused labels, with the probabilities stored only where the atlases disagree.
+
+    fused : (X, Y, Z) int16
+    index : (M,) int64, flat (C-order) indices of the voxels where the K atlases do not all vote
+        the same label, ascending
+    probs : (M, L) float32, the label probabilities at those voxels (rows sum to 1)
+
+    Everywhere else all atlases vote ``fused`` and its probability is exactly 1, the others 0.
+    """
+
+    fused: np.ndarray
+    index: np.ndarray
+    probs: np.ndarray
+
+    @property
+    def n_labels(self) -> int:
+        return self.probs.shape[1]
+
+    def dense(self) -> np.ndarray:
+        """The (L, X, Y, Z) float32 probabilities (1 GB on the 0.5 mm working grid)."""
+        out = np.zeros(self.fused.shape + (self.n_labels,), np.float32)
+        _scatter(out, self.fused, self.index, self.probs, 1.0)
+        return np.moveaxis(out, -1, 0)
+
+    def probseg_uint8(self) -> np.ndarray:
+        """(X, Y, Z, L) uint8 probabilities in 1/255 steps (rounded), labels last."""
+        out = np.zeros(self.fused.shape + (self.n_labels,), np.uint8)
+        _scatter(out, self.fused, self.index, np.rint(self.probs * 255), 255)
+        return out
+
+    @classmethod
+    def from_dense(cls, labels, fused, probs):
+        """Compact form of a dense (L, X, Y, Z) result for the labels (K, X, Y, Z) voted."""
+        labels = np.asarray(labels)
+        index = np.flatnonzero((labels != labels[:1]).any(axis=0))
+        flat = probs.reshape(probs.shape[0], -1)
+        return cls(fused, index, np.ascontiguousarray(flat[:, index].T))
+
+
+def _scatter(out, fused, index, values, one):
+    flat = out.reshape(-1, out.shape[-1])
+    flat[np.arange(fused.size), fused.reshape(-1)] = one
+    flat[index] = values
 
 
 def _check(labels, atlas_images, target, available, n_labels=None):
@@ -100,36 +151,48 @@ def _vote_box(labels, radius):
 
 def weighted_majority_vote(labels, atlas_images, target, n_labels: int, available=None,
                            radius: int = 2, beta: float = 1.0, eps: float = 1e-3,
-                           num_threads: int = 1, use_compiled: bool | None = None):
+                           num_threads: int = 1, use_compiled: bool | None = None) -> LabelFusion:
     """Fuse ``K`` warped label maps (compiled kernel when built, else the NumPy twin).
 
-    Same parameters and returns as :func:`weighted_majority_vote_numpy`, plus ``num_threads``
-    (OpenMP threads of the kernel) and ``use_compiled`` (None: whichever is available). The
-    kernel's probabilities come as a (L, X, Y, Z) view of a labels-last array, so
-    ``np.moveaxis(probs, 0, -1)`` is contiguous.
+    Same parameters as :func:`weighted_majority_vote_numpy`, plus ``num_threads`` (OpenMP
+    threads of the kernel) and ``use_compiled`` (None: whichever is available). Returns a
+    :class:`LabelFusion`: the fused labels and the probabilities of the voxels where the atlases
+    disagree (``.dense()`` gives the twin's (L, X, Y, Z) array).
     """
-    kernel = compiled_kernel() if use_compiled in (None, True) else None
-    if kernel is None:
+    wmv = compiled_kernel() if use_compiled in (None, True) else None
+    if wmv is None:
         if use_compiled:
             raise ImportError('cerebseg.kernels._wmv is not built')
-        return weighted_majority_vote_numpy(labels, atlas_images, target, n_labels, available,
-                                            radius, beta, eps)
-    labels, atlas_images, target, available = _check(labels, atlas_images, target, available,
-                                                     n_labels)
+        fused, probs = weighted_majority_vote_numpy(labels, atlas_images, target, n_labels,
+                                                    available, radius, beta, eps)
+        return LabelFusion.from_dense(labels, fused, probs)
+    labels = np.asarray(labels)
+    # the kernel checks the range of int16 labels itself; other types must fit int16 first
+    labels, atlas_images, target, available = _check(
+        labels, atlas_images, target, available, None if labels.dtype == np.int16 else n_labels)
+    labels = np.ascontiguousarray(labels, dtype=np.int16)
     shape = target.shape[1:]
-    fused = np.zeros(shape, dtype=np.int16)
-    probs = np.zeros(shape + (n_labels,), dtype=np.float32)  # labels last for the kernel
-    probs[..., 0] = 1.0
-    box = _vote_box(labels, radius)
-    if box is None:
-        return fused, np.moveaxis(probs, -1, 0)
-    kernel(np.ascontiguousarray(labels, dtype=np.int16),
-           np.ascontiguousarray(atlas_images, dtype=np.float32),
-           np.ascontiguousarray(target, dtype=np.float32),
-           np.ascontiguousarray(available, dtype=np.uint8), fused, probs,
-           int(radius), float(beta), float(eps), max(int(num_threads), 1),
-           box[0].start, box[0].stop, box[1].start, box[1].stop, box[2].start, box[2].stop)
-    return fused, np.moveaxis(probs, -1, 0)
+    if labels.shape[0] == 0:  # no vote: background, like the twin
+        return LabelFusion(np.zeros(shape, np.int16), np.empty(0, np.int64),
+                           np.empty((0, n_labels), np.float32))
+    threads = max(int(num_threads), 1)
+    fused = np.empty(shape, dtype=np.int16)
+    count = np.empty(shape[0], np.int64)
+    bbox = np.empty((shape[0], 4), np.int32)
+    bad = np.zeros(shape[0], np.uint8)
+    wmv.wmv_scan(labels, fused, count, bbox, bad, int(n_labels), threads)
+    if bad.any():
+        raise ValueError(f'labels must lie in [0, {n_labels}); found '
+                         f'[{labels.min()}, {labels.max()}]')
+    offset = np.zeros(shape[0] + 1, np.int64)
+    np.cumsum(count, out=offset[1:])
+    index = np.empty(int(offset[-1]), np.int64)
+    probs = np.empty((index.size, n_labels), np.float32)
+    wmv.wmv_fuse(labels, np.ascontiguousarray(atlas_images, dtype=np.float32),
+                 np.ascontiguousarray(target, dtype=np.float32),
+                 np.ascontiguousarray(available, dtype=np.uint8), fused, offset, bbox, index,
+                 probs, int(radius), float(beta), float(eps), threads)
+    return LabelFusion(fused, index, probs)
 
 
 def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, available=None,
