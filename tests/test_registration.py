@@ -29,6 +29,32 @@ def dice(a, b):
                     for k in np.unique(b) if k])
 
 
+def test_warp_and_integration_match_monai():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        from monai.networks.blocks import DVF2DDF, Warp
+
+        monai_warp = Warp(mode='bilinear', padding_mode='border')
+        monai_exp = DVF2DDF(num_steps=5, mode='bilinear', padding_mode='border')
+    rng = np.random.default_rng(0)
+    image = torch.as_tensor(rng.random((2, 1, 12, 10, 9), dtype=np.float32))
+    v = reg.random_velocity((12, 10, 9), 1.0, seed=1, max_mm=2.0)
+    ddf = torch.as_tensor(np.stack([v, -v]))
+    torch.testing.assert_close(reg.warp(image, ddf), monai_warp(image, ddf))
+    torch.testing.assert_close(reg.integrate(ddf, 5), monai_exp(ddf))
+
+
+def test_box_mean_matches_pooling():
+    x = torch.as_tensor(np.random.default_rng(1).random((2, 3, 11, 8, 7), dtype=np.float32))
+    ref = x
+    for kernel in ((5, 1, 1), (1, 5, 1), (1, 1, 5)):
+        ref = torch.nn.functional.avg_pool3d(ref, kernel, stride=1, count_include_pad=False,
+                                             padding=[k // 2 for k in kernel])
+    torch.testing.assert_close(reg.box_mean(x, 5), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_zero_velocity_is_identity():
     image, labels = phantom()
     velocity = np.zeros((3,) + image.shape, np.float32)

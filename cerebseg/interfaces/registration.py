@@ -69,10 +69,10 @@ class TorchRegisterEntries(SimpleInterface):
         np.savez_compressed(self._results['transforms'], affine=result.affine,
                             velocity=result.velocity, spacing=result.spacing,
                             steps=result.steps)
-        warped_t1 = reg.apply_svf(result, moving, device=device)
         labels = np.stack([np.asarray(nib.load(p).dataobj, np.int16)
                            for p in self.inputs.entry_dseg])
-        warped_dseg = reg.apply_svf(result, labels, order=0, device=device)
+        warped_t1, warped_dseg = reg.apply_svf_many(result, [(moving, 1), (labels, 0)],
+                                                    device=device)
         out_t1, out_t2, out_dseg = [], [], []
         for k in range(len(moving)):
             out_t1.append(os.path.join(runtime.cwd, f'entry{k}_warped_T1w.nii.gz'))

@@ -106,11 +106,10 @@ def predict_velocity(net: RegNet, fixed: np.ndarray, moving: np.ndarray, spacing
 def unsupervised_loss(velocity, fixed_l, moving_l, mask_l, sp, ctrl_sp, smoothness, window):
     """The instance optimisation's objective at one level, for a batch of pairs."""
     lshape = tuple(fixed_l.shape[2:])
-    u_ctrl = reg.displacement_mm(velocity, tuple(velocity.shape[2:]), ctrl_sp, 7)
-    u = reg.resize_field(u_ctrl, lshape)
+    u_ctrl = reg.displacement_mm(velocity, tuple(velocity.shape[2:]), ctrl_sp,
+                                  reg.SVFConfig().steps)
     eye = torch.eye(3, 4, device=velocity.device).expand(velocity.shape[0], 3, 4)
-    warped = reg._warp_layer()(moving_l, reg.sampling_ddf(eye, u, reg.grid_mm(
-        lshape, sp, velocity.device), sp))
+    warped = reg.warp(moving_l, reg.sampling_ddf(eye, u_ctrl, lshape, sp))
     lncc = torch.stack([reg.MaskedLNCC(fixed_l[i:i + 1], mask_l[i:i + 1], window)(
         warped[i:i + 1])[0] for i in range(len(warped))])
     return (-lncc + smoothness * reg.diffusion_energy(u_ctrl, ctrl_sp)).mean()
