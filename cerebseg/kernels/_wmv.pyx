@@ -106,6 +106,23 @@ def wmv_scan(const short[:, :, :, ::1] labels, short[:, :, ::1] fused,
             bbox[i, 3] = zhi
 
 
+cdef inline void _union_box(const long long[::1] offset, const int[:, ::1] bbox, Py_ssize_t a,
+                            Py_ssize_t b, Py_ssize_t ny, Py_ssize_t nz,
+                            Py_ssize_t *box) noexcept nogil:
+    """(ylo, yhi, zlo, zhi): the union of the boxes of planes a..b-1 that disagree somewhere."""
+    cdef Py_ssize_t i
+    box[0] = ny
+    box[1] = 0
+    box[2] = nz
+    box[3] = 0
+    for i in range(a, b):
+        if offset[i + 1] > offset[i]:
+            box[0] = min(box[0], <Py_ssize_t> bbox[i, 0])
+            box[1] = max(box[1], <Py_ssize_t> bbox[i, 1])
+            box[2] = min(box[2], <Py_ssize_t> bbox[i, 2])
+            box[3] = max(box[3], <Py_ssize_t> bbox[i, 3])
+
+
 def wmv_fuse(const short[:, :, :, ::1] labels,
              const float[:, :, :, :, ::1] atlas,
              const float[:, :, :, ::1] target,
@@ -128,6 +145,8 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
     cdef Py_ssize_t n_labels = probs.shape[1]
     cdef Py_ssize_t first = 0, last = nx, n_chunks, chunk
     cdef Py_ssize_t ca, cb, ya, yb, za, zb, wy, wz, area, max_area
+    cdef Py_ssize_t span[4]
+    cdef Py_ssize_t *box
     cdef Py_ssize_t i, ii, j, l, k, c, d, e, idx, row, lab, best_lab, prev
     cdef double acc, total, best, w, diff_a, diff_b
     cdef const float *t_in
@@ -155,16 +174,8 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
     # small chunks: tighter y/z boxes and balanced threads, for one x-window restart each
     n_chunks = max(1, min(max(16, 4 * <Py_ssize_t> num_threads), (last - first) // 8))
     # the largest chunk box bounds the per-thread buffer
-    ya = ny
-    yb = 0
-    za = nz
-    zb = 0
-    for i in range(first, last):
-        if offset[i + 1] > offset[i]:
-            ya = min(ya, <Py_ssize_t> bbox[i, 0])
-            yb = max(yb, <Py_ssize_t> bbox[i, 1])
-            za = min(za, <Py_ssize_t> bbox[i, 2])
-            zb = max(zb, <Py_ssize_t> bbox[i, 3])
+    _union_box(offset, bbox, first, last, ny, nz, span)
+    ya, yb, za, zb = span[0], span[1], span[2], span[3]
     max_area = (min(yb + radius, ny) - max(ya - radius, 0)) * (min(zb + radius, nz)
                                                                - max(za - radius, 0))
     inv_used = <double *> malloc(n_atlas * sizeof(double))
@@ -178,21 +189,16 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
         xsum = <double *> malloc(n_atlas * max_area * sizeof(double))
         cube = <double *> malloc(n_atlas * sizeof(double))
         rows = <Py_ssize_t *> malloc((2 * radius + 1) * sizeof(Py_ssize_t))
+        box = <Py_ssize_t *> malloc(4 * sizeof(Py_ssize_t))
         for chunk in prange(n_chunks, schedule='dynamic', chunksize=1):
             ca = first + chunk * (last - first) // n_chunks
             cb = first + (chunk + 1) * (last - first) // n_chunks
             # y/z box of the chunk's disagreeing voxels, grown by the radius
-            ya = ny
-            yb = 0
-            za = nz
-            zb = 0
-            for i in range(ca, cb):
-                if offset[i + 1] > offset[i]:
-                    ya = min(ya, <Py_ssize_t> bbox[i, 0])
-                    yb = max(yb, <Py_ssize_t> bbox[i, 1])
-                    za = min(za, <Py_ssize_t> bbox[i, 2])
-                    zb = max(zb, <Py_ssize_t> bbox[i, 3])
-            ya = max(ya - radius, 0)
+            _union_box(offset, bbox, ca, cb, ny, nz, box)
+            ya = max(box[0] - radius, 0)
+            yb = box[1]
+            za = box[2]
+            zb = box[3]
             yb = min(yb + radius, ny)
             za = max(za - radius, 0)
             zb = min(zb + radius, nz)
@@ -296,4 +302,5 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
         free(wk)
         free(cube)
         free(rows)
+        free(box)
     free(inv_used)
