@@ -129,9 +129,9 @@ def run_torch(fixed, moving, labels, device, config, init=None):
                               init_velocity=init_velocity)
     warped = reg.apply_svf(result, labels, order=0, device=device)
     seconds = (time.perf_counter() - tic) / len(moving)
-    coords = [reg.apply_svf(result, np.repeat(c[None], len(moving), 0), device=device)
-              for c in index_images(fixed.shape)]
-    return warped, np.stack(coords, axis=1), seconds
+    coords = reg.apply_svf(result, np.repeat(index_images(fixed.shape)[None], len(moving), 0),
+                           device=device)
+    return warped, coords, seconds
 
 
 def main(argv=None):

@@ -67,14 +67,14 @@ def _prepared(label: str, path: Path, assets, work_dir: Path, seed: int):
     """The participant's T1w in the working grid (affine path), cached as .npy."""
     import numpy as np
 
-    from cerebseg.utils.registration import affine_to_box
+    from cerebseg.utils.registration import MIN_TEMPLATE_CORRELATION, affine_to_box
 
     cache = work_dir / f'sub-{label}_box.npy'
     if cache.is_file():
         return np.load(cache)
     LOGGER.info('Placing sub-%s in the working grid (affine)', label)
     image, corr = affine_to_box(str(path), assets, seed=seed)
-    if corr < 0.25:
+    if corr < MIN_TEMPLATE_CORRELATION:
         LOGGER.warning('sub-%s fits the template poorly (correlation %.2f); skipped', label, corr)
         return None
     work_dir.mkdir(parents=True, exist_ok=True)

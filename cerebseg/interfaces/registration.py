@@ -69,24 +69,20 @@ class TorchRegisterEntries(SimpleInterface):
         np.savez_compressed(self._results['transforms'], affine=result.affine,
                             velocity=result.velocity, spacing=result.spacing,
                             steps=result.steps)
-        labels = np.stack([np.asarray(nib.load(p).dataobj, np.int16)
-                           for p in self.inputs.entry_dseg])
-        warped_t1, warped_dseg = reg.apply_svf_many(result, [(moving, 1), (labels, 0)],
-                                                    device=device)
-        out_t1, out_t2, out_dseg = [], [], []
-        for k in range(len(moving)):
-            out_t1.append(os.path.join(runtime.cwd, f'entry{k}_warped_T1w.nii.gz'))
-            atomic_save(nib.Nifti1Image(warped_t1[k], ref.affine), out_t1[-1])
-            out_dseg.append(os.path.join(runtime.cwd, f'entry{k}_warped_dseg.nii.gz'))
-            atomic_save(to_label_image(warped_dseg[k], ref.affine), out_dseg[-1])
-            out_t2.append('')
-            if self.inputs.entry_t2[k]:
-                t2 = np.asarray(nib.load(self.inputs.entry_t2[k]).dataobj, np.float32)
-                single = reg.SVFResult(affine=result.affine[k:k + 1],
-                                       velocity=result.velocity[k:k + 1], shape=result.shape,
-                                       spacing=result.spacing, steps=result.steps)
-                out_t2[-1] = os.path.join(runtime.cwd, f'entry{k}_warped_T2w.nii.gz')
-                atomic_save(nib.Nifti1Image(reg.apply_svf(single, t2[None], device=device)[0],
-                                            ref.affine), out_t2[-1])
-        self._results.update(warped_t1=out_t1, warped_t2=out_t2, warped_dseg=out_dseg)
+        labels = [np.asarray(nib.load(p).dataobj, np.int16) for p in self.inputs.entry_dseg]
+        t2s = [np.asarray(nib.load(p).dataobj, np.float32) if p else None
+               for p in self.inputs.entry_t2]
+        kinds = (('warped_t1', 'T1w', list(moving), 1), ('warped_dseg', 'dseg', labels, 0),
+                 ('warped_t2', 'T2w', t2s, 1))
+        warped = reg.apply_svf_many(result, [(vols, order) for _, _, vols, order in kinds],
+                                    device=device)
+        for (key, suffix, _, order), volumes in zip(kinds, warped):
+            self._results[key] = []
+            for k, data in enumerate(volumes):
+                path = ''  # an entry without this image
+                if data is not None:
+                    path = os.path.join(runtime.cwd, f'entry{k}_warped_{suffix}.nii.gz')
+                    atomic_save(nib.Nifti1Image(data, ref.affine) if order
+                                else to_label_image(data, ref.affine), path)
+                self._results[key].append(path)
         return runtime

@@ -275,9 +275,10 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
 
     Intensities should be normalised alike (cerebseg maps the 2nd/98th foreground percentiles to
     0/1); LNCC is insensitive to the remaining contrast differences. ``mask`` (K, X, Y, Z) is
-    where each entry's similarity counts (default :func:`fov_mask`, dilated by 2 mm). ``init_velocity`` (K, 3, ...)
-    in mm on any grid of the box skips nothing but starts the optimisation there; with it the
-    affine stage is skipped unless ``init_affine`` is also None and ``config.affine_iterations``.
+    where each entry's similarity counts (default :func:`fov_mask`, dilated by 2 mm).
+    ``init_velocity`` (K, 3, ...), in mm on any grid of the box (e.g. the registration network's
+    prediction), is where the velocity optimisation starts; the affine stage then does not run.
+    ``init_affine`` (K, 3, 4) is where the affine starts (default identity).
     """
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -289,7 +290,6 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
     n_atlas, shape = moving.shape[0], fixed.shape
     fixed_t = _as_tensor(fixed, device)[None, None]
     moving_t = _as_tensor(moving, device)[:, None]
-    # the default mask (fov_mask: 2 mm dilation) is made on each level's grid, much cheaper
     mask_t = moving_t if mask is None else _as_tensor(mask, device)[:, None]
     peak = moving_t.amax(dim=(1, 2, 3, 4), keepdim=True)
     eye = torch.eye(3, 4, device=device).expand(n_atlas, 3, 4)
@@ -301,27 +301,25 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
         velocity = torch.zeros((n_atlas, 3) + level_shape(shape, ctrl_factor), device=device)
     losses = []
 
-    pyramid = {}  # level (mm) -> (fixed, moving, mask as float), each from the next finer one
-
-    def level_data(lmm):
+    run_affine = bool(config.affine_iterations) and init_velocity is None
+    needed = {lmm for lmm, n in zip(config.levels_mm, config.iterations) if n > 0}
+    if run_affine:
+        needed.add(config.levels_mm[0])
+    # level (mm) -> (shape, spacing, fixed, moving, mask), each level made from the next finer;
+    # the default mask (fov_mask: 2 mm dilation) is made on each level's grid, much cheaper
+    levels, src = {}, (fixed_t, moving_t, mask_t)
+    for lmm in sorted(needed):
         lshape = level_shape(shape, lmm / spacing)
-        if lmm not in pyramid:
-            finer = [lv for lv in pyramid if lv < lmm]
-            src = pyramid[max(finer)] if finer else (fixed_t, moving_t, mask_t)
-            pyramid[lmm] = tuple(downsample(t, lshape) for t in src)
-        f_l, m_l, k_l = pyramid[lmm]
         sp = level_spacing(shape, spacing, lshape)
-        if mask is None:
-            k_l = fov_mask(k_l, peak=peak, dilate_vox=max(int(round(2.0 / float(sp.min()))), 1))
-        return lshape, sp, f_l, m_l, (k_l > 0.5).float()
-
-    for lmm in sorted(config.levels_mm):
-        level_data(lmm)
+        src = tuple(downsample(t, lshape) for t in src)
+        k_l = src[2] if mask is not None else fov_mask(
+            src[2], peak=peak, dilate_vox=max(int(round(2.0 / float(sp.min()))), 1))
+        levels[lmm] = (lshape, sp, src[0], src[1], (k_l > 0.5).float())
 
     # 1) affine stage at the coarsest level
-    if config.affine_iterations and init_velocity is None:
+    if run_affine:
         tic = time.perf_counter()
-        lshape, sp, f_l, m_l, k_l = level_data(config.levels_mm[0])
+        lshape, sp, f_l, m_l, k_l = levels[config.levels_mm[0]]
         delta = torch.zeros((n_atlas, 3, 4), device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=config.affine_learning_rate)
         similarity = MaskedLNCC(f_l, k_l, config.window)
@@ -340,7 +338,7 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
         if n_iter <= 0:
             continue
         tic = time.perf_counter()
-        lshape, sp, f_l, m_l, k_l = level_data(lmm)
+        lshape, sp, f_l, m_l, k_l = levels[lmm]
         cshape = level_shape(shape, max(config.control_mm, lmm) / spacing)
         csp = level_spacing(shape, spacing, cshape)
         velocity = resize_field(velocity, cshape).detach().clone().requires_grad_(True)
@@ -379,25 +377,29 @@ def transform_ddf(result: SVFResult, device='cpu', index=None) -> torch.Tensor:
 @torch.no_grad()
 def apply_svf(result: SVFResult, volumes: np.ndarray, *, order: int = 1, device='cpu'):
     """Warp (K, ...) or (K, C, ...) entry volumes onto the subject grid; ``order`` 0 for labels."""
-    return apply_svf_many(result, [(volumes, order)], device=device)[0]
+    volumes = np.asarray(volumes)
+    return np.stack(apply_svf_many(result, [(list(volumes), order)], device=device)[0])
 
 
 @torch.no_grad()
 def apply_svf_many(result: SVFResult, items, *, device='cpu') -> list:
-    """:func:`apply_svf` for several ``(volumes, order)`` items, each entry's field built once."""
-    out, views = [], []
-    for volumes, order in items:
-        volumes = np.asarray(volumes)
-        vol = volumes[:, None] if volumes.ndim == 4 else volumes
-        views.append((vol, order, volumes.ndim == 4))
-        out.append(np.empty(vol.shape, dtype=np.float32 if order else volumes.dtype))
+    """Warp several ``(volumes, order)`` items with each entry's field built once.
+
+    ``volumes`` holds one array per entry, (X, Y, Z) or (C, X, Y, Z), or None where an entry has
+    none (e.g. no T2w); the result has the same layout.
+    """
+    out = [[None] * len(result.affine) for _ in items]
     for k in range(len(result.affine)):
         ddf = transform_ddf(result, device, index=k)
-        for (vol, order, _), dst in zip(views, out):
-            moved = warp(_as_tensor(vol[k:k + 1], device), ddf,
+        for (volumes, order), dst in zip(items, out):
+            if volumes[k] is None:
+                continue
+            vol = np.asarray(volumes[k])
+            moved = warp(_as_tensor(vol if vol.ndim == 4 else vol[None], device)[None], ddf,
                          'nearest' if order == 0 else 'bilinear')[0].cpu().numpy()
-            dst[k] = np.rint(moved) if order == 0 else moved
-    return [o[:, 0] if squeeze else o for o, (_, _, squeeze) in zip(out, views)]
+            moved = moved if vol.ndim == 4 else moved[0]
+            dst[k] = np.rint(moved).astype(vol.dtype) if order == 0 else moved
+    return out
 
 
 def jacobian_determinant(mapping_mm: np.ndarray, spacing) -> np.ndarray:

@@ -70,7 +70,8 @@ def grids(shape, spacing: float):
 
 
 def network_input(fixed: torch.Tensor, moving: torch.Tensor, in_shape) -> torch.Tensor:
-    """(K, 2, ...) at 2 mm, zero-padded to multiples of 8: the subject next to each entry."""
+    """(K, 2, ...) at 2 mm, zero-padded to multiples of 8: the subject (one, or one per entry)
+    next to each entry."""
     f = reg.downsample(fixed, in_shape).expand(moving.shape[0], -1, -1, -1, -1)
     x = torch.cat([f, reg.downsample(moving, in_shape)], dim=1)
     pad = []
@@ -110,8 +111,7 @@ def unsupervised_loss(velocity, fixed_l, moving_l, mask_l, sp, ctrl_sp, smoothne
                                   reg.SVFConfig().steps)
     eye = torch.eye(3, 4, device=velocity.device).expand(velocity.shape[0], 3, 4)
     warped = reg.warp(moving_l, reg.sampling_ddf(eye, u_ctrl, lshape, sp))
-    lncc = torch.stack([reg.MaskedLNCC(fixed_l[i:i + 1], mask_l[i:i + 1], window)(
-        warped[i:i + 1])[0] for i in range(len(warped))])
+    lncc = reg.MaskedLNCC(fixed_l, mask_l, window)(warped)  # pair by pair: one fixed each
     return (-lncc + smoothness * reg.diffusion_energy(u_ctrl, ctrl_sp)).mean()
 
 
@@ -189,11 +189,7 @@ def train_regnet(subjects: list[np.ndarray], entries: list[np.ndarray], *, spaci
         return torch.cat(fs), torch.cat(ms), torch.cat(ks)
 
     def batch_loss(f, m, k):
-        x = torch.cat([f, m], dim=1)
-        pad = []
-        for n in reversed(in_shape):
-            pad += [0, (-n) % 8]
-        v = velocity_from_output(net(F.pad(x, pad)), in_shape, ctrl_shape)
+        v = velocity_from_output(net(network_input(f, m, in_shape)), in_shape, ctrl_shape)
         return unsupervised_loss(v, f, m, k, sp, ctrl_sp, smoothness, window)
 
     for step in range(start_step, steps):
