@@ -70,10 +70,31 @@ def test_torch_node_declares_gpu(tmp_path, fake_assets):
                             omp_nthreads=1, seed=0, registration='torch', device='cuda:0',
                             use_gpu=True)
     assert wf.get_node('register').is_gpu_node()
-    with pytest.raises(ValueError, match="'torch' or 'ants'"):
+    with pytest.raises(ValueError, match="'torch', 'ants' or 'both'"):
         init_multiatlas_wf(entries=library['entries'], n_labels=35, lut=library['lut'],
                            template_icv_ml=1800.0, reg_spacing=1.0, reg_iterations=[1],
                            omp_nthreads=1, seed=0, registration='elastix')
+
+
+def test_both_registrations_fuse_all_entries(tmp_path, fake_assets):
+    from cerebseg.workflows.multiatlas import init_multiatlas_wf
+
+    _, library = fake_assets
+    wf = init_multiatlas_wf(entries=library['entries'], n_labels=35, lut=library['lut'],
+                            template_icv_ml=1800.0, reg_spacing=1.0, reg_iterations=[1],
+                            omp_nthreads=1, seed=0, registration='both')
+    wf.base_dir = str(tmp_path)
+    graph = wf._create_flat_graph()
+    fuse = wf.get_node('fuse')
+    sources = {(u.name, d['connect'][0][1]) for u, v, d in graph.in_edges(
+        [n for n in graph.nodes() if n.name == 'fuse'], data=True)}
+    assert {('merge_warped_t1', 'warped_t1'), ('merge_warped_dseg', 'warped_dseg'),
+            ('merge_warped_t2', 'warped_t2')} <= sources
+    merge = wf.get_node('merge_warped_dseg')
+    feeders = {u.name for u, v in graph.in_edges([n for n in graph.nodes() if n is merge or
+                                                   n.name == 'merge_warped_dseg'])}
+    assert feeders == {'register', 'register_ants'}
+    assert fuse is not None
 
 
 def _interfaces():

@@ -82,10 +82,11 @@ def _build_parser() -> argparse.ArgumentParser:
     method = parser.add_argument_group('Method')
     method.add_argument('--atlas-library', choices=available_protocols(),
                         default=DEFAULT_LIBRARY, help='label protocol / atlas library')
-    method.add_argument('--registration', choices=['torch', 'ants'], default='torch',
+    method.add_argument('--registration', choices=['torch', 'ants', 'both'], default='torch',
                         help='how library entries are registered to the subject: torch '
-                             '(diffeomorphic, all entries in one batch, on --device; default) '
-                             'or ants (affine + SyN per entry)')
+                             '(diffeomorphic, all entries in one batch, on --device; default), '
+                             'ants (affine + SyN per entry) or both (each entry both ways, all '
+                             'fused; slowest, used for silver-standard training labels)')
     method.add_argument('--assets-dir', type=Path, default=None,
                         help='assets folder (default: $CEREBSEG_ASSETS, then the user cache)')
     method.add_argument('--random-seed', type=int, default=0, help='seed of every sampler')

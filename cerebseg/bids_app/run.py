@@ -42,6 +42,9 @@ _REGISTRATION_TEXT = {
              'squared local normalised cross-correlation inside the entry field of view plus '
              'diffusion regularisation, Adam; labels carried by nearest neighbour.',
 }
+_REGISTRATION_TEXT['both'] = ('Every library entry registered twice, and all warped entries '
+                              'fused. (1) ' + _REGISTRATION_TEXT['torch'] + ' (2) '
+                              + _REGISTRATION_TEXT['ants'])
 
 
 def _dseg_meta(run, library: dict, bids_dir: Path, cfg) -> dict:

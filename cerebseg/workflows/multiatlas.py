@@ -19,11 +19,12 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template
     ----------
     entries : list of dict
         Absolute paths ``t1w``, ``dseg`` and optional ``t2w`` of each library entry.
-    registration : {'torch', 'ants'}
+    registration : {'torch', 'ants', 'both'}
         ``torch``: all entries in one batch (diffeomorphic SVF, :mod:`cerebseg.models.registration`)
         on ``device`` (``use_gpu`` when that is a GPU; ``regnet`` a network checkpoint to start
         from, or empty); ``ants``: one ANTs affine + SyN per entry (``reg_spacing``,
-        ``reg_iterations``).
+        ``reg_iterations``); ``both``: each entry registered both ways and all ``2K`` warped
+        entries fused (the slowest setting, used for silver-standard training labels).
 
     Inputs
     ------
@@ -46,32 +47,33 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template
                         name='inputnode')
     outputnode = pe.Node(niu.IdentityInterface(
         fields=['dseg_box', 'probseg_box', 'dseg_native', 'morph', 'icv']), name='outputnode')
-    if registration == 'torch':
-        register = pe.Node(
+    if registration not in ('torch', 'ants', 'both'):
+        raise ValueError(f"registration must be 'torch', 'ants' or 'both', not {registration!r}")
+    registers = []
+    if registration in ('torch', 'both'):
+        registers.append(pe.Node(
             TorchRegisterEntries(seed=seed, device=device, use_gpu=use_gpu, regnet=regnet,
                                  num_threads=omp_nthreads),
-            name='register', n_procs=omp_nthreads, mem_gb=1 + 0.5 * len(entries))
-    elif registration == 'ants':
-        register = pe.MapNode(
+            name='register', n_procs=omp_nthreads, mem_gb=1 + 0.5 * len(entries)))
+    if registration in ('ants', 'both'):
+        registers.append(pe.MapNode(
             RegisterEntry(spacing=reg_spacing, iterations=reg_iterations, seed=seed,
                           num_threads=omp_nthreads),
-            iterfield=['entry_t1', 'entry_t2', 'entry_dseg'], name='register',
-            n_procs=omp_nthreads)
-    else:
-        raise ValueError(f"registration must be 'torch' or 'ants', not {registration!r}")
-    register.inputs.entry_t1 = [e['t1w'] for e in entries]
-    register.inputs.entry_t2 = [e.get('t2w', '') for e in entries]
-    register.inputs.entry_dseg = [e['dseg'] for e in entries]
+            iterfield=['entry_t1', 'entry_t2', 'entry_dseg'],
+            name='register' if registration == 'ants' else 'register_ants',
+            n_procs=omp_nthreads))
+    for register in registers:
+        register.inputs.entry_t1 = [e['t1w'] for e in entries]
+        register.inputs.entry_t2 = [e.get('t2w', '') for e in entries]
+        register.inputs.entry_dseg = [e['dseg'] for e in entries]
+        wf.connect(inputnode, 't1_box', register, 'target_t1')
     fuse = pe.Node(FuseLabels(n_labels=n_labels, num_threads=omp_nthreads), name='fuse',
                    n_procs=omp_nthreads, mem_gb=4)
     to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads), name='to_native',
                         n_procs=omp_nthreads, mem_gb=2)
     volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml), name='volumes')
     wf.connect([
-        (inputnode, register, [('t1_box', 'target_t1')]),
         (inputnode, fuse, [('t1_box', 'target_t1'), ('t2_box', 'target_t2')]),
-        (register, fuse, [('warped_t1', 'warped_t1'), ('warped_t2', 'warped_t2'),
-                          ('warped_dseg', 'warped_dseg')]),
         (inputnode, to_native, [('t1w', 'reference'), ('t1_to_mni', 't1_to_mni')]),
         (fuse, to_native, [('probseg', 'probseg')]),
         (to_native, volumes, [('out_file', 'dseg')]),
@@ -80,4 +82,14 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template
         (to_native, outputnode, [('out_file', 'dseg_native')]),
         (volumes, outputnode, [('out_file', 'morph'), ('icv_file', 'icv')]),
     ])
+    warped = ('warped_t1', 'warped_t2', 'warped_dseg')
+    if len(registers) == 1:
+        wf.connect([(registers[0], fuse, [(w, w) for w in warped])])
+    else:  # both: the 2K warped entries in one list per image kind
+        for kind in warped:
+            merge = pe.Node(niu.Merge(len(registers), ravel_inputs=True), name=f'merge_{kind}',
+                            run_without_submitting=True)
+            for i, register in enumerate(registers, start=1):
+                wf.connect(register, kind, merge, f'in{i}')
+            wf.connect(merge, 'out', fuse, kind)
     return wf
