@@ -1,0 +1,234 @@
+"""DeepCeres segmentation networks (3D U-Net, Deep Pyramidal Network), registry, checkpoints.
+
+Both nets map ``(N, C, X, Y, Z)`` input channels to ``(N, L, X, Y, Z)`` class logits. The input
+channels are named (:data:`CHANNELS`): ``T1w``, ``T2w`` (optional) and ``prior`` (optional; the
+multi-atlas prior, one channel per foreground class of the stage). A checkpoint records them,
+and :func:`load_checkpoint` refuses a checkpoint whose inputs differ from the ones asked for.
+
+* :class:`UNet3D`: encoder-decoder with skip connections, two 3x3x3 convolutions (instance norm,
+  leaky ReLU) per level, strided-convolution downsampling, transposed-convolution upsampling.
+* :class:`DPN3D`: the Deep Pyramidal Network of DeepCeres. There is no learned encoder: the
+  input is average-pooled to 1/2, 1/4 and 1/8 resolution; the decoder starts at 1/8 and refines
+  coarse to fine, each level seeing the upsampled features of the coarser one and the pooled
+  input at its own resolution. It has about a fifth of the U-Net's parameters and keeps no
+  full-resolution encoder activations.
+
+Default widths give, for T1w+T2w+prior inputs (36 channels) and the 35 SUIT classes, 3,406,891
+(U-Net) and 693,883 (DPN) parameters; the paper reports 3,433,473 and 696,177.
+
+Imports torch only (no nipype), so the nets can be used on their own.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cerebseg.errors import MissingAssetError
+
+LOGGER = logging.getLogger(__name__)
+
+#: input channel names, in the order they are stacked (``prior`` expands to several channels)
+CHANNELS = ('T1w', 'T2w', 'prior')
+CHECKPOINT_FORMAT = 'cerebseg-segmentation'
+CHECKPOINT_VERSION = 1
+
+
+def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, stride=stride, padding=1),
+        nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, inplace=True),
+        nn.Conv3d(cout, cout, 3, padding=1),
+        nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, inplace=True))
+
+
+class UNet3D(nn.Module):
+    """3D U-Net; ``features`` per level, the last one is the bottleneck (input sides must be
+    multiples of ``2 ** (len(features) - 1)``)."""
+
+    def __init__(self, in_channels: int, out_channels: int,
+                 features: tuple[int, ...] = (16, 32, 64, 120, 120)):
+        super().__init__()
+        self.config = {'in_channels': in_channels, 'out_channels': out_channels,
+                       'features': list(features)}
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for i, f in enumerate(features):
+            self.down.append(_conv_block(cin, f, stride=1 if i == 0 else 2))
+            cin = f
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for f in reversed(features[:-1]):
+            self.up.append(nn.ConvTranspose3d(cin, f, 2, stride=2))
+            self.dec.append(_conv_block(2 * f, f))
+            cin = f
+        self.head = nn.Conv3d(cin, out_channels, 1)
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (len(self.down) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips[:-1])):
+            x = dec(torch.cat([up(x), skip], 1))
+        return self.head(x)
+
+
+class DPN3D(nn.Module):
+    """Deep Pyramidal Network: pooled-input pyramid, coarse-to-fine decoder.
+
+    ``features`` are the decoder widths from the coarsest level (1/2**(len-1)) to full
+    resolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int,
+                 features: tuple[int, ...] = (88, 56, 32, 16)):
+        super().__init__()
+        self.config = {'in_channels': in_channels, 'out_channels': out_channels,
+                       'features': list(features)}
+        self.levels = len(features)
+        self.blocks = nn.ModuleList()
+        self.up = nn.ModuleList()
+        cprev = 0
+        for i, f in enumerate(features):
+            if i:
+                self.up.append(nn.ConvTranspose3d(cprev, f, 2, stride=2))
+            self.blocks.append(_conv_block(in_channels + (f if i else 0), f))
+            cprev = f
+        self.head = nn.Conv3d(cprev, out_channels, 1)
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (self.levels - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pyramid = [x]
+        for _ in range(self.levels - 1):
+            pyramid.append(F.avg_pool3d(pyramid[-1], 2))
+        y = self.blocks[0](pyramid[-1])
+        for i in range(1, self.levels):
+            y = self.blocks[i](torch.cat([pyramid[-1 - i], self.up[i - 1](y)], 1))
+        return self.head(y)
+
+
+#: architecture name -> class (the registry used by the command line and the checkpoints)
+ARCHITECTURES = {'unet': UNet3D, 'dpn': DPN3D}
+
+
+def build_model(architecture: str, in_channels: int, out_channels: int, **config) -> nn.Module:
+    """Instantiate a registered architecture (``config`` overrides its defaults)."""
+    try:
+        cls = ARCHITECTURES[architecture]
+    except KeyError:
+        raise ValueError(f'unknown architecture {architecture!r}; choose one of '
+                         f'{sorted(ARCHITECTURES)}') from None
+    config.pop('in_channels', None), config.pop('out_channels', None)
+    if 'features' in config:
+        config['features'] = tuple(config['features'])
+    return cls(in_channels, out_channels, **config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def n_input_channels(inputs, n_prior: int) -> int:
+    """Number of network input channels for the named ``inputs``."""
+    return sum(n_prior if name == 'prior' else 1 for name in inputs)
+
+
+def check_inputs(inputs) -> list[str]:
+    """Validate and order a set of channel names (T1w is required)."""
+    inputs = list(inputs)
+    unknown = sorted(set(inputs) - set(CHANNELS))
+    if unknown or 'T1w' not in inputs or len(set(inputs)) != len(inputs):
+        raise ValueError(f'input channels must be T1w plus optional T2w and prior, got {inputs}')
+    return [c for c in CHANNELS if c in inputs]
+
+
+class CheckpointError(MissingAssetError):
+    """A segmentation checkpoint is missing, foreign, corrupt or does not fit the run."""
+
+
+def save_checkpoint(path, model: nn.Module, *, architecture: str, inputs, stage: str,
+                    labels: list, spacing: float, protocol: str, training: dict | None = None,
+                    half: bool = False) -> Path:
+    """Write a self-describing checkpoint atomically.
+
+    ``labels`` are ``[index, name]`` pairs: output class ``i`` is protocol label
+    ``labels[i][0]`` (class 0 is the background). ``half`` stores the weights as float16.
+    """
+    from cerebseg import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    ckpt = {'format': CHECKPOINT_FORMAT, 'format_version': CHECKPOINT_VERSION,
+            'cerebseg_version': __version__, 'architecture': architecture,
+            'config': {k: v for k, v in model.config.items()},
+            'inputs': check_inputs(inputs), 'stage': stage,
+            'labels': [[int(i), str(n)] for i, n in labels], 'spacing': float(spacing),
+            'protocol': protocol, 'training': dict(training or {}), 'state_dict': state}
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint(path) -> dict:
+    """The checkpoint dictionary (``weights_only``), checked to be a cerebseg segmentation one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'segmentation weights not found: {path}. Train them with '
+                              '`cerebseg-train segmentation` or reinstall cerebseg.')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f'{path} is not a readable torch checkpoint ({err}); replace it '
+                              'or reinstall cerebseg.') from err
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
+        raise CheckpointError(f'{path} is not a cerebseg segmentation checkpoint')
+    if ckpt.get('format_version', 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f'{path} was written by a newer cerebseg '
+                              f'({ckpt.get("cerebseg_version")}); upgrade cerebseg.')
+    return ckpt
+
+
+def load_checkpoint(path, *, inputs=None, stage: str | None = None, protocol: str | None = None,
+                    device='cpu') -> tuple[nn.Module, dict]:
+    """Load a checkpoint written by :func:`save_checkpoint` (strict keys, float32, eval mode).
+
+    ``inputs``, ``stage`` and ``protocol``, when given, must match what the checkpoint was
+    trained with; otherwise :class:`CheckpointError` says what differs and how to fix it.
+    Returns the model and the checkpoint's metadata (everything but the weights).
+    """
+    ckpt = read_checkpoint(path)
+    meta = {k: v for k, v in ckpt.items() if k != 'state_dict'}
+    if inputs is not None and check_inputs(inputs) != meta['inputs']:
+        raise CheckpointError(
+            f'{path} was trained on the inputs {"+".join(meta["inputs"])}, but this run has '
+            f'{"+".join(check_inputs(inputs))}. Use weights trained on these inputs '
+            '(`cerebseg-train segmentation --inputs ...`) or change the run options '
+            '(--t1-only, --no-atlas-prior).')
+    if stage is not None and meta['stage'] != stage:
+        raise CheckpointError(f'{path} is a {meta["stage"]} network, not a {stage} network')
+    if protocol is not None and meta['protocol'] != protocol:
+        raise CheckpointError(f'{path} segments the {meta["protocol"]} label protocol, not '
+                              f'{protocol}; use --atlas-library {meta["protocol"]} or weights '
+                              f'trained on {protocol} labels')
+    model = build_model(meta['architecture'], **meta['config'])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt['state_dict'].items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f'{path}: the weights do not fit the {meta["architecture"]} '
+                              f'architecture it declares ({err})') from err
+    return model.to(torch.device(device)).eval(), meta

@@ -1,0 +1,314 @@
+"""Training of the DeepCeres segmentation networks on working-grid volumes (torch + NumPy only).
+
+A :class:`Subject` holds one participant's volumes on the 0.5 mm working grid, cropped around
+the cerebellum: T1w, optional T2w, the multi-atlas prior (per-class probabilities, uint8) and
+the reference labels (class indices). :func:`stage_arrays` turns it into the network input and
+target of a cascade stage (``hemisphere`` at ``spacing`` 1 mm, ``lobules`` at 0.5 mm).
+:func:`train_segmentation` samples patches (biased to the cerebellum), augments them
+(left-right flip with the left/right classes swapped, intensity, elastic), optimises, validates
+every epoch, and calls back so that the command line can write resumable checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from cerebseg.models.losses import LOSSES
+from cerebseg.utils import labels as lab
+
+LOGGER = logging.getLogger(__name__)
+STAGES = ('hemisphere', 'lobules')
+
+
+@dataclass
+class Subject:
+    """One participant on the working grid (or a crop of it; ``x_mm``: x of each first-axis
+    index, for the hemisphere split)."""
+
+    name: str
+    t1: np.ndarray                      # (X, Y, Z) float32, normalised intensities
+    classes: np.ndarray                 # (X, Y, Z) uint8 class indices of ``labels``
+    x_mm: np.ndarray                    # (X,)
+    t2: np.ndarray | None = None        # (X, Y, Z) float32
+    prior: np.ndarray | None = None     # (L, X, Y, Z) uint8, probability * 255
+
+
+def bounding_box(mask: np.ndarray, margin: int, even: bool = False) -> tuple[slice, ...]:
+    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels (clipped), the whole
+    volume for an empty mask; ``even``: every side even where the volume allows."""
+    idx = np.argwhere(mask)
+    if not len(idx):
+        return tuple(slice(0, s) for s in mask.shape)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
+    if even:  # whole 2x2x2 blocks for a pooled stage: grow odd sides by one voxel
+        odd = (hi - lo) % 2 == 1
+        grow_hi = odd & (hi < mask.shape)
+        hi = hi + grow_hi
+        lo = lo - (odd & ~grow_hi & (lo > 0))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def crop_subject(subject: Subject, margin: int) -> Subject:
+    """Crop to the bounding box of the labelled (or prior) cerebellum plus ``margin`` voxels,
+    with even sides so that the 1 mm stage sees whole 2x2x2 blocks."""
+    fg = subject.classes > 0
+    if subject.prior is not None:
+        fg |= subject.prior[0] < 128
+    if not fg.any():
+        raise ValueError(f'{subject.name}: no cerebellum in the labels or the prior')
+    sl = bounding_box(fg, margin, even=True)
+    return Subject(subject.name, subject.t1[sl], subject.classes[sl], subject.x_mm[sl[0]],
+                   None if subject.t2 is None else subject.t2[sl],
+                   None if subject.prior is None else subject.prior[(slice(None),) + sl])
+
+
+def _pool(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Average over ``factor``^3 blocks of the last three axes (trailing voxels dropped)."""
+    if factor == 1:
+        return volume
+    shape = volume.shape[-3:]
+    t = torch.as_tensor(np.ascontiguousarray(volume, np.float32))
+    t = t.reshape((-1, 1) + shape)
+    out = F.avg_pool3d(t, factor).numpy()
+    return out.reshape(volume.shape[:-3] + out.shape[-3:])
+
+
+def stage_arrays(subject: Subject, stage: str, inputs, labels: list, factor: int = 1):
+    """Network input ``(C, X, Y, Z)`` float32, target ``(X, Y, Z)`` uint8 and class labels
+    of a cascade stage, at the working-grid spacing times ``factor``.
+
+    ``hemisphere``: 3 classes (background, left, right cerebellum), prior channels = left and
+    right probabilities; ``lobules``: the protocol's classes, prior channels = every foreground
+    class.
+    """
+    inputs = list(inputs)
+    prior = None
+    if 'prior' in inputs:
+        if subject.prior is None:
+            raise ValueError(f'{subject.name}: the prior channel was asked for but is missing')
+        prior = subject.prior.astype(np.float32) / 255.0
+    if stage == 'hemisphere':
+        target = lab.hemisphere_classes(subject.classes, labels, subject.x_mm)
+        if prior is not None:
+            prior = lab.hemisphere_probs(prior, labels, subject.x_mm)
+        stage_labels = lab.HEMISPHERE_LABELS
+    elif stage == 'lobules':
+        target, stage_labels = subject.classes, labels
+    else:
+        raise ValueError(f'stage must be one of {STAGES}, not {stage!r}')
+    channels = []
+    for name in inputs:
+        if name == 'T1w':
+            channels.append(subject.t1[None])
+        elif name == 'T2w':
+            if subject.t2 is None:
+                raise ValueError(f'{subject.name}: the T2w channel was asked for but is missing')
+            channels.append(subject.t2[None])
+        elif name == 'prior':
+            channels.append(prior[1:])
+    image = _pool(np.concatenate(channels).astype(np.float32), factor)
+    if factor > 1:  # majority class of each block
+        onehot = np.eye(len(stage_labels), dtype=np.float32)[target].transpose(3, 0, 1, 2)
+        target = _pool(onehot, factor).argmax(0).astype(np.uint8)
+    return np.ascontiguousarray(image), np.ascontiguousarray(target), stage_labels
+
+
+@dataclass
+class Augment:
+    """Patch augmentation settings (probabilities and ranges)."""
+
+    flip: float = 0.5
+    gamma: tuple[float, float] = (0.7, 1.5)
+    scale: tuple[float, float] = (0.9, 1.1)
+    shift: float = 0.1
+    noise: float = 0.03
+    elastic: float = 0.3
+    elastic_mm: float = 2.0
+    spacing: float = 0.5
+
+
+def flip_lr(image: np.ndarray, target: np.ndarray, perm: np.ndarray, n_mr: int):
+    """Mirror a patch along x and swap left/right classes (and prior channels)."""
+    image = image[:, ::-1]
+    target = perm[target[::-1]].astype(target.dtype)
+    if image.shape[0] > n_mr:  # prior channel c is class c + 1
+        order = perm[1:] - 1
+        image = np.concatenate([image[:n_mr], image[n_mr:][order]])
+    return np.ascontiguousarray(image), np.ascontiguousarray(target)
+
+
+def augment_patch(image, target, rng: np.random.Generator, aug: Augment, perm, n_mr: int):
+    """Flip, intensity and elastic augmentation of one patch (MR channels are the first
+    ``n_mr``; the prior channels only move with the geometry)."""
+    from cerebseg.models import registration as reg
+
+    if rng.random() < aug.flip:
+        image, target = flip_lr(image, target, perm, n_mr)
+    image = image.copy()
+    for c in range(n_mr):
+        ch = np.clip(image[c], 0, None) ** rng.uniform(*aug.gamma)
+        ch = ch * rng.uniform(*aug.scale) + rng.uniform(-aug.shift, aug.shift)
+        image[c] = ch + rng.normal(0, rng.uniform(0, aug.noise), ch.shape).astype(np.float32)
+    if rng.random() < aug.elastic:
+        v = reg.random_velocity(target.shape, aug.spacing, seed=int(rng.integers(1 << 30)),
+                                max_mm=aug.elastic_mm)
+        image = reg.random_deformation(image, v, aug.spacing)
+        target = reg.random_deformation(target[None], v, aug.spacing, order=0)[0]
+    return image.astype(np.float32), target
+
+
+def sample_patch(image: np.ndarray, target: np.ndarray, size, rng: np.random.Generator,
+                 foreground: float = 0.67):
+    """A ``size`` patch (zero-padded where the volume is smaller), centred on a random
+    foreground voxel with probability ``foreground``, else anywhere."""
+    size = np.asarray(size)
+    shape = np.asarray(target.shape)
+    fg = np.argwhere(target > 0) if rng.random() < foreground else ()
+    if len(fg):
+        centre = fg[rng.integers(len(fg))]
+        start = centre - size // 2 + rng.integers(-size // 4, size // 4 + 1)
+    else:
+        start = np.array([rng.integers(min(0, s - p), max(0, s - p) + 1)
+                          for s, p in zip(shape, size)])
+    start = np.clip(start, np.minimum(0, shape - size), np.maximum(0, shape - size))
+    out_img = np.zeros((image.shape[0],) + tuple(size), np.float32)
+    out_tgt = np.zeros(tuple(size), target.dtype)
+    src = tuple(slice(max(a, 0), min(a + p, s)) for a, p, s in zip(start, size, shape))
+    dst = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(src, start))
+    out_img[(slice(None),) + dst] = image[(slice(None),) + src]
+    out_tgt[dst] = target[src]
+    return out_img, out_tgt
+
+
+def pad_to(image: torch.Tensor, divisor: int):
+    """Pad ``(N, C, X, Y, Z)`` at the end so that every side is a multiple of ``divisor``."""
+    pads = []
+    for s in reversed(image.shape[2:]):
+        pads += [0, (-s) % divisor]
+    return F.pad(image, pads), image.shape[2:]
+
+
+@torch.inference_mode()
+def predict(model, image: np.ndarray, *, device='cpu', roi: int = 128, overlap: float = 0.25,
+            bf16: bool = False) -> torch.Tensor:
+    """Class probabilities ``(L, X, Y, Z)`` (float32, CPU) of one ``(C, X, Y, Z)`` volume,
+    by sliding windows of ``roi`` voxels (Gaussian-weighted, MONAI) where it is larger."""
+    from monai.inferers import sliding_window_inference
+
+    device = torch.device(device)
+    model.eval()
+    x = torch.as_tensor(np.ascontiguousarray(image, np.float32))[None].to(device)
+    div = getattr(model, 'divisor', 1)
+    x, shape = pad_to(x, div)
+    roi_size = [min(roi - roi % div, s) for s in x.shape[2:]]
+    use_bf16 = bf16 or device.type == 'cuda'
+
+    def forward(patch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return torch.softmax(model(patch).float(), 1)
+
+    out = sliding_window_inference(x, roi_size, 1, forward, overlap=overlap, mode='gaussian')
+    return out[0, :, :shape[0], :shape[1], :shape[2]].float().cpu()
+
+
+def dice_scores(pred: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
+    """Hard Dice of classes 1..n-1 (NaN where absent from both)."""
+    out = np.full(n - 1, np.nan)
+    for c in range(1, n):
+        p, t = pred == c, truth == c
+        denom = p.sum() + t.sum()
+        if denom:
+            out[c - 1] = 2.0 * (p & t).sum() / denom
+    return out
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume: counters, history, RNG states, optimiser state."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    history: list = field(default_factory=list)
+    rng: dict | None = None
+    torch_rng: torch.Tensor | None = None
+    optimiser: dict | None = None
+
+
+def train_segmentation(model, train: list, validation: list, *, labels: list, n_mr: int,
+                       epochs: int, steps_per_epoch: int, patch: int, batch: int = 2,
+                       lr: float = 1e-3, loss: str = 'deepceres', seed: int = 0,
+                       device='cpu', augment: Augment | None = None, bf16: bool = False,
+                       state: TrainState | None = None, on_epoch=None) -> TrainState:
+    """Train ``model`` on ``(image, target)`` pairs (from :func:`stage_arrays`).
+
+    ``validation`` pairs are segmented whole (sliding windows) after each epoch; the score is
+    the mean Dice over foreground classes. ``on_epoch(model, state, improved)`` is called after
+    each epoch (write checkpoints there). Pass the returned/saved ``state`` to resume: the
+    RNG and optimiser states make a resumed run equal to an uninterrupted one.
+    """
+    device = torch.device(device)
+    model.to(device)
+    augment = augment or Augment()
+    perm = lab.swap_classes(labels)
+    criterion = LOSSES[loss]()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    state = state or TrainState()
+    rng = np.random.default_rng(seed)
+    if state.rng is not None:
+        rng.bit_generator.state = state.rng
+    if state.torch_rng is not None:
+        torch.set_rng_state(state.torch_rng)
+    else:
+        torch.manual_seed(seed)
+    if state.optimiser is not None:
+        opt.load_state_dict(state.optimiser)
+    use_bf16 = bf16 or device.type == 'cuda'
+    while state.epoch < epochs:
+        t0 = time.time()
+        model.train()
+        losses = []
+        for _ in range(steps_per_epoch):
+            imgs, tgts = [], []
+            for _ in range(batch):
+                img, tgt = sample_patch(*train[int(rng.integers(len(train)))], (patch,) * 3,
+                                        rng)
+                img, tgt = augment_patch(img, tgt, rng, augment, perm, n_mr)
+                imgs.append(img)
+                tgts.append(tgt)
+            x = torch.as_tensor(np.stack(imgs)).to(device)
+            y = torch.as_tensor(np.stack(tgts).astype(np.int64)).to(device)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(x)
+            value = criterion(out.float(), y)
+            value.backward()
+            opt.step()
+            losses.append(float(value.detach()))
+            state.step += 1
+        scores = []
+        for img, tgt in validation:
+            probs = predict(model, img, device=device, roi=max(patch, 64), bf16=bf16)
+            scores.append(np.nanmean(dice_scores(probs.argmax(0).numpy(), tgt, len(labels))))
+        score = float(np.mean(scores)) if scores else float('nan')
+        state.epoch += 1
+        state.history.append({'epoch': state.epoch, 'step': state.step,
+                              'loss': float(np.mean(losses)), 'validation_dice': score,
+                              'seconds': round(time.time() - t0, 1)})
+        improved = not scores or score > state.best
+        if improved and scores:
+            state.best = score
+        state.rng = rng.bit_generator.state
+        state.torch_rng = torch.get_rng_state()
+        state.optimiser = opt.state_dict()
+        LOGGER.info('epoch %d/%d (step %d): loss %.4f, validation Dice %.4f, %.0f s',
+                    state.epoch, epochs, state.step, np.mean(losses), score, time.time() - t0)
+        if on_epoch:
+            on_epoch(model, state, improved)
+    return state

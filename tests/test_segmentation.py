@@ -1,0 +1,253 @@
+"""DeepCeres networks, checkpoints, losses, label tables, training and cascade (tiny arrays)."""
+import numpy as np
+import pytest
+import torch
+
+from cerebseg.models import cascade, segmentation as seg, training as tr
+from cerebseg.models.losses import DeepCeresLoss, DiceCELoss
+from cerebseg.utils import labels as lab
+
+LABELS = [[0, 'background'], [1, 'Left_A'], [2, 'Vermis_A'], [3, 'Right_A'], [4, 'Left_B'],
+          [5, 'Right_B']]
+
+
+def test_default_sizes_match_the_paper():
+    # T1w + T2w + prior over the 34 SUIT foreground classes = 36 channels, 35 classes
+    unet = seg.build_model('unet', 36, 35)
+    dpn = seg.build_model('dpn', 36, 35)
+    assert abs(seg.count_parameters(unet) / 3_433_473 - 1) < 0.01
+    assert abs(seg.count_parameters(dpn) / 696_177 - 1) < 0.01
+
+
+@pytest.mark.parametrize('arch', sorted(seg.ARCHITECTURES))
+def test_forward_shapes(arch):
+    model = seg.build_model(arch, 3, 4, features=[8, 8, 8, 8]).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 16, 24, 8))
+    assert out.shape == (2, 4, 16, 24, 8)
+    assert model.divisor == 8
+
+
+def test_dpn_has_no_learned_encoder():
+    # every convolution of the DPN sees the pooled input: its blocks all start with C inputs
+    model = seg.build_model('dpn', 5, 3, features=[16, 8, 4])
+    first = [b[0].in_channels for b in model.blocks]
+    assert first == [5, 5 + 8, 5 + 4]
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match='unknown architecture'):
+        seg.build_model('vnet', 1, 2)
+
+
+def _save(tmp_path, model, inputs=('T1w', 'prior'), half=False, name='m.pt'):
+    return seg.save_checkpoint(tmp_path / name, model, architecture='dpn', inputs=inputs,
+                               stage='lobules', labels=LABELS, spacing=0.5, protocol='suit',
+                               training={'steps': 3}, half=half)
+
+
+@pytest.mark.parametrize('half', [False, True])
+def test_checkpoint_round_trip(tmp_path, half):
+    model = seg.build_model('dpn', 6, 6, features=[8, 4]).eval()
+    path = _save(tmp_path, model, half=half)
+    loaded, meta = seg.load_checkpoint(path, inputs=['prior', 'T1w'], stage='lobules',
+                                       protocol='suit')
+    assert meta['inputs'] == ['T1w', 'prior'] and meta['labels'] == LABELS
+    assert meta['architecture'] == 'dpn' and meta['training'] == {'steps': 3}
+    assert meta['cerebseg_version'] and meta['format_version'] == seg.CHECKPOINT_VERSION
+    x = torch.randn(1, 6, 8, 8, 8)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert torch.allclose(a, b, atol=5e-2 if half else 1e-6)
+    if half:
+        raw = torch.load(path, weights_only=True)
+        assert raw['state_dict']['head.weight'].dtype == torch.float16
+
+
+def test_checkpoint_refuses_other_inputs_and_foreign_files(tmp_path):
+    model = seg.build_model('dpn', 6, 6, features=[8, 4])
+    path = _save(tmp_path, model)
+    with pytest.raises(seg.CheckpointError, match='T1w\\+prior.*this run has T1w\\+T2w'):
+        seg.load_checkpoint(path, inputs=['T1w', 'T2w'])
+    with pytest.raises(seg.CheckpointError, match='hemisphere'):
+        seg.load_checkpoint(path, stage='hemisphere')
+    with pytest.raises(seg.CheckpointError, match='cobra'):
+        seg.load_checkpoint(path, protocol='cobra')
+    assert seg.CheckpointError.exit_code == 126
+    # strict keys: a renamed weight is refused
+    ckpt = torch.load(path, weights_only=True)
+    ckpt['state_dict']['extra.weight'] = ckpt['state_dict'].pop('head.weight')
+    torch.save(ckpt, tmp_path / 'bad.pt')
+    with pytest.raises(seg.CheckpointError, match='do not fit'):
+        seg.load_checkpoint(tmp_path / 'bad.pt')
+    torch.save({'state_dict': {}}, tmp_path / 'foreign.pt')
+    with pytest.raises(seg.CheckpointError, match='not a cerebseg segmentation'):
+        seg.load_checkpoint(tmp_path / 'foreign.pt')
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(seg.CheckpointError, match='not a readable'):
+        seg.load_checkpoint(tmp_path / 'junk.pt')
+    with pytest.raises(seg.CheckpointError, match='not found'):
+        seg.load_checkpoint(tmp_path / 'missing.pt')
+    with pytest.raises(ValueError, match='T1w plus optional'):
+        seg.check_inputs(['T2w', 'prior'])
+
+
+def test_deepceres_loss_is_equation_1():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 4)
+    target = torch.randint(0, 3, (2, 4, 4, 4))
+    p = torch.softmax(logits, 1).numpy()
+    t = np.eye(3)[target.numpy()].transpose(0, 4, 1, 2, 3)
+    dice = np.mean([(2 * (p[:, c] * t[:, c]).sum() + 1e-5) / (p[:, c].sum() + t[:, c].sum()
+                                                              + 1e-5) for c in range(3)])
+    bce = -np.mean(t * np.log(p) + (1 - t) * np.log(1 - p))
+    expected = np.log(((1 - dice) + bce) / 2)
+    assert float(DeepCeresLoss()(logits, target)) == pytest.approx(expected, rel=1e-4)
+    # better predictions, lower loss (both losses)
+    good = 8 * torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float()
+    for loss in (DeepCeresLoss(), DiceCELoss()):
+        assert float(loss(good, target)) < float(loss(logits, target))
+
+
+def test_label_tables():
+    perm = lab.swap_classes(LABELS)
+    assert perm.tolist() == [0, 3, 2, 1, 5, 4]
+    with pytest.raises(ValueError, match='no mirror'):
+        lab.swap_classes([[0, 'background'], [1, 'Left_A']])
+    classes = np.zeros((4, 1, 1), np.uint8)
+    classes[:, 0, 0] = [1, 2, 2, 5]
+    x_mm = np.array([-1.5, -0.5, 0.5, 1.5])
+    assert lab.hemisphere_classes(classes, LABELS, x_mm)[:, 0, 0].tolist() == [1, 1, 2, 2]
+    probs = np.random.default_rng(0).dirichlet(np.ones(6), (4, 1, 1)).transpose(3, 0, 1, 2)
+    hp = lab.hemisphere_probs(probs, LABELS, x_mm)
+    assert np.allclose(hp.sum(0), 1)
+    assert np.allclose(hp[1, 0], probs[[1, 2, 4], 0].sum(0))  # left of the midline
+    assert np.allclose(hp[2, 3], probs[[2, 3, 5], 3].sum(0))  # right of it: vermis goes right
+    dseg = np.array([0, 1, 5, 3])
+    assert lab.class_index(dseg, LABELS).tolist() == [0, 1, 5, 3]
+    with pytest.raises(ValueError, match=r'\[9\]'):
+        lab.class_index(np.array([9]), LABELS)
+
+
+def _toy_subject(rng, shape=(24, 20, 16), name='s'):
+    """Two lateral blobs and a midline one; T1w encodes the classes with noise."""
+    x = np.arange(shape[0]) - shape[0] / 2 + 0.5
+    classes = np.zeros(shape, np.uint8)
+    classes[4:10, 5:15, 4:12] = 1    # Left_A
+    classes[10:14, 5:15, 4:12] = 2   # Vermis_A
+    classes[14:20, 5:15, 4:12] = 3   # Right_A
+    classes[4:10, 15:18, 4:12] = 4   # Left_B
+    classes[14:20, 15:18, 4:12] = 5  # Right_B
+    t1 = (np.array([0, 1.0, 0.6, 1.0, 0.3, 0.3])[classes] + rng.normal(0, 0.05, shape))
+    onehot = np.eye(6)[classes].transpose(3, 0, 1, 2)
+    prior = np.rint(255 * (0.7 * onehot + 0.3 / 6)).astype(np.uint8)
+    return tr.Subject(name, t1.astype(np.float32), classes, x, prior=prior)
+
+
+def test_flip_swaps_classes_and_prior_channels():
+    rng = np.random.default_rng(0)
+    s = _toy_subject(rng)
+    image, target, labels = tr.stage_arrays(s, 'lobules', ['T1w', 'prior'], LABELS)
+    perm = lab.swap_classes(labels)
+    fimg, ftgt = tr.flip_lr(image, target, perm, n_mr=1)
+    # the prior channels still describe the (flipped, swapped) target
+    fg = ftgt > 0
+    assert np.array_equal(fimg[1:].argmax(0)[fg] + 1, ftgt[fg])
+    assert np.array_equal(ftgt[::-1], perm[target])
+    back_img, back_tgt = tr.flip_lr(fimg, ftgt, perm, n_mr=1)
+    assert np.array_equal(back_tgt, target) and np.allclose(back_img, image)
+    # hemisphere stage: left and right swap
+    himg, htgt, hlabels = tr.stage_arrays(s, 'hemisphere', ['T1w', 'prior'], LABELS, factor=2)
+    assert himg.shape == (3, 12, 10, 8) and set(np.unique(htgt)) == {0, 1, 2}
+    assert lab.swap_classes(hlabels).tolist() == [0, 2, 1]
+
+
+def test_sample_patch_pads_small_volumes():
+    rng = np.random.default_rng(1)
+    image = np.ones((2, 5, 6, 7), np.float32)
+    target = np.ones((5, 6, 7), np.uint8)
+    img, tgt = tr.sample_patch(image, target, (8, 8, 8), rng)
+    assert img.shape == (2, 8, 8, 8) and tgt.shape == (8, 8, 8)
+    assert img.sum() == 2 * 5 * 6 * 7 and tgt.sum() == 5 * 6 * 7
+
+
+def _tiny_train(state=None, epochs=2, seed=0):
+    rng = np.random.default_rng(0)
+    subjects = [_toy_subject(rng, name=f's{i}') for i in range(2)]
+    pairs = [tr.stage_arrays(s, 'lobules', ['T1w'], LABELS)[:2] for s in subjects]
+    torch.manual_seed(0)
+    model = seg.build_model('dpn', 1, 6, features=[8, 8])
+    if state is not None and 'weights' in state:
+        model.load_state_dict(state.pop('weights'))
+        state = tr.TrainState(**state)
+    out = tr.train_segmentation(model, pairs[:1], pairs[1:], labels=LABELS, n_mr=1,
+                                epochs=epochs, steps_per_epoch=6, patch=16, batch=2, lr=1e-2,
+                                seed=seed, state=state,
+                                augment=tr.Augment(elastic=0.5, spacing=2.0))
+    return model, out
+
+
+def test_training_learns_and_resumes_exactly():
+    torch.set_num_threads(1)
+    model, state = _tiny_train(epochs=4)
+    hist = state.history
+    assert len(hist) == 4 and hist[-1]['loss'] < hist[0]['loss']
+    assert hist[-1]['validation_dice'] > hist[0]['validation_dice']
+    # 2 epochs, "interrupt", 2 more from the saved state == 4 in one go
+    model2, half = _tiny_train(epochs=2)
+    saved = {**half.__dict__, 'weights': model2.state_dict()}
+    model3, resumed = _tiny_train(state=saved, epochs=4)
+    assert [h['loss'] for h in resumed.history] == pytest.approx([h['loss'] for h in hist])
+    for a, b in zip(model.state_dict().values(), model3.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def _stage_model(tmp_path, stage, labels, inputs, arch, spacing, seed, name):
+    torch.manual_seed(seed)
+    n_prior = len(labels) - 1 if 'prior' in inputs else 0
+    model = seg.build_model(arch, seg.n_input_channels(inputs, n_prior), len(labels),
+                            features=[4, 4])
+    path = seg.save_checkpoint(tmp_path / name, model, architecture=arch, inputs=inputs,
+                               stage=stage, labels=labels, spacing=spacing, protocol='suit')
+    return path
+
+
+def test_cascade_ensemble_and_uncertainty(tmp_path):
+    rng = np.random.default_rng(0)
+    s = _toy_subject(rng, shape=(32, 24, 20))
+    inputs = ['T1w', 'prior']
+    hemi = [_stage_model(tmp_path, 'hemisphere', lab.HEMISPHERE_LABELS, inputs, 'dpn', 1.0, 0,
+                         'h.pt')]
+    lob = [_stage_model(tmp_path, 'lobules', LABELS, inputs, a, 0.5, i, f'l{a}.pt')
+           for i, a in enumerate(['unet', 'dpn'])]
+    hm = cascade.load_models(hemi, inputs=inputs, stage='hemisphere', protocol='suit')
+    lm = cascade.load_models(lob, inputs=inputs, stage='lobules', protocol='suit')
+    res = cascade.run_cascade(s.t1, labels=LABELS, x_mm=s.x_mm, hemisphere_models=hm,
+                              lobule_models=lm, prior=s.prior, roi=16, roi_margin_mm=2,
+                              mask_margin_mm=1)
+    assert res.classes.shape == s.t1.shape and res.probseg.shape == s.t1.shape + (6,)
+    sums = res.probseg.astype(int).sum(-1)
+    assert np.all(np.abs(sums - 255) <= 6)
+    assert res.disagreement.min() >= 0 and res.disagreement.max() <= 1
+    assert res.disagreement.max() > 0  # two different random nets disagree
+    # the lobule net only labels voxels inside the (dilated) hemisphere mask
+    outside = ~np.isin(res.classes, [0]) & (res.hemisphere == 0)
+    assert outside.sum() <= (res.hemisphere > 0).sum()
+    unc = res.label_uncertainty()
+    assert unc.shape == (6,)
+    # one network: no disagreement
+    one = cascade.run_cascade(s.t1, labels=LABELS, x_mm=s.x_mm, hemisphere_models=hm,
+                              lobule_models=lm[:1], prior=s.prior, roi=16)
+    assert one.disagreement.max() == 0
+    with pytest.raises(seg.CheckpointError, match='this run has T1w'):
+        cascade.load_models(lob, inputs=['T1w'], stage='lobules', protocol='suit')
+
+
+def test_ensemble_distance():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 0.5], [1.0, 0.5]])
+    mean, dis = cascade.ensemble([a, b])
+    assert torch.allclose(mean, (a + b) / 2)
+    assert torch.allclose(dis, torch.tensor([1.0, 0.5]))
+    unc = cascade.label_uncertainty(np.array([0, 1]), dis.numpy(), 3)
+    assert unc[0] == 1.0 and unc[1] == 0.5 and np.isnan(unc[2])
