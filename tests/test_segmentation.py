@@ -148,6 +148,8 @@ def test_flip_swaps_classes_and_prior_channels():
     rng = np.random.default_rng(0)
     s = _toy_subject(rng)
     image, target, labels = tr.stage_arrays(s, 'lobules', ['T1w', 'prior'], LABELS)
+    image = np.asarray(image)
+    assert image.shape == (6,) + s.t1.shape and image.dtype == np.float32
     perm = lab.swap_classes(labels)
     fimg, ftgt = tr.flip_lr(image, target, perm, n_mr=1)
     # the prior channels still describe the (flipped, swapped) target

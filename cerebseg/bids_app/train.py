@@ -5,6 +5,13 @@
 affinely in the working grid and on the entries of an atlas library. Prepared volumes are cached
 in ``--work-dir``; the checkpoint is written every ``--checkpoint-every`` steps and a re-run with
 ``--resume`` continues from it.
+
+``cerebseg-train segmentation BIDS_DIR --labels DERIVATIVES --out model.pt`` trains one network
+of the DeepCeres cascade (``--stage hemisphere`` at 1 mm or ``--stage lobules`` at 0.5 mm,
+``--architecture unet`` or ``dpn``, ``--inputs T1w [T2w] [prior]``) on reference labels
+(``dseg``) in a derivatives folder (:mod:`cerebseg.bids_app.training_data`). ``--out`` holds the
+best checkpoint by validation Dice; ``--out`` + ``.state.pt`` the last epoch and everything
+needed to resume exactly (``--resume``).
 """
 from __future__ import annotations
 
@@ -47,7 +54,56 @@ def _build_parser() -> argparse.ArgumentParser:
     cmd.add_argument('--nthreads', type=int, default=os.cpu_count() or 1)
     cmd.add_argument('--random-seed', type=int, default=0)
     cmd.add_argument('-v', '--verbose', action='count', default=0)
+    _add_segmentation_parser(sub)
     return parser
+
+
+def _add_segmentation_parser(sub) -> None:
+    from cerebseg.models.losses import LOSSES
+    from cerebseg.models.segmentation import ARCHITECTURES, CHANNELS
+    from cerebseg.models.training import STAGES
+
+    cmd = sub.add_parser('segmentation', help='a network of the DeepCeres cascade')
+    cmd.add_argument('bids_dir', type=Path, help='BIDS dataset with the T1w (and T2w) images')
+    cmd.add_argument('--labels', type=Path, required=True,
+                     help='derivatives folder with one reference dseg per T1w')
+    cmd.add_argument('--out', type=Path, required=True, help='checkpoint to write (.pt)')
+    cmd.add_argument('--stage', choices=STAGES, default='lobules',
+                     help='hemisphere (background/left/right, 1 mm) or lobules (0.5 mm)')
+    cmd.add_argument('--architecture', choices=sorted(ARCHITECTURES), default='unet')
+    cmd.add_argument('--features', type=int, nargs='+', default=None,
+                     help='widths per level (default: the architecture\'s)')
+    cmd.add_argument('--inputs', nargs='+', choices=CHANNELS, default=['T1w', 'prior'],
+                     help='input channels (T1w required)')
+    cmd.add_argument('--loss', choices=sorted(LOSSES), default='deepceres',
+                     help='deepceres: log(((1 - mean Dice) + BCE) / 2); dicece: Dice + CE')
+    cmd.add_argument('--assets-dir', type=Path, default=None,
+                     help='cerebseg assets (default: $CEREBSEG_ASSETS, then the user cache)')
+    cmd.add_argument('--atlas-library', default='suit',
+                     help='label protocol of the labels (and library of the prior)')
+    cmd.add_argument('--participant-label', nargs='+', default=None,
+                     help='participants to train on (default: all but validation/excluded)')
+    cmd.add_argument('--exclude-label', nargs='+', default=[],
+                     help='participants to leave out (e.g. a test set)')
+    cmd.add_argument('--validation-label', nargs='+', default=[],
+                     help='participants segmented and scored (Dice) after every epoch')
+    cmd.add_argument('--epochs', type=int, default=20)
+    cmd.add_argument('--steps-per-epoch', type=int, default=50)
+    cmd.add_argument('--patch-size', type=int, default=None,
+                     help='cubic patch side in voxels (default 64 hemisphere, 96 lobules)')
+    cmd.add_argument('--batch-size', type=int, default=2)
+    cmd.add_argument('--learning-rate', type=float, default=1e-3)
+    cmd.add_argument('--half', action='store_true', help='store the weights as float16')
+    cmd.add_argument('--bf16', action='store_true',
+                     help='bfloat16 autocast on CPU (always on a GPU)')
+    cmd.add_argument('--work-dir', type=Path, default=Path('work_cerebseg_train'),
+                     help='preprocessing and prior of each participant (a cerebseg work '
+                          'folder can be shared)')
+    cmd.add_argument('--resume', action='store_true', help='continue from --out.state.pt')
+    cmd.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
+    cmd.add_argument('--nthreads', type=int, default=os.cpu_count() or 1)
+    cmd.add_argument('--random-seed', type=int, default=0)
+    cmd.add_argument('-v', '--verbose', action='count', default=0)
 
 
 def _t1w_files(bids_dir: Path, include, exclude) -> dict[str, Path]:
@@ -143,13 +199,135 @@ def train_registration(opts) -> int:
     return 0
 
 
+def _state_path(out: Path) -> Path:
+    return out.with_name(out.name + '.state.pt')
+
+
+def train_segmentation(opts) -> int:
+    import dataclasses
+
+    import torch
+
+    from cerebseg.assets.locate import load_assets
+    from cerebseg.bids_app.bids import collect_inputs
+    from cerebseg.bids_app.run import _library_paths
+    from cerebseg.bids_app.training_data import find_label_file, prepare_subject
+    from cerebseg.models import segmentation as seg
+    from cerebseg.models import training as tr
+    from cerebseg.models.inference import resolve_device
+    from cerebseg.utils.labels import read_lut
+
+    for path, what in ((opts.bids_dir, 'BIDS folder'), (opts.labels, 'labels folder')):
+        if not path.is_dir():
+            raise UsageError(f'{what} not found: {path}')
+    try:
+        inputs = seg.check_inputs(opts.inputs)
+        device = resolve_device(opts.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    torch.set_num_threads(max(opts.nthreads, 1))
+    assets = load_assets(opts.assets_dir)
+    library = _library_paths(assets, opts.atlas_library)
+    labels = read_lut(library['lut'])
+    excluded = set(opts.exclude_label) | set(opts.validation_label)
+    runs = collect_inputs(opts.bids_dir, opts.participant_label or (), t1_only='T2w' not in inputs,
+                          validate=False)
+    train_runs = [r for r in runs if r.subject not in excluded]
+    val_runs = collect_inputs(opts.bids_dir, opts.validation_label, t1_only='T2w' not in inputs,
+                              validate=False) if opts.validation_label else []
+    if 'T2w' in inputs:
+        missing = [r.label for r in train_runs + val_runs if not r.t2w]
+        if missing:
+            raise UsageError(f'--inputs has T2w but {missing} have no T2w; leave them out '
+                             '(--exclude-label) or drop T2w from --inputs.')
+    if not train_runs:
+        raise UsageError(f'No T1w to train on in {opts.bids_dir} with the participant '
+                         'selection given.')
+
+    def prepare(run_list):
+        return [prepare_subject(r, find_label_file(opts.labels, r), assets, library,
+                                opts.work_dir, omp_nthreads=opts.nthreads,
+                                seed=opts.random_seed) for r in run_list]
+
+    factor = 2 if opts.stage == 'hemisphere' else 1
+    spacing = float(assets.manifest['grid']['spacing']) * factor
+    pairs = {}
+    stage_labels = labels
+    for split, run_list in (('train', train_runs), ('validation', val_runs)):
+        pairs[split] = []
+        for subject in prepare(run_list):
+            image, target, stage_labels = tr.stage_arrays(subject, opts.stage, inputs, labels,
+                                                          factor)
+            pairs[split].append((image, target))
+    patch = opts.patch_size or (64 if opts.stage == 'hemisphere' else 96)
+    n_in = seg.n_input_channels(inputs, len(stage_labels) - 1)
+    config = {'features': opts.features} if opts.features else {}
+    state = None
+    state_file = _state_path(opts.out)
+    if opts.resume and state_file.is_file():
+        saved = torch.load(state_file, map_location='cpu', weights_only=True)
+        model = seg.build_model(saved['architecture'], **saved['config'])
+        model.load_state_dict(saved['weights'], strict=True)
+        state = tr.TrainState(**saved['state'])
+        LOGGER.info('Resuming from %s after epoch %d', state_file, state.epoch)
+    else:
+        if opts.resume:
+            LOGGER.warning('No %s to resume from; starting afresh', state_file)
+        model = seg.build_model(opts.architecture, n_in, len(stage_labels), **config)
+    LOGGER.info('%s %s network, inputs %s (%d channels), %d classes, %d parameters; '
+                '%d training and %d validation T1w', opts.architecture, opts.stage,
+                '+'.join(inputs), n_in, len(stage_labels), seg.count_parameters(model),
+                len(pairs['train']), len(pairs['validation']))
+    training = {'bids_dir': opts.bids_dir.name, 'labels_dir': opts.labels.name,
+                'train': [r.label for r in train_runs],
+                'validation': [r.label for r in val_runs], 'loss': opts.loss,
+                'patch_size': patch, 'batch_size': opts.batch_size,
+                'learning_rate': opts.learning_rate, 'steps_per_epoch': opts.steps_per_epoch,
+                'seed': opts.random_seed, 'device': device.type,
+                'torch_version': torch.__version__}
+
+    def on_epoch(model, state, improved):
+        arch = next(k for k, v in seg.ARCHITECTURES.items() if isinstance(model, v))
+        tmp = state_file.with_name(state_file.name + '.tmp')
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({'architecture': arch, 'config': model.config,
+                    'weights': model.state_dict(), 'state': dataclasses.asdict(state)}, tmp)
+        tmp.replace(state_file)
+        if improved:
+            seg.save_checkpoint(opts.out, model, architecture=arch, inputs=inputs,
+                                stage=opts.stage, labels=stage_labels, spacing=spacing,
+                                protocol=opts.atlas_library, half=opts.half,
+                                training=dict(training, epoch=state.epoch, step=state.step,
+                                              history=state.history,
+                                              best_validation_dice=state.best))
+            LOGGER.info('Checkpoint written: %s (epoch %d)', opts.out, state.epoch)
+
+    tr.train_segmentation(
+        model, pairs['train'], pairs['validation'], labels=stage_labels,
+        n_mr=sum(c != 'prior' for c in inputs), epochs=opts.epochs,
+        steps_per_epoch=opts.steps_per_epoch, patch=patch, batch=opts.batch_size,
+        lr=opts.learning_rate, loss=opts.loss, seed=opts.random_seed, device=device,
+        augment=tr.Augment(spacing=spacing), bf16=opts.bf16, state=state, on_epoch=on_epoch)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault('NIPYPE_NO_ET', '1')
     opts = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
                         format='%(asctime)s %(name)s %(levelname)s: %(message)s',
                         stream=sys.stderr)
+    if opts.command == 'segmentation':
+        from nipype import config as ncfg
+        from nipype import logging as nlogging
+
+        level = 'INFO' if opts.verbose > 1 else 'WARNING'
+        ncfg.update_config({'logging': {'workflow_level': level, 'interface_level': level,
+                                        'utils_level': level}})
+        nlogging.update_logging(ncfg)
     try:
+        if opts.command == 'segmentation':
+            return train_segmentation(opts)
         return train_registration(opts)
     except CerebsegError as err:
         LOGGER.error('%s', err)

@@ -79,44 +79,71 @@ def _pool(volume: np.ndarray, factor: int) -> np.ndarray:
     return out.reshape(volume.shape[:-3] + out.shape[-3:])
 
 
+class Channels:
+    """Network input channels, kept compact: the MR images (float16) then the prior (uint8,
+    probability * 255). Indexing ``[:, x, y, z]`` and ``np.asarray`` give float32."""
+
+    def __init__(self, mr: np.ndarray, prior: np.ndarray | None = None):
+        self.mr = mr
+        self.prior = prior
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        n = len(self.mr) + (0 if self.prior is None else len(self.prior))
+        return (n,) + self.mr.shape[1:]
+
+    def __getitem__(self, index) -> np.ndarray:
+        parts = [self.mr[index].astype(np.float32)]
+        if self.prior is not None:
+            parts.append(self.prior[index].astype(np.float32) / np.float32(255))
+        return np.concatenate(parts)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[(slice(None),) * 4]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 def stage_arrays(subject: Subject, stage: str, inputs, labels: list, factor: int = 1):
-    """Network input ``(C, X, Y, Z)`` float32, target ``(X, Y, Z)`` uint8 and class labels
-    of a cascade stage, at the working-grid spacing times ``factor``.
+    """Network input (:class:`Channels`, ``(C, X, Y, Z)``), target ``(X, Y, Z)`` uint8 and
+    class labels of a cascade stage, at the working-grid spacing times ``factor``.
 
     ``hemisphere``: 3 classes (background, left, right cerebellum), prior channels = left and
     right probabilities; ``lobules``: the protocol's classes, prior channels = every foreground
     class.
     """
     inputs = list(inputs)
-    prior = None
-    if 'prior' in inputs:
-        if subject.prior is None:
-            raise ValueError(f'{subject.name}: the prior channel was asked for but is missing')
-        prior = subject.prior.astype(np.float32) / 255.0
+    if 'prior' in inputs and subject.prior is None:
+        raise ValueError(f'{subject.name}: the prior channel was asked for but is missing')
     if stage == 'hemisphere':
         target = lab.hemisphere_classes(subject.classes, labels, subject.x_mm)
-        if prior is not None:
-            prior = lab.hemisphere_probs(prior, labels, subject.x_mm)
         stage_labels = lab.HEMISPHERE_LABELS
     elif stage == 'lobules':
         target, stage_labels = subject.classes, labels
     else:
         raise ValueError(f'stage must be one of {STAGES}, not {stage!r}')
-    channels = []
+    mr = []
     for name in inputs:
         if name == 'T1w':
-            channels.append(subject.t1[None])
+            mr.append(subject.t1)
         elif name == 'T2w':
             if subject.t2 is None:
                 raise ValueError(f'{subject.name}: the T2w channel was asked for but is missing')
-            channels.append(subject.t2[None])
-        elif name == 'prior':
-            channels.append(prior[1:])
-    image = _pool(np.concatenate(channels).astype(np.float32), factor)
+            mr.append(subject.t2)
+    mr = _pool(np.stack(mr).astype(np.float32), factor).astype(np.float16)
+    prior = None
+    if 'prior' in inputs:
+        if stage == 'hemisphere':
+            probs = lab.hemisphere_probs(subject.prior.astype(np.float32) / 255, labels,
+                                         subject.x_mm)[1:]
+            prior = np.rint(_pool(probs, factor) * 255).astype(np.uint8)
+        elif factor > 1:
+            prior = np.rint(_pool(subject.prior[1:].astype(np.float32), factor)).astype(np.uint8)
+        else:
+            prior = subject.prior[1:]
     if factor > 1:  # majority class of each block
         onehot = np.eye(len(stage_labels), dtype=np.float32)[target].transpose(3, 0, 1, 2)
         target = _pool(onehot, factor).argmax(0).astype(np.uint8)
-    return np.ascontiguousarray(image), np.ascontiguousarray(target), stage_labels
+    return Channels(mr, prior), np.ascontiguousarray(target), stage_labels
 
 
 @dataclass

@@ -69,3 +69,49 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         wf.connect([(preproc_wf, qc_files, [('outputnode.t2_qc', 'in3')]),
                     (preproc_wf, ds_wf, [('outputnode.t2_to_t1', 'inputnode.t2_to_t1')])])
     return wf
+
+
+def _gather(t1_box, t2_box, probseg_box, t1_to_mni):
+    return t1_box, t2_box, probseg_box, t1_to_mni
+
+
+def init_prior_wf(*, t1w: str, t2w: str | None, templates: dict, grid: dict, library: dict,
+                  omp_nthreads: int, seed: int, registration: str = 'torch', device: str = 'cpu',
+                  use_gpu: bool = False, name: str = 'single_subject_wf'):
+    """Working-grid images and multi-atlas prior of one T1w (training data, no derivatives).
+
+    Built from the same sub-workflows, with the same names, as
+    :func:`init_single_subject_wf`: given the same name and work folder, the nodes a
+    ``cerebseg`` run has already computed are reused.
+
+    Outputs (``outputnode``, a Function node so that it stays in the executed graph and its
+    result can be read): ``t1_box``, ``t2_box``, ``probseg_box``, ``t1_to_mni``.
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't2w']), name='inputnode')
+    inputnode.inputs.t1w = t1w
+    if t2w:
+        inputnode.inputs.t2w = t2w
+    fields = ['t1_box', 't2_box', 'probseg_box', 't1_to_mni']
+    outputnode = pe.Node(niu.Function(input_names=fields, output_names=fields,
+                                      function=_gather), name='outputnode',
+                         run_without_submitting=True)
+    preproc_wf = init_preproc_wf(templates=templates, grid=grid, use_t2w=bool(t2w),
+                                 omp_nthreads=omp_nthreads, seed=seed)
+    multiatlas_wf = init_multiatlas_wf(
+        entries=library['entries'], n_labels=library['n_labels'], lut=library['lut'],
+        template_icv_ml=templates['icv_ml'], reg_spacing=1.0, reg_iterations=[40, 20, 0],
+        omp_nthreads=omp_nthreads, seed=seed, registration=registration, device=device,
+        use_gpu=use_gpu, native=False)
+    wf.connect([
+        (inputnode, preproc_wf, [('t1w', 'inputnode.t1w'), ('t2w', 'inputnode.t2w')]),
+        (inputnode, multiatlas_wf, [('t1w', 'inputnode.t1w')]),
+        (preproc_wf, multiatlas_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
+                                     ('outputnode.t2_box', 'inputnode.t2_box'),
+                                     ('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
+        (preproc_wf, outputnode, [('outputnode.t1_box', 't1_box'),
+                                  ('outputnode.t2_box', 't2_box'),
+                                  ('outputnode.t1_to_mni', 't1_to_mni')]),
+        (multiatlas_wf, outputnode, [('outputnode.probseg_box', 'probseg_box')]),
+    ])
+    return wf

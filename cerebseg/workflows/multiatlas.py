@@ -12,7 +12,8 @@ from cerebseg.interfaces.registration import TorchRegisterEntries
 def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template_icv_ml: float,
                        reg_spacing: float, reg_iterations: list[int], omp_nthreads: int,
                        seed: int, registration: str = 'torch', device: str = 'cpu',
-                       use_gpu: bool = False, regnet: str = '', name: str = 'multiatlas_wf'):
+                       use_gpu: bool = False, regnet: str = '', native: bool = True,
+                       name: str = 'multiatlas_wf'):
     """Register each library entry to the subject, fuse by local weighted voting.
 
     Parameters
@@ -25,6 +26,9 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template
         from, or empty); ``ants``: one ANTs affine + SyN per entry (``reg_spacing``,
         ``reg_iterations``); ``both``: each entry registered both ways and all ``2K`` warped
         entries fused (the slowest setting, used for silver-standard training labels).
+    native : bool
+        Also bring the labels to the native grid and measure them (``False``: only the
+        working-grid outputs, as for preparing training data).
 
     Inputs
     ------
@@ -69,19 +73,23 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template
         wf.connect(inputnode, 't1_box', register, 'target_t1')
     fuse = pe.Node(FuseLabels(n_labels=n_labels, num_threads=omp_nthreads), name='fuse',
                    n_procs=omp_nthreads, mem_gb=4)
-    to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads), name='to_native',
-                        n_procs=omp_nthreads, mem_gb=2)
-    volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml), name='volumes')
     wf.connect([
         (inputnode, fuse, [('t1_box', 'target_t1'), ('t2_box', 'target_t2')]),
-        (inputnode, to_native, [('t1w', 'reference'), ('t1_to_mni', 't1_to_mni')]),
-        (fuse, to_native, [('probseg', 'probseg')]),
-        (to_native, volumes, [('out_file', 'dseg')]),
-        (inputnode, volumes, [('t1_to_mni', 't1_to_mni')]),
         (fuse, outputnode, [('dseg', 'dseg_box'), ('probseg', 'probseg_box')]),
-        (to_native, outputnode, [('out_file', 'dseg_native')]),
-        (volumes, outputnode, [('out_file', 'morph'), ('icv_file', 'icv')]),
     ])
+    if native:
+        to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads), name='to_native',
+                            n_procs=omp_nthreads, mem_gb=2)
+        volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml),
+                          name='volumes')
+        wf.connect([
+            (inputnode, to_native, [('t1w', 'reference'), ('t1_to_mni', 't1_to_mni')]),
+            (fuse, to_native, [('probseg', 'probseg')]),
+            (to_native, volumes, [('out_file', 'dseg')]),
+            (inputnode, volumes, [('t1_to_mni', 't1_to_mni')]),
+            (to_native, outputnode, [('out_file', 'dseg_native')]),
+            (volumes, outputnode, [('out_file', 'morph'), ('icv_file', 'icv')]),
+        ])
     warped = ('warped_t1', 'warped_t2', 'warped_dseg')
     if len(registers) == 1:
         wf.connect([(registers[0], fuse, [(w, w) for w in warped])])

@@ -1,0 +1,133 @@
+"""Training data of the segmentation networks: a BIDS dataset plus a folder of labels.
+
+For each T1w (and paired T2w), cerebseg's own preprocessing and multi-atlas prior are run
+(:func:`cerebseg.workflows.base.init_prior_wf`, cached in the work folder and shared with
+``cerebseg`` runs that used the same one); the reference labels are read from the derivatives
+folder, either on the working grid (``space-MNI152NLin2009cAsym_res-05``, as cerebseg writes
+them) or on the T1w's own grid (``space-T1w`` or no ``space``; resampled into the working grid
+with the T1w-to-MNI affine, nearest label). The result is cropped around the cerebellum and
+cached as ``.npz``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from cerebseg.errors import BadDataError
+
+LOGGER = logging.getLogger('cerebseg.train')
+GRID_SPACE = 'space-MNI152NLin2009cAsym_res-05'
+CACHE_VERSION = 1
+#: crop margin around the cerebellum (voxels of 0.5 mm): the cascade's 12 mm region margin
+CROP_MARGIN = 24
+
+
+def find_label_file(deriv_dir, run) -> Path:
+    """The reference ``dseg`` of one T1w in a derivatives folder (working grid preferred)."""
+    deriv_dir = Path(deriv_dir)
+    folder = deriv_dir / f'sub-{run.subject}'
+    if run.session:
+        folder = folder / f'ses-{run.session}'
+    folder = folder / 'anat'
+    found = sorted(folder.glob(f'{run.label}_*dseg.nii*')) if folder.is_dir() else []
+    found = [p for p in found if '_desc-' not in p.name or '_seg-cerebellum' in p.name]
+    for rank in (lambda n: GRID_SPACE in n, lambda n: '_space-T1w_' in n,
+                 lambda n: '_space-' not in n):
+        hits = [p for p in found if rank(p.name)]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise BadDataError(f'Several label files for {run.label} in {folder}: '
+                               f'{[p.name for p in hits]}; keep one per T1w.')
+    raise BadDataError(
+        f'No label file for {run.label} in {folder}. Expected '
+        f'{run.label}_{GRID_SPACE}_seg-cerebellum_dseg.nii.gz (working grid, as cerebseg writes) '
+        f'or {run.label}[_space-T1w]_dseg.nii.gz on the T1w grid.')
+
+
+def labels_on_grid(label_path, t1w_path, grid, t1_to_mni: str) -> np.ndarray:
+    """Label values (int16) on the working ``grid`` (a :class:`~cerebseg.utils.grid.BoxGrid`)."""
+    import ants
+    import nibabel as nib
+
+    from cerebseg.utils.images import load_checked, nib_to_ants
+
+    img = load_checked(label_path, 'label map')
+    data = np.asarray(img.dataobj)
+    if np.any(np.abs(data - np.rint(data)) > 1e-3) or data.min() < 0:
+        raise BadDataError(f'{label_path} is not a label map (non-integer or negative values)')
+    if img.shape[:3] == tuple(grid.shape) and np.allclose(img.affine, grid.affine, atol=1e-3):
+        return np.rint(data).astype(np.int16)
+    t1 = nib.load(t1w_path)
+    if img.shape[:3] != t1.shape[:3] or not np.allclose(img.affine, t1.affine, atol=1e-3):
+        raise BadDataError(f'{label_path} is neither on the working grid ({GRID_SPACE}) nor on '
+                           f'the grid of its T1w {t1w_path}; resample it onto one of them.')
+    moving = nib_to_ants(nib.Nifti1Image(np.rint(data).astype(np.float32), img.affine))
+    out = ants.apply_transforms(grid.reference(), moving, [t1_to_mni],
+                                interpolator='genericLabel')
+    return np.rint(out.numpy()).astype(np.int16)
+
+
+def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int, seed: int):
+    """Run (or reuse) the preprocessing and prior of one T1w; its output file paths."""
+    from cerebseg.workflows.base import init_prior_wf
+
+    tpl = assets.manifest['templates']
+    templates = {'head': str(assets.path(tpl['head'])), 'brain': str(assets.path(tpl['brain'])),
+                 'mask': str(assets.path(tpl['mask'])), 'icv_ml': tpl['brain_mask_volume_ml']}
+    wf = init_prior_wf(t1w=run.t1w, t2w=run.t2w, templates=templates,
+                       grid=assets.manifest['grid'], library=library,
+                       omp_nthreads=omp_nthreads, seed=seed,
+                       name=f'cerebseg_{run.label.replace("-", "_")}_wf')
+    wf.base_dir = str(work_dir)
+    wf.config['execution'].update({'crashdump_dir': str(work_dir / 'crash'),
+                                   'crashfile_format': 'txt', 'stop_on_first_crash': True,
+                                   'remove_unnecessary_outputs': False})
+    graph = wf.run(plugin='Linear')
+    node = next(n for n in graph.nodes() if n.fullname.endswith(f'{wf.name}.outputnode'))
+    return node.result.outputs
+
+
+def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nthreads: int = 1,
+                    seed: int = 0):
+    """A :class:`~cerebseg.models.training.Subject` of one T1w, cached in ``work_dir``."""
+    import nibabel as nib
+
+    from cerebseg.models.training import Subject, crop_subject
+    from cerebseg.utils.grid import BoxGrid
+    from cerebseg.utils.labels import class_index, read_lut
+
+    work_dir = Path(work_dir)
+    cache = work_dir / 'segmentation_data' / f'{run.label}_{library["name"]}.npz'
+    key = f'{CACHE_VERSION}|{Path(label_file).resolve()}|{Path(label_file).stat().st_mtime_ns}|' \
+          f'{run.t1w}|{run.t2w}'
+    if cache.is_file():
+        with np.load(cache) as data:
+            if str(data['key']) == key:
+                return Subject(run.label, data['t1'], data['classes'], data['x_mm'],
+                               data['t2'] if data['t2'].size else None, data['prior'])
+    LOGGER.info('Preparing %s (preprocessing and prior; labels from %s)', run.label, label_file)
+    out = _prior_outputs(run, assets, library, work_dir, omp_nthreads, seed)
+    grid = BoxGrid.from_dict(assets.manifest['grid'])
+    t1 = np.asarray(nib.load(out.t1_box).dataobj, np.float32)
+    t2 = np.asarray(nib.load(out.t2_box).dataobj, np.float32) if out.t2_box else None
+    probseg = nib.load(out.probseg_box)
+    prior = np.moveaxis(np.asarray(probseg.dataobj.get_unscaled(), np.uint8), -1, 0)
+    values = labels_on_grid(label_file, run.t1w, grid, out.t1_to_mni)
+    try:
+        classes = class_index(values, read_lut(library['lut']))
+    except ValueError as err:
+        raise BadDataError(f'{label_file}: {err} of the {library["name"]} protocol '
+                           f'({library["lut"]}); use --atlas-library to choose the '
+                           'protocol of your labels') from err
+    x_mm = grid.affine[0, 3] + grid.spacing * np.arange(grid.shape[0])
+    subject = crop_subject(Subject(run.label, t1, classes, x_mm, t2, prior), CROP_MARGIN)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.stem + '.tmp.npz')
+    np.savez(tmp, key=key, t1=subject.t1, classes=subject.classes, x_mm=subject.x_mm,
+             t2=subject.t2 if subject.t2 is not None else np.zeros(0, np.float32),
+             prior=subject.prior)
+    tmp.replace(cache)
+    return subject
