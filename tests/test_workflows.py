@@ -23,8 +23,39 @@ def fake_assets(tmp_path):
     library = {'entries': [{'t1w': files['e1_t1'], 'dseg': files['e1_dseg']},
                            {'t1w': files['e2_t1'], 't2w': files['e2_t2'],
                             'dseg': files['e2_dseg']}],
-               'n_labels': 35, 'lut': str(lut)}
+               'n_labels': 35, 'lut': str(lut), 'name': 'suit'}
     return templates, library
+
+
+def write_fake_weights(folder, labels, protocol='suit', variants=('T1w+prior', 'T1w+T2w+prior')):
+    """A weights manifest of tiny random networks (every variant, hemisphere + U-Net + DPN)."""
+    import json
+
+    from cerebseg.models import segmentation as seg
+    from cerebseg.utils.labels import HEMISPHERE_LABELS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {'protocol': protocol, 'variants': {}}
+    for variant in variants:
+        inputs = variant.split('+')
+        tag = variant.replace('+', '-')
+        stages = {}
+        for stage, stage_labels, spacing, archs in (
+                ('hemisphere', HEMISPHERE_LABELS, 1.0, ['dpn']),
+                ('lobules', labels, 0.5, ['unet', 'dpn'])):
+            entries = []
+            for arch in archs:
+                n_in = seg.n_input_channels(inputs, len(stage_labels) - 1)
+                model = seg.build_model(arch, n_in, len(stage_labels), features=[4, 4])
+                name = f'{stage}_{arch}_{tag}.pt'
+                seg.save_checkpoint(folder / name, model, architecture=arch, inputs=inputs,
+                                    stage=stage, labels=stage_labels, spacing=spacing,
+                                    protocol=protocol, half=True)
+                entries.append({'file': name, 'architecture': arch, 'inputs': inputs})
+            stages[stage] = entries
+        spec['variants'][variant] = stages
+    (folder / 'deepceres.json').write_text(json.dumps(spec))
+    return folder / 'deepceres.json'
 
 
 @pytest.mark.parametrize('with_t2,registration', [(False, 'torch'), (True, 'torch'),
@@ -58,21 +89,21 @@ def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
 
 INTERFACE_MODULES = ['cerebseg.interfaces.preproc', 'cerebseg.interfaces.multiatlas',
                      'cerebseg.interfaces.native', 'cerebseg.interfaces.bids',
-                     'cerebseg.interfaces.registration']
+                     'cerebseg.interfaces.registration', 'cerebseg.interfaces.segmentation']
 
 
 def test_torch_node_declares_gpu(tmp_path, fake_assets):
     from cerebseg.workflows.multiatlas import init_multiatlas_wf
 
     _, library = fake_assets
-    wf = init_multiatlas_wf(entries=library['entries'], n_labels=35, lut=library['lut'],
-                            template_icv_ml=1800.0, reg_spacing=1.0, reg_iterations=[1],
+    wf = init_multiatlas_wf(entries=library['entries'], n_labels=35,
+                            reg_spacing=1.0, reg_iterations=[1],
                             omp_nthreads=1, seed=0, registration='torch', device='cuda:0',
                             use_gpu=True)
     assert wf.get_node('register').is_gpu_node()
     with pytest.raises(ValueError, match="'torch', 'ants' or 'both'"):
-        init_multiatlas_wf(entries=library['entries'], n_labels=35, lut=library['lut'],
-                           template_icv_ml=1800.0, reg_spacing=1.0, reg_iterations=[1],
+        init_multiatlas_wf(entries=library['entries'], n_labels=35,
+                           reg_spacing=1.0, reg_iterations=[1],
                            omp_nthreads=1, seed=0, registration='elastix')
 
 
@@ -80,8 +111,8 @@ def test_both_registrations_fuse_all_entries(tmp_path, fake_assets):
     from cerebseg.workflows.multiatlas import init_multiatlas_wf
 
     _, library = fake_assets
-    wf = init_multiatlas_wf(entries=library['entries'], n_labels=35, lut=library['lut'],
-                            template_icv_ml=1800.0, reg_spacing=1.0, reg_iterations=[1],
+    wf = init_multiatlas_wf(entries=library['entries'], n_labels=35,
+                            reg_spacing=1.0, reg_iterations=[1],
                             omp_nthreads=1, seed=0, registration='both')
     wf.base_dir = str(tmp_path)
     graph = wf._create_flat_graph()
@@ -95,6 +126,60 @@ def test_both_registrations_fuse_all_entries(tmp_path, fake_assets):
                                                    n.name == 'merge_warped_dseg'])}
     assert feeders == {'register', 'register_ants'}
     assert fuse is not None
+
+
+@pytest.mark.parametrize('with_t2,models', [(False, 'ensemble'), (True, 'ensemble'),
+                                             (False, 'dpn')])
+def test_cnn_graph(tmp_path, fake_assets, with_t2, models):
+    from cerebseg.models.cascade import select_weights
+
+    templates, library = fake_assets
+    labels = [[0, 'background']] + [[i, f'Left_{i}' if i % 2 else f'Right_{i - 1}']
+                                    for i in range(1, 35)]
+    manifest = write_fake_weights(tmp_path / 'weights', labels)
+    cnn = select_weights(manifest, t2w=with_t2, prior=True, models=models)
+    assert cnn['variant'] == ('T1w+T2w+prior' if with_t2 else 'T1w+prior')
+    assert len(cnn['lobules']['files']) == (2 if models == 'ensemble' else 1)
+    root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz',
+                                              'anat/sub-01_T2w.nii.gz']})
+    t1w = str(root / 'sub-01/anat/sub-01_T1w.nii.gz')
+    t2w = str(root / 'sub-01/anat/sub-01_T2w.nii.gz') if with_t2 else None
+    wf = init_single_subject_wf(t1w=t1w, t2w=t2w, output_dir=str(tmp_path / 'out'),
+                                templates=templates, grid=WORKING_GRID.to_dict(),
+                                library=library, dseg_meta={'Mode': 'x'}, omp_nthreads=1,
+                                seed=0, cnn=cnn)
+    wf.base_dir = str(tmp_path / 'work')
+    graph = generate_expanded_graph(wf._create_flat_graph())
+    names = {n.fullname.split('.')[-1] for n in graph.nodes()}
+    assert {'cascade', 'fuse', 'to_native', 'ds_dseg_prior_box', 'ds_uncertainty'} <= names
+    cascade = next(n for n in graph.nodes() if n.name == 'cascade')
+    # the networks' probabilities (not the fused ones) go to native space, with uncertainty
+    feeds = {(u.name, v.name) for u, v in graph.edges()}
+    assert ('cascade', 'to_native') in feeds and ('fuse', 'to_native') not in feeds
+    assert ('cascade', 'volumes') in feeds and ('fuse', 'cascade') in feeds
+    assert ('to_grid', 'cascade') in feeds
+    assert cascade.inputs.lobule_inputs == cnn['lobules']['inputs']
+
+
+def test_weights_selection_errors(tmp_path):
+    from cerebseg.models.cascade import select_weights
+    from cerebseg.models.segmentation import CheckpointError
+
+    labels = [[0, 'background'], [1, 'Left_A'], [2, 'Right_A']]
+    manifest = write_fake_weights(tmp_path / 'w', labels, variants=('T1w+prior',))
+    with pytest.raises(CheckpointError, match='no weights for the inputs T1w\\+T2w\\+prior.*'
+                                              '--t1-only'):
+        select_weights(manifest, t2w=True, prior=True)
+    with pytest.raises(CheckpointError, match='inputs T1w;.*--no-atlas-prior'):
+        select_weights(manifest, t2w=False, prior=False)
+    with pytest.raises(CheckpointError, match='cobra'):
+        select_weights(manifest, t2w=False, prior=True, protocol='cobra')
+    with pytest.raises(CheckpointError, match='manifest not found'):
+        select_weights(tmp_path / 'nope.json', t2w=False, prior=True)
+    (tmp_path / 'w' / 'lobules_unet_T1w-prior.pt').unlink()
+    with pytest.raises(CheckpointError, match='weights not found.*lobules_unet'):
+        select_weights(manifest, t2w=False, prior=True)
+    assert CheckpointError.exit_code == 126
 
 
 def _interfaces():

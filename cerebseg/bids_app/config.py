@@ -29,6 +29,9 @@ class RunConfig:
     device: str = 'auto'
     atlas_library: str = 'suit'
     registration: str = 'torch'
+    models: str = 'ensemble'
+    no_atlas_prior: bool = False
+    cnn_weights: str = ''
     assets_dir: str = ''
     random_seed: int = 0
     stop_on_first_crash: bool = False

@@ -87,6 +87,16 @@ def _build_parser() -> argparse.ArgumentParser:
                              '(diffeomorphic, all entries in one batch, on --device; default), '
                              'ants (affine + SyN per entry) or both (each entry both ways, all '
                              'fused; slowest, used for silver-standard training labels)')
+    method.add_argument('--models', choices=['ensemble', 'unet', 'dpn', 'none'],
+                        default='ensemble',
+                        help='DeepCeres lobule networks: the U-Net and DPN ensemble (default), '
+                             'one of them, or none (the multi-atlas labels are the result)')
+    method.add_argument('--no-atlas-prior', action='store_true',
+                        help='networks without the multi-atlas prior channel (needs weights '
+                             'trained that way, see --cnn-weights)')
+    method.add_argument('--cnn-weights', type=Path, default=None,
+                        help='weights manifest (JSON) of the networks (default: the weights '
+                             'that ship with cerebseg)')
     method.add_argument('--assets-dir', type=Path, default=None,
                         help='assets folder (default: $CEREBSEG_ASSETS, then the user cache)')
     method.add_argument('--random-seed', type=int, default=0, help='seed of every sampler')

@@ -47,16 +47,41 @@ _REGISTRATION_TEXT['both'] = ('Every library entry registered twice, and all war
                               + _REGISTRATION_TEXT['ants'])
 
 
-def _dseg_meta(run, library: dict, bids_dir: Path, cfg) -> dict:
+def _cnn_meta(cnn: dict) -> dict:
+    """What the sidecar says about the networks (from their self-describing checkpoints)."""
+    from cerebseg.models.segmentation import read_checkpoint
+    from cerebseg.utils.images import sha256sum
+
+    stages = {}
+    for stage in ('hemisphere', 'lobules'):
+        nets = []
+        for path, arch in zip(cnn[stage]['files'], cnn[stage]['architectures']):
+            meta = read_checkpoint(path)
+            train = meta.get('training', {})
+            nets.append({'File': Path(path).name, 'Architecture': arch,
+                         'Sha256': sha256sum(path),
+                         'TrainingSteps': train.get('step'),
+                         'TrainingData': train.get('bids_dir'),
+                         'ValidationDice': train.get('best_validation_dice')})
+        stages[stage.capitalize()] = {'Inputs': cnn[stage]['inputs'], 'Networks': nets}
+    return {'Name': 'DeepCeres cascade: hemisphere network (background/left/right cerebellum), '
+                    'then the lobule network(s) at 0.5 mm inside its mask; several lobule '
+                    'networks are averaged (ensemble) and their disagreement is the '
+                    'uncertainty map', 'Inputs': cnn['variant'], **stages}
+
+
+def _dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) -> dict:
     from cerebseg import __version__
 
     def bids_uri(path):
         return f'bids:raw:{Path(path).relative_to(bids_dir).as_posix()}'
 
     sources = [bids_uri(run.t1w)] + ([bids_uri(run.t2w)] if run.t2w else [])
-    return {
+    meta = {
         'Description': 'Cerebellar lobules and deep nuclei (label protocol: '
-                       f'{library["name"]}) by multi-atlas segmentation.',
+                       f'{library["name"]}) by '
+                       + ('the DeepCeres CNN cascade with a multi-atlas prior.' if cnn else
+                          'multi-atlas segmentation.'),
         'Sources': sources,
         'Mode': 'T1w+T2w' if run.t2w else 'T1w',
         'Method': {
@@ -83,6 +108,11 @@ def _dseg_meta(run, library: dict, bids_dir: Path, cfg) -> dict:
         'SoftwareVersion': f'cerebseg {__version__}',
         'RandomSeed': cfg.random_seed,
     }
+    if cnn:
+        meta['Method']['Networks'] = _cnn_meta(cnn)
+        meta['Method']['NativeSpace'] = meta['Method']['NativeSpace'].replace(
+            'per-label probabilities', 'per-label ensemble probabilities')
+    return meta
 
 
 def _library_paths(assets, name: str) -> dict:
@@ -108,6 +138,17 @@ def _crash_kind(crash_dir: Path) -> tuple[int, str]:
     return 70, f'a processing step failed; see the crash files in {crash_dir}'
 
 
+def select_cnn(run, cfg) -> dict | None:
+    """The network weights of one run (None with --models none); CheckpointError if missing."""
+    from cerebseg.models.cascade import select_weights
+
+    if cfg.models == 'none':
+        return None
+    return select_weights(cfg.cnn_weights or None, t2w=bool(run.t2w),
+                          prior=not cfg.no_atlas_prior, models=cfg.models,
+                          protocol=cfg.atlas_library)
+
+
 def run_participant(run, cfg, assets, library: dict, device=None) -> tuple[int, str]:
     """Build and run the workflow of one T1w; returns (exit code, message)."""
     from nipype import config as ncfg
@@ -124,10 +165,11 @@ def run_participant(run, cfg, assets, library: dict, device=None) -> tuple[int, 
     tpl = assets.manifest['templates']
     templates = {'head': str(assets.path(tpl['head'])), 'brain': str(assets.path(tpl['brain'])),
                  'mask': str(assets.path(tpl['mask'])), 'icv_ml': tpl['brain_mask_volume_ml']}
+    cnn = select_cnn(run, cfg)
     wf = init_single_subject_wf(
         t1w=run.t1w, t2w=run.t2w, output_dir=str(output_dir), templates=templates,
-        grid=assets.manifest['grid'], library=library,
-        dseg_meta=_dseg_meta(run, library, Path(cfg.bids_dir), cfg),
+        grid=assets.manifest['grid'], library=library, cnn=cnn,
+        dseg_meta=_dseg_meta(run, library, Path(cfg.bids_dir), cfg, cnn),
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
         device=str(device or 'cpu'), use_gpu=device is not None and device.type != 'cpu',
         regnet=str(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else '',
@@ -144,7 +186,8 @@ def run_participant(run, cfg, assets, library: dict, device=None) -> tuple[int, 
     plugin_args = {'n_procs': cfg.nprocs, 'raise_insufficient': False}
     if cfg.mem_gb:
         plugin_args['memory_gb'] = cfg.mem_gb
-    LOGGER.log(IMPORTANT, 'Processing %s (%s)', run.label, 'T1w+T2w' if run.t2w else 'T1w')
+    LOGGER.log(IMPORTANT, 'Processing %s (%s; %s)', run.label, 'T1w+T2w' if run.t2w else 'T1w',
+               f'DeepCeres {cfg.models}, inputs {cnn["variant"]}' if cnn else 'multi-atlas')
     try:
         wf.run(plugin='MultiProc' if cfg.nprocs > 1 else 'Linear', plugin_args=plugin_args)
     except Exception as err:  # nipype wraps node failures in RuntimeError
@@ -170,7 +213,9 @@ def _finalize(cfg, library: dict | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_derivative_description(cfg.bids_dir, out)
     if not (out / '.bidsignore').exists():
-        atomic_write_text(out / '.bidsignore', '*/log/\n*_morph.tsv\n*_xfm.mat\n')
+        atomic_write_text(out / '.bidsignore',
+                          '*/log/\n*_morph.tsv\n*_xfm.mat\n*_uncertainty.nii.gz\n'
+                          '*_uncertainty.json\n')
     if library:
         atomic_copy(library['lut'], out / 'seg-cerebellum_dseg.tsv')
 
@@ -201,9 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         LOGGER.info('Torch device: %s', device)
         assets = load_assets(cfg.assets_dir or None)
         library = _library_paths(assets, cfg.atlas_library)
+        if cfg.models == 'none' and cfg.no_atlas_prior:
+            raise UsageError('--no-atlas-prior needs the networks; it cannot be combined with '
+                             '--models none (the multi-atlas labels are the prior).')
         runs = collect_inputs(cfg.bids_dir, cfg.participant_label, cfg.session_label,
                               load_filters(cfg.bids_filter_file or None), cfg.t1_only,
                               validate=not cfg.skip_bids_validation)
+        for run in runs:  # missing or mismatched weights stop everything (exit 126)
+            select_cnn(run, cfg)
     except CerebsegError as err:
         LOGGER.error('%s', err)
         return err.exit_code

@@ -48,6 +48,8 @@ class _VolumesInputSpec(BaseInterfaceInputSpec):
     lut = File(exists=True, mandatory=True, desc='lookup table TSV')
     t1_to_mni = File(exists=True, mandatory=True, desc='T1w -> MNI affine (ANTs)')
     template_icv_ml = traits.Float(mandatory=True, desc='brain-mask volume of the template')
+    uncertainty = traits.Str('', usedefault=True,
+                             desc="TSV of per-label uncertainty to add as a column ('' none)")
 
 
 class _VolumesOutputSpec(TraitedSpec):
@@ -77,8 +79,12 @@ class LabelVolumes(SimpleInterface):
         img = nib.load(self.inputs.dseg)
         det = abs(affine_determinant(self.inputs.t1_to_mni))
         icv_mm3 = self.inputs.template_icv_ml * 1000.0 * det
+        uncertainty = None
+        if self.inputs.uncertainty:
+            uncertainty = {row['index']: row['uncertainty']
+                           for row in read_lut_tsv(self.inputs.uncertainty)}
         table = morph_table(np.asarray(img.dataobj), img.header.get_zooms()[:3],
-                            read_lut_tsv(self.inputs.lut), icv_mm3)
+                            read_lut_tsv(self.inputs.lut), icv_mm3, uncertainty)
         self._results['out_file'] = os.path.join(runtime.cwd, 'morph.tsv')
         atomic_write_text(self._results['out_file'], table)
         self._results['icv_file'] = os.path.join(runtime.cwd, 'icv.json')

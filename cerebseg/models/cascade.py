@@ -16,15 +16,17 @@ Steps, on the 0.5 mm working grid:
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
-from cerebseg.models.segmentation import load_checkpoint
+from cerebseg.models.segmentation import CheckpointError, load_checkpoint
 from cerebseg.models.training import Subject, bounding_box, predict, stage_arrays
 
 LOGGER = logging.getLogger(__name__)
@@ -139,3 +141,64 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
     hemisphere = np.zeros(shape, np.uint8)
     hemisphere[region] = hemi
     return CascadeResult(classes, probseg, disagreement, hemisphere, labels)
+
+
+#: the weights that ship with cerebseg (see the model card next to it)
+DEFAULT_MANIFEST = Path(__file__).resolve().parents[1] / 'data' / 'weights' / 'deepceres.json'
+MODEL_CHOICES = ('ensemble', 'unet', 'dpn')
+
+
+def select_weights(manifest=None, *, t2w: bool, prior: bool, models: str = 'ensemble',
+                   protocol: str = 'suit') -> dict:
+    """The checkpoints a run needs, from a weights manifest (JSON).
+
+    The manifest maps an input set (``T1w+prior``, ``T1w+T2w+prior``, ...) to its
+    ``hemisphere`` and ``lobules`` checkpoints (``file`` relative to the manifest,
+    ``architecture``, ``inputs``). ``models`` keeps the lobule networks of one architecture or
+    all of them (the ensemble). Raises :class:`CheckpointError` (exit 126) with the fix when
+    something is missing.
+    """
+    manifest = Path(manifest) if manifest else DEFAULT_MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f'segmentation weights manifest not found: {manifest}. Reinstall '
+                              'cerebseg, or pass --cnn-weights with a manifest of weights '
+                              'trained by `cerebseg-train segmentation`.')
+    try:
+        spec = json.loads(manifest.read_text())
+    except ValueError as err:
+        raise CheckpointError(f'{manifest} is not valid JSON ({err})') from err
+    if spec.get('protocol') != protocol:
+        raise CheckpointError(f'the weights of {manifest} segment the {spec.get("protocol")} '
+                              f'protocol, not {protocol}; use --atlas-library '
+                              f'{spec.get("protocol")} or weights trained on {protocol} labels')
+    variant = '+'.join(['T1w'] + (['T2w'] if t2w else []) + (['prior'] if prior else []))
+    variants = spec.get('variants', {})
+    if variant not in variants:
+        hint = ' (--t1-only ignores the T2w)' if t2w else ''
+        hint += '' if prior else ' (without --no-atlas-prior the prior is used)'
+        raise CheckpointError(
+            f'{manifest} has no weights for the inputs {variant}; it has '
+            f'{sorted(variants) or "none"}. Choose a run with those inputs{hint}, or train '
+            f'weights for {variant} with `cerebseg-train segmentation --inputs '
+            f'{" ".join(variant.split("+"))}` and pass their manifest with --cnn-weights.')
+    out = {'variant': variant, 'manifest': str(manifest)}
+    for stage in ('hemisphere', 'lobules'):
+        entries = variants[variant].get(stage, [])
+        if stage == 'lobules' and models != 'ensemble':
+            entries = [e for e in entries if e['architecture'] == models]
+        if not entries:
+            raise CheckpointError(f'{manifest} has no {stage} network for {variant}'
+                                  + (f' with the {models} architecture' if stage == 'lobules'
+                                     else '') + '; use --models ensemble or other weights.')
+        inputs = {tuple(e['inputs']) for e in entries}
+        if len(inputs) > 1:
+            raise CheckpointError(f'{manifest}: the {stage} networks of {variant} differ in '
+                                  'their inputs')
+        files = [manifest.parent / e['file'] for e in entries]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f'segmentation weights not found: {f} (listed in '
+                                      f'{manifest}); reinstall cerebseg or fix the manifest.')
+        out[stage] = {'files': [str(f) for f in files], 'inputs': list(inputs.pop()),
+                      'architectures': [e['architecture'] for e in entries]}
+    return out

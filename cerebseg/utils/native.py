@@ -49,15 +49,21 @@ def label_volumes(labels: np.ndarray, zooms, n_labels: int) -> np.ndarray:
     return counts * float(np.prod(zooms))
 
 
-def morph_table(labels: np.ndarray, zooms, lut: list[dict], icv_mm3: float) -> str:
-    """BIDS-style TSV: index, name, volume_mm3, volume_icv_fraction (one row per non-0 label)."""
+def morph_table(labels: np.ndarray, zooms, lut: list[dict], icv_mm3: float,
+                uncertainty: dict | None = None) -> str:
+    """BIDS-style TSV: index, name, volume_mm3, volume_icv_fraction (one row per non-0 label),
+    and ``uncertainty`` (``{index: text}``, the networks' mean disagreement) when given."""
     vols = label_volumes(labels, zooms, max(r['index'] for r in lut) + 1)
-    lines = ['index\tname\tvolume_mm3\tvolume_icv_fraction']
+    lines = ['index\tname\tvolume_mm3\tvolume_icv_fraction'
+             + ('\tuncertainty' if uncertainty is not None else '')]
     for row in lut:
         if row['index'] == 0:
             continue
         vol = vols[row['index']]
-        lines.append(f"{row['index']}\t{row['name']}\t{vol:.1f}\t{vol / icv_mm3:.6e}")
+        line = f"{row['index']}\t{row['name']}\t{vol:.1f}\t{vol / icv_mm3:.6e}"
+        if uncertainty is not None:
+            line += f"\t{uncertainty.get(row['index'], 'n/a')}"
+        lines.append(line)
     return '\n'.join(lines) + '\n'
 
 

@@ -1,10 +1,12 @@
-"""Top-level workflow of one participant's T1w run (wiring only)."""
+"""Top-level workflows of one participant's T1w run (wiring only)."""
 from __future__ import annotations
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from cerebseg.workflows.deepceres import init_deepceres_wf
 from cerebseg.workflows.multiatlas import init_multiatlas_wf
+from cerebseg.workflows.native import init_native_wf
 from cerebseg.workflows.outputs import init_ds_wf
 from cerebseg.workflows.preproc import init_preproc_wf
 
@@ -14,7 +16,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            seed: int, reg_spacing: float = 1.0,
                            reg_iterations: tuple[int, ...] = (40, 20, 0),
                            registration: str = 'torch', device: str = 'cpu',
-                           use_gpu: bool = False, regnet: str = '',
+                           use_gpu: bool = False, regnet: str = '', cnn: dict | None = None,
                            name: str = 'single_subject_wf'):
     """Segment the cerebellum of one T1w (with its T2w when given) and write the derivatives.
 
@@ -25,15 +27,18 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     templates : dict
         Absolute paths of the MNI template ``head``, ``brain``, ``mask``, and ``icv_ml``.
     library : dict
-        ``entries`` (absolute paths), ``n_labels``, ``lut`` (absolute path).
+        ``entries`` (absolute paths), ``n_labels``, ``lut`` (absolute path), ``name``.
     dseg_meta : dict
         Static part of the dseg sidecars (sources, method, mode, version).
     registration, device, use_gpu, regnet
         See :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`.
+    cnn : dict or None
+        The DeepCeres weights (:func:`cerebseg.models.cascade.select_weights`); None: the
+        multi-atlas labels are the result.
 
     .. workflow::
 
-        inputnode -> preproc_wf -> multiatlas_wf -> ds_wf
+        inputnode -> preproc_wf -> multiatlas_wf [-> deepceres_wf] -> native_wf -> ds_wf
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't2w']), name='inputnode')
@@ -43,28 +48,55 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     preproc_wf = init_preproc_wf(templates=templates, grid=grid, use_t2w=bool(t2w),
                                  omp_nthreads=omp_nthreads, seed=seed)
     multiatlas_wf = init_multiatlas_wf(
-        entries=library['entries'], n_labels=library['n_labels'], lut=library['lut'],
-        template_icv_ml=templates['icv_ml'], reg_spacing=reg_spacing,
+        entries=library['entries'], n_labels=library['n_labels'], reg_spacing=reg_spacing,
         reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed,
         registration=registration, device=device, use_gpu=use_gpu, regnet=regnet)
-    ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w))
+    native_wf = init_native_wf(lut=library['lut'], template_icv_ml=templates['icv_ml'],
+                               omp_nthreads=omp_nthreads)
+    ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w),
+                       with_cnn=bool(cnn))
     qc_files = pe.Node(niu.Merge(3), name='qc_files', run_without_submitting=True)
     wf.connect([
         (inputnode, preproc_wf, [('t1w', 'inputnode.t1w'), ('t2w', 'inputnode.t2w')]),
-        (inputnode, multiatlas_wf, [('t1w', 'inputnode.t1w')]),
         (preproc_wf, multiatlas_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
-                                     ('outputnode.t2_box', 'inputnode.t2_box'),
-                                     ('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
+                                     ('outputnode.t2_box', 'inputnode.t2_box')]),
+        (inputnode, native_wf, [('t1w', 'inputnode.t1w')]),
+        (preproc_wf, native_wf, [('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
         (inputnode, ds_wf, [('t1w', 'inputnode.source_file')]),
         (preproc_wf, ds_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
                              ('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
-        (multiatlas_wf, ds_wf, [('outputnode.dseg_native', 'inputnode.dseg_native'),
-                                ('outputnode.dseg_box', 'inputnode.dseg_box'),
-                                ('outputnode.morph', 'inputnode.morph')]),
+        (native_wf, ds_wf, [('outputnode.dseg_native', 'inputnode.dseg_native'),
+                            ('outputnode.morph', 'inputnode.morph')]),
         (preproc_wf, qc_files, [('outputnode.mni_qc', 'in1')]),
-        (multiatlas_wf, qc_files, [('outputnode.icv', 'in2')]),
+        (native_wf, qc_files, [('outputnode.icv', 'in2')]),
         (qc_files, ds_wf, [('out', 'inputnode.qc_files')]),
     ])
+    if cnn:
+        deepceres_wf = init_deepceres_wf(weights=cnn, lut=library['lut'],
+                                         protocol=library['name'], omp_nthreads=omp_nthreads,
+                                         device=device, use_gpu=use_gpu)
+        if 'T2w' in cnn['lobules']['inputs'] + cnn['hemisphere']['inputs']:
+            wf.connect(preproc_wf, 'outputnode.t2_box', deepceres_wf, 'inputnode.t2_box')
+        else:
+            deepceres_wf.inputs.inputnode.t2_box = ''
+        if 'prior' in cnn['lobules']['inputs'] + cnn['hemisphere']['inputs']:
+            wf.connect(multiatlas_wf, 'outputnode.probseg_box', deepceres_wf, 'inputnode.prior')
+        else:
+            deepceres_wf.inputs.inputnode.prior = ''
+        wf.connect([
+            (preproc_wf, deepceres_wf, [('outputnode.t1_box', 'inputnode.t1_box')]),
+            (deepceres_wf, native_wf, [
+                ('outputnode.probseg_box', 'inputnode.probseg_box'),
+                ('outputnode.label_uncertainty', 'inputnode.label_uncertainty')]),
+            (deepceres_wf, ds_wf, [('outputnode.dseg_box', 'inputnode.dseg_box'),
+                                   ('outputnode.uncertainty', 'inputnode.uncertainty')]),
+            (multiatlas_wf, ds_wf, [('outputnode.dseg_box', 'inputnode.dseg_prior_box')]),
+        ])
+    else:
+        wf.connect([
+            (multiatlas_wf, native_wf, [('outputnode.probseg_box', 'inputnode.probseg_box')]),
+            (multiatlas_wf, ds_wf, [('outputnode.dseg_box', 'inputnode.dseg_box')]),
+        ])
     if t2w:
         wf.connect([(preproc_wf, qc_files, [('outputnode.t2_qc', 'in3')]),
                     (preproc_wf, ds_wf, [('outputnode.t2_to_t1', 'inputnode.t2_to_t1')])])
@@ -99,16 +131,13 @@ def init_prior_wf(*, t1w: str, t2w: str | None, templates: dict, grid: dict, lib
     preproc_wf = init_preproc_wf(templates=templates, grid=grid, use_t2w=bool(t2w),
                                  omp_nthreads=omp_nthreads, seed=seed)
     multiatlas_wf = init_multiatlas_wf(
-        entries=library['entries'], n_labels=library['n_labels'], lut=library['lut'],
-        template_icv_ml=templates['icv_ml'], reg_spacing=1.0, reg_iterations=[40, 20, 0],
-        omp_nthreads=omp_nthreads, seed=seed, registration=registration, device=device,
-        use_gpu=use_gpu, native=False)
+        entries=library['entries'], n_labels=library['n_labels'], reg_spacing=1.0,
+        reg_iterations=[40, 20, 0], omp_nthreads=omp_nthreads, seed=seed,
+        registration=registration, device=device, use_gpu=use_gpu)
     wf.connect([
         (inputnode, preproc_wf, [('t1w', 'inputnode.t1w'), ('t2w', 'inputnode.t2w')]),
-        (inputnode, multiatlas_wf, [('t1w', 'inputnode.t1w')]),
         (preproc_wf, multiatlas_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
-                                     ('outputnode.t2_box', 'inputnode.t2_box'),
-                                     ('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
+                                     ('outputnode.t2_box', 'inputnode.t2_box')]),
         (preproc_wf, outputnode, [('outputnode.t1_box', 't1_box'),
                                   ('outputnode.t2_box', 't2_box'),
                                   ('outputnode.t1_to_mni', 't1_to_mni')]),

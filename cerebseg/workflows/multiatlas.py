@@ -1,19 +1,16 @@
-"""Multi-atlas segmentation workflow: register every library entry, fuse, go back to native."""
+"""Multi-atlas segmentation workflow: register every library entry to the subject, fuse."""
 from __future__ import annotations
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from cerebseg.interfaces.multiatlas import FuseLabels, RegisterEntry
-from cerebseg.interfaces.native import LabelVolumes, ProbsToNative
 from cerebseg.interfaces.registration import TorchRegisterEntries
 
 
-def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template_icv_ml: float,
-                       reg_spacing: float, reg_iterations: list[int], omp_nthreads: int,
-                       seed: int, registration: str = 'torch', device: str = 'cpu',
-                       use_gpu: bool = False, regnet: str = '', native: bool = True,
-                       name: str = 'multiatlas_wf'):
+def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float,
+                       reg_iterations: list[int], omp_nthreads: int, seed: int, registration: str = 'torch', device: str = 'cpu',
+                       use_gpu: bool = False, regnet: str = '', name: str = 'multiatlas_wf'):
     """Register each library entry to the subject, fuse by local weighted voting.
 
     Parameters
@@ -26,31 +23,21 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template
         from, or empty); ``ants``: one ANTs affine + SyN per entry (``reg_spacing``,
         ``reg_iterations``); ``both``: each entry registered both ways and all ``2K`` warped
         entries fused (the slowest setting, used for silver-standard training labels).
-    native : bool
-        Also bring the labels to the native grid and measure them (``False``: only the
-        working-grid outputs, as for preparing training data).
 
     Inputs
     ------
-    t1w
-        The raw input T1w (defines the native grid).
-    t1_box, t2_box, t1_to_mni
+    t1_box, t2_box
         From :func:`~cerebseg.workflows.preproc.init_preproc_wf`.
 
     Outputs
     -------
     dseg_box, probseg_box
         Fused labels and probabilities on the working grid.
-    dseg_native
-        Labels on the input T1w's grid.
-    morph, icv
-        Volume table (TSV) and ICV estimate (JSON).
     """
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't1_box', 't2_box', 't1_to_mni']),
-                        name='inputnode')
-    outputnode = pe.Node(niu.IdentityInterface(
-        fields=['dseg_box', 'probseg_box', 'dseg_native', 'morph', 'icv']), name='outputnode')
+    inputnode = pe.Node(niu.IdentityInterface(fields=['t1_box', 't2_box']), name='inputnode')
+    outputnode = pe.Node(niu.IdentityInterface(fields=['dseg_box', 'probseg_box']),
+                         name='outputnode')
     if registration not in ('torch', 'ants', 'both'):
         raise ValueError(f"registration must be 'torch', 'ants' or 'both', not {registration!r}")
     registers = []
@@ -77,19 +64,6 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, lut: str, template
         (inputnode, fuse, [('t1_box', 'target_t1'), ('t2_box', 'target_t2')]),
         (fuse, outputnode, [('dseg', 'dseg_box'), ('probseg', 'probseg_box')]),
     ])
-    if native:
-        to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads), name='to_native',
-                            n_procs=omp_nthreads, mem_gb=2)
-        volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml),
-                          name='volumes')
-        wf.connect([
-            (inputnode, to_native, [('t1w', 'reference'), ('t1_to_mni', 't1_to_mni')]),
-            (fuse, to_native, [('probseg', 'probseg')]),
-            (to_native, volumes, [('out_file', 'dseg')]),
-            (inputnode, volumes, [('t1_to_mni', 't1_to_mni')]),
-            (to_native, outputnode, [('out_file', 'dseg_native')]),
-            (volumes, outputnode, [('out_file', 'morph'), ('icv_file', 'icv')]),
-        ])
     warped = ('warped_t1', 'warped_t2', 'warped_dseg')
     if len(registers) == 1:
         wf.connect([(registers[0], fuse, [(w, w) for w in warped])])

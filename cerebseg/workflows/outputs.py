@@ -8,21 +8,38 @@ from cerebseg.interfaces.bids import DerivativesDataSink
 
 SPACE = 'MNI152NLin2009cAsym'
 
-#: (input field, suffix, extension, entities, gets the dseg sidecar)
+#: (input field, suffix, extension, entities, sidecar: None, 'dseg', 'prior' or 'uncertainty')
 OUTPUTS = (
-    ('dseg_native', 'dseg', '.nii.gz', {'space': 'T1w', 'seg': 'cerebellum'}, True),
-    ('dseg_box', 'dseg', '.nii.gz', {'space': SPACE, 'res': '05', 'seg': 'cerebellum'}, True),
-    ('t1_box', 'T1w', '.nii.gz', {'space': SPACE, 'res': '05', 'desc': 'preproc'}, False),
-    ('t1_to_mni', 'xfm', '.mat', {'from': 'T1w', 'to': SPACE, 'mode': 'image'}, False),
-    ('morph', 'morph', '.tsv', {'seg': 'cerebellum'}, False),
+    ('dseg_native', 'dseg', '.nii.gz', {'space': 'T1w', 'seg': 'cerebellum'}, 'dseg'),
+    ('dseg_box', 'dseg', '.nii.gz', {'space': SPACE, 'res': '05', 'seg': 'cerebellum'}, 'dseg'),
+    ('t1_box', 'T1w', '.nii.gz', {'space': SPACE, 'res': '05', 'desc': 'preproc'}, None),
+    ('t1_to_mni', 'xfm', '.mat', {'from': 'T1w', 'to': SPACE, 'mode': 'image'}, None),
+    ('morph', 'morph', '.tsv', {'seg': 'cerebellum'}, None),
 )
 #: written only when a T2w was used
 T2W_OUTPUTS = (
-    ('t2_to_t1', 'xfm', '.mat', {'from': 'T2w', 'to': 'T1w', 'mode': 'image'}, False),
+    ('t2_to_t1', 'xfm', '.mat', {'from': 'T2w', 'to': 'T1w', 'mode': 'image'}, None),
 )
+#: written only when the networks ran: their input prior and their disagreement
+CNN_OUTPUTS = (
+    ('dseg_prior_box', 'dseg', '.nii.gz',
+     {'space': SPACE, 'res': '05', 'seg': 'cerebellum', 'desc': 'prior'}, 'prior'),
+    ('uncertainty', 'uncertainty', '.nii.gz',
+     {'space': SPACE, 'res': '05', 'seg': 'cerebellum'}, 'uncertainty'),
+)
+PRIOR_META = {'Description': 'Multi-atlas labels (locally weighted voting of the registered '
+                             'atlas library), the prior given to the networks; the main dseg is '
+                             'the networks\' result.'}
+UNCERTAINTY_META = {'Description': 'Voxelwise disagreement of the lobule networks: total-'
+                                   'variation distance 0.5 * sum_c |p_i(c) - p_j(c)| between '
+                                   'their class probabilities, averaged over pairs of networks '
+                                   '(0: identical, 1: disjoint). Its mean within each label is '
+                                   'the uncertainty column of the morph table.',
+                    'Units': 'arbitrary (0-1)'}
 
 
-def init_ds_wf(*, output_dir: str, dseg_meta: dict, with_t2w: bool, name: str = 'ds_wf'):
+def init_ds_wf(*, output_dir: str, dseg_meta: dict, with_t2w: bool, with_cnn: bool = False,
+               name: str = 'ds_wf'):
     """Write the participant's derivatives.
 
     Inputs
@@ -33,20 +50,24 @@ def init_ds_wf(*, output_dir: str, dseg_meta: dict, with_t2w: bool, name: str = 
         Files to store.
     t2_to_t1
         The T2w -> T1w rigid transform (``with_t2w`` only).
+    dseg_prior_box, uncertainty
+        The multi-atlas prior and the network disagreement map (``with_cnn`` only).
     qc_files
         JSON files merged into the dseg sidecars (fit quality, ICV).
     """
     wf = pe.Workflow(name=name)
-    outputs = OUTPUTS + (T2W_OUTPUTS if with_t2w else ())
+    outputs = OUTPUTS + (T2W_OUTPUTS if with_t2w else ()) + (CNN_OUTPUTS if with_cnn else ())
+    metas = {'dseg': dseg_meta, 'prior': dict(dseg_meta, **PRIOR_META),
+             'uncertainty': dict(UNCERTAINTY_META, Sources=dseg_meta.get('Sources', []))}
     fields = ['source_file', 'qc_files'] + [o[0] for o in outputs]
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name='inputnode')
     for field, suffix, ext, entities, sidecar in outputs:
         node = pe.Node(DerivativesDataSink(base_directory=output_dir, suffix=suffix,
                                            extension=ext, entities=entities,
-                                           meta=dseg_meta if sidecar else {}),
+                                           meta=metas.get(sidecar, {})),
                        name=f'ds_{field}', run_without_submitting=True)
         wf.connect(inputnode, 'source_file', node, 'source_file')
         wf.connect(inputnode, field, node, 'in_file')
-        if sidecar:
+        if sidecar == 'dseg':
             wf.connect(inputnode, 'qc_files', node, 'meta_files')
     return wf

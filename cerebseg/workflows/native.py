@@ -1,0 +1,48 @@
+"""From working-grid probabilities to native-space labels and their volumes."""
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from cerebseg.interfaces.native import LabelVolumes, ProbsToNative
+
+
+def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
+                   name: str = 'native_wf'):
+    """Resample the label probabilities to the input T1w's grid and measure each label.
+
+    Inputs
+    ------
+    t1w
+        The raw input T1w (defines the native grid).
+    t1_to_mni
+        T1w -> MNI affine (ANTs).
+    probseg_box
+        Label probabilities on the working grid (4D uint8, labels last).
+    label_uncertainty
+        Per-label uncertainty TSV to add to the volume table ('' for none).
+
+    Outputs
+    -------
+    dseg_native, morph, icv
+        Labels on the T1w grid, volume table (TSV), intracranial volume estimate (JSON).
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=['t1w', 't1_to_mni', 'probseg_box', 'label_uncertainty']), name='inputnode')
+    inputnode.inputs.label_uncertainty = ''
+    outputnode = pe.Node(niu.IdentityInterface(fields=['dseg_native', 'morph', 'icv']),
+                         name='outputnode')
+    to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads), name='to_native',
+                        n_procs=omp_nthreads, mem_gb=2)
+    volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml), name='volumes')
+    wf.connect([
+        (inputnode, to_native, [('t1w', 'reference'), ('t1_to_mni', 't1_to_mni'),
+                                ('probseg_box', 'probseg')]),
+        (to_native, volumes, [('out_file', 'dseg')]),
+        (inputnode, volumes, [('t1_to_mni', 't1_to_mni'),
+                              ('label_uncertainty', 'uncertainty')]),
+        (to_native, outputnode, [('out_file', 'dseg_native')]),
+        (volumes, outputnode, [('out_file', 'morph'), ('icv_file', 'icv')]),
+    ])
+    return wf
