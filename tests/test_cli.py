@@ -111,18 +111,29 @@ def test_unregistrable_t2w_is_refused(tmp_path, shared_data, assets_dir, caplog)
     assert 'could not be registered to its T1w' in caplog.text
 
 
-@pytest.mark.integration
-def test_end_to_end_real_subject(tmp_path, shared_data, assets_dir):
-    """ds002748 sub-01 (T1w only, skull-stripped): every output, on the right grid, plausible."""
+@pytest.fixture(scope='module')
+def real_run(shared_data, assets_dir, tmp_path_factory):
+    """ds002748 sub-01 through the default pipeline (DeepCeres ensemble cascade with prior)."""
     bids = shared_data / 'bids/ds002748'
-    out, work = tmp_path / 'out', tmp_path / 'work'
+    root = tmp_path_factory.mktemp('real')
+    out, work = root / 'out', root / 'work'
     argv = [str(bids), str(out), 'participant', '--participant-label', '01',
             '--assets-dir', str(assets_dir), '-w', str(work)]
-    assert main(argv) == 0
+    code = main(argv)
+    return {'bids': bids, 'out': out, 'work': work, 'argv': argv, 'code': code}
+
+
+@pytest.mark.integration
+def test_end_to_end_real_subject(real_run):
+    """Every output, on the right grid, plausible; the networks' uncertainty is reported."""
+    bids, out, argv = real_run['bids'], real_run['out'], real_run['argv']
+    assert real_run['code'] == 0
     anat = out / 'sub-01/anat'
+    box = 'sub-01_space-MNI152NLin2009cAsym_res-05_seg-cerebellum'
     expected = ['sub-01_space-T1w_seg-cerebellum_dseg.nii.gz',
                 'sub-01_space-T1w_seg-cerebellum_dseg.json',
-                'sub-01_space-MNI152NLin2009cAsym_res-05_seg-cerebellum_dseg.nii.gz',
+                f'{box}_dseg.nii.gz', f'{box}_desc-prior_dseg.nii.gz',
+                f'{box}_uncertainty.nii.gz', f'{box}_uncertainty.json',
                 'sub-01_space-MNI152NLin2009cAsym_res-05_desc-preproc_T1w.nii.gz',
                 'sub-01_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat',
                 'sub-01_seg-cerebellum_morph.tsv']
@@ -151,8 +162,22 @@ def test_end_to_end_real_subject(tmp_path, shared_data, assets_dir):
     meta = json.loads((anat / 'sub-01_space-T1w_seg-cerebellum_dseg.json').read_text())
     assert meta['Mode'] == 'T1w' and meta['Sources'] == ['bids:raw:sub-01/anat/sub-01_T1w.nii.gz']
     assert meta['TemplateFitCorrelation'] > 0.3 and meta['IntracranialVolume_mm3'] > 9e5
+    nets = meta['Method']['Networks']
+    assert nets['Inputs'] == 'T1w+prior'
+    assert [n['Architecture'] for n in nets['Lobules']['Networks']] == ['unet', 'dpn']
     desc = json.loads((out / 'dataset_description.json').read_text())
     assert desc['DatasetType'] == 'derivative' and desc['GeneratedBy'][0]['Name'] == 'cerebseg'
+    # the networks agree with their prior on most of the cerebellum, not everywhere
+    cnn = np.asarray(nib.load(anat / f'{box}_dseg.nii.gz').dataobj)
+    prior = np.asarray(nib.load(anat / f'{box}_desc-prior_dseg.nii.gz').dataobj)
+    both = (cnn > 0) | (prior > 0)
+    assert 0.6 < (cnn[both] == prior[both]).mean() < 1.0
+    unc = np.asarray(nib.load(anat / f'{box}_uncertainty.nii.gz').dataobj)
+    assert unc.min() >= 0 and unc.max() <= 1 and unc[cnn > 0].mean() > 0
+    morph = [line.split('\t') for line in
+             (anat / 'sub-01_seg-cerebellum_morph.tsv').read_text().splitlines()]
+    assert morph[0][-1] == 'uncertainty' and len(morph) == 35
+    assert all(0 <= float(r[-1]) <= 1 for r in morph[1:] if r[-1] != 'n/a')
 
     # a re-run with the same work folder resumes and gives the same labels
     first = hashlib.sha256(np.asarray(dseg.dataobj).tobytes()).hexdigest()
@@ -162,6 +187,42 @@ def test_end_to_end_real_subject(tmp_path, shared_data, assets_dir):
     # group level gathers the volumes
     assert main([str(bids), str(out), 'group']) == 0
     assert (out / 'group_seg-cerebellum_morph.tsv').read_text().count('sub-01') == 1
+
+
+@pytest.mark.integration
+def test_train_and_eval_on_real_subject(real_run, assets_dir, tmp_path, capsys):
+    """cerebseg-train segmentation (reusing the run's work folder) and cerebseg-eval."""
+    import torch
+
+    from cerebseg.bids_app.evaluate import main as eval_main
+    from cerebseg.bids_app.train import main as train_main
+    from cerebseg.models.segmentation import load_checkpoint
+
+    assert real_run['code'] == 0
+    out, ckpt = real_run['out'], tmp_path / 'lobules.pt'
+    rc = train_main(['segmentation', str(real_run['bids']), '--labels', str(out),
+                     '--out', str(ckpt), '--participant-label', '01',
+                     '--assets-dir', str(assets_dir), '--work-dir', str(real_run['work']),
+                     '--architecture', 'dpn', '--features', '16', '8', '--epochs', '3',
+                     '--steps-per-epoch', '4', '--patch-size', '32', '--batch-size', '2',
+                     '--learning-rate', '3e-3', '--nthreads', '2', '--half'])
+    assert rc == 0
+    model, meta = load_checkpoint(ckpt, inputs=['T1w', 'prior'], stage='lobules',
+                                  protocol='suit')
+    history = meta['training']['history']
+    assert len(history) == 3 and history[-1]['loss'] < history[0]['loss'], history
+    assert meta['training']['train'] == ['sub-01'] and meta['config']['features'] == [16, 8]
+    state = torch.load(ckpt.with_name(ckpt.name + '.state.pt'), weights_only=True)
+    for key, value in model.state_dict().items():  # fp16 checkpoint = last weights
+        torch.testing.assert_close(value, state['weights'][key], atol=2e-3, rtol=1e-2)
+    # the networks against their own prior, scored by cerebseg-eval
+    table = tmp_path / 'eval.tsv'
+    assert eval_main(['--reference', str(out), '--method', f'prior={out}', '--desc',
+                      'prior=prior', '--method', f'cascade={out}', '--out', str(table)]) == 0
+    rows = {r.split('\t')[0]: r.split('\t') for r in table.read_text().splitlines()}
+    assert float(rows['Mean over labels'][3]) == pytest.approx(1.0)  # cascade vs itself
+    assert 0.5 < float(rows['Whole cerebellum'][1]) < 1.0             # prior vs cascade
+    assert 'Whole cerebellum' in capsys.readouterr().out
 
 
 def test_cuda_requested_without_gpu_exit_2(tmp_path, caplog):

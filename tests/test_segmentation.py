@@ -253,3 +253,20 @@ def test_ensemble_distance():
     assert torch.allclose(dis, torch.tensor([1.0, 0.5]))
     unc = cascade.label_uncertainty(np.array([0, 1]), dis.numpy(), 3)
     assert unc[0] == 1.0 and unc[1] == 0.5 and np.isnan(unc[2])
+
+
+@pytest.mark.parametrize('arch', ['unet', 'dpn'])
+def test_transfer_weights_adds_a_zero_t2w_channel(tmp_path, arch):
+    torch.manual_seed(0)
+    old = seg.build_model(arch, 1 + 5, 6, features=[4, 4, 4])
+    path = seg.save_checkpoint(tmp_path / 'o.pt', old, architecture=arch,
+                               inputs=['T1w', 'prior'], stage='lobules', labels=LABELS,
+                               spacing=0.5, protocol='suit')
+    new = seg.build_model(arch, 2 + 5, 6, features=[4, 4, 4])
+    adapted = seg.transfer_weights(seg.read_checkpoint(path), new, ['T1w', 'T2w', 'prior'], 5)
+    assert adapted
+    x = torch.randn(1, 6, 8, 8, 8)
+    x2 = torch.cat([x[:, :1], 5 * torch.randn(1, 1, 8, 8, 8), x[:, 1:]], 1)
+    old.eval(), new.eval()
+    with torch.no_grad():  # the T2w channel changes nothing until it is trained
+        assert torch.allclose(old(x), new(x2), atol=1e-5)

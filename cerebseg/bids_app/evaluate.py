@@ -35,6 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--space', default='MNI152NLin2009cAsym_res-05',
                         help="space entity of the label maps ('T1w', ...; 'none': no space "
                              'entity); default: the working grid cerebseg writes')
+    parser.add_argument('--desc', action='append', default=[], metavar='NAME=DESC',
+                        help="take method NAME's label maps with this desc entity (e.g. "
+                             "prior=prior for cerebseg's desc-prior maps; default: maps "
+                             'without desc); NAME may be "reference"')
     parser.add_argument('--participant-label', nargs='+', default=None)
     parser.add_argument('--lut', type=Path, default=None,
                         help='lookup table (default: seg-cerebellum_dseg.tsv of --reference)')
@@ -51,11 +55,14 @@ def _key(name: str) -> tuple:
     return tuple((e, ents[e]) for e in KEY_ENTITIES if e in ents)
 
 
-def label_maps(folder: Path, space: str, participants=None) -> dict:
-    """``{entity key: path}`` of the dseg images of one space in a derivatives folder."""
+def label_maps(folder: Path, space: str, participants=None, desc: str | None = None) -> dict:
+    """``{entity key: path}`` of the dseg images of one space (and ``desc``, or without
+    one) in a derivatives folder."""
     found = {}
     for path in sorted(folder.glob('sub-*/**/*_dseg.nii*')):
         name = path.name
+        if (f'_desc-{desc}_' not in name) if desc else ('_desc-' in name):
+            continue
         if space == 'none':
             if '_space-' in name:
                 continue
@@ -90,6 +97,12 @@ def evaluate(opts) -> int:
         if not folder.is_dir():
             raise UsageError(f'{what} folder not found: {folder}')
     names = list(methods)
+    descs = {}
+    for item in opts.desc:
+        name, sep, desc = item.partition('=')
+        if not sep or name not in names + ['reference']:
+            raise UsageError(f'--desc takes NAME=DESC with a method name, got {item!r}')
+        descs[name] = desc
     compare = [tuple(c.split(':', 1)) for c in opts.compare] if opts.compare else \
         [(names[-1], m) for m in names[:-1]]
     for pair in compare:
@@ -100,10 +113,11 @@ def evaluate(opts) -> int:
         raise UsageError(f'lookup table not found: {lut_path} (give one with --lut)')
     lut = [row for row in read_lut(lut_path) if row[0] != 0]
     values = [v for v, _ in lut]
-    refs = label_maps(opts.reference, opts.space, opts.participant_label)
+    refs = label_maps(opts.reference, opts.space, opts.participant_label,
+                      descs.get('reference'))
     if not refs:
         raise BadDataError(f'No reference label maps (space {opts.space}) in {opts.reference}')
-    found = {m: label_maps(folder, opts.space, opts.participant_label)
+    found = {m: label_maps(folder, opts.space, opts.participant_label, descs.get(m))
              for m, folder in methods.items()}
     keys = [k for k in refs if all(k in found[m] for m in names)]
     for m in names:

@@ -67,7 +67,11 @@ def _add_segmentation_parser(sub) -> None:
     cmd.add_argument('bids_dir', type=Path, help='BIDS dataset with the T1w (and T2w) images')
     cmd.add_argument('--labels', type=Path, required=True,
                      help='derivatives folder with one reference dseg per T1w')
-    cmd.add_argument('--out', type=Path, required=True, help='checkpoint to write (.pt)')
+    cmd.add_argument('--out', type=Path, default=None,
+                     help='checkpoint to write (.pt); required unless --prepare-only')
+    cmd.add_argument('--prepare-only', action='store_true',
+                     help='only prepare (and cache in --work-dir) the training data: '
+                          'preprocessing, prior, labels on the working grid')
     cmd.add_argument('--stage', choices=STAGES, default='lobules',
                      help='hemisphere (background/left/right, 1 mm) or lobules (0.5 mm)')
     cmd.add_argument('--architecture', choices=sorted(ARCHITECTURES), default='unet')
@@ -100,6 +104,10 @@ def _add_segmentation_parser(sub) -> None:
                      help='preprocessing and prior of each participant (a cerebseg work '
                           'folder can be shared)')
     cmd.add_argument('--resume', action='store_true', help='continue from --out.state.pt')
+    cmd.add_argument('--init', type=Path, default=None,
+                     help='start from this checkpoint (same architecture and stage; e.g. a '
+                          'T1w+prior network to fine-tune with --inputs T1w T2w prior: the new '
+                          'channels start at zero weight)')
     cmd.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
     cmd.add_argument('--nthreads', type=int, default=os.cpu_count() or 1)
     cmd.add_argument('--random-seed', type=int, default=0)
@@ -220,6 +228,8 @@ def train_segmentation(opts) -> int:
     for path, what in ((opts.bids_dir, 'BIDS folder'), (opts.labels, 'labels folder')):
         if not path.is_dir():
             raise UsageError(f'{what} not found: {path}')
+    if opts.out is None and not opts.prepare_only:
+        raise UsageError('--out is required (or --prepare-only)')
     try:
         inputs = seg.check_inputs(opts.inputs)
         device = resolve_device(opts.device)
@@ -249,6 +259,10 @@ def train_segmentation(opts) -> int:
                                 opts.work_dir, omp_nthreads=opts.nthreads,
                                 seed=opts.random_seed) for r in run_list]
 
+    if opts.prepare_only:
+        subjects = prepare(train_runs + val_runs)
+        LOGGER.info('Prepared %d T1w in %s', len(subjects), opts.work_dir)
+        return 0
     factor = 2 if opts.stage == 'hemisphere' else 1
     spacing = float(assets.manifest['grid']['spacing']) * factor
     pairs = {}
@@ -273,7 +287,20 @@ def train_segmentation(opts) -> int:
     else:
         if opts.resume:
             LOGGER.warning('No %s to resume from; starting afresh', state_file)
-        model = seg.build_model(opts.architecture, n_in, len(stage_labels), **config)
+        arch = opts.architecture
+        init = None
+        if opts.init:
+            init = seg.read_checkpoint(opts.init)
+            if init['stage'] != opts.stage or init['labels'] != [list(x) for x in stage_labels]:
+                raise UsageError(f'--init {opts.init} is a {init["stage"]} network with other '
+                                 'labels; it cannot start this one')
+            arch = init['architecture']
+            config = {'features': init['config']['features']}
+        model = seg.build_model(arch, n_in, len(stage_labels), **config)
+        if init is not None:
+            adapted = seg.transfer_weights(init, model, inputs, len(stage_labels) - 1)
+            LOGGER.info('Started from %s (%s; adapted: %s)', opts.init,
+                        '+'.join(init['inputs']), ', '.join(adapted) or 'none')
     LOGGER.info('%s %s network, inputs %s (%d channels), %d classes, %d parameters; '
                 '%d training and %d validation T1w', opts.architecture, opts.stage,
                 '+'.join(inputs), n_in, len(stage_labels), seg.count_parameters(model),
@@ -284,6 +311,7 @@ def train_segmentation(opts) -> int:
                 'patch_size': patch, 'batch_size': opts.batch_size,
                 'learning_rate': opts.learning_rate, 'steps_per_epoch': opts.steps_per_epoch,
                 'seed': opts.random_seed, 'device': device.type,
+                'init': opts.init.name if opts.init else None,
                 'torch_version': torch.__version__}
 
     def on_epoch(model, state, improved):

@@ -32,7 +32,7 @@ def find_label_file(deriv_dir, run) -> Path:
         folder = folder / f'ses-{run.session}'
     folder = folder / 'anat'
     found = sorted(folder.glob(f'{run.label}_*dseg.nii*')) if folder.is_dir() else []
-    found = [p for p in found if '_desc-' not in p.name or '_seg-cerebellum' in p.name]
+    found = [p for p in found if '_desc-' not in p.name]  # desc-prior etc. are not references
     for rank in (lambda n: GRID_SPACE in n, lambda n: '_space-T1w_' in n,
                  lambda n: '_space-' not in n):
         hits = [p for p in found if rank(p.name)]

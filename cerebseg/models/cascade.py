@@ -93,7 +93,7 @@ def _stage_probs(models, subject: Subject, stage: str, labels: list, out_shape, 
 @torch.inference_mode()
 def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_models: list,
                 lobule_models: list, t2: np.ndarray | None = None,
-                prior: np.ndarray | None = None, device='cpu', roi: int = 128,
+                prior: np.ndarray | None = None, device='cpu', roi: int = 256,
                 roi_margin_mm: float = 12.0, mask_margin_mm: float = 3.0,
                 bf16: bool = False) -> CascadeResult:
     """Segment one working-grid volume (see the module docstring).

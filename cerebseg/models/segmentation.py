@@ -232,3 +232,44 @@ def load_checkpoint(path, *, inputs=None, stage: str | None = None, protocol: st
         raise CheckpointError(f'{path}: the weights do not fit the {meta["architecture"]} '
                               f'architecture it declares ({err})') from err
     return model.to(torch.device(device)).eval(), meta
+
+
+def _channel_names(inputs, n_prior: int) -> list[str]:
+    names = []
+    for name in check_inputs(inputs):
+        names += [f'prior{i}' for i in range(n_prior)] if name == 'prior' else [name]
+    return names
+
+
+def transfer_weights(ckpt: dict, model: nn.Module, inputs, n_prior: int) -> list[str]:
+    """Start ``model`` (built for ``inputs``) from a checkpoint trained on other inputs.
+
+    Layers whose input channels differ (those that see the network input: the U-Net's first
+    convolution, every DPN block) keep the weights of the channels both input sets have; a
+    channel only the new set has (e.g. T2w) starts at zero, so the new network first computes
+    what the old one did. Returns the names of the adapted parameters.
+    """
+    old = _channel_names(ckpt['inputs'], n_prior)
+    new = _channel_names(inputs, n_prior)
+    state = {k: v.float() for k, v in ckpt['state_dict'].items()}
+    target = model.state_dict()
+    if set(state) != set(target):
+        raise CheckpointError('the checkpoint does not have the architecture of the new network')
+    adapted = []
+    for key, value in target.items():
+        src = state[key]
+        if src.shape == value.shape:
+            continue
+        extra = src.shape[1] - len(old)
+        if value.dim() < 2 or extra < 0 or value.shape[1] - len(new) != extra:
+            raise CheckpointError(f'{key}: shapes {tuple(src.shape)} and {tuple(value.shape)} '
+                                  'differ by more than the input channels')
+        out = torch.zeros_like(value)
+        for j, name in enumerate(new):
+            if name in old:
+                out[:, j] = src[:, old.index(name)]
+        out[:, len(new):] = src[:, len(old):]
+        state[key] = out
+        adapted.append(key)
+    model.load_state_dict(state, strict=True)
+    return adapted
