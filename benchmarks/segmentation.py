@@ -18,8 +18,10 @@ For each: mean over labels of the Dice (mean (sd) over cases), whole-cerebellum 
 two-sided Wilcoxon signed-rank p-value of the per-case mean Dice against ``prior``.
 ``--per-label METHOD`` also prints the per-label table (paper's Table 1 layout) against the prior.
 
-Cost (``--timing``): wall time and peak resident memory of each stage network and of the whole
-cascade on one held-out subject, each in a fresh process, on ``--threads`` CPU threads.
+Cost (``--timing``): wall time and peak resident memory of each stage network (on the whole
+cropped working grid of one held-out subject), of the paper-width U-Net and DPN (untrained
+weights: the cost does not depend on them) and of the whole cascade, each in a fresh process,
+on ``--threads`` CPU threads.
 
 Usage::
 
@@ -151,10 +153,17 @@ def timing_child(queue, args, what):
         cascade.run_cascade(subject.t1, labels=labels, x_mm=subject.x_mm, hemisphere_models=hemi,
                             lobule_models=lob, prior=subject.prior)
     else:
+        from cerebseg.models.segmentation import build_model, n_input_channels
         from cerebseg.models.training import predict, stage_arrays
 
         stage, idx = what.split(':')
-        model, meta = (hemi if stage == 'hemisphere' else lob)[int(idx)]
+        if stage == 'paper':  # the paper's widths, untrained: cost only
+            meta = dict(lob[0][1])
+            model = build_model(idx, n_input_channels(meta['inputs'], len(labels) - 1),
+                                len(labels)).eval()
+            stage = 'lobules'
+        else:
+            model, meta = (hemi if stage == 'hemisphere' else lob)[int(idx)]
         factor = round(meta['spacing'] / SPACING)
         image, _, _ = stage_arrays(subject, stage, meta['inputs'], labels, factor)
         image = np.asarray(image)
@@ -230,9 +239,11 @@ def main(argv=None):
         w = cascade.select_weights(args.timing_manifest, t2w=False, prior=True,
                                    protocol=args.library)
         what = ['hemisphere:0'] + [f'lobules:{i}' for i in range(len(w['lobules']['files']))] \
-            + ['cascade']
+            + ['paper:unet', 'paper:dpn', 'cascade']
         names_t = ['hemisphere ' + w['hemisphere']['architectures'][0]] + \
-            ['lobules ' + a for a in w['lobules']['architectures']] + ['whole cascade (ensemble)']
+            ['lobules ' + a for a in w['lobules']['architectures']] + \
+            ['lobules unet, paper widths (untrained)', 'lobules dpn, paper widths (untrained)',
+             'whole cascade (shipped ensemble)']
         ctx = mp.get_context('spawn')
         print(f'\n## CPU inference, {args.threads} threads, one held-out subject')
         print('| network | working-grid crop | seconds | peak memory (GB) | memory before (GB) |')

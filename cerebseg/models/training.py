@@ -321,7 +321,7 @@ def train_segmentation(model, train: list, validation: list, *, labels: list, n_
             state.step += 1
         scores = []
         for img, tgt in validation:
-            probs = predict(model, img, device=device, roi=max(patch, 64), bf16=bf16)
+            probs = predict(model, img, device=device, roi=max(patch, 160), bf16=bf16)
             scores.append(np.nanmean(dice_scores(probs.argmax(0).numpy(), tgt, len(labels))))
         score = float(np.mean(scores)) if scores else float('nan')
         state.epoch += 1
