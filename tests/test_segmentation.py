@@ -270,3 +270,16 @@ def test_transfer_weights_adds_a_zero_t2w_channel(tmp_path, arch):
     old.eval(), new.eval()
     with torch.no_grad():  # the T2w channel changes nothing until it is trained
         assert torch.allclose(old(x), new(x2), atol=1e-5)
+
+
+@pytest.mark.parametrize('arch', ['unet', 'dpn'])
+def test_prior_residual_starts_at_the_prior(arch):
+    torch.manual_seed(0)
+    model = seg.build_model(arch, 1 + 5, 6, features=[4, 4], prior_channels=5).eval()
+    probs = torch.distributions.Dirichlet(torch.ones(6)).sample((8, 8, 8)).permute(3, 0, 1, 2)
+    x = torch.cat([torch.randn(1, 1, 8, 8, 8), probs[None, 1:]], 1)
+    with torch.no_grad():
+        out = torch.softmax(model(x), 1)[0]
+    assert torch.allclose(out, probs, atol=0.01)
+    with pytest.raises(ValueError, match='cannot be added'):
+        seg.build_model(arch, 6, 6, prior_channels=4)

@@ -79,6 +79,9 @@ def _add_segmentation_parser(sub) -> None:
                      help='widths per level (default: the architecture\'s)')
     cmd.add_argument('--inputs', nargs='+', choices=CHANNELS, default=['T1w', 'prior'],
                      help='input channels (T1w required)')
+    cmd.add_argument('--no-prior-residual', action='store_true',
+                     help='the prior is an input channel only (default: its log-probabilities '
+                          'are also added to the logits, the network learns corrections)')
     cmd.add_argument('--loss', choices=sorted(LOSSES), default='deepceres',
                      help='deepceres: log(((1 - mean Dice) + BCE) / 2); dicece: Dice + CE')
     cmd.add_argument('--assets-dir', type=Path, default=None,
@@ -276,6 +279,8 @@ def train_segmentation(opts) -> int:
     patch = opts.patch_size or (64 if opts.stage == 'hemisphere' else 96)
     n_in = seg.n_input_channels(inputs, len(stage_labels) - 1)
     config = {'features': opts.features} if opts.features else {}
+    if 'prior' in inputs and not opts.no_prior_residual:
+        config['prior_channels'] = len(stage_labels) - 1
     state = None
     state_file = _state_path(opts.out)
     if opts.resume and state_file.is_file():
@@ -295,7 +300,10 @@ def train_segmentation(opts) -> int:
                 raise UsageError(f'--init {opts.init} is a {init["stage"]} network with other '
                                  'labels; it cannot start this one')
             arch = init['architecture']
-            config = {'features': init['config']['features']}
+            config = {k: v for k, v in init['config'].items()
+                      if k not in ('in_channels', 'out_channels')}
+            if 'prior' not in inputs:
+                config['prior_channels'] = 0
         model = seg.build_model(arch, n_in, len(stage_labels), **config)
         if init is not None:
             adapted = seg.transfer_weights(init, model, inputs, len(stage_labels) - 1)

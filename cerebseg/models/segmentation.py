@@ -7,6 +7,11 @@ and :func:`load_checkpoint` refuses a checkpoint whose inputs differ from the on
 
 * :class:`UNet3D`: encoder-decoder with skip connections, two 3x3x3 convolutions (instance norm,
   leaky ReLU) per level, strided-convolution downsampling, transposed-convolution upsampling.
+* With ``prior_channels`` (the default when the prior is an input), the prior's
+  log-probabilities are also added to the logits and the output layer starts at zero: an
+  untrained network returns the prior, and training learns corrections to it. This is
+  cerebseg's addition to DeepCeres (where the prior is an input channel only); it makes short
+  trainings start from the prior's accuracy instead of from chance.
 * :class:`DPN3D`: the Deep Pyramidal Network of DeepCeres. There is no learned encoder: the
   input is average-pooled to 1/2, 1/4 and 1/8 resolution; the decoder starts at 1/8 and refines
   coarse to fine, each level seeing the upsampled features of the coarser one and the pooled
@@ -45,15 +50,44 @@ def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
         nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, inplace=True))
 
 
+class _PriorResidual(nn.Module):
+    """Adds the prior's log-probabilities to the logits (``prior_channels`` > 0).
+
+    The prior's foreground probabilities are the last ``prior_channels`` input channels; the
+    background gets one minus their sum. The head starts at zero, so an untrained network
+    returns the prior itself and training learns corrections to it.
+    """
+
+    def __init__(self, prior_channels: int, out_channels: int, eps: float = 1e-3):
+        super().__init__()
+        if prior_channels and prior_channels + 1 != out_channels:
+            raise ValueError(f'a prior of {prior_channels} foreground classes cannot be added '
+                             f'to {out_channels} outputs')
+        self.prior_channels = prior_channels
+        self.eps = eps
+
+    def zero_head(self, head: nn.Conv3d) -> None:
+        if self.prior_channels:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.prior_channels:
+            return logits
+        fg = x[:, -self.prior_channels:].float().clamp(0, 1)
+        bg = (1 - fg.sum(1, keepdim=True)).clamp_min(0)
+        return logits + torch.log(torch.cat([bg, fg], 1) + self.eps)
+
+
 class UNet3D(nn.Module):
     """3D U-Net; ``features`` per level, the last one is the bottleneck (input sides must be
     multiples of ``2 ** (len(features) - 1)``)."""
 
     def __init__(self, in_channels: int, out_channels: int,
-                 features: tuple[int, ...] = (16, 32, 64, 120, 120)):
+                 features: tuple[int, ...] = (16, 32, 64, 120, 120), prior_channels: int = 0):
         super().__init__()
         self.config = {'in_channels': in_channels, 'out_channels': out_channels,
-                       'features': list(features)}
+                       'features': list(features), 'prior_channels': prior_channels}
         self.down = nn.ModuleList()
         cin = in_channels
         for i, f in enumerate(features):
@@ -66,19 +100,21 @@ class UNet3D(nn.Module):
             self.dec.append(_conv_block(2 * f, f))
             cin = f
         self.head = nn.Conv3d(cin, out_channels, 1)
+        self.prior = _PriorResidual(prior_channels, out_channels)
+        self.prior.zero_head(self.head)
 
     @property
     def divisor(self) -> int:
         return 2 ** (len(self.down) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+        inp, skips = x, []
         for block in self.down:
             x = block(x)
             skips.append(x)
         for up, dec, skip in zip(self.up, self.dec, reversed(skips[:-1])):
             x = dec(torch.cat([up(x), skip], 1))
-        return self.head(x)
+        return self.prior(self.head(x), inp)
 
 
 class DPN3D(nn.Module):
@@ -89,10 +125,10 @@ class DPN3D(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int,
-                 features: tuple[int, ...] = (88, 56, 32, 16)):
+                 features: tuple[int, ...] = (88, 56, 32, 16), prior_channels: int = 0):
         super().__init__()
         self.config = {'in_channels': in_channels, 'out_channels': out_channels,
-                       'features': list(features)}
+                       'features': list(features), 'prior_channels': prior_channels}
         self.levels = len(features)
         self.blocks = nn.ModuleList()
         self.up = nn.ModuleList()
@@ -103,6 +139,8 @@ class DPN3D(nn.Module):
             self.blocks.append(_conv_block(in_channels + (f if i else 0), f))
             cprev = f
         self.head = nn.Conv3d(cprev, out_channels, 1)
+        self.prior = _PriorResidual(prior_channels, out_channels)
+        self.prior.zero_head(self.head)
 
     @property
     def divisor(self) -> int:
@@ -115,7 +153,7 @@ class DPN3D(nn.Module):
         y = self.blocks[0](pyramid[-1])
         for i in range(1, self.levels):
             y = self.blocks[i](torch.cat([pyramid[-1 - i], self.up[i - 1](y)], 1))
-        return self.head(y)
+        return self.prior(self.head(y), x)
 
 
 #: architecture name -> class (the registry used by the command line and the checkpoints)
