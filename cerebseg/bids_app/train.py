@@ -320,7 +320,7 @@ def train_segmentation(opts) -> int:
                 'learning_rate': opts.learning_rate, 'steps_per_epoch': opts.steps_per_epoch,
                 'seed': opts.random_seed, 'device': device.type,
                 'init': opts.init.name if opts.init else None,
-                'torch_version': torch.__version__}
+                'torch_version': str(torch.__version__)}
 
     def on_epoch(model, state, improved):
         arch = next(k for k, v in seg.ARCHITECTURES.items() if isinstance(model, v))

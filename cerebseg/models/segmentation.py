@@ -203,10 +203,14 @@ def save_checkpoint(path, model: nn.Module, *, architecture: str, inputs, stage:
     ``labels`` are ``[index, name]`` pairs: output class ``i`` is protocol label
     ``labels[i][0]`` (class 0 is the background). ``half`` stores the weights as float16.
     """
+    import json
+
     from cerebseg import __version__
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # plain JSON types only, so that the file loads with weights_only=True
+    training = json.loads(json.dumps(training or {}, default=str))
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
     ckpt = {'format': CHECKPOINT_FORMAT, 'format_version': CHECKPOINT_VERSION,
@@ -214,7 +218,7 @@ def save_checkpoint(path, model: nn.Module, *, architecture: str, inputs, stage:
             'config': {k: v for k, v in model.config.items()},
             'inputs': check_inputs(inputs), 'stage': stage,
             'labels': [[int(i), str(n)] for i, n in labels], 'spacing': float(spacing),
-            'protocol': protocol, 'training': dict(training or {}), 'state_dict': state}
+            'protocol': protocol, 'training': training, 'state_dict': state}
     tmp = path.with_name(path.name + '.tmp')
     torch.save(ckpt, tmp)
     tmp.replace(path)
