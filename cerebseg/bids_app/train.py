@@ -309,8 +309,9 @@ def train_segmentation(opts) -> int:
             adapted = seg.transfer_weights(init, model, inputs, len(stage_labels) - 1)
             LOGGER.info('Started from %s (%s; adapted: %s)', opts.init,
                         '+'.join(init['inputs']), ', '.join(adapted) or 'none')
+    arch_name = next(k for k, v in seg.ARCHITECTURES.items() if isinstance(model, v))
     LOGGER.info('%s %s network, inputs %s (%d channels), %d classes, %d parameters; '
-                '%d training and %d validation T1w', opts.architecture, opts.stage,
+                '%d training and %d validation T1w', arch_name, opts.stage,
                 '+'.join(inputs), n_in, len(stage_labels), seg.count_parameters(model),
                 len(pairs['train']), len(pairs['validation']))
     training = {'bids_dir': opts.bids_dir.name, 'labels_dir': opts.labels.name,
@@ -323,7 +324,7 @@ def train_segmentation(opts) -> int:
                 'torch_version': str(torch.__version__)}
 
     def on_epoch(model, state, improved):
-        arch = next(k for k, v in seg.ARCHITECTURES.items() if isinstance(model, v))
+        arch = arch_name
         tmp = state_file.with_name(state_file.name + '.tmp')
         state_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save({'architecture': arch, 'config': model.config,
