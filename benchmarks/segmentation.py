@@ -13,7 +13,8 @@ Accuracy, on the 0.5 mm working grid, per case:
   deformation. The prior is cerebseg's: the *other* entries registered (torch) and fused.
 
 Methods: ``prior`` (the multi-atlas labels alone) and, for each weights manifest given
-(``--weights NAME=MANIFEST``, repeatable), the cascade with the U-Net, the DPN and their ensemble.
+(``--weights NAME=MANIFEST``, repeatable), the cascade with the U-Net, the DPN and their ensemble
+(one run per case: the members of the ensemble give the single-network rows).
 For each: mean over labels of the Dice (mean (sd) over cases), whole-cerebellum Dice, and the
 two-sided Wilcoxon signed-rank p-value of the per-case mean Dice against ``prior``.
 ``--per-label METHOD`` also prints the per-label table (paper's Table 1 layout) against the prior.
@@ -107,25 +108,30 @@ def known_cases(args, assets, library):
 
 
 def predictions(subject, labels, manifests, args):
-    """``{method: label array}`` for one case."""
+    """``{method: label array}`` for one case: the prior, and per weights manifest one
+    ensemble cascade whose members give the U-Net and DPN rows (same hemisphere mask)."""
     out = {'prior': subject.prior.argmax(0).astype(np.uint8)}
     for name, manifest in manifests.items():
-        for models in ('unet', 'dpn', 'ensemble'):
-            try:
-                w = cascade.select_weights(manifest, t2w=subject.t2 is not None and name.endswith(
-                    't2w'), prior=not name.endswith('noprior'), models=models,
-                    protocol=args.library)
-            except cascade.CheckpointError as err:
-                print(f'# {name}/{models}: {err}')
-                continue
-            hemi = cascade.load_models(w['hemisphere']['files'], inputs=w['hemisphere']['inputs'],
-                                       stage='hemisphere', protocol=args.library)
-            lob = cascade.load_models(w['lobules']['files'], inputs=w['lobules']['inputs'],
-                                      stage='lobules', protocol=args.library)
-            res = cascade.run_cascade(subject.t1, labels=labels, x_mm=subject.x_mm,
-                                      hemisphere_models=hemi, lobule_models=lob, t2=subject.t2,
-                                      prior=subject.prior)
-            out[f'{name} {models}'] = res.classes
+        t2w = name.endswith('t2w')
+        if t2w and subject.t2 is None:
+            continue
+        try:
+            w = cascade.select_weights(manifest, t2w=t2w, prior=not name.endswith('noprior'),
+                                       protocol=args.library)
+        except cascade.CheckpointError as err:
+            print(f'# {name}: {err}')
+            continue
+        hemi = cascade.load_models(w['hemisphere']['files'], inputs=w['hemisphere']['inputs'],
+                                   stage='hemisphere', protocol=args.library)
+        lob = cascade.load_models(w['lobules']['files'], inputs=w['lobules']['inputs'],
+                                  stage='lobules', protocol=args.library)
+        res = cascade.run_cascade(subject.t1, labels=labels, x_mm=subject.x_mm,
+                                  hemisphere_models=hemi, lobule_models=lob, t2=subject.t2,
+                                  prior=subject.prior, members=True)
+        for arch, member in zip(w['lobules']['architectures'], res.members):
+            out[f'{name} {arch}'] = member
+        if len(res.members) > 1:
+            out[f'{name} ensemble'] = res.classes
     return out
 
 
@@ -209,28 +215,33 @@ def main(argv=None):
     for title, cases in groups.items():
         if not cases:
             continue
-        scores = {}
+        scores = {}  # method -> {case: per-label Dice + whole-cerebellum Dice}
         for cname, subject in cases:
             tic = time.perf_counter()
             preds = predictions(subject, labels, manifests, args)
             truth = subject.classes  # class index == label value for the library protocols
             for method, pred in preds.items():
                 row = list(dice_per_label(pred, truth, values)) + [whole_dice(pred, truth)]
-                scores.setdefault(method, []).append(row)
+                scores.setdefault(method, {})[cname] = row
             print(f'# {cname}: {len(preds)} methods, {time.perf_counter() - tic:.0f} s',
                   flush=True)
-        scores = {m: np.array(s) for m, s in scores.items()}
         print(f'\n## {title}: {len(cases)} cases')
-        print('| method | mean lobule Dice | whole cerebellum Dice | p vs prior (mean Dice) |')
-        print('|---|---|---|---|')
-        base = np.nanmean(scores['prior'][:, :-1], axis=1)
-        for method, s in scores.items():
-            per_case = np.nanmean(s[:, :-1], axis=1)
+        print('| method | cases | mean lobule Dice, mean (sd) | whole cerebellum Dice | '
+              'p vs prior (per-case mean Dice, Wilcoxon) |')
+        print('|---|---|---|---|---|')
+        for method, by_case in scores.items():
+            s_arr = np.array(list(by_case.values()))
+            per_case = np.nanmean(s_arr[:, :-1], axis=1)
+            base = np.array([np.nanmean(scores['prior'][c][:-1]) for c in by_case])
             p = '' if method == 'prior' else f'{wilcoxon_p(per_case, base):.2g}'
-            print(f'| {method} | {per_case.mean():.4f} ({per_case.std(ddof=1) if len(per_case) > 1 else 0:.4f}) '
-                  f'| {np.nanmean(s[:, -1]):.4f} | {p} |')
+            sd = per_case.std(ddof=1) if len(per_case) > 1 else 0.0
+            print(f'| {method} | {len(per_case)} | {per_case.mean():.4f} ({sd:.4f}) | '
+                  f'{np.nanmean(s_arr[:, -1]):.4f} | {p} |')
         if args.per_label and args.per_label in scores:
-            rows = scores_table({k: scores[k] for k in ('prior', args.per_label)}, names)
+            cases_m = list(scores[args.per_label])
+            arrays = {k: np.array([scores[k][c] for c in cases_m])
+                      for k in ('prior', args.per_label)}
+            rows = scores_table(arrays, names)
             text, _ = format_table(rows, ['prior', args.per_label],
                                    [(args.per_label, 'prior')])
             print(f'\n{text}')

@@ -237,6 +237,13 @@ def test_cascade_ensemble_and_uncertainty(tmp_path):
     assert outside.sum() <= (res.hemisphere > 0).sum()
     unc = res.label_uncertainty()
     assert unc.shape == (6,)
+    assert res.members is None
+    with_members = cascade.run_cascade(s.t1, labels=LABELS, x_mm=s.x_mm, hemisphere_models=hm,
+                                       lobule_models=lm, prior=s.prior, roi=16, roi_margin_mm=2,
+                                       mask_margin_mm=1, members=True)
+    assert len(with_members.members) == 2
+    assert np.array_equal(with_members.classes, res.classes)
+    assert all(m.shape == s.t1.shape for m in with_members.members)
     # one network: no disagreement
     one = cascade.run_cascade(s.t1, labels=LABELS, x_mm=s.x_mm, hemisphere_models=hm,
                               lobule_models=lm[:1], prior=s.prior, roi=16)

@@ -40,6 +40,7 @@ class CascadeResult:
     disagreement: np.ndarray   # (X, Y, Z) float32 in [0, 1]
     hemisphere: np.ndarray     # (X, Y, Z) uint8: 0 background, 1 left, 2 right
     labels: list               # [index, name] of each class
+    members: list | None = None  # per lobule network: its own (X, Y, Z) classes (on request)
 
     def label_uncertainty(self) -> np.ndarray:
         """Mean disagreement over the voxels of each class (NaN where a class is absent)."""
@@ -95,11 +96,12 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
                 lobule_models: list, t2: np.ndarray | None = None,
                 prior: np.ndarray | None = None, device='cpu', roi: int = 256,
                 roi_margin_mm: float = 12.0, mask_margin_mm: float = 3.0,
-                bf16: bool = False) -> CascadeResult:
+                bf16: bool = False, members: bool = False) -> CascadeResult:
     """Segment one working-grid volume (see the module docstring).
 
     ``prior``: ``(L, X, Y, Z)`` uint8 probabilities of the protocol's ``labels`` (or None);
-    the models are ``(model, meta)`` pairs from :func:`load_models`.
+    the models are ``(model, meta)`` pairs from :func:`load_models`. ``members``: also return
+    each lobule network's own labels (same hemisphere mask), for comparisons.
     """
     shape = t1.shape
     n = len(labels)
@@ -124,13 +126,20 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
                    None if sub.prior is None else sub.prior[(slice(None),) + box])
     lprobs = _stage_probs(lobule_models, crop, 'lobules', labels, crop.t1.shape, device, roi,
                           bf16)
+    inside = torch.as_tensor(mask[box])
+    full = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, box))
+    member_classes = None
+    if members:
+        member_classes = []
+        for p in lprobs:
+            member = np.zeros(shape, np.uint8)
+            member[full] = np.where(mask[box], p.argmax(0).numpy(), 0)
+            member_classes.append(member)
     lmean, dis = ensemble(lprobs)
     del lprobs
-    inside = torch.as_tensor(mask[box])
     lmean[:, ~inside] = 0
     lmean[0, ~inside] = 1
     dis[~inside] = 0
-    full = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, box))
     classes = np.zeros(shape, np.uint8)
     classes[full] = lmean.argmax(0).numpy()
     probseg = np.zeros(shape + (n,), np.uint8)
@@ -140,7 +149,7 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
     disagreement[full] = dis.numpy()
     hemisphere = np.zeros(shape, np.uint8)
     hemisphere[region] = hemi
-    return CascadeResult(classes, probseg, disagreement, hemisphere, labels)
+    return CascadeResult(classes, probseg, disagreement, hemisphere, labels, member_classes)
 
 
 #: the weights that ship with cerebseg (see the model card next to it)
