@@ -58,9 +58,8 @@ def write_fake_weights(folder, labels, protocol='suit', variants=('T1w+prior', '
     return folder / 'deepceres.json'
 
 
-@pytest.mark.parametrize('with_t2,registration', [(False, 'torch'), (True, 'torch'),
-                                                   (True, 'ants')])
-def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
+def _subject_graph(tmp_path, fake_assets, with_t2, **kwargs):
+    """The participant workflow of a tiny synthetic T1w (and T2w) with the fake library."""
     templates, library = fake_assets
     root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz',
                                               'anat/sub-01_T2w.nii.gz']})
@@ -69,8 +68,17 @@ def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
     wf = init_single_subject_wf(t1w=t1w, t2w=t2w, output_dir=str(tmp_path / 'out'),
                                 templates=templates, grid=WORKING_GRID.to_dict(),
                                 library=library, dseg_meta={'Mode': 'x'}, omp_nthreads=1,
-                                seed=0, registration=registration, device='cpu')
+                                seed=0, **kwargs)
     wf.base_dir = str(tmp_path / 'work')
+    return wf
+
+
+@pytest.mark.parametrize('with_t2,registration', [(False, 'torch'), (True, 'torch'),
+                                                   (True, 'ants')])
+def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
+    templates, library = fake_assets
+    wf = _subject_graph(tmp_path, fake_assets, with_t2, registration=registration,
+                        device='cpu')
     graph = generate_expanded_graph(wf._create_flat_graph())
     names = {n.fullname.split('.')[-1] for n in graph.nodes()}
     assert {'t1_correct', 'mni_affine', 'to_grid', 'fuse', 'to_native', 'volumes',
@@ -140,15 +148,7 @@ def test_cnn_graph(tmp_path, fake_assets, with_t2, models):
     cnn = select_weights(manifest, t2w=with_t2, prior=True, models=models)
     assert cnn['variant'] == ('T1w+T2w+prior' if with_t2 else 'T1w+prior')
     assert len(cnn['lobules']['files']) == (2 if models == 'ensemble' else 1)
-    root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz',
-                                              'anat/sub-01_T2w.nii.gz']})
-    t1w = str(root / 'sub-01/anat/sub-01_T1w.nii.gz')
-    t2w = str(root / 'sub-01/anat/sub-01_T2w.nii.gz') if with_t2 else None
-    wf = init_single_subject_wf(t1w=t1w, t2w=t2w, output_dir=str(tmp_path / 'out'),
-                                templates=templates, grid=WORKING_GRID.to_dict(),
-                                library=library, dseg_meta={'Mode': 'x'}, omp_nthreads=1,
-                                seed=0, cnn=cnn)
-    wf.base_dir = str(tmp_path / 'work')
+    wf = _subject_graph(tmp_path, fake_assets, with_t2, cnn=cnn)
     graph = generate_expanded_graph(wf._create_flat_graph())
     names = {n.fullname.split('.')[-1] for n in graph.nodes()}
     assert {'cascade', 'fuse', 'to_native', 'ds_dseg_prior_box', 'ds_uncertainty'} <= names
