@@ -336,7 +336,8 @@ def train_segmentation(opts) -> int:
                                 protocol=opts.atlas_library, half=opts.half,
                                 training=dict(training, epoch=state.epoch, step=state.step,
                                               history=state.history,
-                                              best_validation_dice=state.best))
+                                              best_validation_dice=state.best
+                                              if state.best >= 0 else None))
             LOGGER.info('Checkpoint written: %s (epoch %d)', opts.out, state.epoch)
 
     tr.train_segmentation(
