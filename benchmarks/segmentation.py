@@ -135,9 +135,14 @@ def predictions(subject, labels, manifests, args):
     return out
 
 
-def timing_child(queue, args, what):
-    import resource
+def _rss_gb(field: str) -> float:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1]) / 1024 ** 2
+    return float('nan')
 
+
+def timing_child(queue, args, what):
     torch.set_num_threads(args.threads)
     from cerebseg.assets.locate import load_assets
     from cerebseg.bids_app.run import _library_paths
@@ -153,7 +158,11 @@ def timing_child(queue, args, what):
                                stage='hemisphere', protocol=args.library)
     lob = cascade.load_models(w['lobules']['files'], inputs=w['lobules']['inputs'],
                               stage='lobules', protocol=args.library)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def reset_peak():  # Linux: the peak resident size restarts from the current one
+        Path('/proc/self/clear_refs').write_text('5')
+        return _rss_gb('VmRSS')
+
+    before = reset_peak()
     tic = time.perf_counter()
     if what == 'cascade':
         cascade.run_cascade(subject.t1, labels=labels, x_mm=subject.x_mm, hemisphere_models=hemi,
@@ -173,11 +182,11 @@ def timing_child(queue, args, what):
         factor = round(meta['spacing'] / SPACING)
         image, _, _ = stage_arrays(subject, stage, meta['inputs'], labels, factor)
         image = np.asarray(image)
+        before = reset_peak()
         tic = time.perf_counter()
         predict(model, image)
     seconds = time.perf_counter() - tic
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put((seconds, before, peak, subject.t1.shape))
+    queue.put((seconds, before, _rss_gb('VmHWM'), subject.t1.shape))
 
 
 def main(argv=None):
@@ -257,7 +266,8 @@ def main(argv=None):
              'whole cascade (shipped ensemble)']
         ctx = mp.get_context('spawn')
         print(f'\n## CPU inference, {args.threads} threads, one held-out subject')
-        print('| network | working-grid crop | seconds | peak memory (GB) | memory before (GB) |')
+        print('| network | working-grid crop | seconds | peak memory (GB) | memory before (GB, '
+              'data and weights loaded) |')
         print('|---|---|---|---|---|')
         for label, item in zip(names_t, what):
             queue = ctx.Queue()
@@ -265,8 +275,8 @@ def main(argv=None):
             proc.start()
             seconds, before, peak, shape = queue.get()
             proc.join()
-            print(f'| {label} | {shape} | {seconds:.1f} | {peak / 1024:.2f} | '
-                  f'{before / 1024:.2f} |', flush=True)
+            print(f'| {label} | {shape} | {seconds:.1f} | {peak:.2f} | {before:.2f} |',
+                  flush=True)
 
 
 if __name__ == '__main__':
