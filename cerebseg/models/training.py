@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from cerebseg.models.losses import LOSSES
 from cerebseg.utils import labels as lab
+from cerebseg.utils.evaluation import dice_per_label
 
 LOGGER = logging.getLogger(__name__)
 STAGES = ('hemisphere', 'lobules')
@@ -244,17 +245,6 @@ def predict(model, image: np.ndarray, *, device='cpu', roi: int = 128, overlap: 
     return out[0, :, :shape[0], :shape[1], :shape[2]].float().cpu()
 
 
-def dice_scores(pred: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
-    """Hard Dice of classes 1..n-1 (NaN where absent from both)."""
-    out = np.full(n - 1, np.nan)
-    for c in range(1, n):
-        p, t = pred == c, truth == c
-        denom = p.sum() + t.sum()
-        if denom:
-            out[c - 1] = 2.0 * (p & t).sum() / denom
-    return out
-
-
 @dataclass
 class TrainState:
     """Everything needed to resume: counters, history, RNG states, optimiser state."""
@@ -322,7 +312,8 @@ def train_segmentation(model, train: list, validation: list, *, labels: list, n_
         scores = []
         for img, tgt in validation:
             probs = predict(model, img, device=device, roi=max(patch, 160), bf16=bf16)
-            scores.append(np.nanmean(dice_scores(probs.argmax(0).numpy(), tgt, len(labels))))
+            scores.append(np.nanmean(dice_per_label(probs.argmax(0).numpy(), tgt,
+                                                    range(1, len(labels)))))
         score = float(np.mean(scores)) if scores else float('nan')
         state.epoch += 1
         state.history.append({'epoch': state.epoch, 'step': state.step,
