@@ -109,9 +109,7 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
         region = bounding_box(prior[0] < 128, int(round(roi_margin_mm / GRID_SPACING)), even=True)
     else:
         region = bounding_box(np.ones(shape, bool), 0, even=True)
-    sub = Subject('subject', t1[region], np.zeros(t1[region].shape, np.uint8), x_mm[region[0]],
-                  None if t2 is None else t2[region],
-                  None if prior is None else prior[(slice(None),) + region])
+    sub = Subject('subject', t1, np.zeros(shape, np.uint8), x_mm, t2, prior).crop(region)
     rshape = sub.t1.shape
     hprobs = _stage_probs(hemisphere_models, sub, 'hemisphere', labels, rshape, device, roi, bf16)
     hmean, _ = ensemble(hprobs)
@@ -121,9 +119,7 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
     mask = ndimage.binary_dilation(hemi > 0, ndimage.generate_binary_structure(3, 1),
                                    iterations=margin) if margin else hemi > 0
     box = bounding_box(hemi > 0, margin)
-    crop = Subject('subject', sub.t1[box], sub.classes[box], sub.x_mm[box[0]],
-                   None if sub.t2 is None else sub.t2[box],
-                   None if sub.prior is None else sub.prior[(slice(None),) + box])
+    crop = sub.crop(box)
     lprobs = _stage_probs(lobule_models, crop, 'lobules', labels, crop.t1.shape, device, roi,
                           bf16)
     inside = torch.as_tensor(mask[box])

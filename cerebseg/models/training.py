@@ -38,6 +38,12 @@ class Subject:
     t2: np.ndarray | None = None        # (X, Y, Z) float32
     prior: np.ndarray | None = None     # (L, X, Y, Z) uint8, probability * 255
 
+    def crop(self, box: tuple[slice, ...]) -> 'Subject':
+        """The same participant inside ``box`` (three slices of the spatial axes; views)."""
+        return Subject(self.name, self.t1[box], self.classes[box], self.x_mm[box[0]],
+                       None if self.t2 is None else self.t2[box],
+                       None if self.prior is None else self.prior[(slice(None),) + box])
+
 
 def bounding_box(mask: np.ndarray, margin: int, even: bool = False) -> tuple[slice, ...]:
     """Slices of the bounding box of ``mask`` grown by ``margin`` voxels (clipped), the whole
@@ -63,10 +69,7 @@ def crop_subject(subject: Subject, margin: int) -> Subject:
         fg |= subject.prior[0] < 128
     if not fg.any():
         raise ValueError(f'{subject.name}: no cerebellum in the labels or the prior')
-    sl = bounding_box(fg, margin, even=True)
-    return Subject(subject.name, subject.t1[sl], subject.classes[sl], subject.x_mm[sl[0]],
-                   None if subject.t2 is None else subject.t2[sl],
-                   None if subject.prior is None else subject.prior[(slice(None),) + sl])
+    return subject.crop(bounding_box(fg, margin, even=True))
 
 
 def _pool(volume: np.ndarray, factor: int) -> np.ndarray:
