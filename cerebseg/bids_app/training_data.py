@@ -97,6 +97,7 @@ def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nth
 
     from cerebseg.models.training import Subject, crop_subject
     from cerebseg.utils.grid import BoxGrid
+    from cerebseg.utils.images import read_probseg
     from cerebseg.utils.labels import class_index, read_lut
 
     work_dir = Path(work_dir)
@@ -113,8 +114,7 @@ def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nth
     grid = BoxGrid.from_dict(assets.manifest['grid'])
     t1 = np.asarray(nib.load(out.t1_box).dataobj, np.float32)
     t2 = np.asarray(nib.load(out.t2_box).dataobj, np.float32) if out.t2_box else None
-    probseg = nib.load(out.probseg_box)
-    prior = np.moveaxis(np.asarray(probseg.dataobj.get_unscaled(), np.uint8), -1, 0)
+    prior = read_probseg(out.probseg_box)
     values = labels_on_grid(label_file, run.t1w, grid, out.t1_to_mni)
     try:
         classes = class_index(values, read_lut(library['lut']))

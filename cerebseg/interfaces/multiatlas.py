@@ -99,7 +99,7 @@ class FuseLabels(SimpleInterface):
         import numpy as np
 
         from cerebseg.kernels.wmv import weighted_majority_vote
-        from cerebseg.utils.images import atomic_save, to_label_image
+        from cerebseg.utils.images import atomic_save, to_label_image, to_probseg_image
 
         ref = nib.load(self.inputs.target_t1)
         use_t2 = bool(self.inputs.target_t2)
@@ -123,8 +123,7 @@ class FuseLabels(SimpleInterface):
         self._results['dseg'] = os.path.join(runtime.cwd, 'fused_dseg.nii.gz')
         atomic_save(to_label_image(fusion.fused, ref.affine), self._results['dseg'])
         # uint8 in 1/255 steps (rounded), labels last: what nibabel writes for the float array
-        img = nib.Nifti1Image(fusion.probseg_uint8(), ref.affine)
-        img.header.set_slope_inter(1.0 / 255, 0.0)
         self._results['probseg'] = os.path.join(runtime.cwd, 'fused_probseg.nii.gz')
-        atomic_save(img, self._results['probseg'])
+        atomic_save(to_probseg_image(fusion.probseg_uint8(), ref.affine),
+                    self._results['probseg'])
         return runtime

@@ -46,7 +46,8 @@ class DeepCeresCascade(SimpleInterface):
         import torch
 
         from cerebseg.models.cascade import load_models, run_cascade
-        from cerebseg.utils.images import atomic_save, atomic_write_text, to_label_image
+        from cerebseg.utils.images import (atomic_save, atomic_write_text, read_probseg,
+                                           to_label_image, to_probseg_image)
         from cerebseg.utils.labels import read_lut
 
         torch.set_num_threads(max(self.inputs.num_threads, 1))
@@ -56,10 +57,7 @@ class DeepCeresCascade(SimpleInterface):
         t1 = np.asarray(ref.dataobj, np.float32)
         t2 = np.asarray(nib.load(self.inputs.t2_box).dataobj, np.float32) \
             if self.inputs.t2_box else None
-        prior = None
-        if self.inputs.prior:
-            raw = nib.load(self.inputs.prior).dataobj.get_unscaled()
-            prior = np.moveaxis(np.asarray(raw, np.uint8), -1, 0)
+        prior = read_probseg(self.inputs.prior) if self.inputs.prior else None
         common = {'protocol': self.inputs.protocol, 'device': device}
         hemi = load_models(self.inputs.hemisphere_weights, inputs=self.inputs.hemisphere_inputs,
                            stage='hemisphere', **common)
@@ -77,9 +75,7 @@ class DeepCeresCascade(SimpleInterface):
             ('uncertainty', 'cascade_uncertainty.nii.gz'),
             ('label_uncertainty', 'label_uncertainty.tsv'))}
         atomic_save(to_label_image(values[res.classes], ref.affine), out['dseg'])
-        prob_img = nib.Nifti1Image(res.probseg, ref.affine)
-        prob_img.header.set_slope_inter(1 / 255, 0)
-        atomic_save(prob_img, out['probseg'])
+        atomic_save(to_probseg_image(res.probseg, ref.affine), out['probseg'])
         atomic_save(nib.Nifti1Image(res.disagreement, ref.affine), out['uncertainty'])
         unc = res.label_uncertainty()
         rows = ['index\tname\tuncertainty'] + [

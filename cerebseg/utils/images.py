@@ -160,3 +160,16 @@ def to_label_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     return img
+
+
+def to_probseg_image(probs: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """The probseg layout cerebseg writes: ``(X, Y, Z, L)`` uint8 in 1/255 steps, labels last."""
+    img = nib.Nifti1Image(np.asarray(probs, dtype=np.uint8), affine)
+    img.header.set_slope_inter(1.0 / 255, 0.0)
+    return img
+
+
+def read_probseg(path: str | os.PathLike) -> np.ndarray:
+    """A file written by :func:`to_probseg_image` as ``(L, X, Y, Z)`` uint8 (probability * 255)."""
+    raw = nib.load(path).dataobj.get_unscaled()
+    return np.moveaxis(np.asarray(raw, np.uint8), -1, 0)
