@@ -138,6 +138,19 @@ def _crash_kind(crash_dir: Path) -> tuple[int, str]:
     return 70, f'a processing step failed; see the crash files in {crash_dir}'
 
 
+def template_paths(assets) -> dict:
+    """Absolute paths of the MNI template ``head``, ``brain``, ``mask``, and ``icv_ml``."""
+    tpl = assets.manifest['templates']
+    return {'head': str(assets.path(tpl['head'])), 'brain': str(assets.path(tpl['brain'])),
+            'mask': str(assets.path(tpl['mask'])), 'icv_ml': tpl['brain_mask_volume_ml']}
+
+
+def workflow_name(run) -> str:
+    """Nipype name of one T1w's workflow; ``cerebseg-train`` uses it too, so that the two
+    share the nodes of a work folder."""
+    return f'cerebseg_{run.label.replace("-", "_")}_wf'
+
+
 def select_cnn(run, cfg) -> dict | None:
     """The network weights of one run (None with --models none); CheckpointError if missing."""
     from cerebseg.models.cascade import select_weights
@@ -162,9 +175,7 @@ def run_participant(run, cfg, assets, library: dict, device=None) -> tuple[int, 
     log_dir = output_dir / f'sub-{run.subject}' / 'log' / cfg.run_uuid
     log_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(log_dir / 'cerebseg.toml', cfg.to_toml())
-    tpl = assets.manifest['templates']
-    templates = {'head': str(assets.path(tpl['head'])), 'brain': str(assets.path(tpl['brain'])),
-                 'mask': str(assets.path(tpl['mask'])), 'icv_ml': tpl['brain_mask_volume_ml']}
+    templates = template_paths(assets)
     cnn = select_cnn(run, cfg)
     wf = init_single_subject_wf(
         t1w=run.t1w, t2w=run.t2w, output_dir=str(output_dir), templates=templates,
@@ -173,7 +184,7 @@ def run_participant(run, cfg, assets, library: dict, device=None) -> tuple[int, 
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
         device=str(device or 'cpu'), use_gpu=device is not None and device.type != 'cpu',
         regnet=str(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else '',
-        name=f'cerebseg_{run.label.replace("-", "_")}_wf')
+        name=workflow_name(run))
     wf.base_dir = cfg.work_dir
     nipype_level = 'INFO' if cfg.verbose > 1 else 'WARNING'
     ncfg.update_config({'logging': {'workflow_level': nipype_level,

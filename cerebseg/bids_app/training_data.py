@@ -72,15 +72,12 @@ def labels_on_grid(label_path, t1w_path, grid, t1_to_mni: str) -> np.ndarray:
 
 def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int, seed: int):
     """Run (or reuse) the preprocessing and prior of one T1w; its output file paths."""
+    from cerebseg.bids_app.run import template_paths, workflow_name
     from cerebseg.workflows.base import init_prior_wf
 
-    tpl = assets.manifest['templates']
-    templates = {'head': str(assets.path(tpl['head'])), 'brain': str(assets.path(tpl['brain'])),
-                 'mask': str(assets.path(tpl['mask'])), 'icv_ml': tpl['brain_mask_volume_ml']}
-    wf = init_prior_wf(t1w=run.t1w, t2w=run.t2w, templates=templates,
+    wf = init_prior_wf(t1w=run.t1w, t2w=run.t2w, templates=template_paths(assets),
                        grid=assets.manifest['grid'], library=library,
-                       omp_nthreads=omp_nthreads, seed=seed,
-                       name=f'cerebseg_{run.label.replace("-", "_")}_wf')
+                       omp_nthreads=omp_nthreads, seed=seed, name=workflow_name(run))
     wf.base_dir = str(work_dir)
     wf.config['execution'].update({'crashdump_dir': str(work_dir / 'crash'),
                                    'crashfile_format': 'txt', 'stop_on_first_crash': True,

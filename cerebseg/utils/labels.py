@@ -7,8 +7,6 @@ x = 0 mm of the template (the working grid is symmetric about it).
 """
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 
 #: the classes of the hemisphere stage
@@ -17,8 +15,9 @@ HEMISPHERE_LABELS = [[0, 'background'], [1, 'Left_cerebellum'], [2, 'Right_cereb
 
 def read_lut(path) -> list[list]:
     """``[[index, name], ...]`` from a BIDS ``dseg.tsv`` lookup table (index 0 first)."""
-    with open(path, newline='') as fobj:
-        rows = [[int(r['index']), r['name']] for r in csv.DictReader(fobj, delimiter='\t')]
+    from cerebseg.utils.native import read_lut_tsv
+
+    rows = [[r['index'], r['name']] for r in read_lut_tsv(path)]
     if not rows or rows[0][0] != 0:
         raise ValueError(f'{path}: a lookup table must start with index 0 (background)')
     return rows
