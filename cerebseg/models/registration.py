@@ -12,13 +12,13 @@ at ``phi_k(x)`` (trilinear, border padding, as MONAI's ``Warp``; :func:`warp` is
 tested equal to it). ``v_k`` lives on a control grid no finer
 than ``control_mm`` and is upsampled trilinearly to the grid it is integrated on.
 
-Objective, per entry: ``-mean_{x in M_k} LNCC_k(x) + lambda * mean |grad u_k|^2`` where LNCC is
-the squared local normalised cross-correlation of MONAI's loss (cubic window of ``window`` voxels
-at every level; :class:`MaskedLNCC`), ``M_k`` the entry's field of view (library templates are cropped around the cerebellum,
-zero elsewhere: without the mask the optimiser stretches the cerebellum over the occipital lobe,
-as ANTs SyN did before it got a moving mask) and the regulariser the diffusion energy of the
-displacement in mm per mm (on the control grid, where ``u`` is integrated before it is upsampled
-to the level's grid).
+Objective, per entry: ``-mean_{x in M_k} LNCC_k(x) + lambda * mean |grad u_k|^2`` where LNCC is the
+squared local normalised cross-correlation of MONAI's loss (cubic window of ``window`` voxels at
+every level; :class:`MaskedLNCC`), ``M_k`` the entry's field of view (library templates are cropped
+around the cerebellum, zero elsewhere: without the mask the optimiser stretches the cerebellum over
+the occipital lobe, as ANTs SyN did before it got a moving mask) and the regulariser the diffusion
+energy of the displacement in mm per mm (on the control grid, where ``u`` is integrated before it
+is upsampled to the level's grid).
 
 Optimisation: Adam, coarse to fine over ``levels_mm`` (images resampled after box smoothing, all
 levels share the box corners, so fields carry over exactly), all ``K`` entries in one batch. An
@@ -257,7 +257,8 @@ def fov_mask(moving, fraction: float = 0.05, dilate_vox: int = 4, peak=None):
     the volume's own), dilated by a cube of ``2 dilate_vox + 1``. NumPy (K, ...) in, NumPy out;
     a (K, 1, ...) tensor in, a float tensor out."""
     is_tensor = torch.is_tensor(moving)
-    vol = moving if is_tensor else torch.as_tensor(np.ascontiguousarray(moving, np.float32))[:, None]
+    vol = moving if is_tensor else \
+        torch.as_tensor(np.ascontiguousarray(moving, np.float32))[:, None]
     if peak is None:
         peak = vol.amax(dim=(1, 2, 3, 4), keepdim=True)
     fg = (vol > fraction * peak).float()
@@ -361,7 +362,8 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
 
 
 def transform_ddf(result: SVFResult, device='cpu', index=None) -> torch.Tensor:
-    """MONAI DDF (K, 3, X, Y, Z), voxel units of the full grid, of ``phi_k`` (or of entry ``index``)."""
+    """MONAI DDF (K, 3, X, Y, Z), voxel units of the full grid, of ``phi_k`` (or of entry
+    ``index``)."""
     device = torch.device(device)
     sel = slice(None) if index is None else slice(index, index + 1)
     shape = result.shape

@@ -4,11 +4,11 @@
 Architecture (Balakrishnan et al. 2019, diffeomorphic variant of Dalca et al. 2019): a small
 3D U-Net on the two images at the 2 mm level of the working grid (padded to a multiple of 8),
 encoder 16-32-32-32 channels (stride-2 convolutions, LeakyReLU 0.2), decoder 32-32 with skip
-connections, a 3-channel head at 4 mm, resampled onto the instance optimisation's 4 mm control
-grid, that is the velocity in mm. Integration (scaling and squaring) and the spatial transformer are those of
-:mod:`cerebseg.models.registration`; the training loss is the instance optimisation's objective
-(masked squared LNCC at 2 mm + diffusion of the displacement), so the network learns to start
-the optimisation where it would end.
+connections, a 3-channel head at 4 mm, resampled onto the instance optimisation's 4 mm control grid,
+that is the velocity in mm. Integration (scaling and squaring) and the spatial transformer are those
+of :mod:`cerebseg.models.registration`; the training loss is the instance optimisation's objective
+(masked squared LNCC at 2 mm + diffusion of the displacement), so the network learns to start the
+optimisation where it would end.
 
 Checkpoints are dictionaries of tensors and plain metadata, loaded with ``weights_only=True``.
 """

@@ -9,8 +9,9 @@ from cerebseg.interfaces.registration import TorchRegisterEntries
 
 
 def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float,
-                       reg_iterations: list[int], omp_nthreads: int, seed: int, registration: str = 'torch', device: str = 'cpu',
-                       use_gpu: bool = False, regnet: str = '', name: str = 'multiatlas_wf'):
+                       reg_iterations: list[int], omp_nthreads: int, seed: int,
+                       registration: str = 'torch', device: str = 'cpu', use_gpu: bool = False,
+                       regnet: str = '', name: str = 'multiatlas_wf'):
     """Register each library entry to the subject, fuse by local weighted voting.
 
     Parameters
