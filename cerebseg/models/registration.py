@@ -14,11 +14,18 @@ than ``control_mm`` and is upsampled trilinearly to the grid it is integrated on
 
 Objective, per entry: ``-mean_{x in M_k} LNCC_k(x) + lambda * mean |grad u_k|^2`` where LNCC is the
 squared local normalised cross-correlation of MONAI's loss (cubic window of ``window`` voxels at
-every level; :class:`MaskedLNCC`), ``M_k`` the entry's field of view (library templates are cropped
-around the cerebellum, zero elsewhere: without the mask the optimiser stretches the cerebellum over
-the occipital lobe, as ANTs SyN did before it got a moving mask) and the regulariser the diffusion
-energy of the displacement in mm per mm (on the control grid, where ``u`` is integrated before it
-is upsampled to the level's grid).
+every level) and the regulariser the diffusion energy of the displacement in mm per mm (on the
+control grid, where ``u`` is integrated before it is upsampled to the level's grid).
+
+Library templates are cropped at the cerebellar surface (zero elsewhere), so where the similarity
+is measured decides the volumes. By default (``space='entry'``, :class:`EntryLNCC`) it is measured
+in each entry's own space, over the voxels where the entry has data (``M_k``, fixed), with the
+subject read at ``phi_k(x) = A_k (x + u_k(x))``; the entry is then brought onto the subject by
+the inverse, ``exp(-v_k)`` after ``A_k^-1``. ``space='fixed'`` (the first version, kept for the
+registration network) measures it on the subject grid inside the entry's field of view dilated by
+2 mm (:class:`MaskedLNCC`) and reads the entry at ``phi_k``: the zero background of the crop then
+faces the subject's occipital lobe and the optimiser pulls the entry's tissue over it, making every
+warped cerebellum 25-30 % too large (issue 9).
 
 Optimisation: Adam, coarse to fine over ``levels_mm`` (images resampled after box smoothing, all
 levels share the box corners, so fields carry over exactly), all ``K`` entries in one batch. An
@@ -50,19 +57,31 @@ class SVFConfig:
     affine_iterations: int = 25
     control_mm: float = 4.0
     window: int = 3
-    smoothness: float = 0.5
+    smoothness: float = 2.0
     learning_rate: float = 0.2
     affine_learning_rate: float = 0.005
     steps: int = 5
+    #: where the similarity is measured: 'entry' (default), on each entry's own data, the
+    #: subject read into the entry (:class:`EntryLNCC`); 'fixed', on the subject grid inside
+    #: each entry's field of view dilated by 2 mm (:class:`MaskedLNCC`; inflates cropped
+    #: entries, kept for the registration network, which was trained so)
+    space: str = 'entry'
 
 
-#: after the registration network: the finest level only (no affine, no 4 mm level)
-REFINE_CONFIG = SVFConfig(iterations=(0, SVFConfig().iterations[-1]), affine_iterations=0)
+#: after the registration network: the finest level only (no affine, no 4 mm level), in the
+#: network's convention (entry read on the subject grid)
+REFINE_CONFIG = SVFConfig(iterations=(0, SVFConfig().iterations[-1]), affine_iterations=0,
+                          space='fixed', smoothness=0.5)
 
 
 @dataclass
 class SVFResult:
-    """Transforms of ``K`` entries onto one subject (see the module docstring)."""
+    """Transforms of ``K`` entries onto one subject (see the module docstring).
+
+    ``inverse`` False: ``A (x + exp(v)(x))`` reads the entry at subject point ``x``; True
+    (``space='entry'``): it reads the subject at entry point ``x``, and entries are brought onto
+    the subject by its inverse, ``exp(-v)`` after ``A^-1`` (:func:`transform_ddf`).
+    """
 
     affine: np.ndarray            # (K, 3, 4), mm -> mm
     velocity: np.ndarray          # (K, 3, cx, cy, cz), mm, on the control grid
@@ -70,6 +89,7 @@ class SVFResult:
     spacing: float                # its voxel size (mm)
     steps: int = 5
     losses: list = field(default_factory=list)  # (stage, final loss per entry, seconds)
+    inverse: bool = False
 
 
 _BASE_GRIDS: dict = {}
@@ -248,6 +268,58 @@ class MaskedLNCC:
         return (cc * self.mask).sum(dim=(1, 2, 3, 4)) / self.weight
 
 
+class EntryLNCC:
+    """Squared LNCC measured on each entry's own data, with the subject read into the entry.
+
+    Library templates are cropped at the cerebellar surface (zero outside). Measured on the
+    subject grid inside a fixed, dilated field of view (:class:`MaskedLNCC`), the subject's
+    occipital lobe faces the entry's zero background, and those windows gain correlation only
+    when the entry's tissue is pulled over it: every warped cerebellum comes out 25-30 % too
+    large. A mask that moves with the entry instead lets the optimiser choose where to compare
+    (it still grew the cerebellum by 5-8 %). Here the comparison runs over a set of voxels that
+    does not move, the entry's data ``valid`` (K, 1, ...) in its own space: local means,
+    variances and the covariance are taken over the valid voxels of each window (weighted box
+    means, so the crop edge is no image edge) and averaged with weight ``valid * box(valid)``.
+    The entry's statistics are computed once.
+    """
+
+    def __init__(self, entries: torch.Tensor, valid: torch.Tensor, window: int,
+                 eps: float = 1e-5):
+        self.window, self.eps, self.valid = int(window), eps, valid
+        w, sa, saa = box_mean(torch.cat([valid, valid * entries, valid * entries * entries],
+                                        dim=1), self.window).split(1, dim=1)
+        self.norm = w.clamp_min(eps)
+        self.a_mean = sa / self.norm
+        self.a_var = (saa / self.norm - self.a_mean ** 2).clamp_min(eps)
+        self.weight = valid * w
+        self.total = self.weight.sum(dim=(1, 2, 3, 4)).clamp_min(1e-6)
+        self.entries = entries
+
+    def __call__(self, subject: torch.Tensor) -> torch.Tensor:
+        """Mean LNCC in [0, 1] per entry; ``subject`` (K, 1, ...) read at each entry's points."""
+        v = self.valid
+        sb, sbb, sab = box_mean(torch.cat([v * subject, v * subject * subject,
+                                           v * self.entries * subject], dim=1),
+                                self.window).split(1, dim=1)
+        b_mean = sb / self.norm
+        b_var = (sbb / self.norm - b_mean ** 2).clamp_min(self.eps)
+        cross = sab / self.norm - self.a_mean * b_mean
+        cc = cross * cross / (self.a_var * b_var)
+        return (cc * self.weight).sum(dim=(1, 2, 3, 4)) / self.total
+
+
+def data_mask(moving: np.ndarray) -> np.ndarray:
+    """(K, X, Y, Z) where each entry has image data: its non-zero voxels, closed, with enclosed
+    holes (dark CSF that the intensity normalisation set to 0, e.g. the fourth ventricle)
+    filled."""
+    from scipy import ndimage
+
+    out = np.zeros(moving.shape, bool)
+    for k, vol in enumerate(moving):
+        out[k] = ndimage.binary_fill_holes(ndimage.binary_closing(vol > 0, iterations=2))
+    return out
+
+
 def _as_tensor(array, device):
     return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32), device=device)
 
@@ -268,6 +340,15 @@ def fov_mask(moving, fraction: float = 0.05, dilate_vox: int = 4, peak=None):
     return fg if is_tensor else fg[:, 0].numpy() > 0
 
 
+def _similarity(fixed_l, moving_l, mask_l, window: int, in_entry: bool):
+    """The level's similarity and the image it reads through the transform: the subject, read
+    into each entry (``in_entry``), or the entries, read onto the subject grid."""
+    if in_entry:
+        return EntryLNCC(moving_l, mask_l, window), fixed_l.expand(moving_l.shape[0], -1, -1, -1,
+                                                                    -1)
+    return MaskedLNCC(fixed_l, mask_l, window), moving_l
+
+
 def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
                  mask: np.ndarray | None = None, config: SVFConfig = SVFConfig(),
                  device='cpu', init_velocity: np.ndarray | None = None,
@@ -276,7 +357,9 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
 
     Intensities should be normalised alike (cerebseg maps the 2nd/98th foreground percentiles to
     0/1); LNCC is insensitive to the remaining contrast differences. ``mask`` (K, X, Y, Z) is
-    where each entry's similarity counts (default :func:`fov_mask`, dilated by 2 mm).
+    where each entry's similarity counts: with ``config.space == 'entry'`` its data in its own
+    space (default :func:`data_mask`), with ``'fixed'`` a region of the subject grid (default
+    :func:`fov_mask`, dilated by 2 mm).
     ``init_velocity`` (K, 3, ...), in mm on any grid of the box (e.g. the registration network's
     prediction), is where the velocity optimisation starts; the affine stage then does not run.
     ``init_affine`` (K, 3, 4) is where the affine starts (default identity).
@@ -288,10 +371,16 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
                          f'{fixed.shape} and {moving.shape}')
     if len(config.levels_mm) != len(config.iterations):
         raise ValueError('levels_mm and iterations must have the same length')
+    if config.space not in ('entry', 'fixed'):
+        raise ValueError(f"SVFConfig.space must be 'entry' or 'fixed', not {config.space!r}")
+    in_entry = config.space == 'entry'
     n_atlas, shape = moving.shape[0], fixed.shape
     fixed_t = _as_tensor(fixed, device)[None, None]
     moving_t = _as_tensor(moving, device)[:, None]
-    mask_t = moving_t if mask is None else _as_tensor(mask, device)[:, None]
+    if mask is not None:
+        mask_t = _as_tensor(mask, device)[:, None]
+    else:
+        mask_t = _as_tensor(data_mask(moving), device)[:, None] if in_entry else moving_t
     peak = moving_t.amax(dim=(1, 2, 3, 4), keepdim=True)
     eye = torch.eye(3, 4, device=device).expand(n_atlas, 3, 4)
     affine = (eye.clone() if init_affine is None else _as_tensor(init_affine, device)).clone()
@@ -313,6 +402,9 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
         lshape = level_shape(shape, lmm / spacing)
         sp = level_spacing(shape, spacing, lshape)
         src = tuple(downsample(t, lshape) for t in src)
+        if in_entry:  # the fraction of each coarse voxel that has data weighs it
+            levels[lmm] = (lshape, sp, src[0], src[1], src[2])
+            continue
         k_l = src[2] if mask is not None else fov_mask(
             src[2], peak=peak, dilate_vox=max(int(round(2.0 / float(sp.min()))), 1))
         levels[lmm] = (lshape, sp, src[0], src[1], (k_l > 0.5).float())
@@ -323,11 +415,11 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
         lshape, sp, f_l, m_l, k_l = levels[config.levels_mm[0]]
         delta = torch.zeros((n_atlas, 3, 4), device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=config.affine_learning_rate)
-        similarity = MaskedLNCC(f_l, k_l, config.window)
+        similarity, read = _similarity(f_l, m_l, k_l, config.window, in_entry)
         scale = torch.tensor([1.0, 1.0, 1.0, 10.0], device=device)  # translations in 10 mm units
         for _ in range(config.affine_iterations):
             opt.zero_grad()
-            warped = warp(m_l, affine_ddf(affine + delta * scale, lshape, sp, device))
+            warped = warp(read, affine_ddf(affine + delta * scale, lshape, sp, device))
             loss = -similarity(warped).sum()
             loss.backward()
             opt.step()
@@ -344,12 +436,12 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
         csp = level_spacing(shape, spacing, cshape)
         velocity = resize_field(velocity, cshape).detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([velocity], lr=config.learning_rate)
-        similarity = MaskedLNCC(f_l, k_l, config.window)
+        similarity, read = _similarity(f_l, m_l, k_l, config.window, in_entry)
         base = affine_ddf(affine, lshape, sp, device)
         for _ in range(n_iter):
             opt.zero_grad()
             u_ctrl = displacement_mm(velocity, cshape, csp, config.steps)
-            warped = warp(m_l, sampling_ddf(affine, u_ctrl, lshape, sp, base))
+            warped = warp(read, sampling_ddf(affine, u_ctrl, lshape, sp, base))
             loss = (-similarity(warped)
                     + config.smoothness * diffusion_energy(u_ctrl, csp)).sum()
             loss.backward()
@@ -358,7 +450,8 @@ def register_svf(fixed: np.ndarray, moving: np.ndarray, *, spacing: float = 0.5,
         LOGGER.debug('level %s: loss %.4f, %.1f s', *losses[-1])
     return SVFResult(affine=affine.detach().cpu().numpy(),
                      velocity=velocity.detach().cpu().numpy(), shape=tuple(shape),
-                     spacing=float(spacing), steps=config.steps, losses=losses)
+                     spacing=float(spacing), steps=config.steps, losses=losses,
+                     inverse=in_entry)
 
 
 def transform_ddf(result: SVFResult, device='cpu', index=None) -> torch.Tensor:
@@ -373,7 +466,16 @@ def transform_ddf(result: SVFResult, device='cpu', index=None) -> torch.Tensor:
     # integrate on the control grid (smooth there), then upsample the displacement
     cshape = tuple(result.velocity.shape[2:])
     csp = level_spacing(shape, result.spacing, cshape)
-    return sampling_ddf(affine, displacement_mm(velocity, cshape, csp, result.steps), shape, sp)
+    if not result.inverse:
+        return sampling_ddf(affine, displacement_mm(velocity, cshape, csp, result.steps), shape,
+                            sp)
+    # phi(x) = A (x + u(x)) read the subject at entry points; the entry is read at subject
+    # point y by phi^-1(y) = w + u'(w), w = A^-1 y, u' = exp(-v) - id
+    lin_inv = torch.linalg.inv(affine[:, :, :3])
+    inv_affine = torch.cat([lin_inv, -lin_inv @ affine[:, :, 3:]], dim=2)
+    to_w = affine_ddf(inv_affine, shape, sp, device)
+    u_inv = resize_field(displacement_mm(-velocity, cshape, csp, result.steps), shape)
+    return to_w + warp(u_inv, to_w) / sp.to(device).view(1, 3, 1, 1, 1)
 
 
 @torch.no_grad()
