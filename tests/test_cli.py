@@ -113,12 +113,13 @@ def test_unregistrable_t2w_is_refused(tmp_path, shared_data, assets_dir, caplog)
 
 @pytest.fixture(scope='module')
 def real_run(shared_data, assets_dir, tmp_path_factory):
-    """ds002748 sub-01 through the default pipeline (DeepCeres ensemble cascade with prior)."""
+    """ds002748 sub-01 through the DeepCeres ensemble cascade with prior (``--models
+    ensemble``; the default, multi-atlas labels alone, runs in test_accuracy)."""
     bids = shared_data / 'bids/ds002748'
     root = tmp_path_factory.mktemp('real')
     out, work = root / 'out', root / 'work'
     argv = [str(bids), str(out), 'participant', '--participant-label', '01',
-            '--assets-dir', str(assets_dir), '-w', str(work)]
+            '--assets-dir', str(assets_dir), '-w', str(work), '--models', 'ensemble']
     code = main(argv)
     return {'bids': bids, 'out': out, 'work': work, 'argv': argv, 'code': code}
 

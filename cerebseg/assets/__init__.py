@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 MANIFEST = 'manifest.json'
-ASSETS_FORMAT = 1
+ASSETS_FORMAT = 2
 TEMPLATE_HEAD = 'tpl-MNI152NLin2009cAsym_res-1_T1w.nii.gz'
 TEMPLATE_BRAIN = 'tpl-MNI152NLin2009cAsym_res-1_desc-brain_T1w.nii.gz'
 TEMPLATE_MASK = 'tpl-MNI152NLin2009cAsym_res-1_desc-brain_mask.nii.gz'

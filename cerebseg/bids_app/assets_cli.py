@@ -36,6 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
         cmd.add_argument('--library', action='append', choices=protocols, default=None,
                          help=f'atlas library (label protocol) to build; repeatable '
                               f'(default: {DEFAULT_LIBRARY})')
+        cmd.add_argument('--no-mirror', action='store_true',
+                         help='do not add the left-right mirror of each library entry')
         cmd.add_argument('--random-seed', type=int, default=0)
         cmd.add_argument('-v', '--verbose', action='count', default=0)
     return parser
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         elif not sources.is_dir():
             LOGGER.error('Source folder not found: %s', sources)
             return 2
-        manifest = build_assets(sources, opts.out, libraries=libraries, seed=opts.random_seed)
+        manifest = build_assets(sources, opts.out, libraries=libraries, seed=opts.random_seed,
+                                mirror=not opts.no_mirror)
     except CerebsegError as err:
         LOGGER.error('%s', err)
         return err.exit_code

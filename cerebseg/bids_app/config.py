@@ -29,7 +29,7 @@ class RunConfig:
     device: str = 'auto'
     atlas_library: str = 'suit'
     registration: str = 'torch'
-    models: str = 'ensemble'
+    models: str = 'none'
     no_atlas_prior: bool = False
     cnn_weights: str = ''
     assets_dir: str = ''

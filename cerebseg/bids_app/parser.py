@@ -88,9 +88,11 @@ def _build_parser() -> argparse.ArgumentParser:
                              'ants (affine + SyN per entry) or both (each entry both ways, all '
                              'fused; slowest, used for silver-standard training labels)')
     method.add_argument('--models', choices=['ensemble', 'unet', 'dpn', 'none'],
-                        default='ensemble',
-                        help='DeepCeres lobule networks: the U-Net and DPN ensemble (default), '
-                             'one of them, or none (the multi-atlas labels are the result)')
+                        default='none',
+                        help='DeepCeres lobule networks: none (default: the multi-atlas labels '
+                             'are the result; the shipped networks do not beat them on '
+                             'exact-truth cases, see the model card), the U-Net and DPN '
+                             'ensemble, or one of them')
     method.add_argument('--no-atlas-prior', action='store_true',
                         help='networks without the multi-atlas prior channel (needs weights '
                              'trained that way, see --cnn-weights)')

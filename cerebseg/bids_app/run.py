@@ -39,8 +39,10 @@ _REGISTRATION_TEXT = {
             'labels carried with genericLabel interpolation.',
     'torch': 'cerebseg torch registration of all library entries in one batch: affine, then a '
              'diffeomorphic stationary velocity field (scaling and squaring) at 4 and 2 mm, '
-             'squared local normalised cross-correlation inside the entry field of view plus '
-             'diffusion regularisation, Adam; labels carried by nearest neighbour.',
+             'squared local normalised cross-correlation measured in each entry\'s own space '
+             'over the voxels where it has data (the subject read into the entry), plus '
+             'diffusion regularisation, Adam; the entry brought onto the subject by the '
+             'inverse transform, labels by nearest neighbour.',
 }
 _REGISTRATION_TEXT['both'] = ('Every library entry registered twice, and all warped entries '
                               'fused. (1) ' + _REGISTRATION_TEXT['torch'] + ' (2) '

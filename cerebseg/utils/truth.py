@@ -118,7 +118,8 @@ class _Displacement:
 
 
 def _sample(image, world: np.ndarray, order: int) -> np.ndarray:
-    """Read a nibabel image at world points (3, N) (trilinear ``order`` 1, nearest 0; 0 outside)."""
+    """Read a nibabel image at world points (3, N): trilinear (``order`` 1) or nearest (0);
+    0 outside."""
     from scipy import ndimage
 
     inv = np.linalg.inv(image.affine)

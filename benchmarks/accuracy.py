@@ -1,0 +1,349 @@
+"""End-to-end accuracy against exact truth, in native space, leave-one-template-out.
+
+Cases (:mod:`cerebseg.utils.truth`): the FSL MNI152NLin6Asym 1 mm brain T1w (and T2w) with the
+SUIT atlas in the same space (``atl-Anatom_space-MNI``), each put through a seeded random affine
+(rotations up to 10 degrees, scales 0.9-1.1, shifts up to 10 mm), a smooth random displacement
+(3 mm at most), bias, contrast change and Rician noise, and sampled with partial-volume averaging
+on an anisotropic, reoriented native grid (the T2w on another one). They are written as a BIDS
+dataset and each goes through the real ``cerebseg`` command.
+
+Leave one template out: the library is the assets' library without the case's own template
+(``MNI152NLin6AsymC``) and without its mirror; a folder with that manifest is built here (the
+other files are links to the assets).
+
+Methods (rows), all on the same cases and library:
+
+* ``cerebseg (default)``: ``cerebseg BIDS OUT participant`` as shipped;
+* ``--models none``: the multi-atlas labels, no networks;
+* ``--models ensemble``: the DeepCeres cascade (only when it is not the default);
+* ``--registration ants --models none``: ANTs affine + SyN per entry, same fusion;
+* ``ANTs SyN, one atlas (NAME)``: one entry of that ANTs run, unfused, resampled to native
+  (nearest label by ANTs ``genericLabel``), for each entry that is not a mirror;
+* ``antsJointFusion``: ANTs joint label fusion (patch radius 2, search radius 1) of the
+  ANTs-warped entries, in the box of their labels dilated by 4 mm, then to native space.
+
+Scores, on the native T1w grid: mean Dice over the 28 lobular labels and over all 34 (deep
+nuclei too), whole-cerebellum Dice, signed total volume error (% of the exact, partial-volume
+truth), mean absolute volume error of the lobules and of the nuclei (%), 95 % Hausdorff
+distance of the whole cerebellum (mm). Per-stage volumes (``--stages``): the
+truth mapped into the working box by cerebseg's own affine, every warped entry, the fused prior,
+the networks (working grid) and the native result, so that a bias can be traced to its stage.
+
+Usage::
+
+    python benchmarks/accuracy.py --assets-dir .assets --out BENCH --seeds 1 2 3 [--t2w]
+        [--methods default none ants syn jlf] [--tsv BENCH/accuracy.tsv]
+
+Re-running with the same ``--out`` reuses cases and cerebseg work folders.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from cerebseg.assets.build import leave_out_entry  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data'))
+SOURCE = {'t1w': 'templates/MNI152NLin6Asym/MNI152_T1_1mm_brain.nii.gz',
+          't2w': 'templates/MNI152NLin6Asym/MNI152_T2_1mm_brain.nii.gz',
+          'dseg': 'atlases/cerebellum/Diedrichsen2009/Diedrichsen_2009/'
+                  'atl-Anatom_space-MNI_dseg.nii',
+          'entry': 'MNI152NLin6AsymC'}
+N_LABELS = 35
+N_LOBULES = 28          # SUIT indices 1-28 are lobules; 29-34 the deep nuclei
+
+
+def write_case(bids: Path, truth_dir: Path, seed: int, t2w: bool) -> str:
+    """Make one case (skipped when already written); returns its participant label."""
+    from cerebseg.utils.truth import make_case
+
+    label = f'nlin6s{seed}'
+    anat = bids / f'sub-{label}' / 'anat'
+    truth_file = truth_dir / f'sub-{label}_space-T1w_seg-cerebellum_dseg.nii.gz'
+    if truth_file.is_file() and (anat / f'sub-{label}_T1w.nii.gz').is_file():
+        return label
+    anat.mkdir(parents=True, exist_ok=True)
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    case = make_case(nib.load(SHARED / SOURCE['t1w']), nib.load(SHARED / SOURCE['dseg']),
+                     seed=seed, n_labels=N_LABELS,
+                     t2w=nib.load(SHARED / SOURCE['t2w']) if t2w else None)
+    nib.save(nib.Nifti1Image(np.rint(case.t1w).astype(np.int16), case.affine),
+             anat / f'sub-{label}_T1w.nii.gz')
+    if case.t2w is not None:
+        nib.save(nib.Nifti1Image(np.rint(case.t2w).astype(np.int16), case.t2w_affine),
+                 anat / f'sub-{label}_T2w.nii.gz')
+    meta = dict(case.meta, volumes_mm3=case.volumes_mm3.round(3).tolist(),
+                source=SOURCE)
+    (truth_dir / f'sub-{label}_truth.json').write_text(json.dumps(meta, indent=1))
+    nib.save(nib.Nifti1Image(case.labels, case.affine), truth_file)
+    return label
+
+
+def write_bids_root(bids: Path, labels: list[str]) -> None:
+    bids.mkdir(parents=True, exist_ok=True)
+    (bids / 'dataset_description.json').write_text(json.dumps(
+        {'Name': 'cerebseg exact-truth cases (FSL MNI152 + SUIT atlas under known transforms)',
+         'BIDSVersion': '1.10.0'}))
+    (bids / 'participants.tsv').write_text('participant_id\n' + ''.join(
+        f'sub-{lab}\n' for lab in labels))
+
+
+def run_cerebseg(bids: Path, out: Path, work: Path, assets: Path, labels: list[str],
+                 extra: list[str], t2w: bool) -> float:
+    """The real command, as a user runs it; returns the wall time (s)."""
+    cmd = [str(Path(sys.executable).with_name('cerebseg')), str(bids), str(out), 'participant',
+           '--participant-label', *labels, '--assets-dir', str(assets), '-w', str(work),
+           '--nprocs', '2', '--omp-nthreads', '2', '--skip-bids-validation', *extra]
+    if not t2w:
+        cmd.append('--t1-only')
+    tic = time.perf_counter()
+    with open(out.parent / f'{out.name}.log', 'w') as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, NIPYPE_NO_ET='1'))
+    if proc.returncode:
+        raise RuntimeError(f'{" ".join(cmd)} exited {proc.returncode}; see {out}.log')
+    return time.perf_counter() - tic
+
+
+def anat_file(out: Path, label: str, suffix: str) -> Path:
+    return out / f'sub-{label}' / 'anat' / f'sub-{label}_{suffix}'
+
+
+def box_to_native(box_labels: np.ndarray, box_affine, native_ref, xfm: str) -> np.ndarray:
+    """A working-grid label map on the native T1w grid (inverse of cerebseg's affine)."""
+    import ants
+
+    from cerebseg.utils.images import nib_to_ants
+
+    moving = nib_to_ants(nib.Nifti1Image(box_labels.astype(np.float32), box_affine))
+    res = ants.apply_transforms(nib_to_ants(native_ref), moving, [xfm], whichtoinvert=[True],
+                                interpolator='genericLabel')
+    return np.rint(res.numpy()).astype(np.int16)
+
+
+def native_to_box(native: nib.Nifti1Image, box_ref: nib.Nifti1Image, xfm: str) -> np.ndarray:
+    import ants
+
+    from cerebseg.utils.images import nib_to_ants
+
+    res = ants.apply_transforms(nib_to_ants(box_ref), nib_to_ants(native), [xfm],
+                                interpolator='genericLabel')
+    return np.rint(res.numpy()).astype(np.int16)
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, zooms) -> float:
+    """95th percentile of the symmetric surface distance (mm) of two binary masks."""
+    from scipy import ndimage
+
+    def surface(m):
+        return m & ~ndimage.binary_erosion(m)
+
+    sp, sr = surface(pred), surface(ref)
+    if not sp.any() or not sr.any():
+        return float('nan')
+    d_ref = ndimage.distance_transform_edt(~sr, sampling=zooms)
+    d_pred = ndimage.distance_transform_edt(~sp, sampling=zooms)
+    return float(np.percentile(np.concatenate([d_ref[sp], d_pred[sr]]), 95))
+
+
+def score(pred: np.ndarray, truth: np.ndarray, truth_vol: np.ndarray, zooms) -> dict:
+    from cerebseg.utils.evaluation import dice_per_label, whole_dice
+
+    voxel = float(np.prod(zooms))
+    vols = np.bincount(pred.ravel().astype(np.int64), minlength=N_LABELS)[:N_LABELS] * voxel
+    present = truth_vol[1:] > 0
+    rel = (vols[1:][present] - truth_vol[1:][present]) / truth_vol[1:][present] * 100
+    lobular = present[:N_LOBULES]
+    dice = dice_per_label(pred, truth, range(1, N_LABELS))
+    return {'mean_dice': float(np.nanmean(dice)),
+            'lobular_dice': float(np.nanmean(dice[:N_LOBULES])),
+            'whole_dice': whole_dice(pred, truth),
+            'volume_error_pct': float((vols[1:].sum() / truth_vol[1:].sum() - 1) * 100),
+            'lobule_volume_abs_error_pct': float(np.mean(np.abs(rel[:lobular.sum()]))),
+            'nuclei_volume_abs_error_pct': float(np.mean(np.abs(rel[lobular.sum():]))),
+            'hd95_mm': hd95(pred > 0, truth > 0, zooms), 'volume_ml': vols[1:].sum() / 1000}
+
+
+def joint_fusion(reg_dir: Path, t1_box: Path, n_entries: int, margin_mm: float = 4.0):
+    """antsJointFusion of the ANTs-warped entries (MapNode folders ``_register<k>``)."""
+    import ants
+    from scipy import ndimage
+
+    target = nib.load(t1_box)
+    folders = [reg_dir / 'mapflow' / f'_register{k}' for k in range(n_entries)]
+    images = [np.asarray(nib.load(f / 'warped_T1w.nii.gz').dataobj, np.float32)
+              for f in folders]
+    labels = [np.asarray(nib.load(f / 'warped_dseg.nii.gz').dataobj) for f in folders]
+    union = ndimage.binary_dilation(np.any(np.stack(labels) > 0, axis=0),
+                                    iterations=int(margin_mm / 0.5))
+    idx = np.argwhere(union)
+    crop = tuple(slice(a, b + 1) for a, b in zip(idx.min(0), idx.max(0)))
+
+    def img(a):
+        return ants.from_numpy(np.ascontiguousarray(a[crop], np.float32))
+
+    data = np.asarray(target.dataobj, np.float32)
+    jlf = ants.joint_label_fusion(img(data), img(union.astype(np.float32)),
+                                  [img(a) for a in images],
+                                  label_list=[img(lb) for lb in labels], rad=2,
+                                  r_search=1, verbose=False)
+    # antsJointFusion labels every voxel of the mask with a foreground label; the background
+    # gets the probability the labels leave, and the most probable label wins
+    probs = np.stack([p.numpy() for p in jlf['probabilityimages']])
+    values = np.asarray(jlf['segmentation_numbers'], np.int16)
+    background = 1.0 - probs.sum(axis=0)
+    best = np.argmax(probs, axis=0)
+    fused = np.where(probs.max(axis=0) > background, values[best], 0)
+    out = np.zeros(data.shape, np.int16)
+    out[crop] = fused
+    return out, target.affine
+
+
+def stage_volumes(work: Path, label: str, out: Path, truth_native: nib.Nifti1Image,
+                  networks: bool) -> dict:
+    """Cerebellum volume (mL) at every stage of one cerebseg run (working grid, then native)."""
+    wf = work / f'cerebseg_sub_{label}_wf'
+    box_ref = nib.load(wf / 'preproc_wf' / 'to_grid' / 't1_box.nii.gz')
+    xfm = str(anat_file(out, label, 'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat'))
+    vox = 0.125 / 1000
+
+    def vol(path):
+        return float((np.asarray(nib.load(path).dataobj) > 0).sum() * vox)
+
+    stages = {'truth in the affine box': float((native_to_box(truth_native, box_ref, xfm) > 0)
+                                               .sum() * vox)}
+    for path in sorted((wf / 'multiatlas_wf' / 'register').glob('entry*_warped_dseg.nii.gz')):
+        stages[f'warped {path.name.split("_")[0]}'] = vol(path)
+    stages['fused prior'] = vol(wf / 'multiatlas_wf' / 'fuse' / 'fused_dseg.nii.gz')
+    nets = anat_file(out, label, 'space-MNI152NLin2009cAsym_res-05_seg-cerebellum_dseg.nii.gz')
+    if networks:
+        stages['networks (working grid)'] = vol(nets)
+    native = nib.load(anat_file(out, label, 'space-T1w_seg-cerebellum_dseg.nii.gz'))
+    stages['native'] = float((np.asarray(native.dataobj) > 0).sum()
+                             * np.prod(native.header.get_zooms()[:3]) / 1000)
+    return stages
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--assets-dir', type=Path, required=True)
+    parser.add_argument('--out', type=Path, required=True)
+    parser.add_argument('--seeds', type=int, nargs='+', default=[1, 2, 3])
+    parser.add_argument('--t2w', action='store_true', help='cases with a T2w (T1w+T2w runs)')
+    parser.add_argument('--methods', nargs='+', default=['default', 'none', 'ants', 'syn', 'jlf'],
+                        choices=['default', 'none', 'ensemble', 'ants', 'syn', 'jlf'])
+    parser.add_argument('--stages', action='store_true', help='print per-stage volumes')
+    parser.add_argument('--tsv', type=Path, default=None)
+    opts = parser.parse_args(argv)
+    os.environ.setdefault('NIPYPE_NO_ET', '1')
+    out = opts.out.resolve()
+    bids, truth_dir = out / 'bids', out / 'truth'
+    labels = []
+    for seed in opts.seeds:
+        tic = time.perf_counter()
+        labels.append(write_case(bids, truth_dir, seed, opts.t2w))
+        print(f'case sub-{labels[-1]}: {time.perf_counter() - tic:.0f} s', flush=True)
+    write_bids_root(bids, labels)
+    assets = leave_out_entry(opts.assets_dir.resolve(), out / 'assets-loo', SOURCE['entry'])
+    lib = json.loads((assets / 'manifest.json').read_text())['libraries']['suit']
+    print('library (leave one out):', ', '.join(e['name'] for e in lib['entries']), flush=True)
+
+    runs = {'default': ('cerebseg (default)', [], 'work-torch'),
+            'none': ('--models none', ['--models', 'none'], 'work-torch'),
+            'ensemble': ('--models ensemble', ['--models', 'ensemble'], 'work-torch'),
+            'ants': ('--registration ants --models none',
+                     ['--registration', 'ants', '--models', 'none'], 'work-ants')}
+    need_ants = any(m in opts.methods for m in ('ants', 'syn', 'jlf'))
+    results, times, stages = {}, {}, {}
+    todo = [m for m in runs if m in opts.methods or (m == 'ants' and need_ants)]
+    for key in todo:
+        name, extra, work = runs[key]
+        dst = out / f'out-{key}'
+        times[name] = run_cerebseg(bids, dst, out / work, assets, labels, extra, opts.t2w)
+        print(f'{name}: {times[name]:.0f} s for {len(labels)} case(s)', flush=True)
+        if key in opts.methods:
+            for lab in labels:
+                results.setdefault(name, {})[lab] = nib.load(
+                    anat_file(dst, lab, 'space-T1w_seg-cerebellum_dseg.nii.gz'))
+        if opts.stages and key in ('default', 'none', 'ensemble', 'ants'):
+            for lab in labels:
+                truth = truth_dir / f'sub-{lab}_space-T1w_seg-cerebellum_dseg.nii.gz'
+                stages[(name, lab)] = stage_volumes(out / work, lab, dst, nib.load(truth),
+                                                    networks='--models none' not in name
+                                                    and key != 'ants')
+    entries = [e['name'] for e in lib['entries']]
+    for lab in labels:
+        wf = out / 'work-ants' / f'cerebseg_sub_{lab}_wf'
+        xfm = str(anat_file(out / 'out-ants', lab,
+                            'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat'))
+        native_ref = nib.load(bids / f'sub-{lab}' / 'anat' / f'sub-{lab}_T1w.nii.gz')
+        reg_dir = wf / 'multiatlas_wf' / 'register'
+        if 'syn' in opts.methods:
+            for k, ename in enumerate(entries):
+                if ename.endswith('Mirror'):
+                    continue
+                img = nib.load(reg_dir / 'mapflow' / f'_register{k}' / 'warped_dseg.nii.gz')
+                nat = box_to_native(np.asarray(img.dataobj), img.affine, native_ref, xfm)
+                results.setdefault(f'ANTs SyN, one atlas ({ename})', {})[lab] = \
+                    nib.Nifti1Image(nat, native_ref.affine)
+        if 'jlf' in opts.methods:
+            tic = time.perf_counter()
+            fused, aff = joint_fusion(reg_dir, wf / 'preproc_wf' / 'to_grid' / 't1_box.nii.gz',
+                                      len(entries))
+            times.setdefault('antsJointFusion (fusion only)', 0.0)
+            times['antsJointFusion (fusion only)'] += time.perf_counter() - tic
+            results.setdefault('antsJointFusion', {})[lab] = nib.Nifti1Image(
+                box_to_native(fused, aff, native_ref, xfm), native_ref.affine)
+
+    keys = ['lobular_dice', 'mean_dice', 'whole_dice', 'volume_error_pct',
+            'lobule_volume_abs_error_pct', 'nuclei_volume_abs_error_pct', 'hd95_mm']
+    rows, per_case = [], []
+    for method, by_case in results.items():
+        scores = []
+        for lab, img in by_case.items():
+            truth = nib.load(truth_dir / f'sub-{lab}_space-T1w_seg-cerebellum_dseg.nii.gz')
+            meta = json.loads((truth_dir / f'sub-{lab}_truth.json').read_text())
+            s = score(np.asarray(img.dataobj), np.asarray(truth.dataobj),
+                      np.asarray(meta['volumes_mm3']), truth.header.get_zooms()[:3])
+            scores.append(s)
+            per_case.append((method, lab, s))
+        rows.append((method, {k: (np.mean([s[k] for s in scores]),
+                                  np.std([s[k] for s in scores])) for k in keys},
+                     [s['volume_error_pct'] for s in scores]))
+    print(f'\nExact truth, native T1w grid, leave-one-template-out, {len(labels)} case(s)'
+          f' ({"T1w+T2w" if opts.t2w else "T1w"}); mean (sd) over cases\n')
+    print('| method | mean lobular Dice (28) | mean Dice, nuclei too (34) | whole-cerebellum Dice'
+          ' | total volume error % | mean abs lobule volume error % | mean abs nucleus volume '
+          'error % | HD95 mm | volume error per case % |')
+    print('|---' * 9 + '|')
+    for method, m, per in rows:
+        cells = [f'{m[k][0]:.4f} ({m[k][1]:.4f})' if 'dice' in k else f'{m[k][0]:+.2f} '
+                 f'({m[k][1]:.2f})' if k == 'volume_error_pct' else f'{m[k][0]:.2f} '
+                 f'({m[k][1]:.2f})' for k in keys]
+        print(f'| {method} | ' + ' | '.join(cells) + ' | '
+              + ', '.join(f'{v:+.1f}' for v in per) + ' |')
+    print('\nWall time (2 cores):', ', '.join(f'{k} {v / len(labels):.0f} s per case'
+                                             for k, v in times.items()))
+    if stages:
+        print('\nCerebellum volume (mL) per stage')
+        for (name, lab), st in stages.items():
+            print(f'- {name}, sub-{lab}: ' + ', '.join(f'{k} {v:.1f}' for k, v in st.items()))
+    if opts.tsv:
+        lines = ['method\tcase\t' + '\t'.join(keys + ['volume_ml'])]
+        lines += [f'{m}\t{lab}\t' + '\t'.join(f'{s[k]:.6g}' for k in keys + ['volume_ml'])
+                  for m, lab, s in per_case]
+        opts.tsv.write_text('\n'.join(lines) + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Left-right equivariance: a mirrored input must give mirrored labels.
+
+For each T1w given, a BIDS dataset holds the image and its left-right mirror (the voxel axis
+closest to world x reversed, the affine unchanged: the head mirrored about a sagittal plane).
+Both go through the real ``cerebseg`` command with the options given after ``--``; the mirror's
+labels are mirrored back (axis reversed, left and right labels swapped) and compared with the
+original's: Dice per label (mean over labels, and over the large lobules), whole-cerebellum Dice,
+and the left/right volumes of both runs.
+
+Usage::
+
+    python benchmarks/mirror.py --assets-dir .assets --out MIRROR \\
+        --t1w ../shared/data/bids/ds002748/sub-01/anat/sub-01_T1w.nii.gz -- --models none
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+LARGE = ('CrusI', 'CrusII', 'VI', 'VIIb', 'VIIIa', 'VIIIb', 'IX', 'I_IV', 'V')
+
+
+def x_axis(affine: np.ndarray) -> int:
+    """The voxel axis most aligned with world x."""
+    return int(np.argmax(np.abs(affine[0, :3])))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index('--') + 1:] if '--' in argv else []
+    argv = argv[:argv.index('--')] if '--' in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--assets-dir', type=Path, required=True)
+    parser.add_argument('--out', type=Path, required=True)
+    parser.add_argument('--t1w', type=Path, nargs='+', required=True)
+    opts = parser.parse_args(argv)
+    from cerebseg.utils.evaluation import dice_per_label, whole_dice
+    from cerebseg.utils.labels import swap_classes
+    from cerebseg.utils.native import read_lut_tsv
+
+    out = opts.out.resolve()
+    bids = out / 'bids'
+    bids.mkdir(parents=True, exist_ok=True)
+    (bids / 'dataset_description.json').write_text(json.dumps(
+        {'Name': 'mirror check', 'BIDSVersion': '1.10.0'}))
+    labels = []
+    for i, path in enumerate(opts.t1w):
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)
+        for tag, arr in (('orig', data), ('mirror', np.flip(data, x_axis(img.affine)))):
+            lab = f'm{i}{tag}'
+            dst = bids / f'sub-{lab}' / 'anat' / f'sub-{lab}_T1w.nii.gz'
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), img.affine, img.header), dst)
+            labels.append(lab)
+    result = out / 'out'
+    cmd = [str(Path(sys.executable).with_name('cerebseg')), str(bids), str(result),
+           'participant', '--participant-label', *labels, '--assets-dir',
+           str(opts.assets_dir), '-w', str(out / 'work'), '--nprocs', '2', '--omp-nthreads',
+           '2', '--skip-bids-validation', *extra]
+    with open(out / 'cerebseg.log', 'w') as log:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, NIPYPE_NO_ET='1')).returncode:
+            raise SystemExit(f'cerebseg failed; see {out / "cerebseg.log"}')
+    lut = read_lut_tsv(result / 'seg-cerebellum_dseg.tsv')
+    swap = swap_classes([[r['index'], r['name']] for r in lut])
+    names = [r['name'] for r in lut[1:]]
+    large = [i for i, n in enumerate(names) if n.split('_', 1)[-1] in LARGE]
+    print(f'options: {" ".join(extra) or "(defaults)"}\n')
+    print('| T1w | mean Dice over labels | large lobules | whole cerebellum | '
+          'L / R volume mL (orig) | L / R volume mL (mirror) |')
+    print('|---|---|---|---|---|---|')
+    for i, path in enumerate(opts.t1w):
+        def load(tag):
+            lab = f'm{i}{tag}'
+            return nib.load(result / f'sub-{lab}' / 'anat' /
+                            f'sub-{lab}_space-T1w_seg-cerebellum_dseg.nii.gz')
+
+        orig, mirror = load('orig'), load('mirror')
+        a = np.asarray(orig.dataobj)
+        b = swap[np.flip(np.asarray(mirror.dataobj), x_axis(mirror.affine)).astype(np.int64)]
+        dice = dice_per_label(b, a, range(1, len(lut)))
+        voxel = float(np.prod(orig.header.get_zooms()[:3])) / 1000
+
+        def sides(arr):
+            left = sum((arr == r['index']).sum() for r in lut if r['name'].startswith('Left'))
+            right = sum((arr == r['index']).sum() for r in lut if r['name'].startswith('Right'))
+            return f'{left * voxel:.1f} / {right * voxel:.1f}'
+
+        print(f'| {Path(path).name} | {np.nanmean(dice):.4f} | {np.nanmean(dice[large]):.4f} | '
+              f'{whole_dice(a, b):.4f} | {sides(a)} | {sides(np.asarray(mirror.dataobj))} |')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""Real subjects: native-space volumes of cerebseg next to another setting and published ranges.
+
+Runs the real ``cerebseg`` command (``--run NAME -- OPTIONS``, repeatable; skipped where the
+outputs exist) on the participants of one BIDS dataset, then prints, per participant, the
+total cerebellar volume (all labels), the left/right asymmetry index ``(L - R) / (L + R)`` of the
+hemispheric labels and, between the first run and each other, the relative volume difference
+and the whole-cerebellum Dice; and a summary next to the per-lobule volumes that DeepCeres,
+CERES and ACAPULCO measured on the HNU test-retest data (``../shared/data/reference``):
+plausibility ranges, not truth. The protocols differ: CERES-style lobules (I-V, VI, Crus I, Crus
+II, VIIB, VIIIA, VIIIB, IX, X per side) include the vermis, SUIT keeps it apart; the sum compared
+is the SUIT hemispheric and vermal labels of those lobules against the reference's two sides.
+
+Usage::
+
+    python benchmarks/volumes.py --bids ../shared/data/bids/ds002748 --assets-dir .assets \\
+        --out VOL --participant-label 01 02 03 --run default -- \\
+        --run ants -- --registration ants --models none
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+REFERENCE = Path(os.environ.get('CEREBSEG_SHARED_DATA', Path(__file__).resolve().parents[2]
+                                / 'shared' / 'data')) / 'reference' / \
+    'reliability_cerebellar_volumetry'
+#: reference column stem -> SUIT label stems (hemispheric and vermal)
+LOBULES = {'I.V': ('I_IV', 'V'), 'VI': ('VI',), 'Crus.I': ('CrusI',), 'Crus.II': ('CrusII',),
+           'VIIB': ('VIIb',), 'VIIIA': ('VIIIa',), 'VIIIB': ('VIIIb',), 'IX': ('IX',),
+           'X': ('X',)}
+
+
+def split_runs(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """``[... --run A -- opts --run B -- opts]`` -> (the other arguments, [(A, opts), ...])."""
+    head, runs, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == '--run':
+            name, i = argv[i + 1], i + 2
+            opts = []
+            if i < len(argv) and argv[i] == '--':
+                i += 1
+                while i < len(argv) and argv[i] != '--run':
+                    opts.append(argv[i])
+                    i += 1
+            runs.append((name, opts))
+        else:
+            head.append(argv[i])
+            i += 1
+    return head, runs
+
+
+def read_morph(path: Path) -> dict:
+    with open(path, newline='') as fobj:
+        return {r['name']: float(r['volume_mm3']) / 1000 for r in csv.DictReader(
+            fobj, delimiter='\t')}
+
+
+def lobule_sum(vols: dict) -> float:
+    names = {f'{side}_{stem}' for stems in LOBULES.values() for stem in stems
+             for side in ('Left', 'Right', 'Vermis')}
+    return sum(v for k, v in vols.items() if k in names)
+
+
+def asymmetry(vols: dict) -> float:
+    left = sum(v for k, v in vols.items() if k.startswith('Left_'))
+    right = sum(v for k, v in vols.items() if k.startswith('Right_'))
+    return (left - right) / (left + right)
+
+
+def reference_sums() -> dict:
+    out = {}
+    for method in ('deepCeres', 'ceres', 'acapulco'):
+        path = REFERENCE / f'all_volumes_cm3_{method}.csv'
+        if not path.is_file():
+            continue
+        with open(path, newline='') as fobj:
+            rows = list(csv.DictReader(fobj))
+        cols = [f'{side}.{stem}' for stem in LOBULES for side in ('Left', 'Right')]
+        out[method] = np.array([sum(float(r[c]) for c in cols) for r in rows])
+    return out
+
+
+def main(argv=None) -> int:
+    head, runs = split_runs(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--bids', type=Path, required=True)
+    parser.add_argument('--assets-dir', type=Path, required=True)
+    parser.add_argument('--out', type=Path, required=True)
+    parser.add_argument('--participant-label', nargs='+', required=True)
+    opts = parser.parse_args(head)
+    if not runs:
+        parser.error('give at least one --run NAME [-- cerebseg options]')
+    from cerebseg.utils.evaluation import whole_dice
+
+    labels = [p.removeprefix('sub-') for p in opts.participant_label]
+    for name, extra in runs:
+        dst = opts.out / name
+        todo = [p for p in labels if not (dst / f'sub-{p}' / 'anat' /
+                                          f'sub-{p}_seg-cerebellum_morph.tsv').is_file()]
+        if not todo:
+            continue
+        cmd = [str(Path(sys.executable).with_name('cerebseg')), str(opts.bids), str(dst),
+               'participant', '--participant-label', *todo, '--assets-dir',
+               str(opts.assets_dir), '-w', str(opts.out / f'work-{name}'), '--nprocs', '2',
+               '--omp-nthreads', '2', '--skip-bids-validation', *extra]
+        opts.out.mkdir(parents=True, exist_ok=True)
+        with open(opts.out / f'{name}.log', 'a') as log:
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                           env=dict(os.environ, NIPYPE_NO_ET='1'))
+    first = runs[0][0]
+    head_cells = ['participant'] + [f'{n} total mL' for n, _ in runs] + \
+        [f'{n} asymmetry' for n, _ in runs] + \
+        [f'{n} vs {first}: volume %, Dice' for n, _ in runs[1:]]
+    print('| ' + ' | '.join(head_cells) + ' |')
+    print('|---' * len(head_cells) + '|')
+    totals = {n: [] for n, _ in runs}
+    sums = {n: [] for n, _ in runs}
+    for p in labels:
+        anat = {n: opts.out / n / f'sub-{p}' / 'anat' for n, _ in runs}
+        morph = {}
+        for n, _ in runs:
+            path = anat[n] / f'sub-{p}_seg-cerebellum_morph.tsv'
+            morph[n] = read_morph(path) if path.is_file() else None
+        if any(m is None for m in morph.values()):
+            print(f'| sub-{p} | failed: see {opts.out}/*.log |')
+            continue
+        cells = [f'sub-{p}']
+        for n, _ in runs:
+            totals[n].append(sum(morph[n].values()))
+            sums[n].append(lobule_sum(morph[n]))
+            cells.append(f'{totals[n][-1]:.1f}')
+        cells += [f'{asymmetry(morph[n]):+.3f}' for n, _ in runs]
+        ref = np.asarray(nib.load(anat[first] / f'sub-{p}_space-T1w_seg-cerebellum_dseg.nii.gz')
+                         .dataobj)
+        for n, _ in runs[1:]:
+            other = np.asarray(nib.load(anat[n] / f'sub-{p}_space-T1w_seg-cerebellum_dseg.nii.gz')
+                               .dataobj)
+            cells.append(f'{(totals[n][-1] / totals[first][-1] - 1) * 100:+.1f}, '
+                         f'{whole_dice(other, ref):.3f}')
+        print('| ' + ' | '.join(cells) + ' |')
+    print('\nSum of lobules I-X, both sides (mL): mean (sd) [min, max]')
+    for n, _ in runs:
+        v = np.asarray(sums[n])
+        if len(v):
+            print(f'- cerebseg {n} ({len(v)} participants): {v.mean():.1f} ({v.std():.1f}) '
+                  f'[{v.min():.1f}, {v.max():.1f}]')
+    for method, v in reference_sums().items():
+        print(f'- {method}, HNU ({len(v)} sessions): {v.mean():.1f} ({v.std():.1f}) '
+              f'[{v.min():.1f}, {v.max():.1f}]')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
