@@ -233,6 +233,32 @@ def stage_volumes(work: Path, label: str, out: Path, truth_native: nib.Nifti1Ima
     return stages
 
 
+def overlay(path: Path, image: np.ndarray, pred: np.ndarray, truth: np.ndarray, title: str):
+    """Three planes through the truth's centre: the image, the truth outline (green), false
+    positives (red) and false negatives (blue)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    centre = [int(c) for c in np.argwhere(truth > 0).mean(0)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    for axis, ax in enumerate(axes):
+        sl = [slice(None)] * 3
+        sl[axis] = centre[axis]
+        sl = tuple(sl)
+        ax.imshow(image[sl].T, origin='lower', cmap='gray')
+        ax.contour((truth[sl] > 0).T, [0.5], colors='lime', linewidths=0.6)
+        for mask, cmap in (((pred > 0) & (truth == 0), 'autumn'),
+                           ((pred == 0) & (truth > 0), 'winter')):
+            ax.imshow(np.ma.masked_where(~mask[sl].T, mask[sl].T), origin='lower', cmap=cmap,
+                      alpha=0.8)
+        ax.set_axis_off()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--assets-dir', type=Path, required=True)
@@ -243,6 +269,8 @@ def main(argv=None) -> int:
                         choices=['default', 'none', 'ensemble', 'ants', 'syn', 'jlf'])
     parser.add_argument('--stages', action='store_true', help='print per-stage volumes')
     parser.add_argument('--tsv', type=Path, default=None)
+    parser.add_argument('--overlays', type=Path, default=None,
+                        help='write PNG overlays of the errors against truth (three planes)')
     opts = parser.parse_args(argv)
     os.environ.setdefault('NIPYPE_NO_ET', '1')
     out = opts.out.resolve()
@@ -314,6 +342,15 @@ def main(argv=None) -> int:
             meta = json.loads((truth_dir / f'sub-{lab}_truth.json').read_text())
             s = score(np.asarray(img.dataobj), np.asarray(truth.dataobj),
                       np.asarray(meta['volumes_mm3']), truth.header.get_zooms()[:3])
+            if opts.overlays:
+                opts.overlays.mkdir(parents=True, exist_ok=True)
+                t1 = np.asarray(nib.load(bids / f'sub-{lab}' / 'anat' /
+                                         f'sub-{lab}_T1w.nii.gz').dataobj)
+                slug = ''.join(c if c.isalnum() else '-' for c in method).strip('-')
+                overlay(opts.overlays / f'sub-{lab}_{slug}.png', t1, np.asarray(img.dataobj),
+                        np.asarray(truth.dataobj),
+                        f'sub-{lab}, {method}: whole Dice {s["whole_dice"]:.3f}, volume '
+                        f'{s["volume_error_pct"]:+.1f} %')
             scores.append(s)
             per_case.append((method, lab, s))
         rows.append((method, {k: (np.mean([s[k] for s in scores]),
