@@ -46,7 +46,8 @@ class ProbsToNative(SimpleInterface):
 class _VolumesInputSpec(BaseInterfaceInputSpec):
     dseg = File(exists=True, mandatory=True, desc='native-space labels')
     lut = File(exists=True, mandatory=True, desc='lookup table TSV')
-    t1_to_mni = File(exists=True, mandatory=True, desc='T1w -> MNI affine (ANTs)')
+    t1_to_mni = File(exists=True, mandatory=True,
+                     desc='whole-brain T1w -> MNI affine (ANTs), for the ICV estimate')
     template_icv_ml = traits.Float(mandatory=True, desc='brain-mask volume of the template')
     uncertainty = traits.Str('', usedefault=True,
                              desc="TSV of per-label uncertainty to add as a column ('' none)")

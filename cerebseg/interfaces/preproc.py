@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import os
 
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
+                                    SimpleInterface, TraitedSpec, traits)
 from nipype.utils.filemanip import fname_presuffix
 
 
@@ -107,6 +107,59 @@ class MNIAffine(SimpleInterface):
                 'brain scan, or it is badly corrupted (wrong orientation in the header, heavy '
                 'artefacts). cerebseg will not segment it; check the image.')
         self._results['transform'] = fit.transform
+        return runtime
+
+
+class _BoxAffineInputSpec(_ThreadedInputSpec):
+    in_file = File(exists=True, mandatory=True, desc='bias-corrected T1w, native grid')
+    initial = File(exists=True, mandatory=True, desc='whole-brain affine T1w -> MNI (ANTs)')
+    skull_stripped = traits.Bool(mandatory=True, desc='input is brain-extracted')
+    template_head = File(exists=True, mandatory=True, desc='MNI152NLin2009cAsym whole head')
+    template_brain = File(exists=True, mandatory=True, desc='MNI152NLin2009cAsym brain')
+    entry_dseg = InputMultiObject(File(exists=True), mandatory=True,
+                                  desc='library entry labels (working grid): the fit region')
+    grid = traits.Dict(mandatory=True, desc='working grid (BoxGrid.to_dict())')
+    margin_mm = traits.Float(5.0, usedefault=True, desc='dilation of the labels (mm)')
+
+
+class _BoxAffineOutputSpec(TraitedSpec):
+    transform = File(exists=True, desc='ANTs affine, T1w -> MNI152NLin2009cAsym (box fit)')
+
+
+class BoxAffine(SimpleInterface):
+    """The MNI affine refined on cerebellum and brainstem
+    (:func:`cerebseg.utils.registration.refine_to_box`)."""
+
+    input_spec = _BoxAffineInputSpec
+    output_spec = _BoxAffineOutputSpec
+
+    def _run_interface(self, runtime):
+        import ants
+        import nibabel as nib
+        import numpy as np
+        from scipy import ndimage
+
+        from cerebseg.utils.grid import BoxGrid
+        from cerebseg.utils.images import nib_to_ants
+        from cerebseg.utils.registration import refine_to_box, set_threads
+
+        set_threads(self.inputs.num_threads)
+        grid = BoxGrid.from_dict(self.inputs.grid)
+        union = np.zeros(grid.shape, bool)
+        for path in self.inputs.entry_dseg:
+            union |= np.asarray(nib.load(path).dataobj) > 0
+        union = ndimage.binary_dilation(union, iterations=max(
+            int(round(self.inputs.margin_mm / grid.spacing)), 1))
+        box1 = grid.reference(1.0)
+        region = ants.resample_image_to_target(
+            nib_to_ants(nib.Nifti1Image(union.astype(np.float32), grid.affine)), box1,
+            'nearestNeighbor')
+        template = self.inputs.template_brain if self.inputs.skull_stripped \
+            else self.inputs.template_head
+        target = ants.resample_image_to_target(nib_to_ants(nib.load(template)), box1, 'linear')
+        self._results['transform'] = refine_to_box(
+            nib_to_ants(nib.load(self.inputs.in_file)), target, region, self.inputs.initial,
+            os.path.join(runtime.cwd, 'T1w_to_box_'), seed=self.inputs.seed)
         return runtime
 
 

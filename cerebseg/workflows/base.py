@@ -46,7 +46,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     if t2w:
         inputnode.inputs.t2w = t2w
     preproc_wf = init_preproc_wf(templates=templates, grid=grid, use_t2w=bool(t2w),
-                                 omp_nthreads=omp_nthreads, seed=seed)
+                                 omp_nthreads=omp_nthreads, seed=seed,
+                                 region_dseg=[e['dseg'] for e in library['entries']])
     multiatlas_wf = init_multiatlas_wf(
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=reg_spacing,
         reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed,
@@ -61,7 +62,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         (preproc_wf, multiatlas_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
                                      ('outputnode.t2_box', 'inputnode.t2_box')]),
         (inputnode, native_wf, [('t1w', 'inputnode.t1w')]),
-        (preproc_wf, native_wf, [('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
+        (preproc_wf, native_wf, [('outputnode.t1_to_mni', 'inputnode.t1_to_mni'),
+                                 ('outputnode.brain_to_mni', 'inputnode.brain_to_mni')]),
         (inputnode, ds_wf, [('t1w', 'inputnode.source_file')]),
         (preproc_wf, ds_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
                              ('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
@@ -129,7 +131,8 @@ def init_prior_wf(*, t1w: str, t2w: str | None, templates: dict, grid: dict, lib
                                       function=_gather), name='outputnode',
                          run_without_submitting=True)
     preproc_wf = init_preproc_wf(templates=templates, grid=grid, use_t2w=bool(t2w),
-                                 omp_nthreads=omp_nthreads, seed=seed)
+                                 omp_nthreads=omp_nthreads, seed=seed,
+                                 region_dseg=[e['dseg'] for e in library['entries']])
     multiatlas_wf = init_multiatlas_wf(
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=1.0,
         reg_iterations=[40, 20, 0], omp_nthreads=omp_nthreads, seed=seed,

@@ -16,7 +16,9 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
     t1w
         The raw input T1w (defines the native grid).
     t1_to_mni
-        T1w -> MNI affine (ANTs).
+        T1w -> MNI affine (ANTs) of the working grid.
+    brain_to_mni
+        The whole-brain T1w -> MNI affine (its determinant scales the ICV estimate).
     probseg_box
         Label probabilities on the working grid (4D uint8, labels last).
     label_uncertainty
@@ -29,7 +31,8 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=['t1w', 't1_to_mni', 'probseg_box', 'label_uncertainty']), name='inputnode')
+        fields=['t1w', 't1_to_mni', 'brain_to_mni', 'probseg_box', 'label_uncertainty']),
+        name='inputnode')
     inputnode.inputs.label_uncertainty = ''
     outputnode = pe.Node(niu.IdentityInterface(fields=['dseg_native', 'morph', 'icv']),
                          name='outputnode')
@@ -40,7 +43,7 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
         (inputnode, to_native, [('t1w', 'reference'), ('t1_to_mni', 't1_to_mni'),
                                 ('probseg_box', 'probseg')]),
         (to_native, volumes, [('out_file', 'dseg')]),
-        (inputnode, volumes, [('t1_to_mni', 't1_to_mni'),
+        (inputnode, volumes, [('brain_to_mni', 't1_to_mni'),
                               ('label_uncertainty', 'uncertainty')]),
         (to_native, outputnode, [('out_file', 'dseg_native')]),
         (volumes, outputnode, [('out_file', 'morph'), ('icv_file', 'icv')]),

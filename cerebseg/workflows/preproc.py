@@ -4,7 +4,8 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from cerebseg.interfaces.preproc import CoregisterT2, MNIAffine, ToWorkingGrid, ValidateAndCorrect
+from cerebseg.interfaces.preproc import (BoxAffine, CoregisterT2, MNIAffine, ToWorkingGrid,
+                                         ValidateAndCorrect)
 from cerebseg.utils.registration import MIN_TEMPLATE_CORRELATION
 
 #: below this edge correlation a T2w -> T1w rigid fit is refused (IXI002: 0.74)
@@ -12,8 +13,9 @@ MIN_T2_EDGE_CORRELATION = 0.15
 
 
 def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads: int,
-                    seed: int, name: str = 'preproc_wf'):
-    """Bias correction and denoising (native), MNI affine, T2w->T1w rigid, working-grid box.
+                    seed: int, region_dseg: list[str], name: str = 'preproc_wf'):
+    """Bias correction and denoising (native), MNI affine (whole brain, then refined on
+    cerebellum and brainstem), T2w->T1w rigid, working-grid box.
 
     Parameters
     ----------
@@ -23,6 +25,8 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
         The working grid (``BoxGrid.to_dict()``).
     use_t2w : bool
         Whether a T2w is part of this run.
+    region_dseg : list of str
+        Library entry label maps (working grid): where the refined affine is fitted.
 
     Inputs
     ------
@@ -32,7 +36,10 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
     Outputs
     -------
     t1_to_mni
-        ANTs affine T1w -> MNI152NLin2009cAsym.
+        ANTs affine T1w -> MNI152NLin2009cAsym, refined on cerebellum and brainstem: the one
+        the working grid and the native labels use.
+    brain_to_mni
+        The whole-brain affine (for the intracranial volume estimate).
     t2_to_t1
         ANTs rigid T2w -> T1w (only with a T2w).
     t1_box, t2_box
@@ -42,8 +49,8 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't2w']), name='inputnode')
-    outputnode = pe.Node(niu.IdentityInterface(fields=['t1_to_mni', 't2_to_t1', 't1_box',
-                                                       't2_box', 'mni_qc', 't2_qc']),
+    outputnode = pe.Node(niu.IdentityInterface(fields=['t1_to_mni', 'brain_to_mni', 't2_to_t1',
+                                                       't1_box', 't2_box', 'mni_qc', 't2_qc']),
                          name='outputnode')
     t1_correct = pe.Node(ValidateAndCorrect(role='T1w', num_threads=omp_nthreads),
                          name='t1_correct', n_procs=omp_nthreads)
@@ -53,6 +60,10 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
                                    min_correlation=MIN_TEMPLATE_CORRELATION,
                                    num_threads=omp_nthreads, seed=seed),
                          name='mni_affine', n_procs=omp_nthreads)
+    box_affine = pe.Node(BoxAffine(template_head=templates['head'],
+                                   template_brain=templates['brain'], entry_dseg=region_dseg,
+                                   grid=grid, num_threads=omp_nthreads, seed=seed),
+                         name='box_affine', n_procs=omp_nthreads)
     to_grid = pe.Node(ToWorkingGrid(grid=grid, num_threads=omp_nthreads, seed=seed),
                       name='to_grid', n_procs=omp_nthreads)
     wf.connect([
@@ -61,8 +72,12 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
         (t1_correct, mni_affine, [('out_file', 'in_file'),
                                   ('skull_stripped', 'skull_stripped')]),
         (t1_correct, to_grid, [('out_file', 't1_file')]),
-        (mni_affine, to_grid, [('transform', 't1_to_mni')]),
-        (mni_affine, outputnode, [('transform', 't1_to_mni'), ('qc_file', 'mni_qc')]),
+        (t1_correct, box_affine, [('out_file', 'in_file'),
+                                  ('skull_stripped', 'skull_stripped')]),
+        (mni_affine, box_affine, [('transform', 'initial')]),
+        (box_affine, to_grid, [('transform', 't1_to_mni')]),
+        (box_affine, outputnode, [('transform', 't1_to_mni')]),
+        (mni_affine, outputnode, [('transform', 'brain_to_mni'), ('qc_file', 'mni_qc')]),
         (to_grid, outputnode, [('t1_box', 't1_box'), ('t2_box', 't2_box')]),
     ])
     if use_t2w:
