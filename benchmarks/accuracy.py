@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -50,6 +48,7 @@ import nibabel as nib
 import numpy as np
 
 from cerebseg.assets.build import leave_out_entry  # noqa: E402
+from common import run_cerebseg  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data'))
@@ -95,23 +94,6 @@ def write_bids_root(bids: Path, labels: list[str]) -> None:
          'BIDSVersion': '1.10.0'}))
     (bids / 'participants.tsv').write_text('participant_id\n' + ''.join(
         f'sub-{lab}\n' for lab in labels))
-
-
-def run_cerebseg(bids: Path, out: Path, work: Path, assets: Path, labels: list[str],
-                 extra: list[str], t2w: bool) -> float:
-    """The real command, as a user runs it; returns the wall time (s)."""
-    cmd = [str(Path(sys.executable).with_name('cerebseg')), str(bids), str(out), 'participant',
-           '--participant-label', *labels, '--assets-dir', str(assets), '-w', str(work),
-           '--nprocs', '2', '--omp-nthreads', '2', '--skip-bids-validation', *extra]
-    if not t2w:
-        cmd.append('--t1-only')
-    tic = time.perf_counter()
-    with open(out.parent / f'{out.name}.log', 'w') as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, NIPYPE_NO_ET='1'))
-    if proc.returncode:
-        raise RuntimeError(f'{" ".join(cmd)} exited {proc.returncode}; see {out}.log')
-    return time.perf_counter() - tic
 
 
 def anat_file(out: Path, label: str, suffix: str) -> Path:
@@ -296,7 +278,10 @@ def main(argv=None) -> int:
     for key in todo:
         name, extra, work = runs[key]
         dst = out / f'out-{key}'
-        times[name] = run_cerebseg(bids, dst, out / work, assets, labels, extra, opts.t2w)
+        times[name] = run_cerebseg(bids, dst, out / work, assets,
+                                   ['--participant-label', *labels, *extra]
+                                   + ([] if opts.t2w else ['--t1-only']),
+                                   out / f'{dst.name}.log')
         print(f'{name}: {times[name]:.0f} s for {len(labels)} case(s)', flush=True)
         if key in opts.methods:
             for lab in labels:

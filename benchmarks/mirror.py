@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from common import run_cerebseg, split_options
 
 LARGE = ('CrusI', 'CrusII', 'VI', 'VIIb', 'VIIIa', 'VIIIb', 'IX', 'I_IV', 'V')
 
@@ -33,9 +32,7 @@ def x_axis(affine: np.ndarray) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index('--') + 1:] if '--' in argv else []
-    argv = argv[:argv.index('--')] if '--' in argv else argv
+    argv, extra = split_options(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--assets-dir', type=Path, required=True)
     parser.add_argument('--out', type=Path, required=True)
@@ -61,14 +58,8 @@ def main(argv=None) -> int:
             nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), img.affine, img.header), dst)
             labels.append(lab)
     result = out / 'out'
-    cmd = [str(Path(sys.executable).with_name('cerebseg')), str(bids), str(result),
-           'participant', '--participant-label', *labels, '--assets-dir',
-           str(opts.assets_dir), '-w', str(out / 'work'), '--nprocs', '2', '--omp-nthreads',
-           '2', '--skip-bids-validation', *extra]
-    with open(out / 'cerebseg.log', 'w') as log:
-        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                          env=dict(os.environ, NIPYPE_NO_ET='1')).returncode:
-            raise SystemExit(f'cerebseg failed; see {out / "cerebseg.log"}')
+    run_cerebseg(bids, result, out / 'work', opts.assets_dir,
+                 ['--participant-label', *labels, *extra], out / 'cerebseg.log')
     lut = read_lut_tsv(result / 'seg-cerebellum_dseg.tsv')
     swap = swap_classes([[r['index'], r['name']] for r in lut])
     names = [r['name'] for r in lut[1:]]

@@ -16,29 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-
-def run(bids: Path, out: Path, work: Path, assets: Path, extra: list[str]) -> None:
-    cmd = [str(Path(sys.executable).with_name('cerebseg')), str(bids), str(out), 'participant',
-           '--assets-dir', str(assets), '-w', str(work), '--nprocs', '2', '--omp-nthreads', '2',
-           '--skip-bids-validation', *extra]
-    with open(out.parent / f'{out.name}.log', 'w') as log:
-        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                          env=dict(os.environ, NIPYPE_NO_ET='1')).returncode:
-            raise SystemExit(f'cerebseg failed; see {out}.log')
+from common import run_cerebseg, split_options
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index('--') + 1:] if '--' in argv else []
-    argv = argv[:argv.index('--')] if '--' in argv else argv
+    argv, extra = split_options(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--assets-dir', type=Path, required=True)
     parser.add_argument('--out', type=Path, required=True)
@@ -78,7 +65,8 @@ def main(argv=None) -> int:
             masks[tag] = mask
         nib.save(nib.Nifti1Image(data, img.affine, img.header), anat / 'sub-s_T1w.nii.gz')
         results[tag] = out / f'out-{tag}'
-        run(bids, results[tag], out / f'work-{tag}', opts.assets_dir, extra)
+        run_cerebseg(bids, results[tag], out / f'work-{tag}', opts.assets_dir, extra,
+                     out / f'out-{tag}.log')
     lut = read_lut_tsv(results['head'] / 'seg-cerebellum_dseg.tsv')
     maps = {t: nib.load(p / 'sub-s/anat/sub-s_space-T1w_seg-cerebellum_dseg.nii.gz')
             for t, p in results.items()}

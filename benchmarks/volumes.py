@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from common import run_cerebseg
 
 REFERENCE = Path(os.environ.get('CEREBSEG_SHARED_DATA', Path(__file__).resolve().parents[2]
                                 / 'shared' / 'data')) / 'reference' / \
@@ -106,14 +106,11 @@ def main(argv=None) -> int:
                                           f'sub-{p}_seg-cerebellum_morph.tsv').is_file()]
         if not todo:
             continue
-        cmd = [str(Path(sys.executable).with_name('cerebseg')), str(opts.bids), str(dst),
-               'participant', '--participant-label', *todo, '--assets-dir',
-               str(opts.assets_dir), '-w', str(opts.out / f'work-{name}'), '--nprocs', '2',
-               '--omp-nthreads', '2', '--skip-bids-validation', *extra]
-        opts.out.mkdir(parents=True, exist_ok=True)
-        with open(opts.out / f'{name}.log', 'a') as log:
-            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                           env=dict(os.environ, NIPYPE_NO_ET='1'))
+        try:
+            run_cerebseg(opts.bids, dst, opts.out / f'work-{name}', opts.assets_dir,
+                         ['--participant-label', *todo, *extra], opts.out / f'{name}.log')
+        except RuntimeError as err:   # failed participants are reported in the table
+            print(f'{name}: {err}', file=sys.stderr)
     first = runs[0][0]
     head_cells = ['participant'] + [f'{n} total mL' for n, _ in runs] + \
         [f'{n} asymmetry' for n, _ in runs] + \
