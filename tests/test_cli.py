@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cerebseg.assets import ASSETS_FORMAT
 from cerebseg.bids_app.run import main
 from conftest import make_bad_nifti, make_bids, make_nifti
 
@@ -32,7 +33,7 @@ def test_corrupt_asset_exit_126(tmp_path, caplog):
     assets = tmp_path / 'assets'
     make_nifti(assets / 'tpl.nii.gz')
     (assets / 'manifest.json').write_text(json.dumps(
-        {'format': 1, 'files': {'tpl.nii.gz': '0' * 64}, 'libraries': {}}))
+        {'format': ASSETS_FORMAT, 'files': {'tpl.nii.gz': '0' * 64}, 'libraries': {}}))
     code = main([str(root), str(tmp_path / 'out'), 'participant', '--assets-dir', str(assets)])
     assert code == 126
     assert 'sha256 mismatch' in caplog.text and 'tpl.nii.gz' in caplog.text
