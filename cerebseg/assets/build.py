@@ -195,8 +195,7 @@ def build_library(protocol_name: str, sources: Path, out: Path, grid: BoxGrid,
     entries = [build_entry(e, mapping, sources, lib_dir, grid, template_head, seed)
                for e in protocol['entries']]
     if mirror:
-        if not np.allclose(np.asarray(grid.origin[0]) + (grid.shape[0] - 1) * grid.spacing,
-                           -np.asarray(grid.origin[0])):
+        if not np.isclose(grid.origin[0] + (grid.shape[0] - 1) * grid.spacing, -grid.origin[0]):
             raise ValueError('The working grid is not symmetric about x = 0: cannot mirror.')
         swap = swap_classes([[r['index'], r['name']] for r in lut])
         entries += [mirror_entry(e, lib_dir, swap, grid.affine) for e in entries]
@@ -235,16 +234,14 @@ def leave_out_entry(assets: Path, out: Path, entry: str) -> Path:
     template is segmented without that template in the library."""
     assets, out = Path(assets), Path(out)
     manifest = json.loads((assets / MANIFEST).read_text())
-    found = False
+    gone = set()
     for lib in manifest['libraries'].values():
-        keep = [e for e in lib['entries'] if entry not in (e['name'], e.get('mirror_of'))]
-        found |= len(keep) < len(lib['entries'])
-        lib['entries'] = keep
-    if not found:
+        left_out = [e for e in lib['entries'] if entry in (e['name'], e.get('mirror_of'))]
+        gone.update(rel for e in left_out for rel in e['files'].values())
+        lib['entries'] = [e for e in lib['entries'] if e not in left_out]
+    if not gone:
         raise ValueError(f'No library entry {entry!r} in {assets}')
-    gone = (f'entry-{entry}_', f'entry-{entry}Mirror_')
-    manifest['files'] = {k: v for k, v in manifest['files'].items()
-                         if not any(g in k for g in gone)}
+    manifest['files'] = {k: v for k, v in manifest['files'].items() if k not in gone}
     for rel in manifest['files']:
         dst = out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)

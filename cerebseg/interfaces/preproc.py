@@ -134,32 +134,22 @@ class BoxAffine(SimpleInterface):
     output_spec = _BoxAffineOutputSpec
 
     def _run_interface(self, runtime):
-        import ants
         import nibabel as nib
         import numpy as np
-        from scipy import ndimage
 
         from cerebseg.utils.grid import BoxGrid
         from cerebseg.utils.images import nib_to_ants
         from cerebseg.utils.registration import refine_to_box, set_threads
 
         set_threads(self.inputs.num_threads)
-        grid = BoxGrid.from_dict(self.inputs.grid)
-        union = np.zeros(grid.shape, bool)
-        for path in self.inputs.entry_dseg:
-            union |= np.asarray(nib.load(path).dataobj) > 0
-        union = ndimage.binary_dilation(union, iterations=max(
-            int(round(self.inputs.margin_mm / grid.spacing)), 1))
-        box1 = grid.reference(1.0)
-        region = ants.resample_image_to_target(
-            nib_to_ants(nib.Nifti1Image(union.astype(np.float32), grid.affine)), box1,
-            'nearestNeighbor')
         template = self.inputs.template_brain if self.inputs.skull_stripped \
             else self.inputs.template_head
-        target = ants.resample_image_to_target(nib_to_ants(nib.load(template)), box1, 'linear')
         self._results['transform'] = refine_to_box(
-            nib_to_ants(nib.load(self.inputs.in_file)), target, region, self.inputs.initial,
-            os.path.join(runtime.cwd, 'T1w_to_box_'), seed=self.inputs.seed)
+            nib_to_ants(nib.load(self.inputs.in_file)), nib_to_ants(nib.load(template)),
+            [np.asarray(nib.load(p).dataobj) for p in self.inputs.entry_dseg],
+            BoxGrid.from_dict(self.inputs.grid), self.inputs.initial,
+            os.path.join(runtime.cwd, 'T1w_to_box_'), margin_mm=self.inputs.margin_mm,
+            seed=self.inputs.seed)
         return runtime
 
 

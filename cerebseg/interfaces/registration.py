@@ -67,8 +67,8 @@ class TorchRegisterEntries(SimpleInterface):
                                   init_velocity=init_velocity, seed=self.inputs.seed)
         self._results['transforms'] = os.path.join(runtime.cwd, 'entries_to_subject.npz')
         np.savez_compressed(self._results['transforms'], affine=result.affine,
-                            velocity=result.velocity, spacing=result.spacing, inverse=result.inverse,
-                            steps=result.steps)
+                            velocity=result.velocity, spacing=result.spacing,
+                            inverse=result.inverse, steps=result.steps)
         labels = [np.asarray(nib.load(p).dataobj, np.int16) for p in self.inputs.entry_dseg]
         t2s = [np.asarray(nib.load(p).dataobj, np.float32) if p else None
                for p in self.inputs.entry_t2]

@@ -107,20 +107,32 @@ def affine_to_template(moving, template_head, template_brain, brain_mask: np.nda
     return AffineFit(transform=kept[0], correlation=corr, candidate=candidate)
 
 
-def refine_to_box(moving, target, region, initial: str, out_prefix: str,
-                  seed: int | None = 0):
+def refine_to_box(moving, template, label_maps: list[np.ndarray], grid, initial: str,
+                  out_prefix: str, margin_mm: float = 5.0, seed: int | None = 0):
     """Refine a whole-brain affine (``initial``, moving -> template) on the posterior fossa.
 
-    ``target`` is the MNI template (whole head or brain, as the input) on the 1 mm working box,
-    ``region`` a mask there around cerebellum and brainstem (the library's labels, dilated).
-    The library entries are placed in the box by an affine fitted to cerebellum and brainstem;
-    a subject placed by its whole-brain fit can differ from them in scale by 10-30 % in the box
-    (a whole head more than a brain: the skull and scalp weigh in), and the nonlinear step does
-    not undo all of it (issue 9: whole head and skull-stripped copies of one T1w differed by
-    16 % in cerebellar volume, within 2 % with this refinement). Returns the transform file.
+    The fit runs on the 1 mm copy of the working box ``grid`` (a :class:`BoxGrid`), with the MNI
+    ``template`` (whole head or brain, as the input), inside the union of ``label_maps`` (the
+    library's labels on the working grid) dilated by ``margin_mm``. The library entries are
+    placed in the box by an affine fitted to cerebellum and brainstem; a subject placed by its
+    whole-brain fit can differ from them in scale by 10-30 % in the box (a whole head more than
+    a brain: the skull and scalp weigh in), and the nonlinear step does not undo all of it
+    (issue 9: whole head and skull-stripped copies of one T1w differed by 16 % in cerebellar
+    volume, within 2 % with this refinement). Returns the transform file.
     """
     import ants
+    import nibabel as nib
+    from scipy import ndimage
 
+    from cerebseg.utils.images import nib_to_ants
+
+    union = np.any(np.stack([np.asarray(m) > 0 for m in label_maps]), axis=0)
+    union = ndimage.binary_dilation(union, iterations=max(round(margin_mm / grid.spacing), 1))
+    box1 = grid.reference(1.0)
+    region = ants.resample_image_to_target(
+        nib_to_ants(nib.Nifti1Image(union.astype(np.float32), grid.affine)), box1,
+        'nearestNeighbor')
+    target = ants.resample_image_to_target(template, box1, 'linear')
     with ants_seed(seed):
         reg = ants.registration(target, moving, type_of_transform='Affine',
                                 initial_transform=initial, mask=region)

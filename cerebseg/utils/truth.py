@@ -117,14 +117,13 @@ class _Displacement:
                          for c in self.coef])
 
 
-def _sample(image, world: np.ndarray, order: int) -> np.ndarray:
-    """Read a nibabel image at world points (3, N): trilinear (``order`` 1) or nearest (0);
-    0 outside."""
+def _sample(data: np.ndarray, inv_affine: np.ndarray, world: np.ndarray,
+            order: int) -> np.ndarray:
+    """Read an array (world -> voxel ``inv_affine``) at world points (3, N): trilinear
+    (``order`` 1) or nearest (0); 0 outside."""
     from scipy import ndimage
 
-    inv = np.linalg.inv(image.affine)
-    vox = inv[:3, :3] @ world + inv[:3, 3:4]
-    data = np.asarray(image.dataobj, np.float32 if order else np.int16)
+    vox = inv_affine[:3, :3] @ world + inv_affine[:3, 3:4]
     return ndimage.map_coordinates(data, vox, order=order, mode='constant', cval=0.0)
 
 
@@ -146,6 +145,9 @@ def _render(sources: dict, shape, affine, to_template, linear: np.ndarray, n_lab
     out = {k: np.zeros(n_vox, np.float32) for k in sources if k != 'labels'}
     counts = np.zeros((n_labels, n_vox), np.uint8) if 'labels' in sources else None
     offsets = linear @ affine[:3, :3] @ _subsample_offsets(n_sub).T      # (3, n_sub^3) mm
+    # each source read from disk once, not once per sub-sample and chunk
+    arrays = {k: (np.asarray(img.dataobj, np.int16 if k == 'labels' else np.float32),
+                  np.linalg.inv(img.affine)) for k, img in sources.items()}
     grid = np.indices(shape).reshape(3, -1)
     for start in range(0, n_vox, chunk):
         vox = grid[:, start:start + chunk].astype(np.float64)
@@ -153,13 +155,13 @@ def _render(sources: dict, shape, affine, to_template, linear: np.ndarray, n_lab
         centre = to_template(affine[:3, :3] @ vox + affine[:3, 3:4])
         for off in offsets.T:
             tpl = centre + off[:, None]
-            for key, img in sources.items():
+            for key, (data, inv_affine) in arrays.items():
                 if key == 'labels':
-                    lab = _sample(img, tpl, 0).astype(np.int64)
+                    lab = _sample(data, inv_affine, tpl, 0).astype(np.int64)
                     lab[(lab < 0) | (lab >= n_labels)] = 0
                     np.add.at(counts, (lab, index), 1)
                 else:
-                    out[key][index] += _sample(img, tpl, 1) / offsets.shape[1]
+                    out[key][index] += _sample(data, inv_affine, tpl, 1) / offsets.shape[1]
     res = {k: v.reshape(shape) for k, v in out.items()}
     if counts is not None:
         res['counts'] = counts.reshape((n_labels,) + tuple(shape))
