@@ -205,7 +205,7 @@ def main(argv=None):
                     w, c, s = run_torch(fixed, moving, labels, device, io_config)
                 elif method == 'net':
                     w, c, s = run_torch(fixed, moving, labels, device,
-                                        reg.SVFConfig(iterations=(0, 0), affine_iterations=0),
+                                        reg.SVFConfig(iterations=(0, 0, 0), affine_iterations=0),
                                         init=net_init)
                 else:
                     w, c, s = run_torch(fixed, moving, labels, device, refine, init=net_init)

@@ -94,3 +94,36 @@ def test_working_grid():
     lo1 = np.array(one.origin) - 0.5
     np.testing.assert_allclose(lo05, lo1)
     assert WORKING_GRID.from_dict(WORKING_GRID.to_dict()) == WORKING_GRID
+
+
+def _mirror_world(img):
+    """Reference mirror about x = 0 by resampling every voxel centre (slow, exact at centres)."""
+    from scipy import ndimage
+
+    data = np.asarray(img.dataobj, np.float32)
+    idx = np.indices(data.shape).reshape(3, -1)
+    world = img.affine[:3, :3] @ idx + img.affine[:3, 3:]
+    world[0] *= -1
+    src = np.linalg.solve(img.affine[:3, :3], world - img.affine[:3, 3:])
+    return ndimage.map_coordinates(data, src, order=1, mode='constant').reshape(data.shape)
+
+
+@pytest.mark.parametrize('origin_x', [-9.0, -7.5])
+def test_mirror_average_is_symmetric(origin_x):
+    """Averaged with its mirror about x = 0: the result is its own mirror, on a grid that is
+    symmetric about x = 0 (voxel flip) and on one that is not (resampled)."""
+    from cerebseg.utils.images import mirror_average
+
+    rng = np.random.default_rng(0)
+    data = rng.random((19, 8, 6)).astype(np.float32)
+    affine = np.diag([1.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = (origin_x, -8, -6)
+    img = nib.Nifti1Image(data, affine)
+    out = mirror_average(img)
+    np.testing.assert_allclose(out.affine, affine)
+    sym = np.asarray(out.dataobj)
+    # -7.5: x from -7.5 to 10.5, mirrored voxels exist for x up to 7.5 (index 15)
+    inner = (slice(0, 16),) if origin_x == -7.5 else (slice(None),)
+    np.testing.assert_allclose(sym[inner], _mirror_world(out)[inner], atol=1e-5)
+    np.testing.assert_allclose(sym[inner], 0.5 * (data + _mirror_world(img))[inner], atol=1e-5)
+    assert not np.allclose(data[inner], _mirror_world(img)[inner], atol=1e-2)

@@ -9,7 +9,7 @@ from cerebseg.models.inference import resolve_device
 
 SPACING = 1.0
 CONFIG = reg.SVFConfig(levels_mm=(4.0, 2.0), iterations=(40, 40), affine_iterations=20,
-                       control_mm=4.0, window=5)
+                       control_mm=4.0, window=5, smoothness=2.0)
 
 
 def phantom(seed=0, shape=(40, 44, 36)):
@@ -162,3 +162,26 @@ def test_regnet_roundtrip_and_training_step(tmp_path):
     with pytest.raises(FileNotFoundError, match='cerebseg-train registration'):
         load_regnet(tmp_path / 'missing.pt')
     assert isinstance(loaded, RegNet)
+
+
+def test_registration_is_mirror_equivariant(known_case):
+    """A subject mirrored along x, registered to the mirrored entry, gives the mirrored transform
+    (issue 9): the affine stage's start on voxel centres and odd-sized coarse levels broke this
+    (affine scale 0.5 % apart on a real T1w, labels 0.947 mean Dice from their mirror)."""
+    torch.set_num_threads(1)
+    image, labels, fixed, _ = known_case
+    image, labels, fixed = image[:39], labels[:39], fixed[:39]  # odd along the mirrored axis
+    moving = np.stack([image, np.flip(image, 0)])
+    config = reg.SVFConfig(levels_mm=(4.0, 2.0), iterations=(20, 10), affine_iterations=20,
+                           control_mm=4.0)
+    a = reg.register_svf(fixed, moving, spacing=SPACING, config=config)
+    b = reg.register_svf(np.ascontiguousarray(np.flip(fixed, 0)), moving, spacing=SPACING,
+                         config=config)
+    flip = np.diag([-1.0, 1.0, 1.0])
+    conj = np.concatenate([flip @ b.affine[1][:, :3] @ flip, flip @ b.affine[1][:, 3:]], axis=1)
+    assert np.abs(a.affine[0] - np.eye(3, 4)).max() > 1e-2  # the affine stage did move
+    np.testing.assert_allclose(a.affine[0], conj, atol=2e-3)
+    lab = np.stack([labels, np.flip(labels, 0)])
+    wa = reg.apply_svf(a, lab, order=0)[0]
+    wb = np.flip(reg.apply_svf(b, lab, order=0)[1], 0)
+    assert (wa != wb).mean() < 2e-3

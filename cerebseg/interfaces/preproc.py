@@ -70,7 +70,12 @@ class _MNIAffineOutputSpec(TraitedSpec):
 
 
 class MNIAffine(SimpleInterface):
-    """Affine registration to MNI152NLin2009cAsym with a quality gate (bad fit -> exit 65)."""
+    """Affine registration to MNI152NLin2009cAsym with a quality gate (bad fit -> exit 65).
+
+    The target is the template averaged with its left-right mirror
+    (:func:`cerebseg.utils.images.mirror_average`), so that a mirrored input gets the mirrored
+    transform (issue 9).
+    """
 
     input_spec = _MNIAffineInputSpec
     output_spec = _MNIAffineOutputSpec
@@ -80,15 +85,15 @@ class MNIAffine(SimpleInterface):
         import numpy as np
 
         from cerebseg.errors import BadDataError
-        from cerebseg.utils.images import nib_to_ants
+        from cerebseg.utils.images import mirror_average, nib_to_ants
         from cerebseg.utils.registration import affine_to_template, set_threads
 
         set_threads(self.inputs.num_threads)
         fit = affine_to_template(
             nib_to_ants(nib.load(self.inputs.in_file)),
-            nib_to_ants(nib.load(self.inputs.template_head)),
-            nib_to_ants(nib.load(self.inputs.template_brain)),
-            np.asarray(nib.load(self.inputs.template_mask).dataobj) > 0,
+            nib_to_ants(mirror_average(nib.load(self.inputs.template_head))),
+            nib_to_ants(mirror_average(nib.load(self.inputs.template_brain))),
+            np.asarray(mirror_average(nib.load(self.inputs.template_mask)).dataobj) > 0.25,
             skull_stripped=self.inputs.skull_stripped,
             out_prefix=os.path.join(runtime.cwd, 'T1w_to_MNI_'), seed=self.inputs.seed)
         qc = {'TemplateFitCorrelation': round(fit.correlation, 4),
@@ -128,7 +133,7 @@ class _BoxAffineOutputSpec(TraitedSpec):
 
 class BoxAffine(SimpleInterface):
     """The MNI affine refined on cerebellum and brainstem
-    (:func:`cerebseg.utils.registration.refine_to_box`)."""
+    (:func:`cerebseg.utils.registration.refine_to_box`), on the mirror-averaged template."""
 
     input_spec = _BoxAffineInputSpec
     output_spec = _BoxAffineOutputSpec
@@ -138,14 +143,15 @@ class BoxAffine(SimpleInterface):
         import numpy as np
 
         from cerebseg.utils.grid import BoxGrid
-        from cerebseg.utils.images import nib_to_ants
+        from cerebseg.utils.images import mirror_average, nib_to_ants
         from cerebseg.utils.registration import refine_to_box, set_threads
 
         set_threads(self.inputs.num_threads)
         template = self.inputs.template_brain if self.inputs.skull_stripped \
             else self.inputs.template_head
         self._results['transform'] = refine_to_box(
-            nib_to_ants(nib.load(self.inputs.in_file)), nib_to_ants(nib.load(template)),
+            nib_to_ants(nib.load(self.inputs.in_file)),
+            nib_to_ants(mirror_average(nib.load(template))),
             [np.asarray(nib.load(p).dataobj) for p in self.inputs.entry_dseg],
             BoxGrid.from_dict(self.inputs.grid), self.inputs.initial,
             os.path.join(runtime.cwd, 'T1w_to_box_'), margin_mm=self.inputs.margin_mm,

@@ -173,3 +173,30 @@ def read_probseg(path: str | os.PathLike) -> np.ndarray:
     """A file written by :func:`to_probseg_image` as ``(L, X, Y, Z)`` uint8 (probability * 255)."""
     raw = nib.load(path).dataobj.get_unscaled()
     return np.moveaxis(np.asarray(raw, np.uint8), -1, 0)
+
+
+def mirror_average(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+    """The image averaged with its mirror about the world plane x = 0 (same grid, float32).
+
+    The affine target of cerebseg (issue 9): registering a T1w and its left-right mirror to a
+    template that is its own mirror gives mirrored transforms, so left and right are treated
+    alike from the first step. When the grid is symmetric about x = 0 (the MNI152NLin2009cAsym
+    1 mm grid is: x from -96 to 96) the mirror is a voxel flip; otherwise it is resampled
+    (trilinear).
+    """
+    from scipy import ndimage
+
+    data = np.asarray(img.dataobj, np.float32)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    # voxel -> voxel map of the mirror: v' = A^-1 F A v
+    vox = np.linalg.inv(img.affine) @ flip @ img.affine
+    lin, off = vox[:3, :3], vox[:3, 3]
+    axis = [i for i in range(3) if np.isclose(lin[i, i], -1.0)]
+    exact = (len(axis) == 1 and np.allclose(np.abs(lin), np.eye(3), atol=1e-6)
+             and np.isclose(off[axis[0]], data.shape[axis[0]] - 1, atol=1e-4)
+             and np.allclose(np.delete(off, axis[0]), 0, atol=1e-4))
+    if exact:
+        mirrored = np.flip(data, axis[0])
+    else:
+        mirrored = ndimage.affine_transform(data, lin, off, order=1, mode='constant')
+    return nib.Nifti1Image(0.5 * (data + mirrored), img.affine)
