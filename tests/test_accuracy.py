@@ -45,9 +45,9 @@ def test_case_geometry_is_exact(shared_data):
 @pytest.mark.integration
 def test_exact_truth_case_end_to_end(shared_data, assets_dir, tmp_path):
     """The default command, native space, own template left out: total volume within 5 %,
-    whole-cerebellum Dice >= 0.93 (the pipeline of issue 9's report gave +31 % and 0.85 on
-    such a case; the fixed one 0.942-0.947 on the benchmark's three, so issue 9's 0.95 is not
-    reached yet with the template left out)."""
+    whole-cerebellum Dice >= 0.94 (the pipeline of issue 9's report gave +31 % and 0.85 on
+    such a case; the fixed one 0.948 on this case and 0.947-0.950 on the benchmark's three, so
+    issue 9's 0.95 is not reached yet with the template left out)."""
     case = make_case(nib.load(shared_data / T1W), nib.load(shared_data / DSEG), seed=11,
                      n_labels=35)
     bids = tmp_path / 'bids'
@@ -72,4 +72,4 @@ def test_exact_truth_case_end_to_end(shared_data, assets_dir, tmp_path):
     dice = whole_dice(pred, case.labels)
     assert abs(error) < 0.05, f'total volume {volume / 1000:.1f} mL vs truth ' \
                               f'{truth_volume / 1000:.1f} mL ({100 * error:+.1f} %)'
-    assert dice >= 0.93, f'whole-cerebellum Dice {dice:.3f}'
+    assert dice >= 0.94, f'whole-cerebellum Dice {dice:.3f}'
