@@ -179,22 +179,31 @@ def box_mean(x: torch.Tensor, size) -> torch.Tensor:
     return _box_sum(x, sizes) / _COUNTS[key]
 
 
-def downsample(volume: torch.Tensor, lshape) -> torch.Tensor:
+def downsample(volume: torch.Tensor, lshape, blocks: bool = False) -> torch.Tensor:
     """Resample to the coarser grid ``lshape`` of the same box, halving at most once per step.
 
     A halving step smooths with the binomial kernel (1, 2, 1) / 4 along each axis that shrinks
     (edges replicated) and resamples trilinearly onto the corner-aligned grid of the step. Both
     operations commute with reversing an axis, so a mirrored volume gives the mirrored result
-    whatever the number of voxels (2x2x2 block means do not on odd sizes: issue 9, mirror
-    equivariance).
+    whatever the number of voxels (issue 9, mirror equivariance).
+
+    ``blocks``: average 2x2x2 blocks instead of smoothing (the registration network's input,
+    which was trained on it). The block centres sit half a fine voxel inside the box corners,
+    which scales coordinates by (n - 2) / (n - 1) about the centre for both images alike (0.4 %
+    at 0.5 -> 1 mm); on an odd number of voxels the last block is a single voxel, so the result
+    is not left-right symmetric.
     """
     shape = tuple(volume.shape[2:])
     kernel = torch.tensor([0.25, 0.5, 0.25], dtype=volume.dtype, device=volume.device)
     while tuple(shape) != tuple(lshape):
         step = tuple(max(m, (n - 1) // 2 + 1) for n, m in zip(shape, lshape))
-        for axis, (n, m) in enumerate(zip(shape, step)):
-            if m < n:
-                volume = _smooth_axis(volume, kernel, axis)
+        if blocks:
+            pool = [2 if m < n else 1 for n, m in zip(shape, step)]
+            volume = F.avg_pool3d(volume, pool, stride=pool, ceil_mode=True)
+        else:
+            for axis, (n, m) in enumerate(zip(shape, step)):
+                if m < n:
+                    volume = _smooth_axis(volume, kernel, axis)
         volume = F.interpolate(volume, size=step, mode='trilinear', align_corners=True)
         shape = step
     return volume
@@ -209,27 +218,6 @@ def _smooth_axis(volume: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch
     n = volume.shape[dim]
     return (kernel[0] * padded.narrow(dim, 0, n) + kernel[1] * padded.narrow(dim, 1, n)
             + kernel[2] * padded.narrow(dim, 2, n))
-
-
-def downsample_blocks(volume: torch.Tensor, lshape) -> torch.Tensor:
-    """Resample to the coarser grid ``lshape`` of the same box, halving at most once per step
-    (2x2x2 block means; the registration network's input, which was trained on it).
-
-    A halving step averages 2x2x2 blocks (anti-aliasing, one read per voxel), then resamples
-    trilinearly onto the corner-aligned grid of the step. The block centres sit half a fine voxel
-    inside the box corners, which scales coordinates by (n - 2) / (n - 1) about the centre for
-    both images alike (0.4 % at 0.5 -> 1 mm): negligible next to the voxel size. On an odd
-    number of voxels the last block is a single voxel, so the result is not left-right
-    symmetric; :func:`downsample` is.
-    """
-    shape = tuple(volume.shape[2:])
-    while tuple(shape) != tuple(lshape):
-        step = tuple(max(m, (n - 1) // 2 + 1) for n, m in zip(shape, lshape))
-        kernel = [2 if m < n else 1 for n, m in zip(shape, step)]
-        volume = F.avg_pool3d(volume, kernel, stride=kernel, ceil_mode=True)
-        volume = F.interpolate(volume, size=step, mode='trilinear', align_corners=True)
-        shape = step
-    return volume
 
 
 def resize_field(field_: torch.Tensor, lshape) -> torch.Tensor:

@@ -72,8 +72,8 @@ def grids(shape, spacing: float):
 def network_input(fixed: torch.Tensor, moving: torch.Tensor, in_shape) -> torch.Tensor:
     """(K, 2, ...) at 2 mm, zero-padded to multiples of 8: the subject (one, or one per entry)
     next to each entry."""
-    f = reg.downsample_blocks(fixed, in_shape).expand(moving.shape[0], -1, -1, -1, -1)
-    x = torch.cat([f, reg.downsample_blocks(moving, in_shape)], dim=1)
+    f = reg.downsample(fixed, in_shape, blocks=True).expand(moving.shape[0], -1, -1, -1, -1)
+    x = torch.cat([f, reg.downsample(moving, in_shape, blocks=True)], dim=1)
     pad = []
     for n in reversed(in_shape):
         pad += [0, (-n) % 8]
@@ -169,9 +169,9 @@ def train_regnet(subjects: list[np.ndarray], entries: list[np.ndarray], *, spaci
     ctrl_sp = reg.level_spacing(shape, spacing, ctrl_shape)
     # everything is trained at 2 mm: move the volumes there once
     to_t = lambda a: torch.as_tensor(np.ascontiguousarray(a, np.float32))[None, None]  # noqa
-    subj = [reg.downsample_blocks(to_t(s), in_shape) for s in subjects]
-    ents = [reg.downsample_blocks(to_t(e), in_shape) for e in entries]
-    masks = [(reg.downsample_blocks(to_t(m), in_shape) > 0.5).float()
+    subj = [reg.downsample(to_t(s), in_shape, blocks=True) for s in subjects]
+    ents = [reg.downsample(to_t(e), in_shape, blocks=True) for e in entries]
+    masks = [(reg.downsample(to_t(m), in_shape, blocks=True) > 0.5).float()
              for m in reg.fov_mask(np.stack(entries))]
 
     def sample():
@@ -205,7 +205,7 @@ def train_regnet(subjects: list[np.ndarray], entries: list[np.ndarray], *, spaci
                 net.eval()
                 with torch.no_grad():
                     vals = [float(batch_loss(
-                        reg.downsample_blocks(to_t(fv), in_shape).to(device),
+                        reg.downsample(to_t(fv), in_shape, blocks=True).to(device),
                         ents[e].to(device), masks[e].to(device))) for fv, e in validation]
                 msg += f', validation {np.mean(vals):.4f}'
             LOGGER.info(msg)

@@ -259,9 +259,9 @@ def affine_to_box(t1_path: str, assets, seed: int = 0, spacing: float | None = N
     """A T1w on the working grid by the affine path only (no N4 or denoising): for benchmarks and
     for the registration network's training data, not for segmentation.
 
-    Registers to MNI152NLin2009cAsym with :func:`affine_to_template`, resamples linearly into
-    the assets' box (at ``spacing`` mm when given) and normalises intensities. Returns the
-    array and the template-fit correlation.
+    Registers to MNI152NLin2009cAsym (mirror-averaged, as the pipeline) with
+    :func:`affine_to_template`, resamples linearly into the assets' box (at ``spacing`` mm when
+    given) and normalises intensities. Returns the array and the template-fit correlation.
     """
     import tempfile
 
@@ -269,14 +269,16 @@ def affine_to_box(t1_path: str, assets, seed: int = 0, spacing: float | None = N
     import nibabel as nib
 
     from cerebseg.utils.grid import BoxGrid
-    from cerebseg.utils.images import nib_to_ants
+    from cerebseg.utils.images import mirror_average, nib_to_ants
     from cerebseg.utils.preproc import is_skull_stripped, normalise_intensity
 
     img = nib.load(t1_path)
     data = np.asarray(img.dataobj, np.float32)
     tpl = assets.manifest['templates']
-    head, brain = (nib_to_ants(nib.load(str(assets.path(tpl[k])))) for k in ('head', 'brain'))
-    mask = np.asarray(nib.load(str(assets.path(tpl['mask']))).dataobj) > 0
+    # the pipeline's target (MNIAffine): the template averaged with its mirror
+    head, brain = (nib_to_ants(mirror_average(nib.load(str(assets.path(tpl[k])))))
+                   for k in ('head', 'brain'))
+    mask = np.asarray(mirror_average(nib.load(str(assets.path(tpl['mask'])))).dataobj) > 0.25
     with tempfile.TemporaryDirectory() as tmp:
         fit = affine_to_template(nib_to_ants(img), head, brain, mask,
                                  is_skull_stripped(data, img.header.get_zooms()[:3]),
