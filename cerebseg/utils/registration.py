@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,16 +95,17 @@ def affine_to_template(moving, template_head, template_brain, brain_mask: np.nda
     moving_lo = ants.resample_image(moving, (spacing,) * 3, False, 0)
     target_data = target.numpy()
     best = None
-    with ants_seed(seed):
+    with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
         for candidate in ('TRSAA', 'Affine'):
-            reg = ants.registration(fixed_lo, moving_lo, type_of_transform=candidate)
+            reg = ants.registration(fixed_lo, moving_lo, type_of_transform=candidate,
+                                    outprefix=f'{tmp}/{candidate}_')
             warped = ants.apply_transforms(target, moving, reg['fwdtransforms'])
             corr = masked_correlation(warped.numpy(), target_data, brain_mask)
             LOGGER.info('Affine start %s: correlation with the template %.3f', candidate, corr)
             if best is None or corr > best[0]:
                 best = (corr, candidate, reg['fwdtransforms'])
-    corr, candidate, transforms = best
-    kept = _keep(transforms, out_prefix)
+        corr, candidate, transforms = best
+        kept = _keep(transforms, out_prefix)
     return AffineFit(transform=kept[0], correlation=corr, candidate=candidate)
 
 
@@ -133,10 +135,10 @@ def refine_to_box(moving, template, label_maps: list[np.ndarray], grid, initial:
         nib_to_ants(nib.Nifti1Image(union.astype(np.float32), grid.affine)), box1,
         'nearestNeighbor')
     target = ants.resample_image_to_target(template, box1, 'linear')
-    with ants_seed(seed):
+    with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
         reg = ants.registration(target, moving, type_of_transform='Affine',
-                                initial_transform=initial, mask=region)
-    return _keep(reg['fwdtransforms'][:1], out_prefix)[0]
+                                initial_transform=initial, mask=region, outprefix=f'{tmp}/box_')
+        return _keep(reg['fwdtransforms'][:1], out_prefix)[0]
 
 
 def rigid_to(fixed, moving, out_prefix: str, seed: int | None = 0, spacing: float = 2.0):
@@ -151,11 +153,11 @@ def rigid_to(fixed, moving, out_prefix: str, seed: int | None = 0, spacing: floa
 
     fixed_lo = ants.resample_image(fixed, (spacing,) * 3, False, 0)
     moving_lo = ants.resample_image(moving, (spacing,) * 3, False, 0)
-    with ants_seed(seed):
+    with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
         reg = ants.registration(fixed_lo, moving_lo, type_of_transform='Rigid',
-                                aff_metric='mattes')
-    warped = ants.apply_transforms(fixed, moving, reg['fwdtransforms'])
-    kept = _keep(reg['fwdtransforms'], out_prefix)
+                                aff_metric='mattes', outprefix=f'{tmp}/rigid_')
+        warped = ants.apply_transforms(fixed, moving, reg['fwdtransforms'])
+        kept = _keep(reg['fwdtransforms'], out_prefix)
     mask = ants.get_mask(fixed).numpy() > 0
     grad_f = ants.iMath(fixed, 'Grad', 1).numpy()
     grad_m = ants.iMath(warped, 'Grad', 1).numpy()
@@ -181,7 +183,8 @@ def affine_fov_to(fixed, moving, mask, tmp: str, seed: int | None = 0):
         aff = ants.registration(ants.resample_image(fixed, lo, False, 0),
                                 ants.resample_image(moving, lo, False, 0),
                                 type_of_transform='Affine', initial_transform=identity,
-                                moving_mask=ants.resample_image(mask, lo, False, 1))
+                                moving_mask=ants.resample_image(mask, lo, False, 1),
+                                outprefix=f'{tmp}/fov_')
     return aff['fwdtransforms']
 
 
@@ -196,8 +199,6 @@ def syn_to(fixed, moving, out_prefix: str, seed: int | None = 0,
 
     Returns the forward transform list in ``ants.apply_transforms`` order (warp, affine).
     """
-    import tempfile
-
     import ants
 
     mask = fov_mask_image(moving)
@@ -209,7 +210,7 @@ def syn_to(fixed, moving, out_prefix: str, seed: int | None = 0,
                                     ants.resample_image(moving, sp, False, 0),
                                     type_of_transform='SyNOnly', initial_transform=affine,
                                     moving_mask=ants.resample_image(mask, sp, False, 1),
-                                    reg_iterations=tuple(iterations))
+                                    reg_iterations=tuple(iterations), outprefix=f'{tmp}/syn_')
         return _keep(reg['fwdtransforms'], out_prefix)
 
 
