@@ -28,6 +28,9 @@ Methods (rows), all on the same cases and library:
 * ``--registration ants --models none``: ANTs affine + SyN per entry, same fusion;
 * ``ANTs SyN, one atlas (NAME)``: one entry of that ANTs run, unfused, resampled to native
   (nearest label by ANTs ``genericLabel``), for each entry that is not a mirror;
+* ``ANTs SyN (antsRegistrationSyN defaults), one atlas (NAME)`` (``synfull``): each entry
+  registered by :func:`syn_full` (CC, 100x70x50x20 at 1 mm, the script's defaults) to the
+  default run's working box, then to native through that run's affine;
 * ``antsJointFusion``: ANTs joint label fusion (patch radius 2, search radius 1) of the
   ANTs-warped entries, in the box of their labels dilated by 4 mm, then to native space.
 
@@ -243,16 +246,57 @@ def joint_fusion(reg_dir: Path, t1_box: Path, n_entries: int, margin_mm: float =
     return out, target.affine
 
 
-def cobra_assets(assets: Path, out: Path, seed: int = 0) -> Path:
+def syn_full(t1_box: Path, entry: dict, assets: Path, seed: int = 0) -> nib.Nifti1Image:
+    """One library entry registered to the subject's working box by ANTs SyN with the
+    ``antsRegistrationSyN.sh`` defaults (CC radius 2, 100x70x50x20 iterations at shrink factors
+    8-4-2-1) at 1 mm, after cerebseg's field-of-view affine; its labels on the box grid.
+
+    The stronger single-atlas baseline: cerebseg's own ANTs path runs a shorter SyN (MI,
+    40x20x0) for speed.
+    """
+    import ants
+
+    from cerebseg.utils.images import ants_to_nib, nib_to_ants
+    from cerebseg.utils.registration import affine_fov_to, ants_seed, fov_mask_image
+
+    fixed = nib_to_ants(nib.load(t1_box))
+    moving = nib_to_ants(nib.load(assets / entry['files']['t1w']))
+    labels = nib_to_ants(nib.load(assets / entry['files']['dseg']))
+    mask = fov_mask_image(moving)
+    one = (1.0, 1.0, 1.0)
+    with tempfile.TemporaryDirectory() as tmp, ants_seed(seed):
+        affine = affine_fov_to(fixed, moving, mask, tmp, seed)
+        reg = ants.registration(ants.resample_image(fixed, one, False, 0),
+                                ants.resample_image(moving, one, False, 0),
+                                type_of_transform='antsRegistrationSyN[so]',
+                                initial_transform=affine,
+                                moving_mask=ants.resample_image(mask, one, False, 1),
+                                outprefix=f'{tmp}/full_')
+        warped = ants.apply_transforms(fixed, labels, reg['fwdtransforms'],
+                                       interpolator='genericLabel')
+    return ants_to_nib(warped)
+
+
+def cobra_assets(assets: Path, out: Path, seed: int = 0, method: str = 'cerebseg') -> Path:
     """A benchmark-built CERES-protocol library that leaves MNI152NLin2009cAsym out.
 
     The CoBra atlas exists on one template only (MNI152NLin2009cAsym, the cases' source), so a
     leave-one-template-out library has to be made: the CoBra labels are carried onto the SUIT
-    package's three cerebellar templates (the suit library's entries, already on the working
-    grid) by ANTs SyN (no affine: the entries are affinely in MNI152NLin2009cAsym; metric
-    masked to the entry's foreground dilated by 3 mm), as MAGeT Brain makes its template
-    library. The entries' images are the suit library's; each gets its mirror. Their labels
-    carry that extra registration's error, which the truth of the cases does not.
+    package's three cerebellar templates (the suit library's entries, already affinely in
+    MNI152NLin2009cAsym on the working grid), as MAGeT Brain makes its template library, by
+    ``method``:
+
+    * ``cerebseg``: cerebseg's own registration of the entry onto the template's working box
+      (:func:`cerebseg.models.registration.register_svf`, default settings, similarity in the
+      entry's space), the atlas read through the forward map. Its errors add to those of the
+      pipeline's own registration of the same entry (same direction), they do not cancel;
+    * ``ants``: ANTs SyN of the whole template onto the cropped entry (metric masked to the
+      entry's foreground dilated by 3 mm). Measured: the labels come out 3-6 % smaller than
+      the entry's tissue (the crop's edge faces the template's CSF and occipital lobe), and the
+      cases then 4 % too small.
+
+    The entries' images are the suit library's; each gets its mirror. Their labels carry that
+    extra registration's error, which the truth of the cases does not.
     """
     import ants
     from scipy import ndimage
@@ -296,23 +340,35 @@ def cobra_assets(assets: Path, out: Path, seed: int = 0) -> Path:
                     (lib_dir / files[kind]).symlink_to((assets / e['files'][kind]).resolve())
         t1 = nib.load(assets / e['files']['t1w'])
         fixed = nib_to_ants(t1)
-        fixed1 = ants.resample_image(fixed, (1.0, 1.0, 1.0), False, 0)
-        fg = ndimage.binary_dilation(fixed1.numpy() > 1e-3, iterations=3)
-        with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
-            init = identity_transform(str(Path(tmp) / 'identity.mat'))
-            reg = ants.registration(fixed1, moving, type_of_transform='SyNOnly',
-                                    initial_transform=init,
-                                    mask=fixed1.new_image_like(fg.astype(np.float32)),
-                                    outprefix=str(Path(tmp) / 'syn_'))
-            dseg = ants.apply_transforms(fixed, cobra, reg['fwdtransforms'],
-                                         interpolator='genericLabel')
-            files['dseg'] = f'entry-{e["name"]}_dseg.nii.gz'
-            atomic_save(to_label_image(np.rint(dseg.numpy()), t1.affine), lib_dir / files['dseg'])
+        files['dseg'] = f'entry-{e["name"]}_dseg.nii.gz'
+        if method == 'cerebseg':
+            from cerebseg.models import registration as reg
+            from cerebseg.utils.preproc import normalise_intensity
+
+            box = ants.resample_image_to_target(moving, fixed, 'linear').numpy()
+            template = normalise_intensity(box, box > 0)
+            res = reg.register_svf(template, np.asarray(t1.dataobj, np.float32)[None],
+                                   spacing=float(t1.header.get_zooms()[0]), seed=seed)
+            res.inverse = False    # read the template's atlas at phi(x), x in the entry
+            labels_box = ants.resample_image_to_target(cobra, fixed, 'genericLabel').numpy()
+            dseg = reg.apply_svf(res, labels_box[None], order=0)[0]
+        else:
+            fixed1 = ants.resample_image(fixed, (1.0, 1.0, 1.0), False, 0)
+            fg = ndimage.binary_dilation(fixed1.numpy() > 1e-3, iterations=3)
+            with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
+                init = identity_transform(str(Path(tmp) / 'identity.mat'))
+                syn = ants.registration(fixed1, moving, type_of_transform='SyNOnly',
+                                        initial_transform=init,
+                                        mask=fixed1.new_image_like(fg.astype(np.float32)),
+                                        outprefix=str(Path(tmp) / 'syn_'))
+                dseg = ants.apply_transforms(fixed, cobra, syn['fwdtransforms'],
+                                             interpolator='genericLabel').numpy()
+        atomic_save(to_label_image(np.rint(dseg), t1.affine), lib_dir / files['dseg'])
         entries.append({'name': e['name'], 'files': files,
                         'sources': {'t1w': e['sources']['t1w'],
-                                    'dseg': 'CoBra carried by ANTs SyN from '
+                                    'dseg': f'CoBra carried by {method} registration from '
                                             'MNI152NLin2009cAsym (benchmark-built)'}})
-        print(f'CoBra library entry {e["name"]}: {(dseg.numpy() > 0).sum() / 8000:.1f} mL',
+        print(f'CoBra library entry {e["name"]} ({method}): {(dseg > 0).sum() / 8000:.1f} mL',
               flush=True)
     swap = swap_classes([[r['index'], r['name']] for r in lut])
     affine = nib.load(lib_dir / entries[0]['files']['t1w']).affine
@@ -392,9 +448,14 @@ def main(argv=None) -> int:
                              'MNI152NLin6AsymC; cobra (CERES protocol): MNI152NLin2009cAsym + '
                              'CoBra, a benchmark-built library without it')
     parser.add_argument('--methods', nargs='+', default=['default', 'none', 'ants', 'syn', 'jlf'],
-                        choices=['default', 'none', 'ensemble', 'ants', 'syn', 'jlf'])
+                        choices=['default', 'none', 'ensemble', 'ants', 'syn', 'synfull', 'jlf'])
+    parser.add_argument('--entries', nargs='+', default=None,
+                        help='single-atlas rows (syn, synfull) only for these entries')
     parser.add_argument('--stages', action='store_true', help='print per-stage volumes')
     parser.add_argument('--tsv', type=Path, default=None)
+    parser.add_argument('--cobra-library', choices=['cerebseg', 'ants'], default='cerebseg',
+                        help='registration that carries CoBra onto the benchmark library '
+                             '(cobra_assets)')
     parser.add_argument('--keep-own-template', action='store_true',
                         help='keep the case\'s own template (and its mirror) in the library: '
                              'not a validation, the ceiling that registration reaches when the '
@@ -414,7 +475,8 @@ def main(argv=None) -> int:
     if opts.protocol == 'cobra':
         if opts.keep_own_template:
             parser.error('--keep-own-template: the cobra library holds MNI152NLin2009cAsym only')
-        assets = cobra_assets(opts.assets_dir.resolve(), out / 'assets-cobra')
+        assets = cobra_assets(opts.assets_dir.resolve(), out / f'assets-cobra-{opts.cobra_library}',
+                              method=opts.cobra_library)
     elif opts.keep_own_template:
         assets = opts.assets_dir.resolve()
     else:
@@ -430,7 +492,8 @@ def main(argv=None) -> int:
                      ['--registration', 'ants', '--models', 'none'], 'work-ants')}
     need_ants = any(m in opts.methods for m in ('ants', 'syn', 'jlf'))
     results, times, stages = {}, {}, {}
-    todo = [m for m in runs if m in opts.methods or (m == 'ants' and need_ants)]
+    todo = [m for m in runs if m in opts.methods or (m == 'ants' and need_ants)
+            or (m == 'default' and 'synfull' in opts.methods)]
     for key in todo:
         name, extra, work = runs[key]
         dst = out / f'out-{key}'
@@ -459,12 +522,32 @@ def main(argv=None) -> int:
         reg_dir = wf / 'multiatlas_wf' / 'register'
         if 'syn' in opts.methods:
             for k, ename in enumerate(entries):
-                if ename.endswith('Mirror'):
+                if ename.endswith('Mirror') or (opts.entries and ename not in opts.entries):
                     continue
                 img = nib.load(reg_dir / 'mapflow' / f'_register{k}' / 'warped_dseg.nii.gz')
                 nat = box_to_native(np.asarray(img.dataobj), img.affine, native_ref, xfm)
                 results.setdefault(f'ANTs SyN, one atlas ({ename})', {})[lab] = \
                     nib.Nifti1Image(nat, native_ref.affine)
+        if 'synfull' in opts.methods:
+            torch_wf = out / 'work-torch' / f'cerebseg_sub_{lab}_wf'
+            torch_xfm = str(anat_file(out / 'out-default', lab,
+                                      'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat'))
+            for entry in lib['entries']:
+                if entry.get('mirror_of') or (opts.entries and entry['name'] not in opts.entries):
+                    continue
+                cached = out / 'synfull' / f'sub-{lab}_entry-{entry["name"]}_dseg.nii.gz'
+                if not cached.is_file():
+                    tic = time.perf_counter()
+                    img = syn_full(torch_wf / 'preproc_wf' / 'to_grid' / 't1_box.nii.gz', entry,
+                                   assets)
+                    key = 'ANTs SyN, antsRegistrationSyN defaults (registration only)'
+                    times[key] = times.get(key, 0.0) + time.perf_counter() - tic
+                    cached.parent.mkdir(exist_ok=True)
+                    nib.save(nib.Nifti1Image(box_to_native(np.asarray(img.dataobj), img.affine,
+                                                           native_ref, torch_xfm),
+                                             native_ref.affine), cached)
+                results.setdefault(f'ANTs SyN (antsRegistrationSyN defaults), one atlas '
+                                   f'({entry["name"]})', {})[lab] = nib.load(cached)
         if 'jlf' in opts.methods:
             cached = out / 'jlf' / f'sub-{lab}_space-T1w_dseg.nii.gz'
             if not cached.is_file():
