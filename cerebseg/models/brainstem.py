@@ -1,0 +1,718 @@
+"""2D brainstem networks (N-DecoNet, U-DecoNet and the decoders they are compared with).
+
+The N-DecoNet paper (Oh et al., ISBI 2024) segments 34 classes (background, brainstem white
+matter, grey matter, 31 nuclei) on axial T1w slices in MNI space, cropped around the brainstem
+and resized to 224x224, with a ResNet encoder; it compares its decoder with those of
+segmentation-models-pytorch (smp) on the same ResNet-34. smp needs torchvision, which does not
+work with the torch used here, so encoder and decoders are written in torch, with MONAI's ResNet
+blocks and convolution blocks; each decoder follows smp 0.3.3's default architecture (its
+layers, widths and upsampling modes; differences are stated in the class docstrings).
+
+Every model maps ``(N, C, H, W)`` input channels (T1w, optional T2w, optional neighbouring
+slices for 2.5D) to ``(N, n_classes, H, W)`` logits; ``H`` and ``W`` must be multiples of
+``model.divisor``: 32, except PSPNet (8), DeepLabV3 (8) and DeepLabV3+ (16), so multiples of 32
+(224, 96, 64) suit every model.
+
+Parameters with a ResNet-34 encoder, 34 classes and 1 input channel, measured, against the
+paper's Table 1 (3 input channels add 6,272, the extra weights of the first convolution, 0.03 %):
+
+==============  ==========  =====  =======  ================================================
+decoder         measured    paper  diff.    note
+==============  ==========  =====  =======  ================================================
+ndeconet        21,493,330  21.5M  -0.03 %  common width 24, picked to match (16: 21.43 M,
+                                            32: 21.56 M)
+udeconet        21,493,330  --              the same layers as ndeconet
+unet            24,434,882  24.4M  +0.14 %
+unetplusplus    26,077,122  26.1M  -0.09 %
+manet           31,782,146  31.8M  -0.06 %
+pspnet           1,647,042  21.6M  -92.4 %  +19,936,768 unused in smp: 21,583,810, -0.07 %
+fpn             23,153,378  23.2M  -0.20 %
+deeplabv3       26,009,314  26.0M  +0.04 %
+deeplabv3plus   22,439,666  22.4M  +0.18 %
+==============  ==========  =====  =======  ================================================
+
+PSPNet: smp's default PSPNet reads the stride-8 features (``encoder_depth=3``: stem, layer1,
+layer2), but smp's ResNet encoder still holds ``layer3`` and ``layer4``, which never run; the
+paper's 21.6 M counts them. Here the encoder stops where the decoder reads, so the network is
+the same function with 19.9 M fewer (dead) parameters.
+
+Input channels: 1 and 3 input channels round to the same figure of the table for every
+decoder: they differ by 6,272 parameters, an eighth of the table's rounding (0.05 M), so the
+table cannot tell which one the paper used (smp's default is 3, RGB; 3 is nearer the printed
+figure for 5 decoders, 1 for 3, all within 0.2 %). cerebseg's default is 1 (T1w).
+
+Checkpoints (:func:`save_model`, :func:`load_model`) record the decoder, encoder, channel
+counts, input channel names and label names, and are loaded with ``weights_only=True``.
+Imports torch and MONAI only (no nipype).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
+from torch import nn
+from torch.nn import functional as F
+
+from cerebseg.models.segmentation import CheckpointError, count_parameters
+
+LOGGER = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 'cerebseg-brainstem2d'
+CHECKPOINT_VERSION = 1
+
+#: encoder name -> (MONAI block, blocks per stage); stage widths 64-128-256-512 (x4 bottleneck)
+ENCODERS = {'resnet18': (ResNetBlock, (2, 2, 2, 2)),
+            'resnet34': (ResNetBlock, (3, 4, 6, 3)),
+            'resnet50': (ResNetBottleneck, (3, 4, 6, 3))}
+
+__all__ = ['DECODERS', 'ENCODERS', 'BrainstemNet', 'ResNetEncoder', 'build_model',
+           'count_parameters', 'load_model', 'save_model']
+
+
+# ---------------------------------------------------------------------------------- encoder
+
+class ResNetEncoder(nn.Module):
+    """ResNet-18/34/50 in torchvision's layout (same modules, same state-dict keys, no ``fc``).
+
+    ``x: (N, in_channels, H, W) -> [f1, ..., f_depth]``: the stem (7x7 convolution, stride 2,
+    BatchNorm, ReLU) at stride 2, then max-pool + ``layer1`` at 4, ``layer2`` at 8, ``layer3`` at
+    16, ``layer4`` at 32 (:attr:`strides`, :attr:`out_channels`: 64, 64, 128, 256, 512; x4 for the
+    last four with ResNet-50). ``depth`` < 5 builds only the first stages. ``output_stride`` 16 or
+    8 replaces the strides of the last one or two stages by dilation (2, then 2 and 4), as smp
+    does for DeepLab.
+
+    Weights are random (torchvision's initialisation) unless ``weights`` names a local file with
+    a torchvision state dict (e.g. ``resnet34-b627a593.pth``; nothing is ever downloaded). Its
+    ``fc`` and unbuilt stages are ignored; a 3-channel first convolution is adapted to
+    ``in_channels`` as smp does (summed over RGB for 1 channel, otherwise repeated and rescaled).
+    """
+
+    def __init__(self, name: str = 'resnet34', in_channels: int = 1, depth: int = 5,
+                 output_stride: int = 32, weights: str | Path | None = None):
+        super().__init__()
+        if name not in ENCODERS:
+            raise ValueError(f'unknown encoder {name!r}; choose one of {sorted(ENCODERS)}')
+        if in_channels < 1 or not 1 <= depth <= 5 or output_stride not in (8, 16, 32):
+            raise ValueError(f'bad encoder settings: in_channels={in_channels} (>= 1), '
+                             f'depth={depth} (1-5), output_stride={output_stride} (8, 16, 32)')
+        block, layers = ENCODERS[name]
+        self.name, self.in_channels, self.depth = name, in_channels, depth
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        channels, cin = [64], 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            if i + 2 > depth:
+                break
+            stride = 1 if i == 0 else 2
+            cout = planes * block.expansion
+            down = None
+            if stride != 1 or cin != cout:
+                down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                     nn.BatchNorm2d(cout))
+            blocks = [block(cin, planes, spatial_dims=2, stride=stride, downsample=down)]
+            blocks += [block(cout, planes, spatial_dims=2) for _ in range(n - 1)]
+            setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
+            channels.append(cout)
+            cin = cout
+        self.out_channels = tuple(channels)
+        self.strides = tuple(min(2 ** (i + 1), output_stride) for i in range(depth))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for stage, dilation in ((3, 2 if output_stride == 8 else 1),
+                                (4, {8: 4, 16: 2}.get(output_stride, 1))):
+            if dilation > 1 and hasattr(self, f'layer{stage}'):
+                _dilate(getattr(self, f'layer{stage}'), dilation)
+        if weights is not None:
+            self.load_pretrained(weights)
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return [getattr(self, f'layer{i}') for i in range(1, self.depth)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.relu(self.bn1(self.conv1(x)))
+        features = [x]
+        x = self.maxpool(x)
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load a torchvision state dict (strict on the built stages; the file is named in
+        every error)."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f'pretrained {self.name} weights not found: {path}')
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f'{path} is not a readable torch state dict ({err})') from err
+        if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+            state = state['state_dict']
+        if not isinstance(state, dict):
+            raise CheckpointError(f'{path} does not hold a state dict')
+        unbuilt = tuple(f'layer{i}.' for i in range(self.depth, 5)) + ('fc.',)
+        state = {k: v for k, v in state.items() if not k.startswith(unbuilt)}
+        conv = state.get('conv1.weight')
+        if conv is not None and conv.ndim == 4 and conv.shape[1] == 3 != self.in_channels:
+            state['conv1.weight'] = _adapt_first_conv(conv, self.in_channels)
+            LOGGER.info('%s: first convolution adapted from 3 to %d input channels', path,
+                        self.in_channels)
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f'{k} {tuple(state[k].shape)} != {tuple(v.shape)}' for k, v in own.items()
+                  if k in state and state[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            raise CheckpointError(
+                f'{path} does not hold torchvision {self.name} weights: missing keys '
+                f'{missing[:5]}, unexpected keys {unexpected[:5]}, shape mismatches {shapes[:5]}'
+                f'. Pass the file of a torchvision {self.name} or no weights.')
+        self.load_state_dict(state, strict=True)
+        LOGGER.info('%s encoder weights loaded from %s', self.name, path)
+
+
+def _dilate(stage: nn.Module, dilation: int) -> None:
+    """Replace the stride of every convolution of ``stage`` by ``dilation`` (smp's
+    ``replace_strides_with_dilation``)."""
+    for m in stage.modules():
+        if isinstance(m, nn.Conv2d):
+            m.stride = (1, 1)
+            if m.kernel_size[0] > 1:
+                m.dilation = (dilation, dilation)
+                m.padding = tuple(k // 2 * dilation for k in m.kernel_size)
+
+
+def _adapt_first_conv(weight: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 1:
+        return weight.sum(1, keepdim=True)
+    return weight[:, [i % 3 for i in range(n)]] * (3 / n)
+
+
+# -------------------------------------------------------------------------------- decoders
+
+def _cbr(cin: int, cout: int, kernel: int = 3, dilation: int = 1, norm: bool = True) -> nn.Module:
+    """Convolution (no bias when normalised), BatchNorm, ReLU (MONAI ``Convolution``)."""
+    return Convolution(2, cin, cout, kernel_size=kernel, dilation=dilation, act='RELU',
+                       norm='BATCH' if norm else None, bias=not norm)
+
+
+def _up(x: torch.Tensor, size=None, scale: int | None = None, mode: str = 'bilinear',
+        align_corners: bool | None = None) -> torch.Tensor:
+    if mode == 'nearest':
+        align_corners = None
+    elif align_corners is None:
+        align_corners = False
+    return F.interpolate(x, size=size, scale_factor=scale, mode=mode, align_corners=align_corners)
+
+
+class _Decoder(nn.Module):
+    """Base: ``forward(features)`` -> ``(N, out_channels, H/s, W/s)``; the class says which
+    encoder it needs and the kernel of the segmentation head."""
+
+    encoder_depth = 5
+    output_stride = 32
+    head_kernel = 3
+
+    @classmethod
+    def encoder_settings(cls, **kw) -> tuple[int, int]:
+        return cls.encoder_depth, cls.output_stride
+
+
+class NDecoNetDecoder(_Decoder):
+    """N-DecoNet: the stride-4 to stride-32 features each pass a 3x3 convolution (BatchNorm,
+    ReLU) to ``width`` channels, are upsampled (bilinear) to stride 4 and summed; a 3x3 head and
+    bilinear upsampling give the logits. ``width`` 24 matches the paper's 21.5 M parameters."""
+
+    def __init__(self, encoder_channels, width: int = 24):
+        super().__init__()
+        if width < 1:
+            raise ValueError(f'width must be >= 1, got {width}')
+        self.lateral = nn.ModuleList(_cbr(c, width) for c in encoder_channels[-4:])
+        self.out_channels = width
+
+    def levels(self, features):
+        return [conv(f) for conv, f in zip(self.lateral, features[-4:])]
+
+    def forward(self, features):
+        levels = self.levels(features)
+        size = levels[0].shape[-2:]
+        return sum(_up(y, size) if y.shape[-2:] != size else y for y in levels)
+
+
+class UDecoNetDecoder(NDecoNetDecoder):
+    """U-DecoNet: N-DecoNet with a top-down path: from the coarsest level down, each level's
+    output (after its convolution, where every level has ``width`` channels) also adds the
+    upsampled output of the previous, coarser level, as U-Net's decoder carries the coarser
+    level forward; the levels are then summed at stride 4 as in N-DecoNet. Same parameters."""
+
+    def levels(self, features):
+        levels = super().levels(features)
+        for i in range(len(levels) - 2, -1, -1):
+            levels[i] = levels[i] + _up(levels[i + 1], levels[i].shape[-2:])
+        return levels
+
+
+class _UNetBlock(nn.Module):
+    """Nearest x2 upsampling, concatenation with the skip, two 3x3 conv-BN-ReLU."""
+
+    def __init__(self, cin: int, skip: int, cout: int):
+        super().__init__()
+        self.conv1 = _cbr(cin + skip, cout)
+        self.conv2 = _cbr(cout, cout)
+
+    def forward(self, x, skip=None):
+        x = _up(x, scale=2, mode='nearest')
+        if skip is not None:
+            x = torch.cat([x, skip], 1)
+        return self.conv2(self.conv1(x))
+
+
+def _unet_channels(encoder_channels, decoder_channels):
+    """Input, skip and output widths of the U-Net-like decoders, coarsest block first."""
+    enc = list(encoder_channels)[::-1]
+    if len(decoder_channels) != len(enc):
+        raise ValueError(f'{len(enc)} decoder widths needed, got {list(decoder_channels)}')
+    return [enc[0]] + list(decoder_channels[:-1]), enc[1:] + [0], list(decoder_channels)
+
+
+class UNetDecoder(_Decoder):
+    """U-Net (smp ``Unet``): five blocks from stride 32 to 1, each upsampling x2 (nearest),
+    concatenating the encoder features of its stride and applying two 3x3 conv-BN-ReLU;
+    widths 256-128-64-32-16, 3x3 head."""
+
+    def __init__(self, encoder_channels, decoder_channels=(256, 128, 64, 32, 16)):
+        super().__init__()
+        cins, skips, couts = _unet_channels(encoder_channels, decoder_channels)
+        self.blocks = nn.ModuleList(_UNetBlock(*c) for c in zip(cins, skips, couts))
+        self.out_channels = couts[-1]
+
+    def forward(self, features):
+        skips = features[::-1][1:]
+        x = features[-1]
+        for i, block in enumerate(self.blocks):
+            x = block(x, skips[i] if i < len(skips) else None)
+        return x
+
+
+class UNetPlusPlusDecoder(_Decoder):
+    """U-Net++ (smp ``UnetPlusPlus``): nested dense skip pathways; node ``x_d_l`` upsamples
+    node ``x_d_(l-1)`` (or the encoder features) and concatenates all nodes ``x_k_l`` (k > d) of
+    its column with the encoder features; same blocks and widths as U-Net, 3x3 head."""
+
+    def __init__(self, encoder_channels, decoder_channels=(256, 128, 64, 32, 16)):
+        super().__init__()
+        cins, skips, couts = _unet_channels(encoder_channels, decoder_channels)
+        self.depth = len(cins) - 1
+        blocks = {}
+        for layer in range(self.depth):
+            for d in range(layer + 1):
+                if d == 0:
+                    cin, skip, cout = cins[layer], skips[layer] * (layer + 1), couts[layer]
+                else:
+                    cin, skip = skips[layer - 1], skips[layer] * (layer + 1 - d)
+                    cout = skips[layer]
+                blocks[f'x_{d}_{layer}'] = _UNetBlock(cin, skip, cout)
+        blocks[f'x_0_{self.depth}'] = _UNetBlock(cins[-1], 0, couts[-1])
+        self.blocks = nn.ModuleDict(blocks)
+        self.out_channels = couts[-1]
+
+    def forward(self, features):
+        f = features[::-1]
+        x = {}
+        for layer in range(self.depth):
+            for d in range(self.depth - layer):
+                if layer == 0:
+                    x[f'x_{d}_{d}'] = self.blocks[f'x_{d}_{d}'](f[d], f[d + 1])
+                else:
+                    col = d + layer
+                    cat = [x[f'x_{k}_{col}'] for k in range(d + 1, col + 1)] + [f[col + 1]]
+                    x[f'x_{d}_{col}'] = self.blocks[f'x_{d}_{col}'](x[f'x_{d}_{col - 1}'],
+                                                                    torch.cat(cat, 1))
+        return self.blocks[f'x_0_{self.depth}'](x[f'x_0_{self.depth - 1}'])
+
+
+class _PAB(nn.Module):
+    """MA-Net's position-wise attention block on the stride-32 features."""
+
+    def __init__(self, channels: int, pab_channels: int = 64):
+        super().__init__()
+        self.top_conv = nn.Conv2d(channels, pab_channels, 1)
+        self.center_conv = nn.Conv2d(channels, pab_channels, 1)
+        self.bottom_conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.out_conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        query = self.center_conv(x).flatten(2).transpose(1, 2)           # (N, HW, P)
+        key = self.top_conv(x).flatten(2)                                 # (N, P, HW)
+        value = self.bottom_conv(x).flatten(2).transpose(1, 2)            # (N, HW, C)
+        attention = torch.softmax(query @ key, -1)                        # (N, HW, HW)
+        out = (attention @ value).transpose(1, 2).reshape(n, c, h, w)
+        return self.out_conv(x + out)
+
+
+class _SE(nn.Sequential):
+    def __init__(self, channels: int, reduction: int = 16):
+        reduced = max(1, channels // reduction)
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, reduced, 1),
+                         nn.ReLU(inplace=True), nn.Conv2d(reduced, channels, 1), nn.Sigmoid())
+
+
+class _MFAB(nn.Module):
+    """MA-Net's multi-scale fusion attention block: the coarse features (3x3 then 1x1 conv to the
+    skip width, x2 nearest) are reweighted by the sum of two squeeze-excitation gates (theirs and
+    the skip's), concatenated with the skip, then two 3x3 conv-BN-ReLU."""
+
+    def __init__(self, cin: int, skip: int, cout: int, reduction: int = 16):
+        super().__init__()
+        self.hl_conv = nn.Sequential(_cbr(cin, cin), _cbr(cin, skip, 1))
+        self.se_hl = _SE(skip, reduction)
+        self.se_ll = _SE(skip, reduction)
+        self.conv1 = _cbr(2 * skip, cout)
+        self.conv2 = _cbr(cout, cout)
+
+    def forward(self, x, skip):
+        x = _up(self.hl_conv(x), scale=2, mode='nearest')
+        x = x * (self.se_hl(x) + self.se_ll(skip))
+        return self.conv2(self.conv1(torch.cat([x, skip], 1)))
+
+
+class MANetDecoder(_Decoder):
+    """MA-Net (smp ``MAnet``): a position-wise attention block (64 channels) on the stride-32
+    features, then U-Net's five upsampling levels (widths 256-128-64-32-16) with multi-scale
+    fusion attention blocks where there is a skip; 3x3 head. Two departures from smp 0.3.3,
+    neither changing the parameters: the attention softmax runs over each query's keys (smp
+    normalises over all HW x HW pairs at once) and the attended values are transposed back to
+    (C, H, W) before reshaping (smp reshapes the (HW, C) matrix directly, mixing channels and
+    positions)."""
+
+    def __init__(self, encoder_channels, decoder_channels=(256, 128, 64, 32, 16),
+                 pab_channels: int = 64, reduction: int = 16):
+        super().__init__()
+        cins, skips, couts = _unet_channels(encoder_channels, decoder_channels)
+        self.center = _PAB(cins[0], pab_channels)
+        self.blocks = nn.ModuleList(
+            _MFAB(cin, skip, cout, reduction) if skip else _UNetBlock(cin, 0, cout)
+            for cin, skip, cout in zip(cins, skips, couts))
+        self.out_channels = couts[-1]
+
+    def forward(self, features):
+        skips = features[::-1][1:]
+        x = self.center(features[-1])
+        for i, block in enumerate(self.blocks):
+            x = block(x, skips[i]) if i < len(skips) else block(x)
+        return x
+
+
+class PSPNetDecoder(_Decoder):
+    """PSPNet (smp ``PSPNet``): on the stride-8 features (encoder depth 3), average pooling to
+    1, 2, 3, 6 bins, a 1x1 conv-BN-ReLU to a quarter of the channels each (no BatchNorm on the
+    1x1 bin), bilinear upsampling, concatenation with the features, a 1x1 conv-BN-ReLU to
+    ``psp_channels`` (512), Dropout2d 0.2; 3x3 head, x8 bilinear."""
+
+    encoder_depth = 3
+
+    def __init__(self, encoder_channels, psp_channels: int = 512, dropout: float = 0.2,
+                 bins=(1, 2, 3, 6)):
+        super().__init__()
+        cin = encoder_channels[-1]
+        self.bins = tuple(bins)
+        self.branches = nn.ModuleList(_cbr(cin, cin // len(bins), 1, norm=b != 1) for b in bins)
+        self.conv = _cbr(cin + len(bins) * (cin // len(bins)), psp_channels, 1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.out_channels = psp_channels
+
+    def forward(self, features):
+        x = features[-1]
+        pooled = [_up(branch(F.adaptive_avg_pool2d(x, b)), x.shape[-2:], align_corners=True)
+                  for branch, b in zip(self.branches, self.bins)]
+        return self.dropout(self.conv(torch.cat(pooled + [x], 1)))
+
+
+class _GNBlock(nn.Sequential):
+    """3x3 convolution (no bias), GroupNorm (32 groups, fewer if they do not divide), ReLU, then x2 bilinear if ``upsample``."""
+
+    def __init__(self, cin: int, cout: int, upsample: bool):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                         nn.GroupNorm(math.gcd(32, cout), cout), nn.ReLU(inplace=True))
+        self.upsample = upsample
+
+    def forward(self, x):
+        x = super().forward(x)
+        return _up(x, scale=2, align_corners=True) if self.upsample else x
+
+
+class FPNDecoder(_Decoder):
+    """FPN (smp ``FPN``): 1x1 lateral convolutions to 256 channels on the stride-4 to 32
+    features, top-down sum with x2 nearest upsampling, then per level 3x3 conv-GroupNorm-ReLU
+    blocks to 128 channels upsampled (bilinear) to stride 4, summed, Dropout2d 0.2; 1x1 head,
+    x4 bilinear."""
+
+    head_kernel = 1
+
+    def __init__(self, encoder_channels, pyramid_channels: int = 256,
+                 segmentation_channels: int = 128, dropout: float = 0.2):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, pyramid_channels, 1)
+                                     for c in encoder_channels[-4:][::-1])
+        self.seg_blocks = nn.ModuleList(
+            nn.Sequential(*[_GNBlock(pyramid_channels if i == 0 else segmentation_channels,
+                                     segmentation_channels, bool(n)) for i in range(max(n, 1))])
+            for n in (3, 2, 1, 0))
+        self.dropout = nn.Dropout2d(dropout)
+        self.out_channels = segmentation_channels
+
+    def forward(self, features):
+        c = features[-4:][::-1]
+        p = [self.lateral[0](c[0])]
+        for conv, skip in zip(self.lateral[1:], c[1:]):
+            p.append(_up(p[-1], scale=2, mode='nearest') + conv(skip))
+        return self.dropout(sum(block(x) for block, x in zip(self.seg_blocks, p)))
+
+
+class _SeparableConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int, dilation: int = 1, bias: bool = False):
+        super().__init__(nn.Conv2d(cin, cin, 3, padding=dilation, dilation=dilation, groups=cin,
+                                   bias=False),
+                         nn.Conv2d(cin, cout, 1, bias=bias))
+
+
+class _ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: a 1x1 branch, three 3x3 branches dilated by ``rates``
+    (depthwise-separable if ``separable``), a global-pooling branch, each BN-ReLU, then a 1x1
+    projection (BN, ReLU, Dropout 0.5)."""
+
+    def __init__(self, cin: int, cout: int, rates=(12, 24, 36), separable: bool = False):
+        super().__init__()
+
+        def atrous(rate):
+            conv = (_SeparableConv(cin, cout, rate) if separable else
+                    nn.Conv2d(cin, cout, 3, padding=rate, dilation=rate, bias=False))
+            return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.convs = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())]
+            + [atrous(r) for r in rates])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False),
+                                  nn.BatchNorm2d(cout), nn.ReLU())
+        self.project = nn.Sequential(nn.Conv2d((len(rates) + 2) * cout, cout, 1, bias=False),
+                                     nn.BatchNorm2d(cout), nn.ReLU(), nn.Dropout(0.5))
+
+    def forward(self, x):
+        out = [conv(x) for conv in self.convs]
+        out.append(_up(self.pool(x), x.shape[-2:], align_corners=False))
+        return self.project(torch.cat(out, 1))
+
+
+class DeepLabV3Decoder(_Decoder):
+    """DeepLabV3 (smp ``DeepLabV3``): the encoder is dilated to output stride 8; ASPP (256
+    channels, rates 12-24-36) on the last features, a 3x3 conv-BN-ReLU; 1x1 head, x8 bilinear."""
+
+    output_stride = 8
+    head_kernel = 1
+
+    def __init__(self, encoder_channels, channels: int = 256, atrous_rates=(12, 24, 36)):
+        super().__init__()
+        self.aspp = _ASPP(encoder_channels[-1], channels, tuple(atrous_rates))
+        self.conv = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU())
+        self.out_channels = channels
+
+    def forward(self, features):
+        return self.conv(self.aspp(features[-1]))
+
+
+class DeepLabV3PlusDecoder(_Decoder):
+    """DeepLabV3+ (smp ``DeepLabV3Plus``): encoder dilated to ``output_stride`` 16 (or 8);
+    separable ASPP (256 channels) and a separable 3x3 conv-BN-ReLU on the last features,
+    upsampled (bilinear) to stride 4, concatenated with the stride-4 features reduced to 48
+    channels (1x1 conv-BN-ReLU), a separable 3x3 conv-BN-ReLU; 1x1 head, x4 bilinear."""
+
+    head_kernel = 1
+
+    @classmethod
+    def encoder_settings(cls, **kw):
+        return 5, kw.get('output_stride', 16)
+
+    def __init__(self, encoder_channels, channels: int = 256, atrous_rates=(12, 24, 36),
+                 output_stride: int = 16):
+        super().__init__()
+        if output_stride not in (8, 16):
+            raise ValueError(f'DeepLabV3+ output_stride must be 8 or 16, got {output_stride}')
+        self.aspp = nn.Sequential(_ASPP(encoder_channels[-1], channels, tuple(atrous_rates),
+                                        separable=True),
+                                  _SeparableConv(channels, channels), nn.BatchNorm2d(channels),
+                                  nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(encoder_channels[-4], 48, 1, bias=False),
+                                    nn.BatchNorm2d(48), nn.ReLU())
+        self.block2 = nn.Sequential(_SeparableConv(48 + channels, channels),
+                                    nn.BatchNorm2d(channels), nn.ReLU())
+        self.out_channels = channels
+
+    def forward(self, features):
+        high = self.block1(features[-4])
+        x = _up(self.aspp(features[-1]), high.shape[-2:], align_corners=True)
+        return self.block2(torch.cat([x, high], 1))
+
+
+#: decoder name -> class (the registry of :func:`build_model`)
+DECODERS = {'ndeconet': NDecoNetDecoder, 'udeconet': UDecoNetDecoder, 'unet': UNetDecoder,
+            'unetplusplus': UNetPlusPlusDecoder, 'manet': MANetDecoder, 'pspnet': PSPNetDecoder,
+            'fpn': FPNDecoder, 'deeplabv3': DeepLabV3Decoder,
+            'deeplabv3plus': DeepLabV3PlusDecoder}
+
+
+# --------------------------------------------------------------------------------- model
+
+class BrainstemNet(nn.Module):
+    """Encoder + decoder + segmentation head: ``(N, C, H, W) -> (N, n_classes, H, W)`` logits.
+
+    The head is one convolution (``decoder.head_kernel``) followed, where the decoder ends
+    below full resolution, by bilinear upsampling to the input size (``align_corners=True``,
+    as smp's ``UpsamplingBilinear2d``). Decoder convolutions start Kaiming-uniform, the head
+    Xavier-uniform (smp's initialisation).
+    """
+
+    def __init__(self, encoder: ResNetEncoder, decoder: _Decoder, n_classes: int,
+                 config: dict | None = None):
+        super().__init__()
+        if n_classes < 1:
+            raise ValueError(f'n_classes must be >= 1, got {n_classes}')
+        self.encoder = encoder
+        self.decoder = decoder
+        k = decoder.head_kernel
+        self.head = nn.Conv2d(decoder.out_channels, n_classes, k, padding=k // 2)
+        for m in decoder.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, mode='fan_in', nonlinearity='relu')
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.config = dict(config or {})
+
+    @property
+    def divisor(self) -> int:
+        """Input sides must be multiples of this (the encoder's largest stride)."""
+        return max(self.encoder.strides)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.encoder.in_channels:
+            raise ValueError(f'expected (N, {self.encoder.in_channels}, H, W) input, got '
+                             f'{tuple(x.shape)}')
+        if x.shape[2] % self.divisor or x.shape[3] % self.divisor:
+            raise ValueError(f'input sides {tuple(x.shape[2:])} must be multiples of '
+                             f'{self.divisor}; pad or crop the slices (e.g. to 224x224)')
+        y = self.head(self.decoder(self.encoder(x)))
+        if y.shape[-2:] != x.shape[-2:]:
+            y = _up(y, x.shape[-2:], align_corners=True)
+        return y
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def build_model(decoder: str, encoder: str = 'resnet34', in_channels: int = 1,
+                n_classes: int = 34, encoder_weights: str | Path | None = None,
+                **kw) -> BrainstemNet:
+    """A registered decoder on a ResNet encoder; ``kw`` go to the decoder (e.g. ``width`` for
+    N-DecoNet, ``decoder_channels`` for U-Net). ``encoder_weights``: a local torchvision state
+    dict (not recorded in the model's config: a checkpoint holds the trained weights)."""
+    try:
+        cls = DECODERS[decoder]
+    except KeyError:
+        raise ValueError(f'unknown decoder {decoder!r}; choose one of {sorted(DECODERS)}') \
+            from None
+    depth, stride = cls.encoder_settings(**kw)
+    enc = ResNetEncoder(encoder, in_channels, depth=depth, output_stride=stride,
+                        weights=encoder_weights)
+    kw = {k: _plain(v) for k, v in kw.items()}
+    config = {'decoder': decoder, 'encoder': encoder, 'in_channels': in_channels,
+              'n_classes': n_classes, **kw}
+    return BrainstemNet(enc, cls(enc.out_channels, **kw), n_classes, config)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def save_model(path, model: BrainstemNet, meta: dict) -> Path:
+    """Write a self-describing checkpoint atomically.
+
+    ``meta`` must hold ``channels`` (one name per input channel, e.g. ``['T1w', 'T2w']`` or
+    ``['T1w-1', 'T1w', 'T1w+1']``) and ``labels`` (one name per output class, background first);
+    anything else in it (training settings, scores) must be JSON-serialisable and is kept.
+    """
+    from cerebseg import __version__
+
+    cfg = model.config
+    channels = [str(c) for c in meta.get('channels', ())]
+    labels = [str(n) for n in meta.get('labels', ())]
+    if len(channels) != cfg['in_channels'] or len(set(channels)) != len(channels):
+        raise ValueError(f'meta["channels"] must name the {cfg["in_channels"]} input channels '
+                         f'once each, got {channels}')
+    if len(labels) != cfg['n_classes']:
+        raise ValueError(f'meta["labels"] must name the {cfg["n_classes"]} classes, got '
+                         f'{len(labels)} names')
+    extra = json.loads(json.dumps({k: v for k, v in meta.items()
+                                   if k not in ('channels', 'labels')}, default=str))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    ckpt = {'format': CHECKPOINT_FORMAT, 'format_version': CHECKPOINT_VERSION,
+            'cerebseg_version': __version__, 'config': dict(cfg), 'channels': channels,
+            'labels': labels, 'meta': extra, 'state_dict': state}
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_model(path, *, decoder: str | None = None, encoder: str | None = None,
+               channels=None, device='cpu') -> tuple[BrainstemNet, dict]:
+    """Load a checkpoint of :func:`save_model` (strict keys, eval mode).
+
+    ``decoder``, ``encoder`` and ``channels``, when given, must be those of the checkpoint;
+    otherwise (and for a file that is not such a checkpoint) :class:`CheckpointError` names the
+    file and what differs. Returns the model and the metadata (config, channels, labels, meta).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'brainstem network weights not found: {path}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f'{path} is not a readable torch checkpoint ({err})') from err
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
+        raise CheckpointError(f'{path} is not a cerebseg 2D brainstem checkpoint')
+    if ckpt.get('format_version', 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f'{path} was written by a newer cerebseg '
+                              f'({ckpt.get("cerebseg_version")}); upgrade cerebseg')
+    cfg = dict(ckpt['config'])
+    for what, want in (('decoder', decoder), ('encoder', encoder)):
+        if want is not None and cfg[what] != want:
+            raise CheckpointError(f'{path} is a {cfg["decoder"]}/{cfg["encoder"]} network, not '
+                                  f'{what} {want}; use weights trained for this architecture')
+    if channels is not None and list(channels) != ckpt['channels']:
+        raise CheckpointError(f'{path} was trained on the input channels {ckpt["channels"]}, '
+                              f'not {list(channels)}')
+    model = build_model(**cfg)
+    try:
+        model.load_state_dict(ckpt['state_dict'], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f'{path}: the weights do not fit the {cfg["decoder"]}/'
+                              f'{cfg["encoder"]} architecture it declares ({err})') from err
+    meta = {k: v for k, v in ckpt.items() if k != 'state_dict'}
+    return model.to(torch.device(device)).eval(), meta
