@@ -18,8 +18,10 @@ run's affine: the ANTs SyN + joint label fusion baseline a user could run instea
 Usage::
 
     python benchmarks/volumes.py --bids ../shared/data/bids/ds002748 --assets-dir .assets \\
-        --out VOL --participant-label 01 02 03 --run default -- \\
-        --run ants -- --registration ants --models none --jlf ants
+        --out VOL --participant-label 01 02 03 --jlf ants --run default -- \\
+        --run ants -- --registration ants --models none
+
+(everything after ``--run NAME --`` up to the next ``--run`` is passed to cerebseg).
 """
 from __future__ import annotations
 
