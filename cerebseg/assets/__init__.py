@@ -10,6 +10,14 @@ Layout of an assets folder (``manifest.json`` lists every file with its sha256):
     <library>/entry-<name>_T1w.nii.gz                     entry T1w on the working grid
     <library>/entry-<name>_T2w.nii.gz                     entry T2w (when the source has one)
     <library>/entry-<name>_dseg.nii.gz                    entry labels on the working grid
+    brainstem/tpl-MNI152NLin2009cAsym_res-1_desc-brainstem_dseg.nii.gz  brainstem label set
+    brainstem/tpl-MNI152NLin2009cAsym_res-1_desc-brainstem_T1w.nii.gz   2009c brain on its box
+    brainstem/seg-brainstem_dseg.tsv                      its lookup table (+ part, source,
+                                                          licence)
+
+The ``brainstem`` section of the manifest is optional (``--no-brainstem``, or assets built before
+it existed): code that needs it asks :meth:`cerebseg.assets.locate.Assets.brainstem`. When it
+was built with a user's Brainstem Navigator folder, the manifest says ``"restricted": true``.
 """
 from __future__ import annotations
 
@@ -25,6 +33,10 @@ TEMPLATE_BRAIN = 'tpl-MNI152NLin2009cAsym_res-1_desc-brain_T1w.nii.gz'
 TEMPLATE_MASK = 'tpl-MNI152NLin2009cAsym_res-1_desc-brain_mask.nii.gz'
 LUT_NAME = 'seg-cerebellum_dseg.tsv'
 DEFAULT_LIBRARY = 'suit'
+BRAINSTEM_DIR = 'brainstem'
+BRAINSTEM_DSEG = 'tpl-MNI152NLin2009cAsym_res-1_desc-brainstem_dseg.nii.gz'
+BRAINSTEM_T1W = 'tpl-MNI152NLin2009cAsym_res-1_desc-brainstem_T1w.nii.gz'
+BRAINSTEM_LUT = 'seg-brainstem_dseg.tsv'
 
 
 def package_json(name: str) -> dict:
@@ -33,8 +45,10 @@ def package_json(name: str) -> dict:
 
 
 def available_protocols() -> list[str]:
+    """The atlas libraries (protocols with template entries; not the brainstem label set)."""
     folder = resources.files('cerebseg').joinpath('data', 'protocols')
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith('.json'))
+    return sorted(p.name[:-5] for p in folder.iterdir()
+                  if p.name.endswith('.json') and 'entries' in json.loads(p.read_text()))
 
 
 def user_cache_dir() -> Path:

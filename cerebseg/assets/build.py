@@ -82,9 +82,10 @@ def read_lut(sources: Path, protocol: dict) -> tuple[list[dict], dict[int, int]]
     return lut, mapping
 
 
-def lut_to_tsv(lut: list[dict]) -> str:
-    lines = ['index\tname\tabbreviation\tcolor']
-    lines += [f"{r['index']}\t{r['name']}\t{r['abbreviation']}\t{r['color']}" for r in lut]
+def lut_to_tsv(lut: list[dict], columns=('index', 'name', 'abbreviation', 'color')) -> str:
+    """A BIDS ``dseg.tsv``: one row per label, ``columns`` in that order."""
+    lines = ['\t'.join(columns)]
+    lines += ['\t'.join(str(r[c]) for c in columns) for r in lut]
     return '\n'.join(lines) + '\n'
 
 
@@ -207,21 +208,36 @@ def build_library(protocol_name: str, sources: Path, out: Path, grid: BoxGrid,
 
 
 def build_assets(sources: str | Path, out: str | Path, libraries=('suit',),
-                 grid: BoxGrid = WORKING_GRID, seed: int = 0, mirror: bool = True) -> Path:
-    """Build every asset into ``out`` and write its manifest last (so a half build never loads)."""
+                 grid: BoxGrid = WORKING_GRID, seed: int = 0, mirror: bool = True,
+                 brainstem: bool = True, brainstem_navigator: str | Path | None = None) -> Path:
+    """Build every asset into ``out`` and write its manifest last (so a half build never loads).
+
+    ``brainstem`` adds the brainstem label set (manifest section ``brainstem``, files in
+    ``out/brainstem``); ``brainstem_navigator`` (a user's Brainstem Navigator folder) extends it
+    with the Navigator's nuclei and marks the whole assets folder restricted.
+    """
+    from cerebseg.assets.brainstem import build_brainstem
+
     sources, out = Path(sources), Path(out)
+    if brainstem_navigator and not brainstem:
+        raise ValueError('A Brainstem Navigator folder needs the brainstem label set: '
+                         'drop --no-brainstem or --brainstem-navigator.')
     out.mkdir(parents=True, exist_ok=True)
     stale = out / MANIFEST
     if stale.exists():
         stale.unlink()
     manifest = {'format': ASSETS_FORMAT, 'cerebseg_version': __version__,
                 'grid': grid.to_dict(), 'templates': build_templates(sources, out),
-                'libraries': {}}
+                'libraries': {}, 'restricted': bool(brainstem_navigator)}
     template_head = nib_to_ants(nib.load(out / TEMPLATE_HEAD))
     for name in libraries:
         LOGGER.info('Building atlas library %r', name)
         manifest['libraries'][name] = build_library(name, sources, out, grid, template_head,
                                                     seed, mirror)
+    if brainstem:
+        LOGGER.info('Building the brainstem label set')
+        manifest['brainstem'] = build_brainstem(sources, out, seed=seed,
+                                                navigator=brainstem_navigator)
     manifest['files'] = {str(p.relative_to(out)): sha256sum(p)
                          for p in sorted(out.rglob('*')) if p.is_file() and p.name != MANIFEST}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + '\n')

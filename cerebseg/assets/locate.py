@@ -31,6 +31,20 @@ class Assets:
                 + BUILD_HINT.replace('build --sources', f'build --library {name} --sources'))
         return libs[name]
 
+    def brainstem(self) -> dict:
+        """The manifest's brainstem section (label set, T1w and lookup table on its box)."""
+        section = self.manifest.get('brainstem')
+        if not section:
+            raise MissingAssetError(
+                f'The assets in {self.root} have no brainstem label set (built with '
+                '--no-brainstem or by an older cerebseg). ' + BUILD_HINT)
+        return section
+
+    @property
+    def restricted(self) -> bool:
+        """Built with a user's Brainstem Navigator: must not leave this machine."""
+        return bool(self.manifest.get('restricted'))
+
 
 def candidate_dirs(assets_dir: str | os.PathLike | None) -> list[tuple[str, Path]]:
     found = []

@@ -4,13 +4,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 from cerebseg import __version__
 from cerebseg.assets import DEFAULT_LIBRARY, available_protocols, user_cache_dir
-from cerebseg.errors import CerebsegError
+from cerebseg.errors import CerebsegError, missing_path_message
 
 LOGGER = logging.getLogger('cerebseg.assets')
+
+
+def _existing_dir(value: str, parser: argparse.ArgumentParser) -> Path:
+    path = Path(value).expanduser().absolute()
+    if not path.is_dir():
+        parser.error(missing_path_message(path, 'Folder'))
+    return path
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -38,6 +46,15 @@ def _build_parser() -> argparse.ArgumentParser:
                               f'(default: {DEFAULT_LIBRARY})')
         cmd.add_argument('--no-mirror', action='store_true',
                          help='do not add the left-right mirror of each library entry')
+        cmd.add_argument('--no-brainstem', action='store_true',
+                         help='do not build the brainstem label set')
+        cmd.add_argument('--brainstem-navigator', metavar='DIR',
+                         type=partial(_existing_dir, parser=parser), default=None,
+                         help='your copy of the Brainstem Navigator nuclei in MNI152NLin6Asym '
+                              '(DIR/<name>.nii.gz and DIR/Brainstem_Navigator_lookup.csv): adds '
+                              'them to the brainstem label set. Its licence forbids '
+                              'redistribution: the assets are marked restricted and must stay '
+                              'on this machine')
         cmd.add_argument('--random-seed', type=int, default=0)
         cmd.add_argument('-v', '--verbose', action='count', default=0)
     return parser
@@ -47,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from cerebseg.assets.build import build_assets
     from cerebseg.assets.fetch import fetch_sources
 
-    opts = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    opts = parser.parse_args(argv)
+    if opts.brainstem_navigator and opts.no_brainstem:
+        parser.error('--brainstem-navigator needs the brainstem label set: drop --no-brainstem')
     logging.basicConfig(level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
                         format='%(asctime)s %(name)s %(levelname)s: %(message)s',
                         stream=sys.stderr)
@@ -60,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             LOGGER.error('Source folder not found: %s', sources)
             return 2
         manifest = build_assets(sources, opts.out, libraries=libraries, seed=opts.random_seed,
-                                mirror=not opts.no_mirror)
+                                mirror=not opts.no_mirror, brainstem=not opts.no_brainstem,
+                                brainstem_navigator=opts.brainstem_navigator)
     except CerebsegError as err:
         LOGGER.error('%s', err)
         return err.exit_code

@@ -59,3 +59,10 @@ class BoxGrid:
 
 #: x in [-63, 63), y in [-104, -14), z in [-75, 6) mm; 252 x 180 x 162 voxels at 0.5 mm
 WORKING_GRID = BoxGrid(origin=(-62.75, -103.75, -74.75), extent=(126.0, 90.0, 81.0), spacing=0.5)
+
+#: the brainstem box (1 mm, MNI152NLin2009cAsym): x in [-32, 32], y in [-62, 7], z in [-80, 10] mm
+#: (voxel centres; 65 x 70 x 91 voxels), symmetric about x = 0 with a voxel on the midline. The
+#: brainstem label set spans x -22..23, y -52..-8, z -72..0 mm there (the Brainstem Navigator
+#: nuclei reach y = -4 mm in MNI152NLin6Asym): at least 8 mm of margin on every side. The 2009c
+#: template starts at z = -78 mm, so the two lowest slices of its T1 are empty.
+BRAINSTEM_GRID = BoxGrid(origin=(-32.0, -62.0, -80.0), extent=(65.0, 70.0, 91.0), spacing=1.0)
