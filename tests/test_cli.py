@@ -181,6 +181,32 @@ def test_end_to_end_real_subject(real_run):
     assert morph[0][-1] == 'uncertainty' and len(morph) == 35
     assert all(0 <= float(r[-1]) <= 1 for r in morph[1:] if r[-1] != 'n/a')
 
+    # the brainstem (on by default): native labels, volumes with the part sums, anatomy
+    bs = nib.load(anat / 'sub-01_space-T1w_seg-brainstem_dseg.nii.gz')
+    assert bs.shape == t1.shape[:3]
+    np.testing.assert_allclose(bs.affine, t1.affine, atol=1e-4)
+    for name in ('sub-01_space-T1w_seg-brainstem_dseg.json', 'sub-01_seg-brainstem_morph.tsv',
+                 'sub-01_space-MNI152NLin2009cAsym_res-1_seg-brainstem_dseg.nii.gz'):
+        assert (anat / name).is_file(), name
+    bs_lut = {r.split('\t')[1]: int(r.split('\t')[0]) for r in
+              (out / 'seg-brainstem_dseg.tsv').read_text().splitlines()[1:]}
+    bs_vol = {r.split('\t')[1]: float(r.split('\t')[2]) for r in
+              (anat / 'sub-01_seg-brainstem_morph.tsv').read_text().splitlines()[1:]}
+    assert 20e3 < bs_vol['Whole_Brainstem'] < 45e3, bs_vol['Whole_Brainstem']
+    assert bs_vol['Whole_Brainstem'] == pytest.approx(
+        bs_vol['Midbrain'] + bs_vol['Pons'] + bs_vol['Medulla'], abs=1.0)
+    bs_data = np.asarray(bs.dataobj)
+
+    def centre(names):
+        mask = np.isin(bs_data, [bs_lut[n] for n in names])
+        return nib.affines.apply_affine(bs.affine, np.argwhere(mask).mean(0))
+
+    z = [centre([f'{p}_GM', f'{p}_WM'])[2] for p in ('Midbrain', 'Pons', 'Medulla')]
+    assert z[0] > z[1] > z[2], f'midbrain, pons, medulla at z = {z}'
+    assert centre(['Left_Red_Nucleus'])[0] < centre(['Right_Red_Nucleus'])[0]
+    bs_meta = json.loads((anat / 'sub-01_space-T1w_seg-brainstem_dseg.json').read_text())
+    assert bs_meta['LookupTable'] == 'seg-brainstem_dseg.tsv'
+
     # a re-run with the same work folder resumes and gives the same labels
     first = hashlib.sha256(np.asarray(dseg.dataobj).tobytes()).hexdigest()
     assert main(argv) == 0

@@ -95,7 +95,32 @@ def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
     assert not (tmp_path / 'out').exists(), 'building a graph must not write outputs'
 
 
+def test_brainstem_graph(tmp_path, fake_assets):
+    """The brainstem branch: its own box from the shared affine, atlas, native, outputs."""
+    from cerebseg.utils.grid import BRAINSTEM_GRID
+
+    files = {k: str(make_nifti(tmp_path / f'bs_{k}.nii.gz', shape=(8, 8, 8)))
+             for k in ('t1w', 'dseg')}
+    lut = tmp_path / 'bs_lut.tsv'
+    lut.write_text('index\tname\tabbreviation\tcolor\tpart\n0\tbackground\tBG\t#000000\tn/a\n')
+    brainstem = dict(files, lut=str(lut), n_labels=17, grid=BRAINSTEM_GRID.to_dict())
+    wf = _subject_graph(tmp_path, fake_assets, False, brainstem=brainstem,
+                        brainstem_meta={'Mode': 'T1w'})
+    graph = generate_expanded_graph(wf._create_flat_graph())
+    nodes = {n.fullname.split('.', 1)[1]: n for n in graph.nodes()}
+    assert {'preproc_wf.to_bs_grid', 'brainstem_wf.atlas', 'brainstem_wf.native_wf.to_native',
+            'brainstem_wf.native_wf.volumes', 'brainstem_wf.ds_wf.ds_dseg_native',
+            'brainstem_wf.ds_wf.ds_dseg_box', 'brainstem_wf.ds_wf.ds_morph'} <= set(nodes)
+    assert nodes['brainstem_wf.native_wf.volumes'].inputs.parts
+    assert nodes['brainstem_wf.ds_wf.ds_morph'].inputs.entities == {'seg': 'brainstem'}
+    # without it, no brainstem node at all
+    wf = _subject_graph(tmp_path / 'none', fake_assets, False)
+    names = {n.fullname for n in generate_expanded_graph(wf._create_flat_graph()).nodes()}
+    assert not any('brainstem' in n or 'to_bs_grid' in n for n in names)
+
+
 INTERFACE_MODULES = ['cerebseg.interfaces.preproc', 'cerebseg.interfaces.multiatlas',
+                     'cerebseg.interfaces.brainstem',
                      'cerebseg.interfaces.native', 'cerebseg.interfaces.bids',
                      'cerebseg.interfaces.registration', 'cerebseg.interfaces.segmentation']
 

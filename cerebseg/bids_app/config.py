@@ -30,6 +30,7 @@ class RunConfig:
     atlas_library: str = 'suit'
     registration: str = 'torch'
     models: str = 'none'
+    skip_brainstem: bool = False
     no_atlas_prior: bool = False
     cnn_weights: str = ''
     assets_dir: str = ''

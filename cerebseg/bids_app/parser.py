@@ -93,6 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
                              'are the result; the shipped networks do not beat them on '
                              'exact-truth cases, see the model card), the U-Net and DPN '
                              'ensemble, or one of them')
+    method.add_argument('--skip-brainstem', action='store_true',
+                        help='do not segment the brainstem (by default every participant run '
+                             'segments the cerebellum and the brainstem)')
     method.add_argument('--no-atlas-prior', action='store_true',
                         help='networks without the multi-atlas prior channel (needs weights '
                              'trained that way, see --cnn-weights)')

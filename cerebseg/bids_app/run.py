@@ -127,6 +127,59 @@ def _library_paths(assets, name: str) -> dict:
             'licence': lib['licence'], 'entry_info': lib['entries']}
 
 
+def _brainstem_paths(assets, cfg) -> dict | None:
+    """The brainstem assets with absolute paths; None with --skip-brainstem, or (with a
+    warning) when the assets were built without them."""
+    from cerebseg.errors import MissingAssetError
+
+    if cfg.skip_brainstem:
+        return None
+    try:
+        section = assets.brainstem()
+    except MissingAssetError as err:
+        LOGGER.warning('Brainstem skipped: %s Or pass --skip-brainstem to silence this.', err)
+        return None
+    if section.get('restricted'):
+        LOGGER.warning('The brainstem label set includes the Brainstem Navigator (%s): its '
+                       'licence forbids sharing the assets or anything derived from them; keep '
+                       'this run\'s brainstem outputs within your organisation.',
+                       section.get('navigator'))
+    return {'t1w': str(assets.path(section['t1w'])), 'dseg': str(assets.path(section['dseg'])),
+            'lut': str(assets.path(section['lut'])), 'n_labels': section['n_labels'],
+            'grid': section['grid'], 'description': section['description'],
+            'citation': section['citation'], 'licence': section['licence'],
+            'restricted': bool(section.get('restricted'))}
+
+
+def _brainstem_meta(run, brainstem: dict, bids_dir: Path, cfg) -> dict:
+    from cerebseg import __version__
+
+    sources = [f'bids:raw:{Path(run.t1w).relative_to(bids_dir).as_posix()}']
+    return {
+        'Description': 'Brainstem parts (midbrain, pons, medulla; grey and white matter) and '
+                       'nuclei by registration of an atlas label set built from open atlases.',
+        'Sources': sources,
+        'Mode': 'T1w',
+        'Method': {
+            'Name': 'single-atlas registration (the brainstem label set of the assets)',
+            'Preprocessing': 'the cerebellum\'s MNI152NLin2009cAsym affine (refined on '
+                             'cerebellum and brainstem); 1 mm box around the brainstem; N4 in '
+                             'the box; 2nd/98th foreground percentiles scaled to 0/1.',
+            'Registration': 'the label-set template (MNI152NLin2009cAsym brain on the box) onto '
+                            'the subject: affine, then a diffeomorphic stationary velocity field '
+                            'at 4, 2 and 1 mm (local normalised cross-correlation in the '
+                            'template\'s space); labels warped as probabilities.',
+            'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
+                           'affine, then the most probable label.',
+        },
+        'LabelSet': {'Description': brainstem['description'], 'Citation': brainstem['citation'],
+                     'Licence': brainstem['licence'], 'Restricted': brainstem['restricted']},
+        'LookupTable': 'seg-brainstem_dseg.tsv',
+        'SoftwareVersion': f'cerebseg {__version__}',
+        'RandomSeed': cfg.random_seed,
+    }
+
+
 def _crash_kind(crash_dir: Path) -> tuple[int, str]:
     """Exit code and message of the crash files of one run (65 for bad data, else 70)."""
     from cerebseg.errors import BadDataError
@@ -164,7 +217,8 @@ def select_cnn(run, cfg) -> dict | None:
                           protocol=cfg.atlas_library)
 
 
-def run_participant(run, cfg, assets, library: dict, device=None) -> tuple[int, str]:
+def run_participant(run, cfg, assets, library: dict, device=None,
+                    brainstem: dict | None = None) -> tuple[int, str]:
     """Build and run the workflow of one T1w; returns (exit code, message)."""
     from nipype import config as ncfg
     from nipype import logging as nlogging
@@ -186,6 +240,9 @@ def run_participant(run, cfg, assets, library: dict, device=None) -> tuple[int, 
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
         device=str(device or 'cpu'), use_gpu=device is not None and device.type != 'cpu',
         regnet=str(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else '',
+        brainstem=brainstem,
+        brainstem_meta=_brainstem_meta(run, brainstem, Path(cfg.bids_dir), cfg)
+        if brainstem else None,
         name=workflow_name(run))
     wf.base_dir = cfg.work_dir
     nipype_level = 'INFO' if cfg.verbose > 1 else 'WARNING'
@@ -218,7 +275,7 @@ def _prevalidate(run) -> None:
         load_checked(run.t2w, 'T2w')
 
 
-def _finalize(cfg, library: dict | None) -> None:
+def _finalize(cfg, library: dict | None, brainstem: dict | None = None) -> None:
     from cerebseg.bids_app.bids import write_derivative_description
     from cerebseg.utils.images import atomic_copy, atomic_write_text
 
@@ -231,6 +288,8 @@ def _finalize(cfg, library: dict | None) -> None:
                           '*_uncertainty.json\n')
     if library:
         atomic_copy(library['lut'], out / 'seg-cerebellum_dseg.tsv')
+    if brainstem:
+        atomic_copy(brainstem['lut'], out / 'seg-brainstem_dseg.tsv')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         LOGGER.info('Torch device: %s', device)
         assets = load_assets(cfg.assets_dir or None)
         library = _library_paths(assets, cfg.atlas_library)
+        brainstem = _brainstem_paths(assets, cfg)
         if cfg.models == 'none' and cfg.no_atlas_prior:
             raise UsageError('--no-atlas-prior needs the networks; it cannot be combined with '
                              '--models none (the multi-atlas labels are the prior).')
@@ -273,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     LOGGER.log(IMPORTANT, 'cerebseg %s: %d T1w run(s) to process; run %s', cfg.version,
                len(runs), cfg.run_uuid)
     failures = []
-    _finalize(cfg, library)
+    _finalize(cfg, library, brainstem)
     for run in runs:
         try:
             _prevalidate(run)
-            code, msg = run_participant(run, cfg, assets, library, device)
+            code, msg = run_participant(run, cfg, assets, library, device, brainstem)
         except CerebsegError as err:
             code, msg = err.exit_code, str(err)
         except Exception as err:  # a bug: say so, keep going with the other participants

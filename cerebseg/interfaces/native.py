@@ -51,6 +51,8 @@ class _VolumesInputSpec(BaseInterfaceInputSpec):
     template_icv_ml = traits.Float(mandatory=True, desc='brain-mask volume of the template')
     uncertainty = traits.Str('', usedefault=True,
                              desc="TSV of per-label uncertainty to add as a column ('' none)")
+    parts = traits.Bool(False, usedefault=True,
+                        desc='append the brainstem part sums (the lookup table\'s part column)')
 
 
 class _VolumesOutputSpec(TraitedSpec):
@@ -84,8 +86,11 @@ class LabelVolumes(SimpleInterface):
         if self.inputs.uncertainty:
             uncertainty = {row['index']: row['uncertainty']
                            for row in read_lut_tsv(self.inputs.uncertainty)}
+        summary = None
+        if self.inputs.parts:
+            from cerebseg.utils.brainstem import part_rows as summary
         table = morph_table(np.asarray(img.dataobj), img.header.get_zooms()[:3],
-                            read_lut_tsv(self.inputs.lut), icv_mm3, uncertainty)
+                            read_lut_tsv(self.inputs.lut), icv_mm3, uncertainty, summary)
         self._results['out_file'] = os.path.join(runtime.cwd, 'morph.tsv')
         atomic_write_text(self._results['out_file'], table)
         self._results['icv_file'] = os.path.join(runtime.cwd, 'icv.json')

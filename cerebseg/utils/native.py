@@ -50,9 +50,13 @@ def label_volumes(labels: np.ndarray, zooms, n_labels: int) -> np.ndarray:
 
 
 def morph_table(labels: np.ndarray, zooms, lut: list[dict], icv_mm3: float,
-                uncertainty: dict | None = None) -> str:
+                uncertainty: dict | None = None, summary=None) -> str:
     """BIDS-style TSV: index, name, volume_mm3, volume_icv_fraction (one row per non-0 label),
-    and ``uncertainty`` (``{index: text}``, the networks' mean disagreement) when given."""
+    and ``uncertainty`` (``{index: text}``, the networks' mean disagreement) when given.
+
+    ``summary``: a function ``({index: volume_mm3}, lut) -> [(name, volume_mm3), ...]`` whose
+    rows (sums of labels, e.g. the brainstem parts) are appended with index ``n/a``.
+    """
     vols = label_volumes(labels, zooms, max(r['index'] for r in lut) + 1)
     lines = ['index\tname\tvolume_mm3\tvolume_icv_fraction'
              + ('\tuncertainty' if uncertainty is not None else '')]
@@ -64,6 +68,10 @@ def morph_table(labels: np.ndarray, zooms, lut: list[dict], icv_mm3: float,
         if uncertainty is not None:
             line += f"\t{uncertainty.get(row['index'], 'n/a')}"
         lines.append(line)
+    if summary is not None:
+        for name, vol in summary({r['index']: float(vols[r['index']]) for r in lut}, lut):
+            lines.append(f'n/a\t{name}\t{vol:.1f}\t{vol / icv_mm3:.6e}'
+                         + ('\tn/a' if uncertainty is not None else ''))
     return '\n'.join(lines) + '\n'
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from cerebseg.workflows.brainstem import init_brainstem_wf
 from cerebseg.workflows.deepceres import init_deepceres_wf
 from cerebseg.workflows.multiatlas import init_multiatlas_wf
 from cerebseg.workflows.native import init_native_wf
@@ -17,8 +18,10 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            reg_iterations: tuple[int, ...] = (40, 20, 0),
                            registration: str = 'torch', device: str = 'cpu',
                            use_gpu: bool = False, regnet: str = '', cnn: dict | None = None,
+                           brainstem: dict | None = None, brainstem_meta: dict | None = None,
                            name: str = 'single_subject_wf'):
-    """Segment the cerebellum of one T1w (with its T2w when given) and write the derivatives.
+    """Segment the cerebellum (and the brainstem) of one T1w (with its T2w when given) and
+    write the derivatives.
 
     Parameters
     ----------
@@ -35,10 +38,14 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     cnn : dict or None
         The DeepCeres weights (:func:`cerebseg.models.cascade.select_weights`); None: the
         multi-atlas labels are the result.
+    brainstem, brainstem_meta : dict or None
+        The brainstem assets (see :func:`~cerebseg.workflows.brainstem.init_brainstem_wf`) and
+        the static part of its dseg sidecars; None: no brainstem (``--skip-brainstem``).
 
     .. workflow::
 
         inputnode -> preproc_wf -> multiatlas_wf [-> deepceres_wf] -> native_wf -> ds_wf
+                               [-> brainstem_wf]
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't2w']), name='inputnode')
@@ -47,7 +54,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         inputnode.inputs.t2w = t2w
     preproc_wf = init_preproc_wf(templates=templates, grid=grid, use_t2w=bool(t2w),
                                  omp_nthreads=omp_nthreads, seed=seed,
-                                 region_dseg=[e['dseg'] for e in library['entries']])
+                                 region_dseg=[e['dseg'] for e in library['entries']],
+                                 brainstem_grid=brainstem['grid'] if brainstem else None)
     multiatlas_wf = init_multiatlas_wf(
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=reg_spacing,
         reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed,
@@ -98,6 +106,23 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         wf.connect([
             (multiatlas_wf, native_wf, [('outputnode.probseg_box', 'inputnode.probseg_box')]),
             (multiatlas_wf, ds_wf, [('outputnode.dseg_box', 'inputnode.dseg_box')]),
+        ])
+    if brainstem:
+        brainstem_wf = init_brainstem_wf(brainstem=brainstem, output_dir=output_dir,
+                                         dseg_meta=brainstem_meta or {},
+                                         template_icv_ml=templates['icv_ml'],
+                                         omp_nthreads=omp_nthreads, seed=seed, device=device,
+                                         use_gpu=use_gpu)
+        bs_qc = pe.Node(niu.Merge(2), name='bs_qc_files', run_without_submitting=True)
+        wf.connect([
+            (inputnode, brainstem_wf, [('t1w', 'inputnode.source_file'),
+                                       ('t1w', 'inputnode.t1w')]),
+            (preproc_wf, brainstem_wf, [('outputnode.bs_t1_box', 'inputnode.bs_t1_box'),
+                                        ('outputnode.t1_to_mni', 'inputnode.t1_to_mni'),
+                                        ('outputnode.brain_to_mni', 'inputnode.brain_to_mni')]),
+            (preproc_wf, bs_qc, [('outputnode.mni_qc', 'in1')]),
+            (native_wf, bs_qc, [('outputnode.icv', 'in2')]),
+            (bs_qc, brainstem_wf, [('out', 'inputnode.qc_files')]),
         ])
     if t2w:
         wf.connect([(preproc_wf, qc_files, [('outputnode.t2_qc', 'in3')]),

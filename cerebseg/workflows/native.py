@@ -8,7 +8,7 @@ from cerebseg.interfaces.native import LabelVolumes, ProbsToNative
 
 
 def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
-                   name: str = 'native_wf'):
+                   parts: bool = False, name: str = 'native_wf'):
     """Resample the label probabilities to the input T1w's grid and measure each label.
 
     Inputs
@@ -24,6 +24,8 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
     label_uncertainty
         Per-label uncertainty TSV to add to the volume table ('' for none).
 
+    ``parts``: the volume table also sums the brainstem parts (lookup table column ``part``).
+
     Outputs
     -------
     dseg_native, morph, icv
@@ -38,7 +40,8 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
                          name='outputnode')
     to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads), name='to_native',
                         n_procs=omp_nthreads, mem_gb=2)
-    volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml), name='volumes')
+    volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml, parts=parts),
+                      name='volumes')
     wf.connect([
         (inputnode, to_native, [('t1w', 'reference'), ('t1_to_mni', 't1_to_mni'),
                                 ('probseg_box', 'probseg')]),

@@ -16,6 +16,12 @@ OUTPUTS = (
     ('t1_to_mni', 'xfm', '.mat', {'from': 'T1w', 'to': SPACE, 'mode': 'image'}, None),
     ('morph', 'morph', '.tsv', {'seg': 'cerebellum'}, None),
 )
+#: the brainstem's (``brainstem_wf``): native labels, labels on the 1 mm MNI box, volumes
+BRAINSTEM_OUTPUTS = (
+    ('dseg_native', 'dseg', '.nii.gz', {'space': 'T1w', 'seg': 'brainstem'}, 'dseg'),
+    ('dseg_box', 'dseg', '.nii.gz', {'space': SPACE, 'res': '1', 'seg': 'brainstem'}, 'dseg'),
+    ('morph', 'morph', '.tsv', {'seg': 'brainstem'}, None),
+)
 #: written only when a T2w was used
 T2W_OUTPUTS = (
     ('t2_to_t1', 'xfm', '.mat', {'from': 'T2w', 'to': 'T1w', 'mode': 'image'}, None),
@@ -39,7 +45,7 @@ UNCERTAINTY_META = {'Description': 'Voxelwise disagreement of the lobule network
 
 
 def init_ds_wf(*, output_dir: str, dseg_meta: dict, with_t2w: bool, with_cnn: bool = False,
-               name: str = 'ds_wf'):
+               outputs: tuple | None = None, name: str = 'ds_wf'):
     """Write the participant's derivatives.
 
     Inputs
@@ -54,9 +60,14 @@ def init_ds_wf(*, output_dir: str, dseg_meta: dict, with_t2w: bool, with_cnn: bo
         The multi-atlas prior and the network disagreement map (``with_cnn`` only).
     qc_files
         JSON files merged into the dseg sidecars (fit quality, ICV).
+
+    ``outputs``: another table of outputs (e.g. :data:`BRAINSTEM_OUTPUTS`) instead of the
+    cerebellum's (then ``with_t2w`` and ``with_cnn`` add nothing).
     """
     wf = pe.Workflow(name=name)
-    outputs = OUTPUTS + (T2W_OUTPUTS if with_t2w else ()) + (CNN_OUTPUTS if with_cnn else ())
+    if outputs is None:
+        outputs = OUTPUTS + (T2W_OUTPUTS if with_t2w else ()) + \
+            (CNN_OUTPUTS if with_cnn else ())
     metas = {'dseg': dseg_meta, 'prior': dict(dseg_meta, **PRIOR_META),
              'uncertainty': dict(UNCERTAINTY_META, Sources=dseg_meta.get('Sources', []))}
     fields = ['source_file', 'qc_files'] + [o[0] for o in outputs]

@@ -13,7 +13,8 @@ MIN_T2_EDGE_CORRELATION = 0.15
 
 
 def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads: int,
-                    seed: int, region_dseg: list[str], name: str = 'preproc_wf'):
+                    seed: int, region_dseg: list[str], brainstem_grid: dict | None = None,
+                    name: str = 'preproc_wf'):
     """Bias correction and denoising (native), MNI affine (whole brain, then refined on
     cerebellum and brainstem), T2w->T1w rigid, working-grid box.
 
@@ -27,6 +28,9 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
         Whether a T2w is part of this run.
     region_dseg : list of str
         Library entry label maps (working grid): where the refined affine is fitted.
+    brainstem_grid : dict or None
+        The 1 mm brainstem box (``BoxGrid.to_dict()``): the T1w is also put on it, by the same
+        affine (``bs_t1_box``); None: not needed (``--skip-brainstem``).
 
     Inputs
     ------
@@ -44,13 +48,16 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
         ANTs rigid T2w -> T1w (only with a T2w).
     t1_box, t2_box
         Normalised images on the working grid (``t2_box`` is '' without T2w).
+    bs_t1_box
+        The normalised T1w on the brainstem box (with ``brainstem_grid`` only).
     mni_qc
         JSON file with the fit quality.
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't2w']), name='inputnode')
     outputnode = pe.Node(niu.IdentityInterface(fields=['t1_to_mni', 'brain_to_mni', 't2_to_t1',
-                                                       't1_box', 't2_box', 'mni_qc', 't2_qc']),
+                                                       't1_box', 't2_box', 'mni_qc', 't2_qc',
+                                                       'bs_t1_box']),
                          name='outputnode')
     t1_correct = pe.Node(ValidateAndCorrect(role='T1w', num_threads=omp_nthreads),
                          name='t1_correct', n_procs=omp_nthreads)
@@ -80,6 +87,14 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
         (mni_affine, outputnode, [('transform', 'brain_to_mni'), ('qc_file', 'mni_qc')]),
         (to_grid, outputnode, [('t1_box', 't1_box'), ('t2_box', 't2_box')]),
     ])
+    if brainstem_grid:
+        to_bs_grid = pe.Node(ToWorkingGrid(grid=brainstem_grid, num_threads=omp_nthreads,
+                                           seed=seed), name='to_bs_grid', n_procs=omp_nthreads)
+        wf.connect([
+            (t1_correct, to_bs_grid, [('out_file', 't1_file')]),
+            (box_affine, to_bs_grid, [('transform', 't1_to_mni')]),
+            (to_bs_grid, outputnode, [('t1_box', 'bs_t1_box')]),
+        ])
     if use_t2w:
         t2_correct = pe.Node(ValidateAndCorrect(role='T2w', num_threads=omp_nthreads),
                              name='t2_correct', n_procs=omp_nthreads)

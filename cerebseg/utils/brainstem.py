@@ -1,0 +1,74 @@
+"""Brainstem numerics: the atlas label set carried onto a subject, part volumes.
+
+The brainstem label set (:mod:`cerebseg.assets.brainstem`) lives on the 1 mm brainstem box of
+MNI152NLin2009cAsym (:data:`cerebseg.utils.grid.BRAINSTEM_GRID`) with the template's brain T1w.
+A subject's T1w is put on the same box by its MNI affine (the one the cerebellum uses), and the
+template is registered onto it by cerebseg's diffeomorphic registration
+(:func:`cerebseg.models.registration.register_svf`, similarity measured in the template's
+space); the labels follow as probabilities (one-hot maps warped linearly), so that the native
+resampling can interpolate them like the cerebellar ones. This is the atlas-registration method
+of issue 10 (the baseline the networks must beat, and their training labels).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+LOGGER = logging.getLogger('cerebseg.utils.brainstem')
+
+#: the parts of the brainstem, in the order of the morph table's summary rows
+PARTS = ('midbrain', 'pons', 'medulla')
+
+
+def register_label_set(subject: np.ndarray, template: np.ndarray, labels: np.ndarray,
+                       n_labels: int, *, spacing: float = 1.0, config=None, seed: int = 0,
+                       device='cpu') -> tuple[np.ndarray, np.ndarray]:
+    """Carry the label set onto one subject's brainstem box.
+
+    ``subject`` and ``template`` are (X, Y, Z) images on the same grid (the subject normalised
+    by cerebseg's preprocessing; the template is normalised here, inside its own foreground),
+    ``labels`` the template's label map (values ``0 .. n_labels - 1``).
+
+    Returns ``(probabilities, dseg)``: ``(n_labels, X, Y, Z)`` float32 summing to 1 where the
+    template has data (background 1 outside), and the most probable label.
+    """
+    import torch
+
+    from cerebseg.models import registration as reg
+    from cerebseg.utils.preproc import normalise_intensity
+
+    subject = np.asarray(subject, np.float32)
+    template = np.asarray(template, np.float32)
+    labels = np.asarray(labels)
+    if subject.shape != template.shape or labels.shape != template.shape:
+        raise ValueError(f'subject {subject.shape}, template {template.shape} and labels '
+                         f'{labels.shape} must be on the same grid')
+    if labels.min() < 0 or labels.max() >= n_labels:
+        raise ValueError(f'labels must lie in 0..{n_labels - 1}; found {labels.min()}..'
+                         f'{labels.max()}')
+    moving = normalise_intensity(template, template > 0)
+    result = reg.register_svf(subject, moving[None], spacing=spacing,
+                              config=config or reg.SVFConfig(), device=device, seed=seed)
+    onehot = np.zeros((n_labels,) + labels.shape, np.float32)
+    np.put_along_axis(onehot, labels[None].astype(np.int64), 1.0, axis=0)
+    with torch.no_grad():
+        warped = reg.apply_svf(result, onehot[None], order=1, device=device)[0]
+    warped = np.clip(warped, 0.0, None)
+    total = warped.sum(axis=0)
+    warped[0] += np.clip(1.0 - total, 0.0, None)     # outside the template: background
+    warped /= np.maximum(warped.sum(axis=0), 1e-6)
+    LOGGER.info('Brainstem label set registered: final similarity loss %s',
+                result.losses[-1][1] if result.losses else 'n/a')
+    return warped.astype(np.float32), np.argmax(warped, axis=0).astype(np.int16)
+
+
+def part_rows(volumes_mm3: dict[int, float], lut: list[dict]) -> list[tuple[str, float]]:
+    """Summary rows of the morph table: each part (the sum of its labels, from the lookup
+    table's ``part`` column) and the whole brainstem, as ``(name, volume_mm3)``."""
+    rows = []
+    for part in PARTS:
+        members = [r['index'] for r in lut if r.get('part') == part]
+        rows.append((part.capitalize(), float(sum(volumes_mm3.get(i, 0.0) for i in members))))
+    rows.append(('Whole_Brainstem', float(sum(v for i, v in volumes_mm3.items() if i))))
+    return rows

@@ -1,0 +1,64 @@
+"""Brainstem workflow: the atlas label set on the subject's 1 mm brainstem box, native labels,
+volumes (wiring only)."""
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from cerebseg.interfaces.brainstem import BrainstemAtlas
+from cerebseg.workflows.native import init_native_wf
+from cerebseg.workflows.outputs import BRAINSTEM_OUTPUTS, init_ds_wf
+
+
+def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
+                      template_icv_ml: float, omp_nthreads: int, seed: int,
+                      device: str = 'cpu', use_gpu: bool = False, name: str = 'brainstem_wf'):
+    """Segment the brainstem (parts, grey/white matter, nuclei) and write its derivatives.
+
+    Parameters
+    ----------
+    brainstem : dict
+        Absolute paths ``t1w`` (template on the brainstem box), ``dseg`` (label set), ``lut``,
+        and ``n_labels`` (:meth:`cerebseg.assets.locate.Assets.brainstem`).
+
+    Inputs
+    ------
+    source_file, t1w
+        The raw T1w (names the outputs; defines the native grid).
+    bs_t1_box
+        The T1w on the brainstem box (``preproc_wf``).
+    t1_to_mni, brain_to_mni
+        The affines of ``preproc_wf`` (the same as the cerebellum's).
+    qc_files
+        JSON files merged into the dseg sidecars.
+
+    .. workflow::
+
+        inputnode -> atlas -> native_wf -> ds_wf
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=['source_file', 't1w', 'bs_t1_box', 't1_to_mni', 'brain_to_mni', 'qc_files']),
+        name='inputnode')
+    atlas = pe.Node(BrainstemAtlas(template_t1=brainstem['t1w'], atlas_dseg=brainstem['dseg'],
+                                   n_labels=brainstem['n_labels'], seed=seed, device=device,
+                                   num_threads=omp_nthreads),
+                    name='atlas', n_procs=omp_nthreads, mem_gb=1)
+    if use_gpu:
+        atlas.use_gpu = True
+    native_wf = init_native_wf(lut=brainstem['lut'], template_icv_ml=template_icv_ml,
+                               omp_nthreads=omp_nthreads, parts=True)
+    ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=False,
+                       outputs=BRAINSTEM_OUTPUTS)
+    wf.connect([
+        (inputnode, atlas, [('bs_t1_box', 't1_box')]),
+        (inputnode, native_wf, [('t1w', 'inputnode.t1w'), ('t1_to_mni', 'inputnode.t1_to_mni'),
+                                ('brain_to_mni', 'inputnode.brain_to_mni')]),
+        (atlas, native_wf, [('probseg', 'inputnode.probseg_box')]),
+        (inputnode, ds_wf, [('source_file', 'inputnode.source_file'),
+                            ('qc_files', 'inputnode.qc_files')]),
+        (atlas, ds_wf, [('dseg', 'inputnode.dseg_box')]),
+        (native_wf, ds_wf, [('outputnode.dseg_native', 'inputnode.dseg_native'),
+                            ('outputnode.morph', 'inputnode.morph')]),
+    ])
+    return wf
