@@ -264,3 +264,10 @@ def test_cuda_requested_without_gpu_exit_2(tmp_path, caplog):
     root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
     rc = main([str(root), str(tmp_path / 'out'), 'participant', '--device', 'cuda'])
     assert rc == 2 and 'no CUDA device' in caplog.text
+
+
+def test_skipping_both_structures_exit_2(tmp_path, caplog):
+    root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
+    rc = main([str(root), str(tmp_path / 'out'), 'participant', '--skip-brainstem',
+               '--skip-cerebellum', '--device', 'cpu'])
+    assert rc == 2 and 'leave nothing to do' in caplog.text

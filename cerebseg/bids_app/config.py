@@ -31,6 +31,7 @@ class RunConfig:
     registration: str = 'torch'
     models: str = 'none'
     skip_brainstem: bool = False
+    skip_cerebellum: bool = False
     no_atlas_prior: bool = False
     cnn_weights: str = ''
     assets_dir: str = ''

@@ -96,6 +96,9 @@ def _build_parser() -> argparse.ArgumentParser:
     method.add_argument('--skip-brainstem', action='store_true',
                         help='do not segment the brainstem (by default every participant run '
                              'segments the cerebellum and the brainstem)')
+    method.add_argument('--skip-cerebellum', action='store_true',
+                        help='segment the brainstem only (the cerebellum\'s MNI affine is still '
+                             'fitted: the brainstem uses it)')
     method.add_argument('--no-atlas-prior', action='store_true',
                         help='networks without the multi-atlas prior channel (needs weights '
                              'trained that way, see --cnn-weights)')

@@ -210,7 +210,7 @@ def select_cnn(run, cfg) -> dict | None:
     """The network weights of one run (None with --models none); CheckpointError if missing."""
     from cerebseg.models.cascade import select_weights
 
-    if cfg.models == 'none':
+    if cfg.models == 'none' or cfg.skip_cerebellum:
         return None
     return select_weights(cfg.cnn_weights or None, t2w=bool(run.t2w),
                           prior=not cfg.no_atlas_prior, models=cfg.models,
@@ -240,7 +240,7 @@ def run_participant(run, cfg, assets, library: dict, device=None,
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
         device=str(device or 'cpu'), use_gpu=device is not None and device.type != 'cpu',
         regnet=str(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else '',
-        brainstem=brainstem,
+        brainstem=brainstem, cerebellum=not cfg.skip_cerebellum,
         brainstem_meta=_brainstem_meta(run, brainstem, Path(cfg.bids_dir), cfg)
         if brainstem else None,
         name=workflow_name(run))
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     from cerebseg.assets.locate import load_assets
     from cerebseg.bids_app.bids import collect_inputs, load_filters, write_group_table
     from cerebseg.bids_app.config import RunConfig
-    from cerebseg.errors import CerebsegError, UsageError
+    from cerebseg.errors import CerebsegError, MissingAssetError, UsageError
     from cerebseg.models.inference import resolve_device
 
     cfg = RunConfig.from_namespace(opts)
@@ -316,9 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             raise UsageError(str(err)) from err
         LOGGER.info('Torch device: %s', device)
+        if cfg.skip_brainstem and cfg.skip_cerebellum:
+            raise UsageError('--skip-brainstem and --skip-cerebellum leave nothing to do.')
         assets = load_assets(cfg.assets_dir or None)
         library = _library_paths(assets, cfg.atlas_library)
         brainstem = _brainstem_paths(assets, cfg)
+        if cfg.skip_cerebellum and brainstem is None:
+            raise MissingAssetError(f'--skip-cerebellum: the assets in {assets.root} have no '
+                                    'brainstem label set; rebuild them (cerebseg-assets build).')
         if cfg.models == 'none' and cfg.no_atlas_prior:
             raise UsageError('--no-atlas-prior needs the networks; it cannot be combined with '
                              '--models none (the multi-atlas labels are the prior).')
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     LOGGER.log(IMPORTANT, 'cerebseg %s: %d T1w run(s) to process; run %s', cfg.version,
                len(runs), cfg.run_uuid)
     failures = []
-    _finalize(cfg, library, brainstem)
+    _finalize(cfg, None if cfg.skip_cerebellum else library, brainstem)
     for run in runs:
         try:
             _prevalidate(run)

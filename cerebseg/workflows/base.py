@@ -19,7 +19,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            registration: str = 'torch', device: str = 'cpu',
                            use_gpu: bool = False, regnet: str = '', cnn: dict | None = None,
                            brainstem: dict | None = None, brainstem_meta: dict | None = None,
-                           name: str = 'single_subject_wf'):
+                           cerebellum: bool = True, name: str = 'single_subject_wf'):
     """Segment the cerebellum (and the brainstem) of one T1w (with its T2w when given) and
     write the derivatives.
 
@@ -41,21 +41,44 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     brainstem, brainstem_meta : dict or None
         The brainstem assets (see :func:`~cerebseg.workflows.brainstem.init_brainstem_wf`) and
         the static part of its dseg sidecars; None: no brainstem (``--skip-brainstem``).
+    cerebellum : bool
+        False: the brainstem only (``--skip-cerebellum``; the cerebellum's affine is still
+        fitted: the brainstem box uses it).
 
     .. workflow::
 
         inputnode -> preproc_wf -> multiatlas_wf [-> deepceres_wf] -> native_wf -> ds_wf
                                [-> brainstem_wf]
     """
+    if not (cerebellum or brainstem):
+        raise ValueError('Nothing to segment: neither the cerebellum nor the brainstem.')
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't2w']), name='inputnode')
     inputnode.inputs.t1w = t1w
     if t2w:
         inputnode.inputs.t2w = t2w
-    preproc_wf = init_preproc_wf(templates=templates, grid=grid, use_t2w=bool(t2w),
+    preproc_wf = init_preproc_wf(templates=templates, grid=grid, use_t2w=bool(t2w and cerebellum),
                                  omp_nthreads=omp_nthreads, seed=seed,
                                  region_dseg=[e['dseg'] for e in library['entries']],
-                                 brainstem_grid=brainstem['grid'] if brainstem else None)
+                                 brainstem_grid=brainstem['grid'] if brainstem else None,
+                                 working_box=cerebellum)
+    wf.connect(inputnode, 't1w', preproc_wf, 'inputnode.t1w')
+    if brainstem:
+        brainstem_wf = init_brainstem_wf(brainstem=brainstem, output_dir=output_dir,
+                                         dseg_meta=brainstem_meta or {},
+                                         template_icv_ml=templates['icv_ml'],
+                                         omp_nthreads=omp_nthreads, seed=seed, device=device,
+                                         use_gpu=use_gpu)
+        wf.connect([
+            (inputnode, brainstem_wf, [('t1w', 'inputnode.source_file'),
+                                       ('t1w', 'inputnode.t1w')]),
+            (preproc_wf, brainstem_wf, [('outputnode.bs_t1_box', 'inputnode.bs_t1_box'),
+                                        ('outputnode.t1_to_mni', 'inputnode.t1_to_mni'),
+                                        ('outputnode.brain_to_mni', 'inputnode.brain_to_mni'),
+                                        ('outputnode.mni_qc', 'inputnode.mni_qc')]),
+        ])
+    if not cerebellum:
+        return wf
     multiatlas_wf = init_multiatlas_wf(
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=reg_spacing,
         reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed,
@@ -65,8 +88,9 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w),
                        with_cnn=bool(cnn))
     qc_files = pe.Node(niu.Merge(3), name='qc_files', run_without_submitting=True)
+    if t2w:
+        wf.connect(inputnode, 't2w', preproc_wf, 'inputnode.t2w')
     wf.connect([
-        (inputnode, preproc_wf, [('t1w', 'inputnode.t1w'), ('t2w', 'inputnode.t2w')]),
         (preproc_wf, multiatlas_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
                                      ('outputnode.t2_box', 'inputnode.t2_box')]),
         (inputnode, native_wf, [('t1w', 'inputnode.t1w')]),
@@ -107,23 +131,6 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
             (multiatlas_wf, native_wf, [('outputnode.probseg_box', 'inputnode.probseg_box')]),
             (multiatlas_wf, ds_wf, [('outputnode.dseg_box', 'inputnode.dseg_box')]),
         ])
-    if brainstem:
-        brainstem_wf = init_brainstem_wf(brainstem=brainstem, output_dir=output_dir,
-                                         dseg_meta=brainstem_meta or {},
-                                         template_icv_ml=templates['icv_ml'],
-                                         omp_nthreads=omp_nthreads, seed=seed, device=device,
-                                         use_gpu=use_gpu)
-        bs_qc = pe.Node(niu.Merge(2), name='bs_qc_files', run_without_submitting=True)
-        wf.connect([
-            (inputnode, brainstem_wf, [('t1w', 'inputnode.source_file'),
-                                       ('t1w', 'inputnode.t1w')]),
-            (preproc_wf, brainstem_wf, [('outputnode.bs_t1_box', 'inputnode.bs_t1_box'),
-                                        ('outputnode.t1_to_mni', 'inputnode.t1_to_mni'),
-                                        ('outputnode.brain_to_mni', 'inputnode.brain_to_mni')]),
-            (preproc_wf, bs_qc, [('outputnode.mni_qc', 'in1')]),
-            (native_wf, bs_qc, [('outputnode.icv', 'in2')]),
-            (bs_qc, brainstem_wf, [('out', 'inputnode.qc_files')]),
-        ])
     if t2w:
         wf.connect([(preproc_wf, qc_files, [('outputnode.t2_qc', 'in3')]),
                     (preproc_wf, ds_wf, [('outputnode.t2_to_t1', 'inputnode.t2_to_t1')])])
@@ -162,8 +169,9 @@ def init_prior_wf(*, t1w: str, t2w: str | None, templates: dict, grid: dict, lib
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=1.0,
         reg_iterations=[40, 20, 0], omp_nthreads=omp_nthreads, seed=seed,
         registration=registration, device=device, use_gpu=use_gpu)
+    if t2w:
+        wf.connect(inputnode, 't2w', preproc_wf, 'inputnode.t2w')
     wf.connect([
-        (inputnode, preproc_wf, [('t1w', 'inputnode.t1w'), ('t2w', 'inputnode.t2w')]),
         (preproc_wf, multiatlas_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
                                      ('outputnode.t2_box', 'inputnode.t2_box')]),
         (preproc_wf, outputnode, [('outputnode.t1_box', 't1_box'),

@@ -29,8 +29,8 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
         The T1w on the brainstem box (``preproc_wf``).
     t1_to_mni, brain_to_mni
         The affines of ``preproc_wf`` (the same as the cerebellum's).
-    qc_files
-        JSON files merged into the dseg sidecars.
+    mni_qc
+        JSON of the MNI fit quality (merged into the dseg sidecars with the ICV estimate).
 
     .. workflow::
 
@@ -38,7 +38,7 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=['source_file', 't1w', 'bs_t1_box', 't1_to_mni', 'brain_to_mni', 'qc_files']),
+        fields=['source_file', 't1w', 'bs_t1_box', 't1_to_mni', 'brain_to_mni', 'mni_qc']),
         name='inputnode')
     atlas = pe.Node(BrainstemAtlas(template_t1=brainstem['t1w'], atlas_dseg=brainstem['dseg'],
                                    n_labels=brainstem['n_labels'], seed=seed, device=device,
@@ -50,13 +50,16 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
                                omp_nthreads=omp_nthreads, parts=True)
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=False,
                        outputs=BRAINSTEM_OUTPUTS)
+    qc_files = pe.Node(niu.Merge(2), name='qc_files', run_without_submitting=True)
     wf.connect([
         (inputnode, atlas, [('bs_t1_box', 't1_box')]),
+        (inputnode, qc_files, [('mni_qc', 'in1')]),
+        (native_wf, qc_files, [('outputnode.icv', 'in2')]),
+        (qc_files, ds_wf, [('out', 'inputnode.qc_files')]),
         (inputnode, native_wf, [('t1w', 'inputnode.t1w'), ('t1_to_mni', 'inputnode.t1_to_mni'),
                                 ('brain_to_mni', 'inputnode.brain_to_mni')]),
         (atlas, native_wf, [('probseg', 'inputnode.probseg_box')]),
-        (inputnode, ds_wf, [('source_file', 'inputnode.source_file'),
-                            ('qc_files', 'inputnode.qc_files')]),
+        (inputnode, ds_wf, [('source_file', 'inputnode.source_file')]),
         (atlas, ds_wf, [('dseg', 'inputnode.dseg_box')]),
         (native_wf, ds_wf, [('outputnode.dseg_native', 'inputnode.dseg_native'),
                             ('outputnode.morph', 'inputnode.morph')]),

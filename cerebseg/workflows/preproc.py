@@ -14,7 +14,7 @@ MIN_T2_EDGE_CORRELATION = 0.15
 
 def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads: int,
                     seed: int, region_dseg: list[str], brainstem_grid: dict | None = None,
-                    name: str = 'preproc_wf'):
+                    working_box: bool = True, name: str = 'preproc_wf'):
     """Bias correction and denoising (native), MNI affine (whole brain, then refined on
     cerebellum and brainstem), T2w->T1w rigid, working-grid box.
 
@@ -31,6 +31,9 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
     brainstem_grid : dict or None
         The 1 mm brainstem box (``BoxGrid.to_dict()``): the T1w is also put on it, by the same
         affine (``bs_t1_box``); None: not needed (``--skip-brainstem``).
+    working_box : bool
+        False: no 0.5 mm working-grid images (``--skip-cerebellum``; the affine refined on
+        cerebellum and brainstem is still fitted).
 
     Inputs
     ------
@@ -78,15 +81,18 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
         (inputnode, mni_affine, [('t1w', 'source_file')]),
         (t1_correct, mni_affine, [('out_file', 'in_file'),
                                   ('skull_stripped', 'skull_stripped')]),
-        (t1_correct, to_grid, [('out_file', 't1_file')]),
         (t1_correct, box_affine, [('out_file', 'in_file'),
                                   ('skull_stripped', 'skull_stripped')]),
         (mni_affine, box_affine, [('transform', 'initial')]),
-        (box_affine, to_grid, [('transform', 't1_to_mni')]),
         (box_affine, outputnode, [('transform', 't1_to_mni')]),
         (mni_affine, outputnode, [('transform', 'brain_to_mni'), ('qc_file', 'mni_qc')]),
-        (to_grid, outputnode, [('t1_box', 't1_box'), ('t2_box', 't2_box')]),
     ])
+    if working_box:
+        wf.connect([
+            (t1_correct, to_grid, [('out_file', 't1_file')]),
+            (box_affine, to_grid, [('transform', 't1_to_mni')]),
+            (to_grid, outputnode, [('t1_box', 't1_box'), ('t2_box', 't2_box')]),
+        ])
     if brainstem_grid:
         to_bs_grid = pe.Node(ToWorkingGrid(grid=brainstem_grid, num_threads=omp_nthreads,
                                            seed=seed), name='to_bs_grid', n_procs=omp_nthreads)
@@ -95,7 +101,7 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
             (box_affine, to_bs_grid, [('transform', 't1_to_mni')]),
             (to_bs_grid, outputnode, [('t1_box', 'bs_t1_box')]),
         ])
-    if use_t2w:
+    if use_t2w and working_box:
         t2_correct = pe.Node(ValidateAndCorrect(role='T2w', num_threads=omp_nthreads),
                              name='t2_correct', n_procs=omp_nthreads)
         t2_coreg = pe.Node(CoregisterT2(min_correlation=MIN_T2_EDGE_CORRELATION,
