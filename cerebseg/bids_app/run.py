@@ -256,8 +256,11 @@ def run_participant(run, cfg, assets, library: dict, device=None,
     plugin_args = {'n_procs': cfg.nprocs, 'raise_insufficient': False}
     if cfg.mem_gb:
         plugin_args['memory_gb'] = cfg.mem_gb
-    LOGGER.log(IMPORTANT, 'Processing %s (%s; %s)', run.label, 'T1w+T2w' if run.t2w else 'T1w',
-               f'DeepCeres {cfg.models}, inputs {cnn["variant"]}' if cnn else 'multi-atlas')
+    what = ('cerebellum: ' + (f'DeepCeres {cfg.models}, inputs {cnn["variant"]}' if cnn
+                              else 'multi-atlas')) if not cfg.skip_cerebellum else ''
+    what = '; '.join(w for w in (what, 'brainstem: atlas' if brainstem else '') if w)
+    LOGGER.log(IMPORTANT, 'Processing %s (%s; %s)', run.label,
+               'T1w+T2w' if run.t2w and not cfg.skip_cerebellum else 'T1w', what)
     try:
         wf.run(plugin='MultiProc' if cfg.nprocs > 1 else 'Linear', plugin_args=plugin_args)
     except Exception as err:  # nipype wraps node failures in RuntimeError
