@@ -90,6 +90,11 @@ def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
     # GPU node when it runs on a GPU
     assert isinstance(register, MapNode) == (registration == 'ants')
     assert not register.is_gpu_node()
+    if registration == 'torch':   # its settings are hashed: changing them recomputes the node
+        from cerebseg import __version__
+
+        assert 'SVFConfig(' in register.inputs.settings
+        assert f'cerebseg {__version__}' in register.inputs.settings
     assert ('t2_coreg' in names) == with_t2
     assert ('ds_t2_to_t1' in names) == with_t2
     assert not (tmp_path / 'out').exists(), 'building a graph must not write outputs'

@@ -13,6 +13,10 @@ class _AtlasInputSpec(BaseInterfaceInputSpec):
     atlas_dseg = File(exists=True, mandatory=True, desc='label set on the same box')
     n_labels = traits.Int(mandatory=True, desc='number of labels including background')
     seed = traits.Int(0, usedefault=True, desc='random seed')
+    settings = traits.Str('', usedefault=True,
+                          desc='cerebseg version and registration settings '
+                               '(cerebseg.models.registration.settings_fingerprint): hashed, so '
+                               'that changed settings recompute this node')
     device = traits.Str('cpu', usedefault=True, nohash=True, desc='torch device')
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='torch threads')
 

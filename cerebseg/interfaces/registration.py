@@ -18,6 +18,10 @@ class _TorchRegisterInputSpec(BaseInterfaceInputSpec):
     regnet = traits.Str('', usedefault=True,
                         desc='registration network checkpoint to initialise with (empty: none)')
     seed = traits.Int(0, usedefault=True, desc='torch random seed')
+    settings = traits.Str('', usedefault=True,
+                          desc='cerebseg version and registration settings '
+                               '(cerebseg.models.registration.settings_fingerprint): hashed, so '
+                               'that changed settings recompute this node')
     device = traits.Str('cpu', usedefault=True, nohash=True,
                         desc='torch device (resolved by cerebseg.models.inference)')
     use_gpu = traits.Bool(False, usedefault=True, nohash=True,

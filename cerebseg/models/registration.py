@@ -95,6 +95,15 @@ class SVFResult:
     inverse: bool = False
 
 
+def settings_fingerprint() -> str:
+    """cerebseg's version and the registration settings, as text: Nipype nodes that register
+    carry it as an input, so that a re-run in an old work folder recomputes them after an
+    upgrade or a change of settings instead of reusing stale results."""
+    from cerebseg import __version__
+
+    return f'cerebseg {__version__}; default {SVFConfig()!r}; refine {REFINE_CONFIG!r}'
+
+
 _BASE_GRIDS: dict = {}
 
 #: the affine stage starts at the identity, where every sample falls on a voxel centre and the

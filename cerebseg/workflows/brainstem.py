@@ -36,13 +36,15 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
 
         inputnode -> atlas -> native_wf -> ds_wf
     """
+    from cerebseg.models.registration import settings_fingerprint
+
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=['source_file', 't1w', 'bs_t1_box', 't1_to_mni', 'brain_to_mni', 'mni_qc']),
         name='inputnode')
     atlas = pe.Node(BrainstemAtlas(template_t1=brainstem['t1w'], atlas_dseg=brainstem['dseg'],
                                    n_labels=brainstem['n_labels'], seed=seed, device=device,
-                                   num_threads=omp_nthreads),
+                                   num_threads=omp_nthreads, settings=settings_fingerprint()),
                     name='atlas', n_procs=omp_nthreads, mem_gb=1)
     if use_gpu:
         atlas.use_gpu = True

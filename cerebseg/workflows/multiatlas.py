@@ -43,9 +43,11 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
         raise ValueError(f"registration must be 'torch', 'ants' or 'both', not {registration!r}")
     registers = []
     if registration in ('torch', 'both'):
+        from cerebseg.models.registration import settings_fingerprint
+
         registers.append(pe.Node(
             TorchRegisterEntries(seed=seed, device=device, use_gpu=use_gpu, regnet=regnet,
-                                 num_threads=omp_nthreads),
+                                 num_threads=omp_nthreads, settings=settings_fingerprint()),
             name='register', n_procs=omp_nthreads, mem_gb=1 + 0.5 * len(entries)))
     if registration in ('ants', 'both'):
         registers.append(pe.MapNode(
