@@ -12,6 +12,13 @@ of the DeepCeres cascade (``--stage hemisphere`` at 1 mm or ``--stage lobules`` 
 (``dseg``) in a derivatives folder (:mod:`cerebseg.bids_app.training_data`). ``--out`` holds the
 best checkpoint by validation Dice; ``--out`` + ``.state.pt`` the last epoch and everything
 needed to resume exactly (``--resume``).
+
+``cerebseg-train brainstem --work-dir WORK [WORK ...] --out net.pt`` trains a 2D brainstem
+network (:mod:`cerebseg.models.brainstem`, :mod:`cerebseg.models.brainstem_training`) on the
+axial slices of the brainstem box of every participant run in cerebseg work folders, against the
+atlas labels of the run (cerebseg's diffeomorphic registration of the brainstem label set);
+``--bids BIDS --assets-dir ASSETS`` runs ``cerebseg ... participant --skip-cerebellum`` first to
+make them. ``--out`` holds the best network by validation mIoU (held-out participants).
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ def _build_parser() -> argparse.ArgumentParser:
     cmd.add_argument('--random-seed', type=int, default=0)
     cmd.add_argument('-v', '--verbose', action='count', default=0)
     _add_segmentation_parser(sub)
+    _add_brainstem_parser(sub)
     return parser
 
 
@@ -115,6 +123,242 @@ def _add_segmentation_parser(sub) -> None:
     cmd.add_argument('--nthreads', type=int, default=os.cpu_count() or 1)
     cmd.add_argument('--random-seed', type=int, default=0)
     cmd.add_argument('-v', '--verbose', action='count', default=0)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f'must be in [0, 1), got {value}')
+    return value
+
+
+def _label(text: str) -> str:
+    return text.removeprefix('sub-')
+
+
+def _add_brainstem_parser(sub) -> None:
+    from cerebseg.models.brainstem import DECODERS, ENCODERS
+    from cerebseg.models.losses import ALL_LOSSES
+
+    cmd = sub.add_parser(
+        'brainstem', help='a 2D brainstem network (N-DecoNet and the decoders it is compared '
+        'with) on axial slices of the brainstem box',
+        description='Train a 2D brainstem network on axial slices of the 1 mm brainstem box. '
+        'The training labels are those of cerebseg\'s atlas method: the brainstem label set of '
+        'the assets registered onto each T1w by cerebseg\'s diffeomorphic (torch) registration '
+        '(node brainstem_wf.atlas of a participant run), so the network learns to reproduce '
+        'that registration. The split into training and validation is by participant.')
+    data = cmd.add_mutually_exclusive_group(required=True)
+    data.add_argument('--work-dir', type=Path, nargs='+', default=None, metavar='WORK',
+                      help='work folders (-w) of cerebseg participant runs with the brainstem; '
+                           'every WORK/cerebseg_sub_<label>_wf with preproc_wf/to_bs_grid/'
+                           't1_box.nii.gz and brainstem_wf/atlas/brainstem_dseg.nii.gz is used')
+    data.add_argument('--bids', type=Path, default=None, metavar='BIDS',
+                      help='BIDS dataset: run `cerebseg BIDS ... participant --skip-cerebellum` '
+                           '(into --prep-dir) for the participants that have no labels yet, '
+                           'then train on its work folder')
+    cmd.add_argument('--out', type=Path, required=True, metavar='CHECKPOINT',
+                     help='checkpoint to write (.pt); rewritten at every better validation '
+                          'score')
+    cmd.add_argument('--participant-label', '--participant_label', nargs='+', type=_label,
+                     default=None, metavar='LABEL', help='participants to use (default: all)')
+    cmd.add_argument('--exclude-label', nargs='+', type=_label, default=[], metavar='LABEL',
+                     help='participants to leave out (e.g. a test set)')
+    cmd.add_argument('--assets-dir', type=Path, default=None,
+                     help='cerebseg assets with the brainstem label set: its lookup table names '
+                          'the classes, and --bids runs use them (default: $CEREBSEG_ASSETS, '
+                          'then the user cache)')
+    cmd.add_argument('--lut', type=Path, default=None,
+                     help='lookup table of the labels (default: the assets\' '
+                          'seg-brainstem_dseg.tsv)')
+    cmd.add_argument('--prep-dir', type=Path, default=Path('work_cerebseg_train/brainstem'),
+                     help='with --bids: work (PREP/work) and output (PREP/derivatives) folders '
+                          'of the participant runs')
+    cmd.add_argument('--skip-bids-validation', action='store_true',
+                     help='with --bids: passed on to cerebseg')
+    cmd.add_argument('--decoder', choices=sorted(DECODERS), default='ndeconet')
+    cmd.add_argument('--encoder', choices=sorted(ENCODERS), default='resnet34')
+    cmd.add_argument('--encoder-weights', type=Path, default=None,
+                     help='local torchvision state dict of the encoder (e.g. ImageNet '
+                          'resnet34-b627a593.pth; default: random initialisation)')
+    cmd.add_argument('--loss', choices=sorted(ALL_LOSSES), default='dicece')
+    cmd.add_argument('--alpha', type=float, default=0.1,
+                     help='dicece: weight of the Dice side, alpha * Dice + (1 - alpha) * CE '
+                          '(default 0.1, the paper\'s)')
+    cmd.add_argument('--size', type=_positive, default=96,
+                     help='side of the network input (a multiple of 32; 224 as the paper, '
+                          'default 96 for a CPU)')
+    cmd.add_argument('--crop', type=_positive, default=64,
+                     help='side of the in-plane window cut around the middle of the box '
+                          '(voxels, 1 mm), resized to --size')
+    cmd.add_argument('--context', type=int, default=0, choices=range(6), metavar='K',
+                     help='2.5D: K neighbouring slices on each side as extra input channels '
+                          '(2K + 1 channels; default 0)')
+    cmd.add_argument('--margin', type=int, default=2,
+                     help='empty slices kept beyond each end of the labelled ones')
+    cmd.add_argument('--epochs', type=_positive, default=20,
+                     help='passes over the training slices (default 20)')
+    cmd.add_argument('--steps', type=_positive, default=None,
+                     help='optimisation steps (overrides --epochs)')
+    cmd.add_argument('--batch-size', type=_positive, default=16)
+    cmd.add_argument('--learning-rate', type=float, default=1e-3)
+    cmd.add_argument('--val-fraction', type=_fraction, default=0.2,
+                     help='fraction of the participants held out for validation (0: none, the '
+                          'last weights are written)')
+    cmd.add_argument('--val-every', type=_positive, default=None,
+                     help='steps between validations (default: one epoch)')
+    cmd.add_argument('--patience', type=int, default=5,
+                     help='validations without a better mIoU before stopping (0: never)')
+    cmd.add_argument('--no-augment', action='store_true', help='no augmentation')
+    cmd.add_argument('--flip', type=float, default=0.0,
+                     help='probability of a left-right flip (left/right labels swapped; '
+                          'default 0)')
+    cmd.add_argument('--seed', type=int, default=0,
+                     help='seed of the split, the initialisation and the sampling')
+    cmd.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
+    cmd.add_argument('--bf16', action='store_true',
+                     help='bfloat16 autocast on CPU (always on a GPU)')
+    cmd.add_argument('--nthreads', type=_positive, default=os.cpu_count() or 1)
+    cmd.add_argument('-v', '--verbose', action='count', default=0)
+
+
+def _brainstem_runs(opts) -> list[Path]:
+    """Run the brainstem-only pipeline for the participants of ``--bids`` that have no labels
+    in ``--prep-dir`` yet; returns the work folder."""
+    import subprocess
+
+    from cerebseg.models.brainstem_training import DSEG_BOX
+
+    if not opts.bids.is_dir():
+        raise UsageError(f'BIDS folder not found: {opts.bids}')
+    wanted = opts.participant_label or sorted(
+        p.name[4:] for p in opts.bids.glob('sub-*') if p.is_dir())
+    wanted = [p for p in wanted if p not in opts.exclude_label]
+    work, out = opts.prep_dir / 'work', opts.prep_dir / 'derivatives'
+    todo = [p for p in wanted
+            if not any((d / DSEG_BOX).is_file() for d in work.glob(f'cerebseg_sub_{p}_*wf'))]
+    if todo:
+        log = opts.prep_dir / 'cerebseg.log'
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, '-m', 'cerebseg', str(opts.bids), str(out), 'participant',
+               '--participant-label', *todo, '--skip-cerebellum', '-w', str(work),
+               '--nprocs', str(opts.nthreads), '--omp-nthreads', str(opts.nthreads),
+               '--device', opts.device]
+        if opts.assets_dir:
+            cmd += ['--assets-dir', str(opts.assets_dir)]
+        if opts.skip_bids_validation:
+            cmd.append('--skip-bids-validation')
+        LOGGER.info('Making the training labels of %d participants (log: %s): %s', len(todo),
+                    log, ' '.join(cmd))
+        with open(log, 'a') as fobj:
+            code = subprocess.run(cmd, check=False, stdout=fobj, stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, NIPYPE_NO_ET='1')).returncode
+        if code:
+            raise CerebsegError(f'cerebseg exited {code} while making the training labels; see '
+                                f'{log} (fix the failing participants or leave them out with '
+                                '--exclude-label)')
+    return [work]
+
+
+def train_brainstem(opts) -> int:
+    import dataclasses
+
+    import torch
+
+    from cerebseg.errors import BadDataError
+    from cerebseg.models import brainstem_training as bt
+    from cerebseg.models.brainstem import build_model, save_model
+    from cerebseg.models.inference import resolve_device
+    from cerebseg.utils.labels import read_lut
+
+    try:
+        device = resolve_device(opts.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if opts.loss != 'dicece' and opts.alpha != 0.1:
+        LOGGER.warning('--alpha applies to --loss dicece only; ignored for %s', opts.loss)
+    if not 0 <= opts.alpha <= 1 or not 0 <= opts.flip <= 1:
+        raise UsageError(f'--alpha ({opts.alpha}) and --flip ({opts.flip}) must be in [0, 1]')
+    torch.set_num_threads(opts.nthreads)
+    lut = opts.lut
+    if lut is None:
+        from cerebseg.assets.locate import load_assets
+
+        assets = load_assets(opts.assets_dir, verify=False)
+        lut = assets.path(assets.brainstem()['lut'])
+    if not Path(lut).is_file():
+        raise UsageError(f'lookup table not found: {lut}')
+    labels = read_lut(lut)
+    work_dirs = opts.work_dir or _brainstem_runs(opts)
+    try:
+        found = bt.find_cases(work_dirs)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    found = [f for f in found if (not opts.participant_label or f[1] in opts.participant_label)
+             and f[1] not in opts.exclude_label]
+    if not found:
+        raise UsageError(f'no participant run in {[str(w) for w in work_dirs]} matches the '
+                         'participant selection given')
+    try:
+        train_people, val_people = bt.split_participants([f[1] for f in found],
+                                                         opts.val_fraction, opts.seed)
+        cases = [bt.load_case(*f, labels) for f in found]
+    except ValueError as err:
+        cls = UsageError if 'participants' in str(err) else BadDataError
+        raise cls(str(err)) from err
+    slicing = bt.Slicing(size=opts.size, context=opts.context, crop=opts.crop)
+    train = bt.SliceDataset([c for c in cases if c.participant in train_people], slicing,
+                            margin=opts.margin)
+    validation = [c for c in cases if c.participant in val_people]
+    torch.manual_seed(opts.seed)
+    model = build_model(opts.decoder, opts.encoder, in_channels=len(slicing.channels),
+                        n_classes=len(labels), encoder_weights=opts.encoder_weights)
+    if opts.size % model.divisor:
+        raise UsageError(f'--size {opts.size} must be a multiple of {model.divisor} for '
+                         f'{opts.decoder}')
+    steps = opts.steps or opts.epochs * bt.epoch_steps(len(train), opts.batch_size)
+    augment = None if opts.no_augment else bt.Augment(flip=opts.flip)
+    settings = {'decoder': opts.decoder, 'encoder': opts.encoder, 'loss': opts.loss,
+                'alpha': opts.alpha if opts.loss == 'dicece' else None,
+                'batch_size': opts.batch_size, 'learning_rate': opts.learning_rate,
+                'margin': opts.margin, 'val_fraction': opts.val_fraction, 'seed': opts.seed,
+                'patience': opts.patience, 'device': device.type,
+                'augment': None if augment is None else dataclasses.asdict(augment),
+                'encoder_weights': opts.encoder_weights.name if opts.encoder_weights else None,
+                'cases': [c.name for c in cases], 'lut': Path(lut).name,
+                'torch_version': str(torch.__version__)}
+    split = {'train': train_people, 'validation': val_people}
+    LOGGER.info('%s/%s, %d classes, %d slices of %d participants for training, %d for '
+                'validation (%s), %d steps', opts.decoder, opts.encoder, len(labels), len(train),
+                len(train_people), len(val_people), ', '.join(val_people) or 'none', steps)
+
+    def on_evaluate(model, entry, improved):
+        if improved and val_people:
+            partial = bt.TrainResult(state_dict={}, best_step=entry['step'], steps=entry['step'],
+                                     scores={k: entry[f'miou_{k}'] for k in bt.SCORES})
+            save_model(opts.out, model, bt.checkpoint_meta(labels=labels, slicing=slicing,
+                                                           split=split, result=partial,
+                                                           settings=settings))
+
+    result = bt.train_brainstem(
+        model, train, validation, labels=labels, loss=opts.loss, alpha=opts.alpha, steps=steps,
+        batch_size=opts.batch_size, lr=opts.learning_rate, seed=opts.seed, device=device,
+        augment=augment, val_every=opts.val_every, patience=opts.patience, bf16=opts.bf16,
+        on_evaluate=on_evaluate)
+    model.load_state_dict(result.state_dict)
+    save_model(opts.out, model, bt.checkpoint_meta(labels=labels, slicing=slicing, split=split,
+                                                   result=result, settings=settings))
+    LOGGER.info('Brainstem network written: %s (step %d of %d, validation mIoU %s)', opts.out,
+                result.best_step, result.steps,
+                ', '.join(f'{k} {v:.4f}' for k, v in result.scores.items()) or 'n/a')
+    return 0
 
 
 def _t1w_files(bids_dir: Path, include, exclude) -> dict[str, Path]:
@@ -366,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opts.command == 'segmentation':
             return train_segmentation(opts)
+        if opts.command == 'brainstem':
+            return train_brainstem(opts)
         return train_registration(opts)
     except CerebsegError as err:
         LOGGER.error('%s', err)

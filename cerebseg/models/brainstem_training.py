@@ -1,0 +1,542 @@
+"""Training of the 2D brainstem networks on axial slices of the brainstem box (torch + NumPy).
+
+The data are (T1w, labels) pairs on the 1 mm brainstem box (:data:`cerebseg.utils.grid.
+BRAINSTEM_GRID`, x x y x z, RAS, MNI152NLin2009cAsym): ``t1_box`` of the participant run's
+``preproc_wf.to_bs_grid`` and ``brainstem_dseg`` of ``brainstem_wf.atlas`` (the label set
+carried by cerebseg's diffeomorphic registration), found in work folders by :func:`find_cases`.
+
+Slicing (:class:`Slicing`), the same for training and inference:
+
+* axial slices ``volume[:, :, z]``, image rows = x (left-right), columns = y; training keeps the
+  slices that hold labels plus ``margin`` empty slices at each end of that range, inference
+  (:func:`predict_volume`) runs every slice;
+* 2.5D: ``context`` neighbours on each side become input channels (``2 * context + 1``, ordered
+  ``z - context .. z + context``, the edge slice repeated beyond the volume);
+* a fixed in-plane square window of ``crop`` voxels centred on ``center`` (default: the middle of
+  the plane; no labels needed, so inference crops the same way), zero-padded where it leaves the
+  volume; a warning says when labels fall outside it;
+* resized to ``size`` x ``size`` (bilinear for images, nearest for labels); inference resizes the
+  class probabilities back (bilinear, antialiased when shrinking), puts them in the window
+  (background probability 1 outside) and stacks the slices into ``(L, X, Y, Z)``.
+
+Training (:func:`train_brainstem`): the split is by participant (:func:`split_participants`, no
+participant on both sides); random batches of slices with light augmentation (:class:`Augment`:
+rotation, isotropic scale and shift in one resampling, gamma / contrast / offset / noise;
+left-right flips only with ``flip > 0``, the left/right classes then swapped with
+:func:`cerebseg.utils.labels.swap_classes`); Adam on a loss of :func:`cerebseg.models.losses.
+build_loss`; every ``val_every`` steps the held-out participants are segmented through
+:func:`predict_volume` and scored in box space by the macro mean IoU over all classes, the nuclei
+and grey/white matter (:func:`label_groups`); the best weights by the all-class mIoU are kept
+and training stops after ``patience`` evaluations without improvement.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from cerebseg.models.losses import build_loss, iou_counts, iou_from_counts
+
+LOGGER = logging.getLogger(__name__)
+
+#: where a participant run leaves the T1w and the atlas labels on the brainstem box
+T1_BOX = 'preproc_wf/to_bs_grid/t1_box.nii.gz'
+DSEG_BOX = 'brainstem_wf/atlas/brainstem_dseg.nii.gz'
+#: what made the training labels (recorded in checkpoints)
+LABEL_SOURCE = ("cerebseg's atlas method: the brainstem label set registered onto the T1w "
+                "by cerebseg's diffeomorphic (torch) registration (brainstem_wf.atlas)")
+SCORES = ('all', 'nuclei', 'gmwm')
+
+
+# ---------------------------------------------------------------------------------- slicing
+
+@dataclass(frozen=True)
+class Slicing:
+    """How a box volume becomes network inputs: ``size`` (a multiple of the network's divisor),
+    ``context`` neighbours per side (2.5D), the ``crop`` window side (voxels) and its
+    ``center`` (x, y voxel coordinates; None: the middle of the plane)."""
+
+    size: int = 96
+    context: int = 0
+    crop: int = 64
+    center: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.size < 1 or self.crop < 1 or self.context < 0:
+            raise ValueError(f'bad slicing: size={self.size} (>= 1), crop={self.crop} (>= 1), '
+                             f'context={self.context} (>= 0)')
+        if self.center is not None:
+            object.__setattr__(self, 'center', tuple(float(c) for c in self.center))
+
+    @property
+    def channels(self) -> list[str]:
+        """Input channel names, e.g. ``['T1w-1', 'T1w', 'T1w+1']``."""
+        return [f'T1w{d:+d}' if d else 'T1w' for d in range(-self.context, self.context + 1)]
+
+    def window(self, plane: tuple[int, int]) -> tuple[int, int]:
+        """First (x, y) voxel of the crop window in a plane of shape ``plane``."""
+        center = self.center or tuple((s - 1) / 2 for s in plane)
+        return tuple(math.floor(c - self.crop / 2 + 1.0) for c in center)
+
+    def to_dict(self) -> dict:
+        return {'size': self.size, 'context': self.context, 'crop': self.crop,
+                'center': None if self.center is None else list(self.center)}
+
+
+def slice_stack(volume: np.ndarray, z, context: int) -> np.ndarray:
+    """``(X, Y, Z)`` -> ``(len(z), 2 * context + 1, X, Y)``: slices ``z - context .. z +
+    context`` of each ``z`` (indices clipped to the volume: the edge slice repeats)."""
+    z = np.asarray(z, int)
+    idx = np.clip(z[:, None] + np.arange(-context, context + 1)[None], 0, volume.shape[2] - 1)
+    return np.ascontiguousarray(np.moveaxis(volume[:, :, idx], (2, 3), (0, 1)))
+
+
+def _window_slices(start: tuple[int, int], crop: int, plane: tuple[int, int]):
+    """(source, destination) index slices of a crop window that may leave the plane."""
+    src, dst = [], []
+    for a, s in zip(start, plane):
+        lo, hi = max(a, 0), min(a + crop, s)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo - a, max(lo, hi) - a))
+    return tuple(src), tuple(dst)
+
+
+def crop_plane(stack: np.ndarray, slicing: Slicing) -> np.ndarray:
+    """``(..., X, Y)`` -> ``(..., crop, crop)``: the window of ``slicing``, zero outside."""
+    plane = stack.shape[-2:]
+    src, dst = _window_slices(slicing.window(plane), slicing.crop, plane)
+    out = np.zeros(stack.shape[:-2] + (slicing.crop,) * 2, stack.dtype)
+    out[(Ellipsis,) + dst] = stack[(Ellipsis,) + src]
+    return out
+
+
+def resize(x: torch.Tensor, size: int, mode: str = 'bilinear') -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, C, size, size)``; bilinear (antialiased when shrinking) or
+    nearest (label maps)."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    if mode == 'nearest':
+        return F.interpolate(x, size=(size, size), mode='nearest')
+    shrink = size < min(x.shape[-2:])
+    return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False,
+                         antialias=shrink)
+
+
+# ------------------------------------------------------------------------------------ data
+
+@dataclass
+class Case:
+    """One T1w on the brainstem box: ``t1`` float32 and ``classes`` (class indices, uint8),
+    both ``(X, Y, Z)``; ``participant`` decides the split."""
+
+    name: str
+    participant: str
+    t1: np.ndarray
+    classes: np.ndarray
+
+
+def _case_name(folder: str) -> tuple[str, str]:
+    """``cerebseg_sub_01_ses_a_wf`` -> (``sub-01_ses-a``, ``01``)."""
+    label = folder[len('cerebseg_'):-len('_wf')]
+    tokens = label.split('_')
+    if len(tokens) % 2 == 0 and tokens[0] == 'sub':
+        name = '_'.join(f'{k}-{v}' for k, v in zip(tokens[::2], tokens[1::2]))
+        return name, tokens[1]
+    return label, label
+
+
+def find_cases(work_dirs) -> list[tuple[str, str, Path, Path]]:
+    """``(name, participant, t1_box, dseg_box)`` of every participant run in cerebseg work
+    folders (``WORK/cerebseg_sub_*_wf/`` + :data:`T1_BOX` / :data:`DSEG_BOX`), sorted by name;
+    a run found in two folders is used once (the first folder). Raises ``ValueError`` naming a
+    folder with no usable run."""
+    found = {}
+    for work in map(Path, work_dirs):
+        if not work.is_dir():
+            raise ValueError(f'work folder not found: {work}')
+        runs = sorted(p for p in work.glob('cerebseg_*_wf') if p.is_dir())
+        usable = 0
+        for run in runs:
+            t1, dseg = run / T1_BOX, run / DSEG_BOX
+            if not t1.is_file() or not dseg.is_file():
+                LOGGER.warning('%s has no %s; skipped (run cerebseg with the brainstem, e.g. '
+                               '--skip-cerebellum, with -w %s)', run,
+                               DSEG_BOX if t1.is_file() else T1_BOX, work)
+                continue
+            usable += 1
+            name, participant = _case_name(run.name)
+            if name in found:
+                LOGGER.warning('%s is in %s and %s; the first is used', name,
+                               found[name][2].parents[2], run)
+                continue
+            found[name] = (name, participant, t1, dseg)
+        if not usable:
+            raise ValueError(f'{work} holds no participant run with {T1_BOX} and {DSEG_BOX} '
+                             '(cerebseg_sub_<label>_wf folders); pass the -w folder of a '
+                             'cerebseg participant run that segmented the brainstem')
+    return [found[k] for k in sorted(found)]
+
+
+def load_case(name: str, participant: str, t1_path, dseg_path, labels: list) -> Case:
+    """Read one pair; the labels' values must be those of ``labels`` (``[[index, name], ..]``)
+    and both images must share their grid (``ValueError`` names the files otherwise)."""
+    import nibabel as nib
+
+    from cerebseg.utils.labels import class_index
+
+    t1_img, dseg_img = nib.load(str(t1_path)), nib.load(str(dseg_path))
+    if t1_img.shape != dseg_img.shape or not np.allclose(t1_img.affine, dseg_img.affine,
+                                                         atol=1e-3):
+        raise ValueError(f'{t1_path} {t1_img.shape} and {dseg_path} {dseg_img.shape} are not on '
+                         'one grid; re-run the participant so that both come from one run')
+    if len(t1_img.shape) != 3:
+        raise ValueError(f'{t1_path} must be a 3D volume, not {t1_img.shape}')
+    t1 = np.asarray(t1_img.dataobj, np.float32)
+    dseg = np.rint(np.asarray(dseg_img.dataobj)).astype(np.int64)
+    try:
+        classes = class_index(dseg, labels)
+    except ValueError as err:
+        raise ValueError(f'{dseg_path}: {err}; use the lookup table of the assets that made '
+                         'it') from err
+    if not np.isfinite(t1).all():
+        raise ValueError(f'{t1_path} holds NaN or infinite values')
+    return Case(name, participant, t1, classes)
+
+
+def split_participants(participants, val_fraction: float, seed: int = 0):
+    """``(train, validation)``: sorted participant lists, ``round(val_fraction * n)`` of them
+    (at least 1 and at most ``n - 1`` when ``val_fraction > 0``) drawn for validation."""
+    people = sorted(set(participants))
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
+    if val_fraction == 0:
+        return people, []
+    if len(people) < 2:
+        raise ValueError(f'a validation split needs at least 2 participants, got {people}; '
+                         'add work folders or set the validation fraction to 0')
+    n_val = min(max(round(val_fraction * len(people)), 1), len(people) - 1)
+    order = np.random.default_rng(seed).permutation(len(people))
+    val = sorted(people[i] for i in order[:n_val])
+    return [p for p in people if p not in val], val
+
+
+def label_groups(names) -> dict[str, list[int] | None]:
+    """Class indices of each score: ``all`` (None: every class, background included, the
+    paper's macro mIoU), ``nuclei`` (foreground classes not named ``*_GM`` / ``*_WM``) and
+    ``gmwm`` (grey and white matter of midbrain, pons, medulla)."""
+    names = list(names)
+    tissue = [i for i, n in enumerate(names) if i and re.search(r'_(GM|WM)$', n)]
+    nuclei = [i for i in range(1, len(names)) if i not in tissue]
+    return {'all': None, 'nuclei': nuclei, 'gmwm': tissue}
+
+
+def labelled_slices(classes: np.ndarray, margin: int) -> np.ndarray:
+    """z indices of the slices holding labels, plus ``margin`` slices beyond each end."""
+    z = np.flatnonzero((classes > 0).any((0, 1)))
+    if not z.size:
+        return z
+    return np.arange(max(z[0] - margin, 0), min(z[-1] + margin + 1, classes.shape[2]))
+
+
+class SliceDataset:
+    """The axial slices of ``cases`` under ``slicing``, kept at the crop's resolution:
+    ``images (N, C, crop, crop)`` float32, ``labels (N, crop, crop)`` uint8, ``index`` the
+    (case name, z) of each; :meth:`batch` resizes (and augments) on the fly."""
+
+    def __init__(self, cases, slicing: Slicing, margin: int = 2):
+        self.slicing, self.margin = slicing, margin
+        images, labels, self.index = [], [], []
+        for case in cases:
+            z = labelled_slices(case.classes, margin)
+            if not z.size:
+                LOGGER.warning('%s has no labelled voxel; left out', case.name)
+                continue
+            planes = np.moveaxis(case.classes, 2, 0)  # (Z, X, Y)
+            outside = int((planes > 0).sum() - (crop_plane(planes, slicing) > 0).sum())
+            if outside:
+                LOGGER.warning('%s: %d labelled voxels lie outside the %d-voxel crop window; '
+                               'enlarge the crop or move its centre', case.name, outside,
+                               slicing.crop)
+            images.append(crop_plane(slice_stack(case.t1, z, slicing.context), slicing))
+            labels.append(crop_plane(planes[z], slicing))
+            self.index += [(case.name, int(k)) for k in z]
+        if not images:
+            raise ValueError('no labelled slices in the cases given')
+        self.images = np.concatenate(images).astype(np.float32)
+        self.labels = np.concatenate(labels).astype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, idx, rng: np.random.Generator | None = None, augment: Augment | None = None,
+              perm: np.ndarray | None = None):
+        """``(x (B, C, size, size) float32, y (B, size, size) int64)`` tensors of slices
+        ``idx``, augmented when ``augment`` and ``rng`` are given (``perm``: the left/right
+        class swap, needed when ``augment.flip > 0``)."""
+        x = torch.from_numpy(self.images[idx])
+        y = torch.from_numpy(self.labels[idx].astype(np.int64))
+        if augment is None or rng is None:
+            size = self.slicing.size
+            return resize(x, size), resize(y[:, None].float(), size, 'nearest')[:, 0].long()
+        return augment_batch(x, y, self.slicing.size, rng, augment, perm)
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+@dataclass(frozen=True)
+class Augment:
+    """Light slice augmentation: with probability ``p_spatial`` a rotation (+-``rotate``
+    degrees), isotropic scale and shift (fraction of the side), applied in the resampling to
+    ``size``; gamma, contrast, offset and Gaussian noise (standard deviation up to ``noise``);
+    left-right flips with probability ``flip`` (0: off; needs the class swap)."""
+
+    p_spatial: float = 0.8
+    rotate: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    shift: float = 0.05
+    gamma: tuple[float, float] = (0.8, 1.25)
+    contrast: tuple[float, float] = (0.9, 1.1)
+    offset: float = 0.05
+    noise: float = 0.02
+    flip: float = 0.0
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, size: int, rng: np.random.Generator,
+                  aug: Augment, perm: np.ndarray | None = None):
+    """Augment and resize ``x (B, C, H, W)``, ``y (B, H, W)`` to ``size`` (one resampling:
+    bilinear for ``x``, nearest for ``y``, reflection at the borders)."""
+    b = x.shape[0]
+    if aug.flip > 0:
+        if perm is None:
+            raise ValueError('left-right flips need the class swap (perm); pass '
+                             'cerebseg.utils.labels.swap_classes(labels) or set flip to 0')
+        flip = torch.from_numpy(rng.random(b) < aug.flip)
+        if flip.any():  # rows are x: mirror them and swap left/right classes
+            x, y = x.clone(), y.clone()
+            x[flip] = x[flip].flip(-2)
+            y[flip] = torch.from_numpy(perm).long()[y[flip].flip(-2)]
+    theta = np.zeros((b, 2, 3), np.float32)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    spatial = rng.random(b) < aug.p_spatial
+    for i in np.flatnonzero(spatial):
+        a = math.radians(rng.uniform(-aug.rotate, aug.rotate))
+        s = 1 / rng.uniform(*aug.scale)
+        theta[i, :, :2] = s * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+        theta[i, :, 2] = rng.uniform(-2 * aug.shift, 2 * aug.shift, 2)
+    if spatial.any():
+        grid = F.affine_grid(torch.from_numpy(theta), (b, 1, size, size), align_corners=False)
+        x = F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection',
+                          align_corners=False)
+        y = F.grid_sample(y[:, None].float(), grid, mode='nearest', padding_mode='reflection',
+                          align_corners=False)[:, 0].long()
+    else:
+        x, y = resize(x, size), resize(y[:, None].float(), size, 'nearest')[:, 0].long()
+    gamma = torch.from_numpy(rng.uniform(*aug.gamma, (b, 1, 1, 1)).astype(np.float32))
+    gain = torch.from_numpy(rng.uniform(*aug.contrast, (b, 1, 1, 1)).astype(np.float32))
+    offset = torch.from_numpy(rng.uniform(-aug.offset, aug.offset, (b, 1, 1, 1))
+                              .astype(np.float32))
+    sigma = torch.from_numpy(rng.uniform(0, aug.noise, (b, 1, 1, 1)).astype(np.float32))
+    noise = torch.from_numpy(rng.standard_normal(tuple(x.shape)).astype(np.float32))
+    x = x.clamp_min(0) ** gamma * gain + offset + sigma * noise
+    return x.contiguous(), y.contiguous()
+
+
+# ------------------------------------------------------------------------------- inference
+
+@torch.inference_mode()
+def predict_volume(model, t1_box: np.ndarray, size: int, *, context: int = 0, crop: int = 64,
+                   center=None, batch_size: int = 32, device=None, slices=None,
+                   bf16: bool = False) -> np.ndarray:
+    """Class probabilities ``(L, X, Y, Z)`` float32 of a ``(X, Y, Z)`` box volume.
+
+    Every axial slice (or only ``slices``, z indices; the others get background) is cut as in
+    :class:`Slicing` (pass a checkpoint's ``meta['slicing']`` as keyword arguments), resized to
+    ``size``, segmented by ``model`` (``(N, C, size, size)`` -> logits ``(N, L, size, size)``)
+    in batches of ``batch_size``; the softmax is resized back to the crop window and placed in
+    the volume (background probability 1 outside the window). ``device``: the model's by
+    default; bfloat16 autocast with ``bf16`` or on CUDA.
+    """
+    slicing = Slicing(size=size, context=context, crop=crop, center=center)
+    vol = np.asarray(t1_box, np.float32)
+    if vol.ndim != 3:
+        raise ValueError(f'predict_volume needs an (X, Y, Z) volume, got shape {vol.shape}')
+    cfg = getattr(model, 'config', {})
+    if cfg.get('in_channels', 2 * context + 1) != 2 * context + 1:
+        raise ValueError(f'the network takes {cfg["in_channels"]} input channels, context '
+                         f'{context} gives {2 * context + 1}; use the slicing of its checkpoint')
+    div = getattr(model, 'divisor', 1)
+    if size % div:
+        raise ValueError(f'size {size} must be a multiple of {div} for this network')
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    model.eval()
+    z_all = np.arange(vol.shape[2]) if slices is None else np.asarray(slices, int)
+    use_bf16 = bf16 or device.type == 'cuda'
+    start = slicing.window(vol.shape[:2])
+    src, dst = _window_slices(start, crop, vol.shape[:2])
+    out = None
+    for i in range(0, len(z_all), batch_size):
+        z = z_all[i:i + batch_size]
+        x = torch.from_numpy(crop_plane(slice_stack(vol, z, context), slicing)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(resize(x, size))
+        probs = resize(torch.softmax(logits.float(), 1), crop).cpu().numpy()
+        if out is None:
+            out = np.zeros((probs.shape[1],) + vol.shape, np.float32)
+            out[0] = 1
+        out[:, :, :, z] = 0
+        out[0, :, :, z] = 1
+        region = np.moveaxis(probs[(Ellipsis,) + dst], 0, -1)  # (L, x, y, z)
+        out[(slice(None),) + src + (z,)] = region
+    if out is None:
+        n = cfg.get('n_classes', 1)
+        out = np.zeros((n,) + vol.shape, np.float32)
+        out[0] = 1
+    return out
+
+
+def score_cases(model, cases, slicing: Slicing, groups: dict, *, margin: int = 2,
+                batch_size: int = 32, device=None, bf16: bool = False) -> dict[str, float]:
+    """Macro mIoU of each of ``groups`` (:func:`label_groups`) over ``cases``, in box space on
+    their labelled slices (+ ``margin``), the voxels of all cases pooled per class."""
+    inter = union = 0
+    for case in cases:
+        z = labelled_slices(case.classes, margin)
+        probs = predict_volume(model, case.t1, **slicing.to_dict(), batch_size=batch_size,
+                               device=device, slices=z, bf16=bf16)
+        n = probs.shape[0]
+        i, u = iou_counts(probs[:, :, :, z].argmax(0), case.classes[:, :, z], n)
+        inter, union = inter + i, union + u
+    return {k: iou_from_counts(inter, union, v) for k, v in groups.items()}
+
+
+# -------------------------------------------------------------------------------- training
+
+@dataclass
+class TrainResult:
+    """What :func:`train_brainstem` returns: the best weights (CPU), their scores and step, the
+    history of evaluations (``seconds``: since the start, when the evaluation began;
+    ``eval_seconds``: its duration), the steps run and whether early stopping ended the run."""
+
+    state_dict: dict
+    scores: dict
+    best_step: int
+    steps: int
+    history: list = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def epoch_steps(n_slices: int, batch_size: int) -> int:
+    """Optimisation steps of one pass over ``n_slices``."""
+    return max(1, math.ceil(n_slices / batch_size))
+
+
+def train_brainstem(model, train: SliceDataset, validation=(), *, labels, loss: str = 'dicece',
+                    alpha: float | None = 0.1, steps: int = 1000, batch_size: int = 16,
+                    lr: float = 1e-3, seed: int = 0, device='cpu',
+                    augment: Augment | None = Augment(), val_every: int | None = None,
+                    patience: int = 10, bf16: bool = False, on_evaluate=None) -> TrainResult:
+    """Train ``model`` on ``train`` slices; score ``validation`` cases (:func:`score_cases`).
+
+    ``labels``: class names, background first. ``loss`` and ``alpha`` go to
+    :func:`build_loss` (``alpha`` only for ``dicece``). ``val_every``: steps between
+    evaluations (default one pass over the slices, and always at the end); ``patience``:
+    evaluations without a better all-class mIoU before stopping (0: never stop early).
+    Without validation cases the last weights are returned. ``on_evaluate(model, entry,
+    improved)`` is called after each evaluation.
+    """
+    from cerebseg.utils.labels import swap_classes
+
+    device = torch.device(device)
+    names = [n for _, n in labels] if labels and not isinstance(labels[0], str) else list(labels)
+    groups = label_groups(names)
+    perm = swap_classes([[i, n] for i, n in enumerate(names)]) if augment and augment.flip \
+        else None
+    criterion = build_loss(loss, **({'alpha': alpha} if loss == 'dicece' else {}))
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    val_every = val_every or epoch_steps(len(train), batch_size)
+    use_bf16 = bf16 or device.type == 'cuda'
+    t0 = time.perf_counter()
+    history, losses, order = [], [], np.zeros(0, int)
+    best, best_step, best_state, stale, stopped = -1.0, 0, None, 0, False
+    step = 0
+    while step < steps:
+        if order.size < batch_size:
+            order = np.concatenate([order, rng.permutation(len(train))])
+        idx, order = order[:batch_size], order[batch_size:]
+        x, y = train.batch(idx, rng, augment, perm)
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(x.to(device))
+        value = criterion(logits.float(), y.to(device))
+        if not torch.isfinite(value):
+            raise RuntimeError(f'the {loss} loss is {float(value)} at step {step + 1}; lower the '
+                               'learning rate or check the input intensities')
+        value.backward()
+        opt.step()
+        losses.append(float(value.detach()))
+        step += 1
+        if step % val_every and step < steps:
+            continue
+        entry = {'step': step, 'loss': float(np.mean(losses)),
+                 'seconds': round(time.perf_counter() - t0, 1)}
+        losses = []
+        if validation:
+            tic = time.perf_counter()
+            entry.update({f'miou_{k}': v for k, v in score_cases(
+                model, validation, train.slicing, groups, margin=train.margin,
+                batch_size=max(batch_size, 16), device=device, bf16=bf16).items()})
+            entry['eval_seconds'] = round(time.perf_counter() - tic, 1)
+        history.append(entry)
+        score = entry.get('miou_all', float('nan'))
+        improved = not validation or (np.isfinite(score) and score > best)
+        if improved:
+            best, best_step, stale = score, step, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+        LOGGER.info('step %d/%d: loss %.4f%s, %.0f s', step, steps, entry['loss'],
+                    ''.join(f', mIoU {k} {entry[f"miou_{k}"]:.4f}' for k in SCORES
+                            if f'miou_{k}' in entry), entry['seconds'])
+        if on_evaluate:
+            on_evaluate(model, entry, improved)
+        if validation and patience and stale >= patience:
+            LOGGER.info('no better validation mIoU for %d evaluations: stopped at step %d '
+                        '(best: step %d, %.4f)', patience, step, best_step, best)
+            stopped = True
+            break
+    if best_state is None:  # no finite validation score at all: the last weights
+        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        best_step = step
+    best_entry = next((h for h in history if h['step'] == best_step), {})
+    scores = {k: best_entry[f'miou_{k}'] for k in SCORES if f'miou_{k}' in best_entry}
+    return TrainResult(state_dict=best_state, scores=scores, best_step=best_step, steps=step,
+                       history=history, stopped_early=stopped,
+                       seconds=round(time.perf_counter() - t0, 1))
+
+
+def checkpoint_meta(*, labels, slicing: Slicing, split: dict, result: TrainResult,
+                    settings: dict) -> dict:
+    """The ``meta`` of :func:`cerebseg.models.brainstem.save_model` for a trained network:
+    channel and label names, slicing, participant split, steps, scores, history, settings."""
+    names = [n for _, n in labels] if labels and not isinstance(labels[0], str) else list(labels)
+    return {'channels': slicing.channels, 'labels': names, 'slicing': slicing.to_dict(),
+            'split': {k: sorted(v) for k, v in split.items()}, 'steps': result.steps,
+            'best_step': result.best_step, 'scores': result.scores,
+            'stopped_early': result.stopped_early, 'history': result.history,
+            'label_source': LABEL_SOURCE, 'training': copy.deepcopy(settings),
+            'seconds': result.seconds}
