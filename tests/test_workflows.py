@@ -241,3 +241,21 @@ def test_every_trait_is_described(cls):
     threaded = cls.input_spec().traits().get('num_threads')
     if threaded is not None:
         assert threaded.nohash, f'{cls.__name__}.num_threads must be nohash'
+
+
+def test_prior_graph_feeds_the_t1w(tmp_path, fake_assets):
+    """The training-data graph (cerebseg-train) reaches the same preprocessing with its T1w."""
+    from cerebseg.workflows.base import init_prior_wf
+
+    templates, library = fake_assets
+    root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
+    t1w = str(root / 'sub-01/anat/sub-01_T1w.nii.gz')
+    subject_t1w = str(tmp_path / 'subject' / 'ds' / 'sub-01/anat/sub-01_T1w.nii.gz')
+    for wf, expected in ((init_prior_wf(t1w=t1w, t2w=None, templates=templates,
+                                        grid=WORKING_GRID.to_dict(), library=library,
+                                        omp_nthreads=1, seed=0), t1w),
+                         (_subject_graph(tmp_path / 'subject', fake_assets, False),
+                          subject_t1w)):
+        graph = generate_expanded_graph(wf._create_flat_graph())
+        correct = next(n for n in graph.nodes() if n.fullname.endswith('.t1_correct'))
+        assert correct.inputs.in_file == expected

@@ -169,6 +169,7 @@ def init_prior_wf(*, t1w: str, t2w: str | None, templates: dict, grid: dict, lib
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=1.0,
         reg_iterations=[40, 20, 0], omp_nthreads=omp_nthreads, seed=seed,
         registration=registration, device=device, use_gpu=use_gpu)
+    wf.connect(inputnode, 't1w', preproc_wf, 'inputnode.t1w')
     if t2w:
         wf.connect(inputnode, 't2w', preproc_wf, 'inputnode.t2w')
     wf.connect([
