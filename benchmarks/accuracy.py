@@ -60,7 +60,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from common import run_cerebseg
+from common import print_score_rows, run_cerebseg, summarise, write_scores_tsv
 
 from cerebseg.assets.build import leave_out_entry
 
@@ -563,9 +563,8 @@ def main(argv=None) -> int:
 
     keys = ['lobular_dice', 'mean_dice', 'whole_dice', 'volume_error_pct',
             'lobule_volume_abs_error_pct', 'other_volume_abs_error_pct', 'hd95_mm']
-    rows, per_case = [], []
+    per_case = []
     for method, by_case in results.items():
-        scores = []
         for lab, img in by_case.items():
             truth = nib.load(truth_dir / f'sub-{lab}_space-T1w_seg-cerebellum_dseg.nii.gz')
             meta = json.loads((truth_dir / f'sub-{lab}_truth.json').read_text())
@@ -581,11 +580,8 @@ def main(argv=None) -> int:
                         np.asarray(truth.dataobj),
                         f'sub-{lab}, {method}: whole Dice {s["whole_dice"]:.3f}, volume '
                         f'{s["volume_error_pct"]:+.1f} %')
-            scores.append(s)
             per_case.append((method, lab, s))
-        rows.append((method, {k: (np.mean([s[k] for s in scores]),
-                                  np.std([s[k] for s in scores])) for k in keys},
-                     [s['volume_error_pct'] for s in scores]))
+    rows = summarise(per_case, keys)
     design = 'OWN TEMPLATE IN THE LIBRARY (ceiling)' if opts.keep_own_template else \
         'leave-one-template-out'
     print(f'\nExact truth, native T1w grid, {design}, {len(labels)} case(s)'
@@ -597,12 +593,7 @@ def main(argv=None) -> int:
           f'abs lobule volume error % | mean abs {spec["other"]} volume error % (truth >= '
           f'{MIN_TRUTH_ML} mL) | HD95 mm | volume error per case % |')
     print('|---' * 9 + '|')
-    for method, m, per in rows:
-        cells = [f'{m[k][0]:.4f} ({m[k][1]:.4f})' if 'dice' in k else f'{m[k][0]:+.2f} '
-                 f'({m[k][1]:.2f})' if k == 'volume_error_pct' else f'{m[k][0]:.2f} '
-                 f'({m[k][1]:.2f})' for k in keys]
-        print(f'| {method} | ' + ' | '.join(cells) + ' | '
-              + ', '.join(f'{v:+.1f}' for v in per) + ' |')
+    print_score_rows(rows, keys, dice_digits=4)
     print('\nWall time (2 cores):', ', '.join(f'{k} {v / len(labels):.0f} s per case'
                                              for k, v in times.items()))
     if stages:
@@ -610,10 +601,7 @@ def main(argv=None) -> int:
         for (name, lab), st in stages.items():
             print(f'- {name}, sub-{lab}: ' + ', '.join(f'{k} {v:.1f}' for k, v in st.items()))
     if opts.tsv:
-        lines = ['method\tcase\t' + '\t'.join(keys + ['volume_ml'])]
-        lines += [f'{m}\t{lab}\t' + '\t'.join(f'{s[k]:.6g}' for k in keys + ['volume_ml'])
-                  for m, lab, s in per_case]
-        opts.tsv.write_text('\n'.join(lines) + '\n')
+        write_scores_tsv(opts.tsv, per_case, keys)
     return 0
 
 

@@ -40,12 +40,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from accuracy import anat_file, box_to_native, hd95, write_bids_root
-from common import run_cerebseg
+from common import print_score_rows, run_cerebseg, summarise, write_scores_tsv
+
+from cerebseg.utils.brainstem import PARTS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data'))
 T1W = 'templates/MNI152NLin6Asym/MNI152_T1_1mm_brain.nii.gz'
-PARTS = ('midbrain', 'pons', 'medulla')
 SEG = 'seg-brainstem'
 
 
@@ -142,7 +143,6 @@ def main(argv=None) -> int:
     assets = load_assets(opts.assets_dir)
     section = assets.brainstem()
     dst, work = out / 'out-default', out / 'work'
-    tic = time.perf_counter()
     seconds = run_cerebseg(bids, dst, work, opts.assets_dir.resolve(),
                            ['--participant-label', *cases, '--skip-cerebellum'],
                            out / 'out-default.log')
@@ -174,37 +174,25 @@ def main(argv=None) -> int:
     keys = ['whole_dice', 'midbrain_dice', 'pons_dice', 'medulla_dice', 'nuclei_dice',
             'volume_error_pct', 'part_volume_abs_error_pct', 'nuclei_volume_abs_error_pct',
             'hd95_mm']
-    rows, per_case = [], []
+    per_case = []
     for method, by_case in results.items():
-        scores = []
         for lab, img in by_case.items():
             truth = nib.load(truth_dir / f'sub-{lab}_space-T1w_{SEG}_dseg.nii.gz')
             meta = json.loads((truth_dir / f'sub-{lab}_truth.json').read_text())
             s = score(np.asarray(img.dataobj), np.asarray(truth.dataobj),
                       np.asarray(meta['volumes_mm3']), lut, truth.header.get_zooms()[:3])
-            scores.append(s)
             per_case.append((method, lab, s))
-        rows.append((method, {k: (np.mean([s[k] for s in scores]),
-                                  np.std([s[k] for s in scores])) for k in keys},
-                     [s['volume_error_pct'] for s in scores]))
+    rows = summarise(per_case, keys)
     print(f'\nBrainstem, exact truth, native T1w grid, {len(cases)} case(s); mean (sd)\n')
     print('| method | whole Dice | midbrain Dice | pons Dice | medulla Dice | mean nucleus Dice '
           '| total volume error % | mean abs part volume error % | mean abs nucleus volume '
           'error % | HD95 mm | volume error per case % |')
     print('|---' * 11 + '|')
-    for method, m, per in rows:
-        cells = [f'{m[k][0]:.3f} ({m[k][1]:.3f})' if 'dice' in k else
-                 f'{m[k][0]:+.2f} ({m[k][1]:.2f})' if k == 'volume_error_pct' else
-                 f'{m[k][0]:.2f} ({m[k][1]:.2f})' for k in keys]
-        print(f'| {method} | ' + ' | '.join(cells) + ' | '
-              + ', '.join(f'{v:+.1f}' for v in per) + ' |')
+    print_score_rows(rows, keys, dice_digits=3)
     print('\nWall time (2 cores): ' + ', '.join(f'{k} {v / len(cases):.0f} s per case'
                                             for k, v in times.items()))
     if opts.tsv:
-        lines = ['method\tcase\t' + '\t'.join(keys + ['volume_ml'])]
-        lines += [f'{m}\t{lab}\t' + '\t'.join(f'{s[k]:.6g}' for k in keys + ['volume_ml'])
-                  for m, lab, s in per_case]
-        opts.tsv.write_text('\n'.join(lines) + '\n')
+        write_scores_tsv(opts.tsv, per_case, keys)
     return 0
 
 

@@ -31,3 +31,37 @@ def run_cerebseg(bids: Path, out: Path, work: Path, assets: Path, extra: list[st
     if code:
         raise RuntimeError(f'{" ".join(cmd)} exited {code}; see {log}')
     return time.perf_counter() - tic
+
+
+def summarise(per_case: list[tuple[str, str, dict]], keys: list[str]) -> list[tuple]:
+    """``[(method, case, scores), ...]`` -> ``[(method, {key: (mean, sd)}, [volume error per
+    case]), ...]``, methods in their first order."""
+    import numpy as np
+
+    methods = list(dict.fromkeys(m for m, _, _ in per_case))
+    rows = []
+    for method in methods:
+        scores = [s for m, _, s in per_case if m == method]
+        rows.append((method, {k: (np.mean([s[k] for s in scores]),
+                                  np.std([s[k] for s in scores])) for k in keys},
+                     [s['volume_error_pct'] for s in scores]))
+    return rows
+
+
+def print_score_rows(rows: list[tuple], keys: list[str], dice_digits: int = 4) -> None:
+    """Markdown table rows of :func:`summarise`: Dice with ``dice_digits`` decimals, the signed
+    total volume error and the other figures with 2, then the volume error of each case."""
+    for method, m, per in rows:
+        cells = [f'{m[k][0]:.{dice_digits}f} ({m[k][1]:.{dice_digits}f})' if 'dice' in k else
+                 f'{m[k][0]:+.2f} ({m[k][1]:.2f})' if k == 'volume_error_pct' else
+                 f'{m[k][0]:.2f} ({m[k][1]:.2f})' for k in keys]
+        print(f'| {method} | ' + ' | '.join(cells) + ' | '
+              + ', '.join(f'{v:+.1f}' for v in per) + ' |')
+
+
+def write_scores_tsv(path: Path, per_case: list[tuple[str, str, dict]], keys: list[str]) -> None:
+    """One row per method and case: the scores ``keys`` and ``volume_ml``."""
+    cols = keys + ['volume_ml']
+    lines = ['method\tcase\t' + '\t'.join(cols)]
+    lines += [f'{m}\t{lab}\t' + '\t'.join(f'{s[k]:.6g}' for k in cols) for m, lab, s in per_case]
+    Path(path).write_text('\n'.join(lines) + '\n')

@@ -101,13 +101,13 @@ LUT = 'seg-cerebellum_dseg.tsv'
 
 def label_volumes(path: Path, lut: Path) -> dict:
     """name -> volume (mL) of a label map, names from a BIDS ``dseg.tsv``."""
+    from cerebseg.utils import native
+
     img = nib.load(path)
-    with open(lut, newline='') as fobj:
-        rows = [r for r in csv.DictReader(fobj, delimiter='\t') if int(r['index'])]
-    counts = np.bincount(np.asarray(img.dataobj).astype(np.int64).ravel(),
-                         minlength=max(int(r['index']) for r in rows) + 1)
-    voxel = float(np.prod(img.header.get_zooms()[:3])) / 1000
-    return {r['name']: counts[int(r['index'])] * voxel for r in rows}
+    rows = [r for r in native.read_lut_tsv(lut) if r['index']]
+    vols = native.label_volumes(np.asarray(img.dataobj), img.header.get_zooms()[:3],
+                                max(r['index'] for r in rows) + 1)
+    return {r['name']: vols[r['index']] / 1000 for r in rows}
 
 
 def jlf_native(out: Path, run: str, label: str) -> Path | None:

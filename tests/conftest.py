@@ -15,6 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data')).resolve()
 
 
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """One intra-op torch thread for a module of tiny convolutions (they run faster so on a busy
+    2-core host); the previous count is restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_nifti(path, shape=(20, 20, 20), zooms=(1.0, 1.0, 1.0), data=None, dtype=np.float32):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

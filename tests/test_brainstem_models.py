@@ -34,13 +34,8 @@ MEASURED = {'ndeconet': 21_493_330, 'udeconet': 21_493_330, 'unet': 24_434_882,
 
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: these tiny convolutions run twice as fast on a busy 2-core host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
+
 
 def test_registry_is_complete():
     assert sorted(bs.DECODERS) == sorted(MEASURED)

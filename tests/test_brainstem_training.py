@@ -19,13 +19,7 @@ LABELS = [[i, n] for i, n in enumerate(NAMES)]
 SHAPE = (28, 30, 12)  # x, y, z: not square in-plane, so a transposition would show
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: these tiny convolutions run faster on a busy 2-core host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def synthetic_case(seed: int, shape=SHAPE, name='sub-01', participant='01') -> bt.Case:

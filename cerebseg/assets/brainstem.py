@@ -42,6 +42,7 @@ from cerebseg.assets import (
 )
 from cerebseg.assets.build import _source, lut_to_tsv
 from cerebseg.errors import MissingAssetError
+from cerebseg.utils.brainstem import PARTS
 from cerebseg.utils.grid import BRAINSTEM_GRID, BoxGrid
 from cerebseg.utils.images import atomic_save, atomic_write_text, to_label_image
 from cerebseg.utils.labels import side as side_of
@@ -50,7 +51,6 @@ from cerebseg.utils.labels import swap_classes
 LOGGER = logging.getLogger('cerebseg.assets.brainstem')
 
 PROTOCOL = 'protocols/brainstem.json'
-PARTS = ('midbrain', 'pons', 'medulla')
 #: the columns of the brainstem lookup table
 LUT_COLUMNS = ('index', 'name', 'abbreviation', 'color', 'part', 'source', 'licence')
 #: the SyN is fitted in the brainstem box grown by this much (mm)
@@ -414,10 +414,11 @@ def _licence_text(row: dict, protocol: dict) -> str:
 
 def label_volumes(img: nib.spatialimages.SpatialImage, lut: list[dict]) -> dict[str, float]:
     """Volume (mm3) of every label of ``lut`` (background left out)."""
-    data = np.asarray(img.dataobj).astype(np.int64)
-    voxel = float(abs(np.linalg.det(img.affine[:3, :3])))
-    counts = np.bincount(data.ravel(), minlength=max(r['index'] for r in lut) + 1)
-    return {r['name']: float(counts[r['index']] * voxel) for r in lut if r['index']}
+    from cerebseg.utils.native import label_volumes as volumes
+
+    vols = volumes(np.asarray(img.dataobj), img.header.get_zooms()[:3],
+                   max(r['index'] for r in lut) + 1)
+    return {r['name']: float(vols[r['index']]) for r in lut if r['index']}
 
 
 def part_volumes(img: nib.spatialimages.SpatialImage, lut: list[dict]) -> dict[str, float]:

@@ -58,7 +58,7 @@ from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 from torch.nn import functional as F
 
-from cerebseg.models.segmentation import CheckpointError, count_parameters
+from cerebseg.models.segmentation import CheckpointError, count_parameters, load_torch_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -153,12 +153,7 @@ class ResNetEncoder(nn.Module):
         """Load a torchvision state dict (strict on the built stages; the file is named in
         every error)."""
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f'pretrained {self.name} weights not found: {path}')
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f'{path} is not a readable torch state dict ({err})') from err
+        state = load_torch_file(path, f'pretrained {self.name} weights', kind='torch state dict')
         if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
             state = state['state_dict']
         if not isinstance(state, dict):
@@ -689,12 +684,7 @@ def load_model(path, *, decoder: str | None = None, encoder: str | None = None,
     file and what differs. Returns the model and the metadata (config, channels, labels, meta).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'brainstem network weights not found: {path}')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f'{path} is not a readable torch checkpoint ({err})') from err
+    ckpt = load_torch_file(path, 'brainstem network weights')
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
         raise CheckpointError(f'{path} is not a cerebseg 2D brainstem checkpoint')
     if ckpt.get('format_version', 0) > CHECKPOINT_VERSION:

@@ -225,17 +225,26 @@ def save_checkpoint(path, model: nn.Module, *, architecture: str, inputs, stage:
     return path
 
 
+def load_torch_file(path, what: str, hint: str = '', kind: str = 'torch checkpoint'):
+    """``torch.load`` (CPU, ``weights_only``) of a weights file; a missing or unreadable file is
+    a :class:`CheckpointError` naming it: ``"{what} not found: {path}{hint}"`` and
+    ``"{path} is not a readable {kind} ({error}){hint}"``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{what} not found: {path}{hint}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f'{path} is not a readable {kind} ({err}){hint}') from err
+
+
 def read_checkpoint(path) -> dict:
     """The checkpoint dictionary (``weights_only``), checked to be a cerebseg segmentation one."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'segmentation weights not found: {path}. Train them with '
                               '`cerebseg-train segmentation` or reinstall cerebseg.')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f'{path} is not a readable torch checkpoint ({err}); replace it '
-                              'or reinstall cerebseg.') from err
+    ckpt = load_torch_file(path, 'segmentation weights', '; replace it or reinstall cerebseg.')
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
         raise CheckpointError(f'{path} is not a cerebseg segmentation checkpoint')
     if ckpt.get('format_version', 0) > CHECKPOINT_VERSION:
