@@ -5,7 +5,8 @@ import pytest
 
 from cerebseg.assets.build import abbreviate, lut_to_tsv, relabel
 from cerebseg.utils.images import nib_to_ants
-from cerebseg.utils.native import label_volumes, morph_table, probabilities_to_native
+from cerebseg.utils.native import (decide_labels, label_volumes, morph_table,
+                                  probabilities_to_native)
 
 
 @pytest.fixture
@@ -52,6 +53,23 @@ def test_competing_labels_use_probabilities(identity_mat):
     # interpolated: p1 = 0.525, p2 = 0.275, p0 = 0.2 -> label 1, although a nearest-neighbour
     # pick of the label image could give 2
     assert (labels[0] == 1).all()
+
+
+def test_foreground_first_keeps_the_outline(identity_mat):
+    """Background 0.45 against two labels of one structure (0.35, 0.20): the arg-max says
+    background, the outline-first decision says the structure, with its most probable label."""
+    probs = np.zeros((3, 4, 4, 4), np.float32)
+    probs[:, 0] = np.array([0.45, 0.35, 0.20])[:, None, None]
+    probs[:, 1] = np.array([0.60, 0.25, 0.15])[:, None, None]
+    probs[:, 2:] = np.array([0.1, 0.2, 0.7])[:, None, None, None]
+    assert decide_labels(probs)[:, 0, 0].tolist() == [0, 0, 2, 2]
+    assert decide_labels(probs, foreground_first=True)[:, 0, 0].tolist() == [1, 0, 2, 2]
+    work = nib.Nifti1Image(np.moveaxis(probs, 0, -1), np.eye(4))
+    ref = nib_to_ants(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)))
+    plain = probabilities_to_native(work, ref, identity_mat)
+    outline = probabilities_to_native(work, ref, identity_mat, foreground_first=True)
+    assert plain[:, 1, 1].tolist() == [0, 0, 2, 2]
+    assert outline[:, 1, 1].tolist() == [1, 0, 2, 2]
 
 
 def test_outside_the_box_is_background(identity_mat):

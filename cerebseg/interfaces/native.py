@@ -13,6 +13,8 @@ class _NativeInputSpec(BaseInterfaceInputSpec):
     reference = File(exists=True, mandatory=True, desc='the input T1w (defines the grid)')
     t1_to_mni = File(exists=True, mandatory=True, desc='T1w -> MNI affine (ANTs)')
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='ITK/ANTs threads')
+    foreground_first = traits.Bool(False, usedefault=True,
+                                   desc='decide the outline first (one structure, many labels)')
 
 
 class _NativeOutputSpec(TraitedSpec):
@@ -37,7 +39,8 @@ class ProbsToNative(SimpleInterface):
         ref = nib.load(self.inputs.reference)
         ref3d = nib.Nifti1Image(np.zeros(ref.shape[:3], np.float32), ref.affine)
         labels = probabilities_to_native(nib.load(self.inputs.probseg), nib_to_ants(ref3d),
-                                         self.inputs.t1_to_mni)
+                                         self.inputs.t1_to_mni,
+                                         foreground_first=self.inputs.foreground_first)
         self._results['out_file'] = os.path.join(runtime.cwd, 'native_dseg.nii.gz')
         atomic_save(to_label_image(labels, ref.affine), self._results['out_file'])
         return runtime

@@ -82,7 +82,8 @@ class ResNetEncoder(nn.Module):
     ``x: (N, in_channels, H, W) -> [f1, ..., f_depth]``: the stem (7x7 convolution, stride 2,
     BatchNorm, ReLU) at stride 2, then max-pool + ``layer1`` at 4, ``layer2`` at 8, ``layer3`` at
     16, ``layer4`` at 32 (:attr:`strides`, :attr:`out_channels`: 64, 64, 128, 256, 512; x4 for the
-    last four with ResNet-50). ``depth`` < 5 builds only the first stages. ``output_stride`` 16 or
+    last four with ResNet-50). ``width`` scales every stage (64 is torchvision's; cerebseg's
+    default brainstem weights use 16, a sixteenth of the parameters, small enough to commit). ``depth`` < 5 builds only the first stages. ``output_stride`` 16 or
     8 replaces the strides of the last one or two stages by dilation (2, then 2 and 4), as smp
     does for DeepLab.
 
@@ -93,21 +94,26 @@ class ResNetEncoder(nn.Module):
     """
 
     def __init__(self, name: str = 'resnet34', in_channels: int = 1, depth: int = 5,
-                 output_stride: int = 32, weights: str | Path | None = None):
+                 output_stride: int = 32, weights: str | Path | None = None, width: int = 64):
         super().__init__()
         if name not in ENCODERS:
             raise ValueError(f'unknown encoder {name!r}; choose one of {sorted(ENCODERS)}')
-        if in_channels < 1 or not 1 <= depth <= 5 or output_stride not in (8, 16, 32):
+        if in_channels < 1 or not 1 <= depth <= 5 or output_stride not in (8, 16, 32) \
+                or width < 1:
             raise ValueError(f'bad encoder settings: in_channels={in_channels} (>= 1), '
-                             f'depth={depth} (1-5), output_stride={output_stride} (8, 16, 32)')
+                             f'depth={depth} (1-5), output_stride={output_stride} (8, 16, 32), '
+                             f'width={width} (>= 1)')
+        if weights is not None and width != 64:
+            raise ValueError(f'pretrained torchvision weights ({weights}) need width 64, not '
+                             f'{width}')
         block, layers = ENCODERS[name]
-        self.name, self.in_channels, self.depth = name, in_channels, depth
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.name, self.in_channels, self.depth, self.width = name, in_channels, depth, width
+        self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        channels, cin = [64], 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+        channels, cin = [width], width
+        for i, (planes, n) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
             if i + 2 > depth:
                 break
             stride = 1 if i == 0 else 2
@@ -623,10 +629,11 @@ def _plain(value):
 
 def build_model(decoder: str, encoder: str = 'resnet34', in_channels: int = 1,
                 n_classes: int = 34, encoder_weights: str | Path | None = None,
-                **kw) -> BrainstemNet:
+                encoder_width: int = 64, **kw) -> BrainstemNet:
     """A registered decoder on a ResNet encoder; ``kw`` go to the decoder (e.g. ``width`` for
     N-DecoNet, ``decoder_channels`` for U-Net). ``encoder_weights``: a local torchvision state
-    dict (not recorded in the model's config: a checkpoint holds the trained weights)."""
+    dict (not recorded in the model's config: a checkpoint holds the trained weights);
+    ``encoder_width``: the encoder's first stage width (64: torchvision's ResNets)."""
     try:
         cls = DECODERS[decoder]
     except KeyError:
@@ -634,10 +641,10 @@ def build_model(decoder: str, encoder: str = 'resnet34', in_channels: int = 1,
             from None
     depth, stride = cls.encoder_settings(**kw)
     enc = ResNetEncoder(encoder, in_channels, depth=depth, output_stride=stride,
-                        weights=encoder_weights)
+                        weights=encoder_weights, width=encoder_width)
     kw = {k: _plain(v) for k, v in kw.items()}
     config = {'decoder': decoder, 'encoder': encoder, 'in_channels': in_channels,
-              'n_classes': n_classes, **kw}
+              'n_classes': n_classes, 'encoder_width': encoder_width, **kw}
     return BrainstemNet(enc, cls(enc.out_channels, **kw), n_classes, config)
 
 

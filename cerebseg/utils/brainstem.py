@@ -4,8 +4,9 @@ The brainstem label set (:mod:`cerebseg.assets.brainstem`) lives on the 1 mm bra
 MNI152NLin2009cAsym (:data:`cerebseg.utils.grid.BRAINSTEM_GRID`) with the template's brain T1w.
 A subject's T1w is put on the same box by its MNI affine (the one the cerebellum uses), and the
 template is registered onto it by cerebseg's diffeomorphic registration
-(:func:`cerebseg.models.registration.register_svf`, similarity measured in the template's
-space); the labels follow as probabilities (one-hot maps warped linearly), so that the native
+(:func:`cerebseg.models.registration.register_svf` with
+:data:`~cerebseg.models.registration.BRAINSTEM_CONFIG`, similarity measured on the subject's
+grid); the labels follow as probabilities (one-hot maps warped linearly), so that the native
 resampling can interpolate them like the cerebellar ones. This is the atlas-registration method
 of issue 10 (the baseline the networks must beat, and their training labels).
 """
@@ -31,11 +32,13 @@ def register_label_set(subject: np.ndarray, template: np.ndarray, labels: np.nda
     ``labels`` the template's label map (values ``0 .. n_labels - 1``).
 
     Returns ``(probabilities, dseg)``: ``(n_labels, X, Y, Z)`` float32 summing to 1 where the
-    template has data (background 1 outside), and the most probable label.
+    template has data (background 1 outside), and the labels
+    (:func:`cerebseg.utils.native.decide_labels`, the outline first).
     """
     import torch
 
     from cerebseg.models import registration as reg
+    from cerebseg.utils.native import decide_labels
     from cerebseg.utils.preproc import normalise_intensity
 
     subject = np.asarray(subject, np.float32)
@@ -49,7 +52,7 @@ def register_label_set(subject: np.ndarray, template: np.ndarray, labels: np.nda
                          f'{labels.max()}')
     moving = normalise_intensity(template, template > 0)
     result = reg.register_svf(subject, moving[None], spacing=spacing,
-                              config=config or reg.SVFConfig(), device=device, seed=seed)
+                              config=config or reg.BRAINSTEM_CONFIG, device=device, seed=seed)
     onehot = np.zeros((n_labels,) + labels.shape, np.float32)
     np.put_along_axis(onehot, labels[None].astype(np.int64), 1.0, axis=0)
     with torch.no_grad():
@@ -60,7 +63,7 @@ def register_label_set(subject: np.ndarray, template: np.ndarray, labels: np.nda
     warped /= np.maximum(warped.sum(axis=0), 1e-6)
     LOGGER.info('Brainstem label set registered: final similarity loss %s',
                 result.losses[-1][1] if result.losses else 'n/a')
-    return warped.astype(np.float32), np.argmax(warped, axis=0).astype(np.int16)
+    return warped.astype(np.float32), decide_labels(warped, foreground_first=True)
 
 
 def part_rows(volumes_mm3: dict[int, float], lut: list[dict]) -> list[tuple[str, float]]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def probabilities_to_native(probseg, reference, transform: str):
+def probabilities_to_native(probseg, reference, transform: str, *,
+                            foreground_first: bool = False):
     """Resample per-label probabilities (nibabel 4D, labels last) into ``reference``'s grid.
 
     Each label's probability is resampled with linear interpolation through the inverse of
     ``transform`` (native -> MNI affine, ANTs), then the label of highest probability wins
     (ties to the lower index). Outside the working box the background probability is 1.
     This keeps thin lobules that a nearest-neighbour resampling of a label image would lose.
+    ``foreground_first``: the decision of :func:`decide_labels` (the structure's outline first),
+    for label sets that split one structure into many labels (the brainstem).
 
     Returns the native label array (int16) on ``reference``'s grid.
     """
@@ -25,8 +28,7 @@ def probabilities_to_native(probseg, reference, transform: str):
     else:
         raw, slope, inter = np.asarray(proxy), 1.0, 0.0
     n_labels = probseg.shape[3]
-    best = None
-    labels = None
+    best = background = foreground = labels = None
     for lab in range(n_labels):
         vol = raw[..., lab].astype(np.float32) * np.float32(slope) + np.float32(inter)
         moving = nib_to_ants(nib.Nifti1Image(vol, probseg.affine))
@@ -34,13 +36,34 @@ def probabilities_to_native(probseg, reference, transform: str):
                                     whichtoinvert=[True], defaultvalue=1.0 if lab == 0 else 0.0)
         prob = res.numpy()
         if best is None:
-            best = prob
+            background, foreground = prob, np.zeros_like(prob)
+            best = prob if not foreground_first else np.full_like(prob, -1.0)
             labels = np.zeros(prob.shape, np.int16)
-        else:
-            better = prob > best
-            best = np.where(better, prob, best)
-            labels[better] = lab
+            continue
+        foreground += prob
+        better = prob > best
+        best = np.where(better, prob, best)
+        labels[better] = lab
+    if foreground_first:
+        labels[foreground <= background] = 0
     return labels
+
+
+def decide_labels(probs: np.ndarray, foreground_first: bool = False) -> np.ndarray:
+    """Labels from probabilities ``(L, ...)`` (label 0: background): the most probable label,
+    or with ``foreground_first`` the outline first (foreground where the labels 1 .. L-1
+    together outweigh the background), then its most probable label.
+
+    A plain arg-max shrinks a structure split into many labels: where its surface meets the
+    background, background 0.45 against white matter 0.35 and grey matter 0.20 is background,
+    though the structure holds 0.55 (brainstem label set: the outline 0.25 % smaller on the
+    1 mm box, issue 10).
+    """
+    probs = np.asarray(probs)
+    if not foreground_first:
+        return np.argmax(probs, axis=0).astype(np.int16)
+    inside = probs[1:].sum(axis=0) > probs[0]
+    return np.where(inside, 1 + np.argmax(probs[1:], axis=0), 0).astype(np.int16)
 
 
 def label_volumes(labels: np.ndarray, zooms, n_labels: int) -> np.ndarray:

@@ -24,7 +24,9 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
     label_uncertainty
         Per-label uncertainty TSV to add to the volume table ('' for none).
 
-    ``parts``: the volume table also sums the brainstem parts (lookup table column ``part``).
+    ``parts``: the brainstem: the volume table also sums its parts (lookup table column
+    ``part``), and the native labels decide the outline first
+    (:func:`cerebseg.utils.native.decide_labels`).
 
     Outputs
     -------
@@ -38,8 +40,8 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
     inputnode.inputs.label_uncertainty = ''
     outputnode = pe.Node(niu.IdentityInterface(fields=['dseg_native', 'morph', 'icv']),
                          name='outputnode')
-    to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads), name='to_native',
-                        n_procs=omp_nthreads, mem_gb=2)
+    to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads, foreground_first=parts),
+                        name='to_native', n_procs=omp_nthreads, mem_gb=2)
     volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml, parts=parts),
                       name='volumes')
     wf.connect([
