@@ -15,6 +15,8 @@ atlas share their label definitions (a lower bound on the error real anatomy wou
 Methods (rows), on the same cases:
 
 * ``cerebseg (default)``: the label set registered by cerebseg's diffeomorphic registration;
+* ``cerebseg --brainstem-method network`` (``--methods network``): the 2D N-DecoNet (shipped
+  weights, or ``--brainstem-weights``), trained on atlas labels of real subjects;
 * ``ANTs SyN (antsRegistrationSyN defaults)``: the same template and labels registered onto
   the same brainstem box of each case by ANTs (rigid + affine + SyN, CC, 100x70x50x20), then
   to native through cerebseg's affine.
@@ -127,7 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument('--out', type=Path, required=True)
     parser.add_argument('--seeds', type=int, nargs='+', default=[1, 2, 3])
     parser.add_argument('--methods', nargs='+', default=['default', 'ants'],
-                        choices=['default', 'ants'])
+                        choices=['default', 'ants', 'network'])
+    parser.add_argument('--brainstem-weights', type=Path, default=None,
+                        help='network row: this checkpoint (default: the shipped weights)')
     parser.add_argument('--tsv', type=Path, default=None)
     opts = parser.parse_args(argv)
     os.environ.setdefault('NIPYPE_NO_ET', '1')
@@ -147,11 +151,21 @@ def main(argv=None) -> int:
                            ['--participant-label', *cases, '--skip-cerebellum'],
                            out / 'out-default.log')
     times = {'cerebseg --skip-cerebellum (whole run)': seconds}
+    if 'network' in opts.methods:   # the same work folder: preprocessing reused
+        extra = ['--brainstem-weights', str(opts.brainstem_weights.resolve())] \
+            if opts.brainstem_weights else []
+        times['cerebseg --brainstem-method network (same work folder)'] = run_cerebseg(
+            bids, out / 'out-network', work, opts.assets_dir.resolve(),
+            ['--participant-label', *cases, '--skip-cerebellum', '--brainstem-method',
+             'network', *extra], out / 'out-network.log')
     results = {}
     for lab in cases:
         native = anat_file(dst, lab, f'space-T1w_{SEG}_dseg.nii.gz')
         if 'default' in opts.methods:
             results.setdefault('cerebseg (default)', {})[lab] = nib.load(native)
+        if 'network' in opts.methods:
+            results.setdefault('cerebseg --brainstem-method network', {})[lab] = nib.load(
+                anat_file(out / 'out-network', lab, f'space-T1w_{SEG}_dseg.nii.gz'))
         if 'ants' in opts.methods:
             cached = out / 'ants' / f'sub-{lab}_space-T1w_{SEG}_dseg.nii.gz'
             if not cached.is_file():

@@ -24,6 +24,8 @@ rank how fast each entry learns, not where it converges.
 
 Usage::
 
+    python benchmarks/brainstem_models.py --work-dir WORK --evaluate CHECKPOINT \\
+        --participant-label 03 08 ...      # one checkpoint on its held-out test participants
     python benchmarks/brainstem_models.py --work-dir WORK [WORK ...] --assets-dir ASSETS \\
         [--decoders ndeconet unet ...] [--losses dice dicece ...] [--alphas 0.1 0.3 ...] \\
         [--size 64] [--steps 100] [--repeats 3] [--json results.json]
@@ -75,7 +77,7 @@ def run_entry(decoder, loss, alpha, train, held_out, labels, opts, repeat: int) 
     seed = opts.seed + repeat
     torch.manual_seed(seed)
     model = bs.build_model(decoder, opts.encoder, in_channels=len(train.slicing.channels),
-                           n_classes=len(labels))
+                           n_classes=len(labels), encoder_width=opts.encoder_width)
     tic = time.perf_counter()
     result = bt.train_brainstem(model, train, held_out, labels=labels, loss=loss, alpha=alpha,
                                 steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
@@ -120,6 +122,40 @@ def table(results: list[dict], opts) -> str:
     return '\n'.join(lines)
 
 
+def evaluate(opts, found, labels) -> int:
+    """Held-out macro mIoU of one checkpoint: pooled over the test participants (as in
+    training), and per participant with the 95 % t interval over participants."""
+    model, meta = bs.load_model(opts.evaluate, device=opts.device)
+    slicing = bt.Slicing(**meta['meta']['slicing'])
+    trained_on = set(sum((meta['meta'].get('split') or {}).values(), []))
+    chosen = [f for f in found if not opts.participant_label or f[1] in opts.participant_label]
+    seen = sorted({f[1] for f in chosen} & trained_on)
+    if seen:
+        raise SystemExit(f'{opts.evaluate} was trained or validated on {seen}: not held out')
+    if not chosen:
+        raise SystemExit('no participant run matches --participant-label')
+    cases = [bt.load_case(*f, labels) for f in chosen]
+    names = [n for _, n in labels]
+    groups = bt.label_groups(names)
+    tic = time.perf_counter()
+    pooled = bt.score_cases(model, cases, slicing, groups, device=opts.device)
+    each = [bt.score_cases(model, [c], slicing, groups, device=opts.device) for c in cases]
+    seconds = (time.perf_counter() - tic) / (len(cases) + 1)
+    n_params = bs.count_parameters(model)
+    print(f'Held-out test participants ({", ".join(c.participant for c in cases)}), '
+          f'{opts.evaluate.name}: {meta["config"]["decoder"]}/{meta["config"]["encoder"]} '
+          f'width {meta["config"].get("encoder_width", 64)}, {n_params / 1e6:.2f}M parameters, '
+          f'slicing {meta["meta"]["slicing"]}; reference: the atlas method\'s labels of these '
+          'participants; paper: 0.753 (N-DecoNet, its data and labels).\n')
+    print('| score | pooled over participants | mean over participants (95 % CI) |')
+    print('|---|---|---|')
+    for key in bt.SCORES:
+        print(f'| mIoU {key} | {pooled[key]:.3f} | {_ci([e[key] for e in each])} |')
+    print(f'\nInference (2 cores, {torch.get_num_threads()} torch thread(s)): '
+          f'{seconds:.1f} s per participant (labelled slices only)')
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--work-dir', type=Path, nargs='+', required=True,
@@ -134,6 +170,13 @@ def main(argv=None) -> int:
     parser.add_argument('--alphas', nargs='+', type=float, default=list(ALPHAS),
                         help='Dice weights of the DiceCE entries')
     parser.add_argument('--encoder', choices=sorted(bs.ENCODERS), default='resnet34')
+    parser.add_argument('--encoder-width', type=int, default=64,
+                        help='first-stage width of the encoder (64: the paper\'s ResNet)')
+    parser.add_argument('--evaluate', type=Path, default=None, metavar='CHECKPOINT',
+                        help='instead of the grid: score this checkpoint on the participants '
+                             'of --participant-label (its held-out test set)')
+    parser.add_argument('--participant-label', nargs='+', default=None,
+                        help='with --evaluate: the participants to score')
     parser.add_argument('--size', type=int, default=64)
     parser.add_argument('--crop', type=int, default=64)
     parser.add_argument('--context', type=int, default=0)
@@ -165,6 +208,8 @@ def main(argv=None) -> int:
         lut = assets.path(assets.brainstem()['lut'])
     labels = read_lut(lut)
     found = bt.find_cases(opts.work_dir)
+    if opts.evaluate:
+        return evaluate(opts, found, labels)
     train_people, held_people = bt.split_participants([f[1] for f in found],
                                                       opts.val_fraction, opts.seed)
     cases = [bt.load_case(*f, labels) for f in found]

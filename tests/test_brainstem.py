@@ -63,3 +63,32 @@ def test_part_rows_in_the_volume_table():
     assert named['Midbrain'] == 600.0 and named['Pons'] == 600.0 and named['Medulla'] == 200.0
     assert named['Whole_Brainstem'] == 1400.0
     assert [r[0] for r in rows[-4:]] == ['n/a'] * 4
+
+
+def test_network_path_checks_its_labels_and_returns_probabilities(tmp_path):
+    """The network method: every slice through the checkpoint's slicing, probabilities that
+    sum to one, labels decided outline first; weights of another label set are refused."""
+    import torch
+
+    from cerebseg.models.brainstem import build_model, save_model
+    from cerebseg.models.segmentation import CheckpointError
+    from cerebseg.utils.brainstem import segment_with_network
+    from cerebseg.utils.native import decide_labels
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    names = ['background', 'Brainstem_WM', 'Left_Nucleus', 'Right_Nucleus']
+    model = build_model('ndeconet', 'resnet18', in_channels=3, n_classes=4, encoder_width=8,
+                        width=8)
+    slicing = {'size': 32, 'context': 1, 'crop': 24, 'center': None}
+    path = save_model(tmp_path / 'net.pt', model, {
+        'channels': ['T1w-1', 'T1w', 'T1w+1'], 'labels': names, 'slicing': slicing})
+    image, _ = _phantom(shape=(30, 32, 12))
+    probs, dseg = segment_with_network(image, path, names)
+    assert probs.shape == (4, 30, 32, 12) and dseg.shape == (30, 32, 12)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(dseg, decide_labels(probs, foreground_first=True))
+    assert (probs[0, :3] == 1).all(), 'outside the 24-voxel window: background'
+    with pytest.raises(CheckpointError, match=r"net\.pt was trained on 4 brainstem labels.*"
+                                              r"class 2: 'Left_Nucleus' against 'Left_RN'"):
+        segment_with_network(image, path, names[:2] + ['Left_RN', 'Right_RN'])

@@ -137,6 +137,27 @@ def test_encoder_features(name, channels):
     assert enc.out_channels == (64, 64, 128) and not hasattr(enc, 'layer3')
 
 
+def test_encoder_width_scales_every_stage(tmp_path):
+    """Width 16: stages 16-16-32-64-128, a sixteenth of the convolution weights; recorded in
+    the checkpoint and rebuilt from it; pretrained (width-64) weights refused."""
+    enc = bs.ResNetEncoder('resnet34', 1, width=16)
+    assert enc.out_channels == (16, 16, 32, 64, 128)
+    full = bs.count_parameters(bs.ResNetEncoder('resnet34', 1))
+    assert abs(bs.count_parameters(enc) / full - 1 / 16) < 0.01
+    model = bs.build_model('ndeconet', 'resnet34', n_classes=5, encoder_width=16).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 64, 64)).shape == (2, 5, 64, 64)
+    path = bs.save_model(tmp_path / 'small.pt', model,
+                         {'channels': ['T1w'], 'labels': list('abcde')})
+    loaded, info = bs.load_model(path)
+    assert info['config']['encoder_width'] == 16
+    assert loaded.encoder.out_channels == (16, 16, 32, 64, 128)
+    with pytest.raises(ValueError, match='need width 64'):
+        bs.ResNetEncoder('resnet18', 1, width=32, weights=tmp_path / 'resnet18.pth')
+    with pytest.raises(ValueError, match='width=0'):
+        bs.ResNetEncoder('resnet18', 1, width=0)
+
+
 def test_pretrained_weights(tmp_path):
     torch.manual_seed(0)
     rgb = bs.ResNetEncoder('resnet18', in_channels=3)
@@ -169,7 +190,7 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert info['config'] == {'decoder': 'udeconet', 'encoder': 'resnet18', 'in_channels': 2,
-                              'n_classes': 3, 'width': 8}
+                              'n_classes': 3, 'encoder_width': 64, 'width': 8}
     assert info['labels'] == meta['labels'] and info['meta'] == {'epochs': 3}
     with pytest.raises(CheckpointError, match=r'net\.pt is a udeconet/resnet18 network'):
         bs.load_model(path, decoder='unet')

@@ -271,3 +271,24 @@ def test_skipping_both_structures_exit_2(tmp_path, caplog):
     rc = main([str(root), str(tmp_path / 'out'), 'participant', '--skip-brainstem',
                '--skip-cerebellum', '--device', 'cpu'])
     assert rc == 2 and 'leave nothing to do' in caplog.text
+
+
+@pytest.mark.integration
+def test_brainstem_network_weights_are_checked_first(tmp_path, assets_dir, caplog):
+    """--brainstem-method network: missing weights, or weights of another label set, stop the
+    run before any work (exit 126) with the file and the way out."""
+    from cerebseg.models.brainstem import build_model, save_model
+
+    root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
+    base = [str(root), str(tmp_path / 'out'), 'participant', '--assets-dir', str(assets_dir),
+            '-w', str(tmp_path / 'work'), '--skip-cerebellum', '--brainstem-method', 'network',
+            '--skip-bids-validation']
+    assert main(base + ['--brainstem-weights', str(tmp_path / 'none.pt')]) == 126
+    assert 'brainstem network weights not found' in caplog.text and 'none.pt' in caplog.text
+    model = build_model('ndeconet', 'resnet18', n_classes=3, encoder_width=8, width=8)
+    other = save_model(tmp_path / 'other.pt', model,
+                       {'channels': ['T1w'], 'labels': ['background', 'a', 'b']})
+    caplog.clear()
+    assert main(base + ['--brainstem-weights', str(other)]) == 126
+    assert 'other.pt was trained on other brainstem labels' in caplog.text
+    assert not (tmp_path / 'work').exists()

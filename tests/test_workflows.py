@@ -126,6 +126,16 @@ def test_brainstem_graph(tmp_path, fake_assets):
     assert {'preproc_wf.box_affine', 'preproc_wf.to_bs_grid', 'brainstem_wf.atlas'} <= names
     assert not names & {'preproc_wf.to_grid', 'preproc_wf.t2_coreg', 'multiatlas_wf.fuse',
                         'native_wf.to_native', 'ds_wf.ds_morph'}
+    # the network instead of the atlas: the same outputs, from its node
+    net = dict(brainstem, method='network', weights=files['t1w'])
+    wf = _subject_graph(tmp_path / 'net', fake_assets, False, brainstem=net,
+                        brainstem_meta={}, cerebellum=False)
+    graph = generate_expanded_graph(wf._create_flat_graph())
+    nodes = {n.fullname.split('.', 1)[1]: n for n in graph.nodes()}
+    assert 'brainstem_wf.network' in nodes and 'brainstem_wf.atlas' not in nodes
+    assert nodes['brainstem_wf.network'].inputs.weights == files['t1w']
+    assert {'brainstem_wf.native_wf.to_native', 'brainstem_wf.ds_wf.ds_dseg_box'} <= set(nodes)
+    assert nodes['brainstem_wf.native_wf.to_native'].inputs.foreground_first
     with pytest.raises(ValueError, match='Nothing to segment'):
         _subject_graph(tmp_path / 'x', fake_assets, False, cerebellum=False)
     # without it, no brainstem node at all

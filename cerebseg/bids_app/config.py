@@ -32,6 +32,8 @@ class RunConfig:
     models: str = 'none'
     skip_brainstem: bool = False
     skip_cerebellum: bool = False
+    brainstem_method: str = 'atlas'
+    brainstem_weights: str = ''
     no_atlas_prior: bool = False
     cnn_weights: str = ''
     assets_dir: str = ''

@@ -96,6 +96,14 @@ def _build_parser() -> argparse.ArgumentParser:
     method.add_argument('--skip-brainstem', action='store_true',
                         help='do not segment the brainstem (by default every participant run '
                              'segments the cerebellum and the brainstem)')
+    method.add_argument('--brainstem-method', choices=['atlas', 'network'], default='atlas',
+                        help='atlas (default: the brainstem label set registered onto the '
+                             'subject) or network (a 2D N-DecoNet on axial slices, trained on '
+                             'atlas labels; it does not beat the atlas on exact-truth cases, '
+                             'see the model card)')
+    method.add_argument('--brainstem-weights', type=Path, default=None, metavar='FILE',
+                        help='checkpoint of --brainstem-method network (cerebseg-train '
+                             'brainstem; default: the weights that ship with cerebseg)')
     method.add_argument('--skip-cerebellum', action='store_true',
                         help='segment the brainstem only (the cerebellum\'s MNI affine is still '
                              'fitted: the brainstem uses it)')

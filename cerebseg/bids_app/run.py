@@ -144,34 +144,71 @@ def _brainstem_paths(assets, cfg) -> dict | None:
                        'licence forbids sharing the assets or anything derived from them; keep '
                        'this run\'s brainstem outputs within your organisation.',
                        section.get('navigator'))
-    return {'t1w': str(assets.path(section['t1w'])), 'dseg': str(assets.path(section['dseg'])),
-            'lut': str(assets.path(section['lut'])), 'n_labels': section['n_labels'],
-            'grid': section['grid'], 'description': section['description'],
-            'citation': section['citation'], 'licence': section['licence'],
-            'restricted': bool(section.get('restricted'))}
+    out = {'t1w': str(assets.path(section['t1w'])), 'dseg': str(assets.path(section['dseg'])),
+           'lut': str(assets.path(section['lut'])), 'n_labels': section['n_labels'],
+           'grid': section['grid'], 'description': section['description'],
+           'citation': section['citation'], 'licence': section['licence'],
+           'restricted': bool(section.get('restricted')), 'method': cfg.brainstem_method}
+    if cfg.brainstem_method == 'network':
+        out['weights'], out['network'] = _brainstem_network(cfg, out['lut'])
+    return out
+
+
+def _brainstem_network(cfg, lut: str) -> tuple[str, dict]:
+    """The checkpoint of --brainstem-method network and a summary of it, checked against the
+    label set before any work starts (CheckpointError: exit 126)."""
+    from cerebseg.models.brainstem import DEFAULT_WEIGHTS, load_model
+    from cerebseg.models.segmentation import CheckpointError
+    from cerebseg.utils.native import read_lut_tsv
+
+    path = Path(cfg.brainstem_weights) if cfg.brainstem_weights else DEFAULT_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f'brainstem network weights not found: {path}; pass '
+                              '--brainstem-weights FILE (cerebseg-train brainstem) or use '
+                              '--brainstem-method atlas')
+    _, meta = load_model(path)
+    names = [r['name'] for r in read_lut_tsv(lut)]
+    if list(meta['labels']) != names:
+        raise CheckpointError(f'{path} was trained on other brainstem labels than the '
+                              f'{len(names)} of the assets ({lut}); train weights on this label '
+                              'set (cerebseg-train brainstem) or use --brainstem-method atlas')
+    cfg_ = meta['config']
+    extra = meta.get('meta') or {}
+    return str(path), {'Decoder': cfg_['decoder'], 'Encoder': cfg_['encoder'],
+                       'EncoderWidth': cfg_.get('encoder_width', 64),
+                       'Inputs': meta['channels'], 'Slicing': extra.get('slicing'),
+                       'Weights': path.name, 'LabelSource': extra.get('label_source')}
 
 
 def _brainstem_meta(run, brainstem: dict, bids_dir: Path, cfg) -> dict:
     from cerebseg import __version__
 
     sources = [f'bids:raw:{Path(run.t1w).relative_to(bids_dir).as_posix()}']
+    method = {
+        'Name': 'single-atlas registration (the brainstem label set of the assets)',
+        'Preprocessing': 'the cerebellum\'s MNI152NLin2009cAsym affine (refined on '
+                         'cerebellum and brainstem); 1 mm box around the brainstem; N4 in '
+                         'the box; 2nd/98th foreground percentiles scaled to 0/1.',
+        'Registration': 'the label-set template (MNI152NLin2009cAsym brain on the box) onto '
+                        'the subject: affine, then a diffeomorphic stationary velocity field '
+                        'at 4, 2 and 1 mm (local normalised cross-correlation on the '
+                        'subject\'s grid); labels warped as probabilities.',
+        'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
+                       'affine; the outline first (brainstem where its labels together '
+                       'outweigh the background), then its most probable label.',
+    }
+    if brainstem.get('method') == 'network':
+        method['Name'] = '2D network on axial slices of the brainstem box'
+        method['Network'] = brainstem['network']
+        method.pop('Registration')
     return {
         'Description': 'Brainstem parts (midbrain, pons, medulla; grey and white matter) and '
-                       'nuclei by registration of an atlas label set built from open atlases.',
+                       'nuclei from an atlas label set built from open atlases, by '
+                       + ('a 2D network trained on its registrations.'
+                          if brainstem.get('method') == 'network' else 'registration.'),
         'Sources': sources,
         'Mode': 'T1w',
-        'Method': {
-            'Name': 'single-atlas registration (the brainstem label set of the assets)',
-            'Preprocessing': 'the cerebellum\'s MNI152NLin2009cAsym affine (refined on '
-                             'cerebellum and brainstem); 1 mm box around the brainstem; N4 in '
-                             'the box; 2nd/98th foreground percentiles scaled to 0/1.',
-            'Registration': 'the label-set template (MNI152NLin2009cAsym brain on the box) onto '
-                            'the subject: affine, then a diffeomorphic stationary velocity field '
-                            'at 4, 2 and 1 mm (local normalised cross-correlation in the '
-                            'template\'s space); labels warped as probabilities.',
-            'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
-                           'affine, then the most probable label.',
-        },
+        'Method': method,
         'LabelSet': {'Description': brainstem['description'], 'Citation': brainstem['citation'],
                      'Licence': brainstem['licence'], 'Restricted': brainstem['restricted']},
         'LookupTable': 'seg-brainstem_dseg.tsv',
@@ -258,7 +295,8 @@ def run_participant(run, cfg, assets, library: dict, device=None,
         plugin_args['memory_gb'] = cfg.mem_gb
     what = ('cerebellum: ' + (f'DeepCeres {cfg.models}, inputs {cnn["variant"]}' if cnn
                               else 'multi-atlas')) if not cfg.skip_cerebellum else ''
-    what = '; '.join(w for w in (what, 'brainstem: atlas' if brainstem else '') if w)
+    what = '; '.join(w for w in (what, f'brainstem: {brainstem["method"]}' if brainstem else '')
+                     if w)
     LOGGER.log(IMPORTANT, 'Processing %s (%s; %s)', run.label,
                'T1w+T2w' if run.t2w and not cfg.skip_cerebellum else 'T1w', what)
     try:

@@ -185,6 +185,10 @@ def _add_brainstem_parser(sub) -> None:
                      help='with --bids: passed on to cerebseg')
     cmd.add_argument('--decoder', choices=sorted(DECODERS), default='ndeconet')
     cmd.add_argument('--encoder', choices=sorted(ENCODERS), default='resnet34')
+    cmd.add_argument('--encoder-width', type=_positive, default=64,
+                     help='width of the encoder\'s first stage (64: torchvision\'s ResNet, '
+                          'the paper\'s; 16: a sixteenth of the parameters, the shipped '
+                          'weights)')
     cmd.add_argument('--encoder-weights', type=Path, default=None,
                      help='local torchvision state dict of the encoder (e.g. ImageNet '
                           'resnet34-b627a593.pth; default: random initialisation)')
@@ -319,13 +323,15 @@ def train_brainstem(opts) -> int:
     validation = [c for c in cases if c.participant in val_people]
     torch.manual_seed(opts.seed)
     model = build_model(opts.decoder, opts.encoder, in_channels=len(slicing.channels),
-                        n_classes=len(labels), encoder_weights=opts.encoder_weights)
+                        n_classes=len(labels), encoder_weights=opts.encoder_weights,
+                        encoder_width=opts.encoder_width)
     if opts.size % model.divisor:
         raise UsageError(f'--size {opts.size} must be a multiple of {model.divisor} for '
                          f'{opts.decoder}')
     steps = opts.steps or opts.epochs * bt.epoch_steps(len(train), opts.batch_size)
     augment = None if opts.no_augment else bt.Augment(flip=opts.flip)
-    settings = {'decoder': opts.decoder, 'encoder': opts.encoder, 'loss': opts.loss,
+    settings = {'decoder': opts.decoder, 'encoder': opts.encoder,
+                'encoder_width': opts.encoder_width, 'loss': opts.loss,
                 'alpha': opts.alpha if opts.loss == 'dicece' else None,
                 'batch_size': opts.batch_size, 'learning_rate': opts.learning_rate,
                 'margin': opts.margin, 'val_fraction': opts.val_fraction, 'seed': opts.seed,

@@ -1,4 +1,5 @@
-"""Brainstem on its 1 mm box: the atlas label set registered onto the subject (one node)."""
+"""Brainstem on its 1 mm box: the atlas label set registered onto the subject, or a trained 2D
+network (one node each)."""
 from __future__ import annotations
 
 import os
@@ -54,6 +55,43 @@ class BrainstemAtlas(SimpleInterface):
             np.asarray(atlas.dataobj), self.inputs.n_labels,
             spacing=float(ref.header.get_zooms()[0]), seed=self.inputs.seed,
             device=self.inputs.device)
+        self._results['dseg'] = os.path.join(runtime.cwd, 'brainstem_dseg.nii.gz')
+        atomic_save(to_label_image(dseg, ref.affine), self._results['dseg'])
+        self._results['probseg'] = os.path.join(runtime.cwd, 'brainstem_probseg.nii.gz')
+        atomic_save(to_probseg_image(np.rint(np.moveaxis(probs, 0, -1) * 255), ref.affine),
+                    self._results['probseg'])
+        return runtime
+
+
+class _NetworkInputSpec(BaseInterfaceInputSpec):
+    t1_box = File(exists=True, mandatory=True, desc='subject T1w on the brainstem box')
+    weights = File(exists=True, mandatory=True, desc='2D brainstem network checkpoint')
+    lut = File(exists=True, mandatory=True, desc='lookup table of the label set (TSV)')
+    device = traits.Str('cpu', usedefault=True, nohash=True, desc='torch device')
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc='torch threads')
+
+
+class BrainstemNetwork(SimpleInterface):
+    """:func:`cerebseg.utils.brainstem.segment_with_network` on the brainstem box."""
+
+    input_spec = _NetworkInputSpec
+    output_spec = _AtlasOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+        import numpy as np
+        import torch
+
+        from cerebseg.utils.brainstem import segment_with_network
+        from cerebseg.utils.images import atomic_save, to_label_image, to_probseg_image
+        from cerebseg.utils.native import read_lut_tsv
+
+        torch.set_num_threads(max(self.inputs.num_threads, 1))
+        ref = nib.load(self.inputs.t1_box)
+        names = [r['name'] for r in read_lut_tsv(self.inputs.lut)]
+        probs, dseg = segment_with_network(np.asarray(ref.dataobj, np.float32),
+                                           self.inputs.weights, names,
+                                           device=self.inputs.device)
         self._results['dseg'] = os.path.join(runtime.cwd, 'brainstem_dseg.nii.gz')
         atomic_save(to_label_image(dseg, ref.affine), self._results['dseg'])
         self._results['probseg'] = os.path.join(runtime.cwd, 'brainstem_probseg.nii.gz')

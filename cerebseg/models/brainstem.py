@@ -63,6 +63,9 @@ from cerebseg.models.segmentation import CheckpointError, count_parameters, load
 LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 'cerebseg-brainstem2d'
+#: the brainstem network that ships with cerebseg (``--brainstem-method network``)
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / 'data' / 'weights' / \
+    'brainstem_ndeconet_T1w.pt'
 CHECKPOINT_VERSION = 1
 
 #: encoder name -> (MONAI block, blocks per stage); stage widths 64-128-256-512 (x4 bottleneck)

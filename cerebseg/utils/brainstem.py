@@ -5,8 +5,8 @@ MNI152NLin2009cAsym (:data:`cerebseg.utils.grid.BRAINSTEM_GRID`) with the templa
 A subject's T1w is put on the same box by its MNI affine (the one the cerebellum uses), and the
 template is registered onto it by cerebseg's diffeomorphic registration
 (:func:`cerebseg.models.registration.register_svf` with
-:data:`~cerebseg.models.registration.BRAINSTEM_CONFIG`, similarity measured on the subject's
-grid); the labels follow as probabilities (one-hot maps warped linearly), so that the native
+:data:`~cerebseg.models.registration.BRAINSTEM_CONFIG`, similarity measured over the whole box
+of the subject's grid); the labels follow as probabilities (one-hot maps warped linearly), so that the native
 resampling can interpolate them like the cerebellar ones. This is the atlas-registration method
 of issue 10 (the baseline the networks must beat, and their training labels).
 """
@@ -51,7 +51,8 @@ def register_label_set(subject: np.ndarray, template: np.ndarray, labels: np.nda
         raise ValueError(f'labels must lie in 0..{n_labels - 1}; found {labels.min()}..'
                          f'{labels.max()}')
     moving = normalise_intensity(template, template > 0)
-    result = reg.register_svf(subject, moving[None], spacing=spacing,
+    whole_box = np.ones((1,) + subject.shape, np.float32)   # see BRAINSTEM_CONFIG
+    result = reg.register_svf(subject, moving[None], spacing=spacing, mask=whole_box,
                               config=config or reg.BRAINSTEM_CONFIG, device=device, seed=seed)
     onehot = np.zeros((n_labels,) + labels.shape, np.float32)
     np.put_along_axis(onehot, labels[None].astype(np.int64), 1.0, axis=0)
@@ -64,6 +65,51 @@ def register_label_set(subject: np.ndarray, template: np.ndarray, labels: np.nda
     LOGGER.info('Brainstem label set registered: final similarity loss %s',
                 result.losses[-1][1] if result.losses else 'n/a')
     return warped.astype(np.float32), decide_labels(warped, foreground_first=True)
+
+
+def segment_with_network(t1_box: np.ndarray, weights, lut_names: list[str], *, device='cpu',
+                         batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The brainstem of one subject's box by a trained 2D network (issue 10's N-DecoNet).
+
+    ``t1_box`` is the subject's normalised T1w on the brainstem box (as for
+    :func:`register_label_set`), ``weights`` a checkpoint of
+    :func:`cerebseg.models.brainstem.save_model` trained by ``cerebseg-train brainstem``;
+    ``lut_names`` the label names of the assets' lookup table, which must be the network's
+    classes (same names, same order; :class:`~cerebseg.models.segmentation.CheckpointError`
+    otherwise). Every axial slice is segmented with the checkpoint's slicing
+    (:func:`cerebseg.models.brainstem_training.predict_volume`).
+
+    Returns ``(probabilities, dseg)`` as :func:`register_label_set` does.
+    """
+    from cerebseg.models.brainstem import load_model
+    from cerebseg.models.brainstem_training import predict_volume
+    from cerebseg.models.segmentation import CheckpointError
+    from cerebseg.utils.native import decide_labels
+
+    model, meta = load_model(weights, device=device)
+    if list(meta['labels']) != list(lut_names):
+        raise CheckpointError(
+            f'{weights} was trained on {len(meta["labels"])} brainstem labels that are not '
+            f'the {len(lut_names)} of the assets\' lookup table (first difference: '
+            f'{_first_difference(meta["labels"], lut_names)}); train weights on this label set '
+            '(cerebseg-train brainstem) or use --brainstem-method atlas')
+    if meta['channels'] != [c for c in meta['channels'] if c.startswith('T1w')]:
+        raise CheckpointError(f'{weights} needs the input channels {meta["channels"]}; '
+                              'the brainstem stage gives the T1w only')
+    slicing = dict((meta.get('meta') or {}).get('slicing') or {})
+    if not slicing:
+        raise CheckpointError(f'{weights} does not record its slicing (meta.slicing); train it '
+                              'with cerebseg-train brainstem')
+    probs = predict_volume(model, np.asarray(t1_box, np.float32), **slicing,
+                           batch_size=batch_size, device=device)
+    return probs, decide_labels(probs, foreground_first=True)
+
+
+def _first_difference(a, b) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f'class {i}: {x!r} against {y!r}'
+    return f'{len(a)} against {len(b)} classes'
 
 
 def part_rows(volumes_mm3: dict[int, float], lut: list[dict]) -> list[tuple[str, float]]:

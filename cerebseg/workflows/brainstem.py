@@ -1,11 +1,11 @@
-"""Brainstem workflow: the atlas label set on the subject's 1 mm brainstem box, native labels,
-volumes (wiring only)."""
+"""Brainstem workflow: the atlas label set (or a trained 2D network) on the subject's 1 mm
+brainstem box, native labels, volumes (wiring only)."""
 from __future__ import annotations
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from cerebseg.interfaces.brainstem import BrainstemAtlas
+from cerebseg.interfaces.brainstem import BrainstemAtlas, BrainstemNetwork
 from cerebseg.workflows.native import init_native_wf
 from cerebseg.workflows.outputs import BRAINSTEM_OUTPUTS, init_ds_wf
 
@@ -19,7 +19,9 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
     ----------
     brainstem : dict
         Absolute paths ``t1w`` (template on the brainstem box), ``dseg`` (label set), ``lut``,
-        and ``n_labels`` (:meth:`cerebseg.assets.locate.Assets.brainstem`).
+        and ``n_labels`` (:meth:`cerebseg.assets.locate.Assets.brainstem`); ``method``
+        ``'atlas'`` (default: the label set registered onto the subject) or ``'network'``
+        (the 2D network of the checkpoint ``weights``).
 
     Inputs
     ------
@@ -34,7 +36,7 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
 
     .. workflow::
 
-        inputnode -> atlas -> native_wf -> ds_wf
+        inputnode -> atlas (or network) -> native_wf -> ds_wf
     """
     from cerebseg.models.registration import settings_fingerprint
 
@@ -42,10 +44,17 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
     inputnode = pe.Node(niu.IdentityInterface(
         fields=['source_file', 't1w', 'bs_t1_box', 't1_to_mni', 'brain_to_mni', 'mni_qc']),
         name='inputnode')
-    atlas = pe.Node(BrainstemAtlas(template_t1=brainstem['t1w'], atlas_dseg=brainstem['dseg'],
-                                   n_labels=brainstem['n_labels'], seed=seed, device=device,
-                                   num_threads=omp_nthreads, settings=settings_fingerprint()),
-                    name='atlas', n_procs=omp_nthreads, mem_gb=1)
+    if brainstem.get('method', 'atlas') == 'network':
+        atlas = pe.Node(BrainstemNetwork(weights=brainstem['weights'], lut=brainstem['lut'],
+                                         device=device, num_threads=omp_nthreads),
+                        name='network', n_procs=omp_nthreads, mem_gb=1)
+    else:
+        atlas = pe.Node(BrainstemAtlas(template_t1=brainstem['t1w'],
+                                       atlas_dseg=brainstem['dseg'],
+                                       n_labels=brainstem['n_labels'], seed=seed, device=device,
+                                       num_threads=omp_nthreads,
+                                       settings=settings_fingerprint()),
+                        name='atlas', n_procs=omp_nthreads, mem_gb=1)
     if use_gpu:
         atlas.use_gpu = True
     native_wf = init_native_wf(lut=brainstem['lut'], template_icv_ml=template_icv_ml,
