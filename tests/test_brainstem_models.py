@@ -151,6 +151,14 @@ def test_encoder_width_scales_every_stage(tmp_path):
                          {'channels': ['T1w'], 'labels': list('abcde')})
     loaded, info = bs.load_model(path)
     assert info['config']['encoder_width'] == 16
+    half = bs.save_model(tmp_path / 'half.pt', model,
+                         {'channels': ['T1w'], 'labels': list('abcde')}, half=True)
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    small, _ = bs.load_model(half)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert next(small.parameters()).dtype == torch.float32
+        torch.testing.assert_close(small(x), model(x), atol=0.05, rtol=0.05)
     assert loaded.encoder.out_channels == (16, 16, 32, 64, 128)
     with pytest.raises(ValueError, match='need width 64'):
         bs.ResNetEncoder('resnet18', 1, width=32, weights=tmp_path / 'resnet18.pth')

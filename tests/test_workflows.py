@@ -118,12 +118,14 @@ def test_brainstem_graph(tmp_path, fake_assets):
             'brainstem_wf.ds_wf.ds_dseg_box', 'brainstem_wf.ds_wf.ds_morph'} <= set(nodes)
     assert nodes['brainstem_wf.native_wf.volumes'].inputs.parts
     assert nodes['brainstem_wf.ds_wf.ds_morph'].inputs.entities == {'seg': 'brainstem'}
+    assert 'brainstem_wf.ds_wf.ds_t1_to_mni' not in nodes, 'the cerebellum writes it'
     # brainstem only: no working grid, no cerebellar fusion or outputs; the affine stays
     wf = _subject_graph(tmp_path / 'bs', fake_assets, True, brainstem=brainstem,
                         brainstem_meta={}, cerebellum=False)
     names = {n.fullname.split('.', 1)[1] for n in
              generate_expanded_graph(wf._create_flat_graph()).nodes()}
-    assert {'preproc_wf.box_affine', 'preproc_wf.to_bs_grid', 'brainstem_wf.atlas'} <= names
+    assert {'preproc_wf.box_affine', 'preproc_wf.to_bs_grid', 'brainstem_wf.atlas',
+            'brainstem_wf.ds_wf.ds_t1_to_mni'} <= names
     assert not names & {'preproc_wf.to_grid', 'preproc_wf.t2_coreg', 'multiatlas_wf.fuse',
                         'native_wf.to_native', 'ds_wf.ds_morph'}
     # the network instead of the atlas: the same outputs, from its node

@@ -224,6 +224,8 @@ def _add_brainstem_parser(sub) -> None:
     cmd.add_argument('--flip', type=float, default=0.0,
                      help='probability of a left-right flip (left/right labels swapped; '
                           'default 0)')
+    cmd.add_argument('--half-weights', action='store_true',
+                     help='store the weights as float16 (half the file; the shipped weights)')
     cmd.add_argument('--seed', type=int, default=0,
                      help='seed of the split, the initialisation and the sampling')
     cmd.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
@@ -360,7 +362,8 @@ def train_brainstem(opts) -> int:
         on_evaluate=on_evaluate)
     model.load_state_dict(result.state_dict)
     save_model(opts.out, model, bt.checkpoint_meta(labels=labels, slicing=slicing, split=split,
-                                                   result=result, settings=settings))
+                                                   result=result, settings=settings),
+               half=opts.half_weights)
     LOGGER.info('Brainstem network written: %s (step %d of %d, validation mIoU %s)', opts.out,
                 result.best_step, result.steps,
                 ', '.join(f'{k} {v:.4f}' for k, v in result.scores.items()) or 'n/a')

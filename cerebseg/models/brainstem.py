@@ -653,8 +653,9 @@ def build_model(decoder: str, encoder: str = 'resnet34', in_channels: int = 1,
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def save_model(path, model: BrainstemNet, meta: dict) -> Path:
-    """Write a self-describing checkpoint atomically.
+def save_model(path, model: BrainstemNet, meta: dict, half: bool = False) -> Path:
+    """Write a self-describing checkpoint atomically (``half``: weights stored as float16, half
+    the file; :func:`load_model` puts them back into the float32 network).
 
     ``meta`` must hold ``channels`` (one name per input channel, e.g. ``['T1w', 'T2w']`` or
     ``['T1w-1', 'T1w', 'T1w+1']``) and ``labels`` (one name per output class, background first);
@@ -675,7 +676,8 @@ def save_model(path, model: BrainstemNet, meta: dict) -> Path:
                                    if k not in ('channels', 'labels')}, default=str))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
     ckpt = {'format': CHECKPOINT_FORMAT, 'format_version': CHECKPOINT_VERSION,
             'cerebseg_version': __version__, 'config': dict(cfg), 'channels': channels,
             'labels': labels, 'meta': extra, 'state_dict': state}

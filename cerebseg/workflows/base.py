@@ -68,7 +68,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                                          dseg_meta=brainstem_meta or {},
                                          template_icv_ml=templates['icv_ml'],
                                          omp_nthreads=omp_nthreads, seed=seed, device=device,
-                                         use_gpu=use_gpu)
+                                         use_gpu=use_gpu, write_xfm=not cerebellum)
         wf.connect([
             (inputnode, brainstem_wf, [('t1w', 'inputnode.source_file'),
                                        ('t1w', 'inputnode.t1w')]),

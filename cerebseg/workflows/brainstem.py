@@ -7,12 +7,13 @@ from nipype.pipeline import engine as pe
 
 from cerebseg.interfaces.brainstem import BrainstemAtlas, BrainstemNetwork
 from cerebseg.workflows.native import init_native_wf
-from cerebseg.workflows.outputs import BRAINSTEM_OUTPUTS, init_ds_wf
+from cerebseg.workflows.outputs import BRAINSTEM_OUTPUTS, BRAINSTEM_XFM_OUTPUTS, init_ds_wf
 
 
 def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
                       template_icv_ml: float, omp_nthreads: int, seed: int,
-                      device: str = 'cpu', use_gpu: bool = False, name: str = 'brainstem_wf'):
+                      device: str = 'cpu', use_gpu: bool = False, write_xfm: bool = False,
+                      name: str = 'brainstem_wf'):
     """Segment the brainstem (parts, grey/white matter, nuclei) and write its derivatives.
 
     Parameters
@@ -22,6 +23,10 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
         and ``n_labels`` (:meth:`cerebseg.assets.locate.Assets.brainstem`); ``method``
         ``'atlas'`` (default: the label set registered onto the subject) or ``'network'``
         (the 2D network of the checkpoint ``weights``).
+
+    write_xfm : bool
+        Also write the T1w -> MNI affine (``--skip-cerebellum``: the cerebellum's outputs, which
+        hold it otherwise, are not written).
 
     Inputs
     ------
@@ -60,7 +65,9 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
     native_wf = init_native_wf(lut=brainstem['lut'], template_icv_ml=template_icv_ml,
                                omp_nthreads=omp_nthreads, parts=True)
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=False,
-                       outputs=BRAINSTEM_OUTPUTS)
+                       outputs=BRAINSTEM_OUTPUTS + (BRAINSTEM_XFM_OUTPUTS if write_xfm else ()))
+    if write_xfm:
+        wf.connect(inputnode, 't1_to_mni', ds_wf, 'inputnode.t1_to_mni')
     qc_files = pe.Node(niu.Merge(2), name='qc_files', run_without_submitting=True)
     wf.connect([
         (inputnode, atlas, [('bs_t1_box', 't1_box')]),

@@ -22,6 +22,10 @@ BRAINSTEM_OUTPUTS = (
     ('dseg_box', 'dseg', '.nii.gz', {'space': SPACE, 'res': '1', 'seg': 'brainstem'}, 'dseg'),
     ('morph', 'morph', '.tsv', {'seg': 'brainstem'}, None),
 )
+#: the brainstem's, when the cerebellum (whose outputs hold it) is skipped
+BRAINSTEM_XFM_OUTPUTS = (
+    ('t1_to_mni', 'xfm', '.mat', {'from': 'T1w', 'to': SPACE, 'mode': 'image'}, None),
+)
 #: written only when a T2w was used
 T2W_OUTPUTS = (
     ('t2_to_t1', 'xfm', '.mat', {'from': 'T2w', 'to': 'T1w', 'mode': 'image'}, None),
