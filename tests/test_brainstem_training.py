@@ -183,6 +183,36 @@ def test_a_few_steps_lower_the_loss():
     assert result.best_step in {h['step'] for h in result.history}
 
 
+def test_cosine_schedule_ends_at_a_hundredth():
+    from cerebseg.models.brainstem import build_model
+
+    ds = bt.SliceDataset([synthetic_case(0)], bt.Slicing(size=32, crop=32), margin=0)
+    model = build_model('ndeconet', 'resnet18', 1, len(NAMES), width=8, encoder_width=8)
+    seen = []
+
+    def on_evaluate(model, entry, improved):
+        seen.append(entry['step'])
+
+    real_adam = torch.optim.Adam
+    opts = []
+
+    def spy(*a, **kw):
+        opts.append(real_adam(*a, **kw))
+        return opts[-1]
+
+    torch.optim.Adam = spy
+    try:
+        bt.train_brainstem(model, ds, labels=LABELS, steps=10, batch_size=4, lr=1e-2,
+                           augment=None, val_every=5, lr_schedule='cosine',
+                           on_evaluate=on_evaluate)
+    finally:
+        torch.optim.Adam = real_adam
+    assert seen == [5, 10]
+    assert opts[0].param_groups[0]['lr'] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="'constant' or 'cosine'"):
+        bt.train_brainstem(model, ds, labels=LABELS, steps=1, lr_schedule='step')
+
+
 def test_early_stopping_keeps_the_best_weights():
     from cerebseg.models.brainstem import build_model
 

@@ -218,6 +218,42 @@ def test_end_to_end_real_subject(real_run):
 
 
 @pytest.mark.integration
+def test_brainstem_network_on_real_subject(real_run):
+    """--brainstem-method network with the shipped weights, in the work folder of the real run
+    (its preprocessing reused): labels on the T1w grid that agree with the atlas method's,
+    anatomy in order, the network named in the sidecar, the affine written."""
+    assert real_run['code'] == 0
+    out = real_run['out'].parent / 'out-network'
+    argv = [str(real_run['bids']), str(out), 'participant', '--participant-label', '01',
+            '--assets-dir', real_run['argv'][real_run['argv'].index('--assets-dir') + 1],
+            '-w', str(real_run['work']), '--skip-cerebellum', '--brainstem-method', 'network']
+    assert main(argv) == 0
+    anat = out / 'sub-01/anat'
+    net = nib.load(anat / 'sub-01_space-T1w_seg-brainstem_dseg.nii.gz')
+    atlas = nib.load(real_run['out'] / 'sub-01/anat/sub-01_space-T1w_seg-brainstem_dseg.nii.gz')
+    assert net.shape == atlas.shape
+    np.testing.assert_allclose(net.affine, atlas.affine, atol=1e-4)
+    a, b = np.asarray(net.dataobj), np.asarray(atlas.dataobj)
+    whole = 2 * ((a > 0) & (b > 0)).sum() / ((a > 0).sum() + (b > 0).sum())
+    assert whole > 0.9, f'whole-brainstem Dice network vs atlas {whole:.3f}'
+    same = (a == b)[(a > 0) | (b > 0)].mean()
+    assert same > 0.6, f'labels agree on {same:.2f} of the brainstem'
+    lut = {r.split('\t')[1]: int(r.split('\t')[0]) for r in
+           (out / 'seg-brainstem_dseg.tsv').read_text().splitlines()[1:]}
+
+    def centre(names):
+        return nib.affines.apply_affine(net.affine, np.argwhere(
+            np.isin(a, [lut[n] for n in names])).mean(0))
+
+    z = [centre([f'{p}_GM', f'{p}_WM'])[2] for p in ('Midbrain', 'Pons', 'Medulla')]
+    assert z[0] > z[1] > z[2], z
+    assert centre(['Left_Red_Nucleus'])[0] < centre(['Right_Red_Nucleus'])[0]
+    meta = json.loads((anat / 'sub-01_space-T1w_seg-brainstem_dseg.json').read_text())
+    assert meta['Method']['Network']['Decoder'] == 'ndeconet'
+    assert (anat / 'sub-01_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat').is_file()
+
+
+@pytest.mark.integration
 def test_train_and_eval_on_real_subject(real_run, assets_dir, tmp_path, capsys):
     """cerebseg-train segmentation (reusing the run's work folder) and cerebseg-eval."""
     import torch

@@ -157,7 +157,7 @@ def _brainstem_paths(assets, cfg) -> dict | None:
 def _brainstem_network(cfg, lut: str) -> tuple[str, dict]:
     """The checkpoint of --brainstem-method network and a summary of it, checked against the
     label set before any work starts (CheckpointError: exit 126)."""
-    from cerebseg.models.brainstem import DEFAULT_WEIGHTS, load_model
+    from cerebseg.models.brainstem import DEFAULT_WEIGHTS, read_model_meta
     from cerebseg.models.segmentation import CheckpointError
     from cerebseg.utils.native import read_lut_tsv
 
@@ -166,7 +166,7 @@ def _brainstem_network(cfg, lut: str) -> tuple[str, dict]:
         raise CheckpointError(f'brainstem network weights not found: {path}; pass '
                               '--brainstem-weights FILE (cerebseg-train brainstem) or use '
                               '--brainstem-method atlas')
-    _, meta = load_model(path)
+    meta = read_model_meta(path)   # no network built here: see read_model_meta
     names = [r['name'] for r in read_lut_tsv(lut)]
     if list(meta['labels']) != names:
         raise CheckpointError(f'{path} was trained on other brainstem labels than the '

@@ -213,6 +213,9 @@ def _add_brainstem_parser(sub) -> None:
                      help='optimisation steps (overrides --epochs)')
     cmd.add_argument('--batch-size', type=_positive, default=16)
     cmd.add_argument('--learning-rate', type=float, default=1e-3)
+    cmd.add_argument('--lr-schedule', choices=['cosine', 'constant'], default='cosine',
+                     help='learning rate over the steps: cosine (default; down to a hundredth) '
+                          'or constant')
     cmd.add_argument('--val-fraction', type=_fraction, default=0.2,
                      help='fraction of the participants held out for validation (0: none, the '
                           'last weights are written)')
@@ -336,6 +339,7 @@ def train_brainstem(opts) -> int:
                 'encoder_width': opts.encoder_width, 'loss': opts.loss,
                 'alpha': opts.alpha if opts.loss == 'dicece' else None,
                 'batch_size': opts.batch_size, 'learning_rate': opts.learning_rate,
+                'lr_schedule': opts.lr_schedule,
                 'margin': opts.margin, 'val_fraction': opts.val_fraction, 'seed': opts.seed,
                 'patience': opts.patience, 'device': device.type,
                 'augment': None if augment is None else dataclasses.asdict(augment),
@@ -359,7 +363,7 @@ def train_brainstem(opts) -> int:
         model, train, validation, labels=labels, loss=opts.loss, alpha=opts.alpha, steps=steps,
         batch_size=opts.batch_size, lr=opts.learning_rate, seed=opts.seed, device=device,
         augment=augment, val_every=opts.val_every, patience=opts.patience, bf16=opts.bf16,
-        on_evaluate=on_evaluate)
+        on_evaluate=on_evaluate, lr_schedule=opts.lr_schedule)
     model.load_state_dict(result.state_dict)
     save_model(opts.out, model, bt.checkpoint_meta(labels=labels, slicing=slicing, split=split,
                                                    result=result, settings=settings),

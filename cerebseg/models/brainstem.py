@@ -75,7 +75,7 @@ ENCODERS = {'resnet18': (ResNetBlock, (2, 2, 2, 2)),
             'resnet50': (ResNetBottleneck, (3, 4, 6, 3))}
 
 __all__ = ['DECODERS', 'ENCODERS', 'BrainstemNet', 'ResNetEncoder', 'build_model',
-           'count_parameters', 'load_model', 'save_model']
+           'count_parameters', 'load_model', 'read_model_meta', 'save_model']
 
 
 # ---------------------------------------------------------------------------------- encoder
@@ -359,6 +359,25 @@ def save_model(path, model: BrainstemNet, meta: dict, half: bool = False) -> Pat
     return path
 
 
+def _read_checkpoint(path: Path) -> dict:
+    ckpt = load_torch_file(path, 'brainstem network weights')
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
+        raise CheckpointError(f'{path} is not a cerebseg 2D brainstem checkpoint')
+    if ckpt.get('format_version', 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f'{path} was written by a newer cerebseg '
+                              f'({ckpt.get("cerebseg_version")}); upgrade cerebseg')
+    return ckpt
+
+
+def read_model_meta(path) -> dict:
+    """The metadata of a :func:`save_model` checkpoint (config, channels, labels, meta) without
+    building the network. The command line checks weights this way before the workflow
+    starts: a network built in the parent process leaves torch's thread pool there, and the
+    Nipype workers forked from it then hung in their first convolution."""
+    ckpt = _read_checkpoint(Path(path))
+    return {k: v for k, v in ckpt.items() if k != 'state_dict'}
+
+
 def load_model(path, *, decoder: str | None = None, encoder: str | None = None,
                channels=None, device='cpu') -> tuple[BrainstemNet, dict]:
     """Load a checkpoint of :func:`save_model` (strict keys, eval mode).
@@ -368,12 +387,7 @@ def load_model(path, *, decoder: str | None = None, encoder: str | None = None,
     file and what differs. Returns the model and the metadata (config, channels, labels, meta).
     """
     path = Path(path)
-    ckpt = load_torch_file(path, 'brainstem network weights')
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
-        raise CheckpointError(f'{path} is not a cerebseg 2D brainstem checkpoint')
-    if ckpt.get('format_version', 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f'{path} was written by a newer cerebseg '
-                              f'({ckpt.get("cerebseg_version")}); upgrade cerebseg')
+    ckpt = _read_checkpoint(path)
     cfg = dict(ckpt['config'])
     for what, want in (('decoder', decoder), ('encoder', encoder)):
         if want is not None and cfg[what] != want:

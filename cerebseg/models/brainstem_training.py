@@ -445,7 +445,8 @@ def train_brainstem(model, train: SliceDataset, validation=(), *, labels, loss: 
                     alpha: float | None = 0.1, steps: int = 1000, batch_size: int = 16,
                     lr: float = 1e-3, seed: int = 0, device='cpu',
                     augment: Augment | None = Augment(), val_every: int | None = None,
-                    patience: int = 10, bf16: bool = False, on_evaluate=None) -> TrainResult:
+                    patience: int = 10, bf16: bool = False, on_evaluate=None,
+                    lr_schedule: str = 'constant') -> TrainResult:
     """Train ``model`` on ``train`` slices; score ``validation`` cases (:func:`score_cases`).
 
     ``labels``: class names, background first. ``loss`` and ``alpha`` go to
@@ -453,8 +454,12 @@ def train_brainstem(model, train: SliceDataset, validation=(), *, labels, loss: 
     evaluations (default one pass over the slices, and always at the end); ``patience``:
     evaluations without a better all-class mIoU before stopping (0: never stop early).
     Without validation cases the last weights are returned. ``on_evaluate(model, entry,
-    improved)`` is called after each evaluation.
+    improved)`` is called after each evaluation. ``lr_schedule``: ``'constant'`` or
+    ``'cosine'`` (from ``lr`` down to ``lr / 100`` at ``steps``; the shipped weights: with a
+    constant rate the validation mIoU of ds002748 swung by 0.05 between epochs).
     """
+    if lr_schedule not in ('constant', 'cosine'):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {lr_schedule!r}")
     from cerebseg.utils.labels import swap_classes
 
     device = torch.device(device)
@@ -467,6 +472,10 @@ def train_brainstem(model, train: SliceDataset, validation=(), *, labels, loss: 
     rng = np.random.default_rng(seed)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = None
+    if lr_schedule == 'cosine':
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1),
+                                                           eta_min=lr / 100)
     val_every = val_every or epoch_steps(len(train), batch_size)
     use_bf16 = bf16 or device.type == 'cuda'
     t0 = time.perf_counter()
@@ -488,6 +497,8 @@ def train_brainstem(model, train: SliceDataset, validation=(), *, labels, loss: 
                                'learning rate or check the input intensities')
         value.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(float(value.detach()))
         step += 1
         if step % val_every and step < steps:
