@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from cerebseg.bids_app.bids import collect_inputs, load_filters, write_group_table
+from cerebseg.bids_app.bids import (collect_inputs, load_filters, write_group_table,
+                                    write_group_tables)
 from cerebseg.errors import BadDataError, UsageError
 from cerebseg.interfaces.bids import derivative_path, source_entities
 from conftest import make_bids
@@ -91,3 +92,12 @@ def test_group_table(tmp_path):
     table = write_group_table(tmp_path).read_text().splitlines()
     assert table[0] == 'participant_id\tsession_id\trun\tLeft_I_IV\tRight_I_IV'
     assert table[2] == 'sub-02\tn/a\tn/a\t20.0\t40.0'
+    assert [p.name for p in write_group_tables(tmp_path)] == ['group_seg-cerebellum_morph.tsv']
+    bs = tmp_path / 'sub-01/anat/sub-01_seg-brainstem_morph.tsv'
+    bs.write_text('index\tname\tvolume_mm3\tvolume_icv_fraction\n1\tPons_GM\t7.5\t0.1\n'
+                  'n/a\tWhole_Brainstem\t7.5\t0.1\n')
+    assert [p.name for p in write_group_tables(tmp_path)] == [
+        'group_seg-cerebellum_morph.tsv', 'group_seg-brainstem_morph.tsv']
+    rows = (tmp_path / 'group_seg-brainstem_morph.tsv').read_text().splitlines()
+    assert rows == ['participant_id\tsession_id\trun\tPons_GM\tWhole_Brainstem',
+                    'sub-01\tn/a\tn/a\t7.5\t7.5']

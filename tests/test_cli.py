@@ -215,6 +215,8 @@ def test_end_to_end_real_subject(real_run):
     # group level gathers the volumes
     assert main([str(bids), str(out), 'group']) == 0
     assert (out / 'group_seg-cerebellum_morph.tsv').read_text().count('sub-01') == 1
+    group_bs = (out / 'group_seg-brainstem_morph.tsv').read_text().splitlines()
+    assert 'Whole_Brainstem' in group_bs[0].split('\t') and group_bs[1].startswith('sub-01')
 
 
 @pytest.mark.integration

@@ -147,15 +147,29 @@ def write_derivative_description(bids_dir, output_dir) -> Path:
                              json.dumps(desc, indent=2) + '\n')
 
 
-def write_group_table(output_dir) -> Path:
-    """Gather every participant's ``*_seg-cerebellum_morph.tsv`` into one wide table."""
+def write_group_tables(output_dir) -> list[Path]:
+    """The group tables of every structure with participant results (cerebellum, brainstem);
+    UsageError when there are none at all."""
+    output_dir = Path(output_dir)
+    segs = [seg for seg in ('cerebellum', 'brainstem')
+            if any(output_dir.glob(f'sub-*/**/anat/*_seg-{seg}_morph.tsv'))]
+    if not segs:
+        raise UsageError(f'No participant results in {output_dir}: run the participant level '
+                         'first.')
+    return [write_group_table(output_dir, seg) for seg in segs]
+
+
+def write_group_table(output_dir, seg: str = 'cerebellum') -> Path:
+    """Gather every participant's ``*_seg-<seg>_morph.tsv`` into one wide table,
+    ``group_seg-<seg>_morph.tsv`` (one row per participant/session/run, one column per
+    structure, native mm^3)."""
     import csv
 
     output_dir = Path(output_dir)
-    tables = sorted(output_dir.glob('sub-*/**/anat/*_seg-cerebellum_morph.tsv'))
+    tables = sorted(output_dir.glob(f'sub-*/**/anat/*_seg-{seg}_morph.tsv'))
     if not tables:
-        raise UsageError(f'No participant results in {output_dir}: run the participant level '
-                         'first.')
+        raise UsageError(f'No participant results for seg-{seg} in {output_dir}: run the '
+                         'participant level first.')
     from cerebseg.interfaces.bids import source_entities
 
     names, rows = None, []
@@ -171,5 +185,5 @@ def write_group_table(output_dir) -> Path:
         rows.append(row)
     header = ['participant_id', 'session_id', 'run'] + names
     lines = ['\t'.join(header)] + ['\t'.join(str(r.get(h, 'n/a')) for h in header) for r in rows]
-    return atomic_write_text(output_dir / 'group_seg-cerebellum_morph.tsv',
+    return atomic_write_text(output_dir / f'group_seg-{seg}_morph.tsv',
                              '\n'.join(lines) + '\n')

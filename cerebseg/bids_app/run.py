@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(opts.verbose)
 
     from cerebseg.assets.locate import load_assets
-    from cerebseg.bids_app.bids import collect_inputs, load_filters, write_group_table
+    from cerebseg.bids_app.bids import collect_inputs, load_filters, write_group_tables
     from cerebseg.bids_app.config import RunConfig
     from cerebseg.errors import CerebsegError, MissingAssetError, UsageError
     from cerebseg.models.inference import resolve_device
@@ -349,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RunConfig.from_namespace(opts)
     try:
         if cfg.analysis_level == 'group':
-            table = write_group_table(cfg.output_dir)
-            LOGGER.log(IMPORTANT, 'Group table written: %s', table)
+            for table in write_group_tables(cfg.output_dir):
+                LOGGER.log(IMPORTANT, 'Group table written: %s', table)
             return 0
         try:
             device = resolve_device(cfg.device)
