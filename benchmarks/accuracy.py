@@ -115,16 +115,21 @@ def write_case(bids: Path, truth_dir: Path, seed: int, t2w: bool, protocol: str 
     case = make_case(nib.load(SHARED / source['t1w']), source_labels(protocol),
                      seed=seed, n_labels=source['n_labels'],
                      t2w=nib.load(SHARED / source['t2w']) if t2w else None)
+    save_case(case, anat, truth_dir, label, truth_file, source=source, protocol=protocol)
+    return label
+
+
+def save_case(case, anat: Path, truth_dir: Path, label: str, truth_file: Path, **meta) -> None:
+    """Write one case of :func:`cerebseg.utils.truth.make_case`: its T1w (and T2w) as int16
+    into ``anat``, its truth metadata (with ``meta``) and exact labels into ``truth_dir``."""
     nib.save(nib.Nifti1Image(np.rint(case.t1w).astype(np.int16), case.affine),
              anat / f'sub-{label}_T1w.nii.gz')
     if case.t2w is not None:
         nib.save(nib.Nifti1Image(np.rint(case.t2w).astype(np.int16), case.t2w_affine),
                  anat / f'sub-{label}_T2w.nii.gz')
-    meta = dict(case.meta, volumes_mm3=case.volumes_mm3.round(3).tolist(),
-                source=source, protocol=protocol)
+    meta = dict(case.meta, volumes_mm3=case.volumes_mm3.round(3).tolist(), **meta)
     (truth_dir / f'sub-{label}_truth.json').write_text(json.dumps(meta, indent=1))
     nib.save(nib.Nifti1Image(case.labels, case.affine), truth_file)
-    return label
 
 
 def write_bids_root(bids: Path, labels: list[str]) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from accuracy import anat_file, box_to_native, hd95, write_bids_root
+from accuracy import anat_file, box_to_native, hd95, save_case, write_bids_root
 from common import print_score_rows, run_cerebseg, summarise, write_scores_tsv
 
 from cerebseg.utils.brainstem import PARTS
@@ -64,11 +64,7 @@ def write_case(bids: Path, truth_dir: Path, seed: int, labels: nib.Nifti1Image,
     anat.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
     case = make_case(nib.load(SHARED / T1W), labels, seed=seed, n_labels=n_labels)
-    nib.save(nib.Nifti1Image(np.rint(case.t1w).astype(np.int16), case.affine),
-             anat / f'sub-{label}_T1w.nii.gz')
-    (truth_dir / f'sub-{label}_truth.json').write_text(json.dumps(
-        dict(case.meta, volumes_mm3=case.volumes_mm3.round(3).tolist())))
-    nib.save(nib.Nifti1Image(case.labels, case.affine), truth_file)
+    save_case(case, anat, truth_dir, label, truth_file)
     return label
 
 

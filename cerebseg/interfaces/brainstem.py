@@ -27,6 +27,19 @@ class _AtlasOutputSpec(TraitedSpec):
     probseg = File(exists=True, desc='label probabilities (4D uint8, labels last)')
 
 
+def _save_box_result(results: dict, cwd: str, probs, dseg, affine) -> None:
+    """Both nodes' outputs: the labels and the probabilities (4D uint8, labels last)."""
+    import numpy as np
+
+    from cerebseg.utils.images import atomic_save, to_label_image, to_probseg_image
+
+    results['dseg'] = os.path.join(cwd, 'brainstem_dseg.nii.gz')
+    atomic_save(to_label_image(dseg, affine), results['dseg'])
+    results['probseg'] = os.path.join(cwd, 'brainstem_probseg.nii.gz')
+    atomic_save(to_probseg_image(np.rint(np.moveaxis(probs, 0, -1) * 255), affine),
+                results['probseg'])
+
+
 class BrainstemAtlas(SimpleInterface):
     """:func:`cerebseg.utils.brainstem.register_label_set` on the brainstem box."""
 
@@ -39,7 +52,6 @@ class BrainstemAtlas(SimpleInterface):
         import torch
 
         from cerebseg.utils.brainstem import register_label_set
-        from cerebseg.utils.images import atomic_save, to_label_image, to_probseg_image
 
         torch.set_num_threads(max(self.inputs.num_threads, 1))
         ref = nib.load(self.inputs.t1_box)
@@ -55,11 +67,7 @@ class BrainstemAtlas(SimpleInterface):
             np.asarray(atlas.dataobj), self.inputs.n_labels,
             spacing=float(ref.header.get_zooms()[0]), seed=self.inputs.seed,
             device=self.inputs.device)
-        self._results['dseg'] = os.path.join(runtime.cwd, 'brainstem_dseg.nii.gz')
-        atomic_save(to_label_image(dseg, ref.affine), self._results['dseg'])
-        self._results['probseg'] = os.path.join(runtime.cwd, 'brainstem_probseg.nii.gz')
-        atomic_save(to_probseg_image(np.rint(np.moveaxis(probs, 0, -1) * 255), ref.affine),
-                    self._results['probseg'])
+        _save_box_result(self._results, runtime.cwd, probs, dseg, ref.affine)
         return runtime
 
 
@@ -83,7 +91,6 @@ class BrainstemNetwork(SimpleInterface):
         import torch
 
         from cerebseg.utils.brainstem import segment_with_network
-        from cerebseg.utils.images import atomic_save, to_label_image, to_probseg_image
         from cerebseg.utils.native import read_lut_tsv
 
         torch.set_num_threads(max(self.inputs.num_threads, 1))
@@ -92,9 +99,5 @@ class BrainstemNetwork(SimpleInterface):
         probs, dseg = segment_with_network(np.asarray(ref.dataobj, np.float32),
                                            self.inputs.weights, names,
                                            device=self.inputs.device)
-        self._results['dseg'] = os.path.join(runtime.cwd, 'brainstem_dseg.nii.gz')
-        atomic_save(to_label_image(dseg, ref.affine), self._results['dseg'])
-        self._results['probseg'] = os.path.join(runtime.cwd, 'brainstem_probseg.nii.gz')
-        atomic_save(to_probseg_image(np.rint(np.moveaxis(probs, 0, -1) * 255), ref.affine),
-                    self._results['probseg'])
+        _save_box_result(self._results, runtime.cwd, probs, dseg, ref.affine)
         return runtime
