@@ -407,7 +407,7 @@ def stage_volumes(work: Path, label: str, out: Path, truth_native: nib.Nifti1Ima
     for path in sorted((wf / 'multiatlas_wf' / 'register').glob('entry*_warped_dseg.nii.gz')):
         stages[f'warped {path.name.split("_")[0]}'] = vol(path)
     stages['fused prior'] = vol(wf / 'multiatlas_wf' / 'fuse' / 'fused_dseg.nii.gz')
-    nets = anat_file(out, label, 'space-MNI152NLin2009cAsym_res-05_seg-cerebellum_dseg.nii.gz')
+    nets = anat_file(out, label, 'space-MNI152NLin2009cAsym_seg-cerebellum_res-05_dseg.nii.gz')
     if networks:
         stages['networks (working grid)'] = vol(nets)
     native = nib.load(anat_file(out, label, 'space-T1w_seg-cerebellum_dseg.nii.gz'))

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from cerebseg.bids_app.bids import (collect_inputs, load_filters, write_group_table,
-                                    write_group_tables)
+from cerebseg.bids_app.bids import collect_inputs, load_filters
+from cerebseg.bids_app.group import write_group_outputs
 from cerebseg.errors import BadDataError, UsageError
 from cerebseg.interfaces.bids import derivative_path, source_entities
 from conftest import make_bids
@@ -72,7 +72,7 @@ def test_derivative_names(tmp_path):
     path = derivative_path(tmp_path, src, 'dseg', '.nii.gz', space='MNI152NLin2009cAsym',
                            res='05', seg='cerebellum')
     assert path == tmp_path / 'sub-01/ses-a/anat/' \
-        'sub-01_ses-a_acq-mp2_run-2_space-MNI152NLin2009cAsym_res-05_seg-cerebellum_dseg.nii.gz'
+        'sub-01_ses-a_acq-mp2_run-2_space-MNI152NLin2009cAsym_seg-cerebellum_res-05_dseg.nii.gz'
     xfm = derivative_path(tmp_path, src, 'xfm', '.mat', to='MNI152NLin2009cAsym', mode='image',
                           **{'from': 'T1w'})
     assert xfm.name == 'sub-01_ses-a_acq-mp2_run-2_from-T1w_to-MNI152NLin2009cAsym_' \
@@ -82,22 +82,29 @@ def test_derivative_names(tmp_path):
 
 
 def test_group_table(tmp_path):
-    with pytest.raises(UsageError):
-        write_group_table(tmp_path)
+    """The group tables of the structures with participant results (details: test_group.py)."""
+    with pytest.raises(UsageError, match='participant level first'):
+        write_group_outputs(tmp_path, tmp_path)
     for sub, vol in (('01', 10.0), ('02', 20.0)):
         p = tmp_path / f'sub-{sub}/anat/sub-{sub}_seg-cerebellum_morph.tsv'
         p.parent.mkdir(parents=True)
         p.write_text('index\tname\tvolume_mm3\tvolume_icv_fraction\n'
                      f'1\tLeft_I_IV\t{vol}\t0.1\n2\tRight_I_IV\t{vol * 2}\t0.2\n')
-    table = write_group_table(tmp_path).read_text().splitlines()
-    assert table[0] == 'participant_id\tsession_id\trun\tLeft_I_IV\tRight_I_IV'
-    assert table[2] == 'sub-02\tn/a\tn/a\t20.0\t40.0'
-    assert [p.name for p in write_group_tables(tmp_path)] == ['group_seg-cerebellum_morph.tsv']
+    written = [p.name for p in write_group_outputs(tmp_path, tmp_path)]
+    assert 'group_seg-cerebellum_morph.tsv' in written
+    assert 'group_seg-brainstem_morph.tsv' not in written
+    table = (tmp_path / 'group_seg-cerebellum_morph.tsv').read_text().splitlines()
+    assert table[0].split('\t') == [
+        'participant_id', 'session_id', 'run', 'Left_I_IV', 'Right_I_IV', 'Left_I_IV_icv',
+        'Right_I_IV_icv', 'total_mm3', 'total_icv', 'Left_I_IV_z', 'Right_I_IV_z', 'n_outliers',
+        'outlier_structures']
+    assert table[2].startswith('sub-02\tn/a\tn/a\t20.0\t40.0\t0.1\t0.2\t60.0\t')
     bs = tmp_path / 'sub-01/anat/sub-01_seg-brainstem_morph.tsv'
     bs.write_text('index\tname\tvolume_mm3\tvolume_icv_fraction\n1\tPons_GM\t7.5\t0.1\n'
                   'n/a\tWhole_Brainstem\t7.5\t0.1\n')
-    assert [p.name for p in write_group_tables(tmp_path)] == [
-        'group_seg-cerebellum_morph.tsv', 'group_seg-brainstem_morph.tsv']
+    written = [p.name for p in write_group_outputs(tmp_path, tmp_path)]
+    assert {'group_seg-cerebellum_morph.tsv', 'group_seg-brainstem_morph.tsv'} <= set(written)
     rows = (tmp_path / 'group_seg-brainstem_morph.tsv').read_text().splitlines()
-    assert rows == ['participant_id\tsession_id\trun\tPons_GM\tWhole_Brainstem',
-                    'sub-01\tn/a\tn/a\t7.5\t7.5']
+    assert rows[0].split('\t')[:5] == ['participant_id', 'session_id', 'run', 'Pons_GM',
+                                       'Whole_Brainstem']
+    assert rows[1].startswith('sub-01\tn/a\tn/a\t7.5\t7.5\t0.1\t0.1\t7.5\t')

@@ -1,7 +1,10 @@
 """The command line on bad inputs (clear errors, exit codes) and end to end on a real subject."""
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -131,7 +134,7 @@ def test_end_to_end_real_subject(real_run):
     bids, out, argv = real_run['bids'], real_run['out'], real_run['argv']
     assert real_run['code'] == 0
     anat = out / 'sub-01/anat'
-    box = 'sub-01_space-MNI152NLin2009cAsym_res-05_seg-cerebellum'
+    box = 'sub-01_space-MNI152NLin2009cAsym_seg-cerebellum_res-05'
     expected = ['sub-01_space-T1w_seg-cerebellum_dseg.nii.gz',
                 'sub-01_space-T1w_seg-cerebellum_dseg.json',
                 f'{box}_dseg.nii.gz', f'{box}_desc-prior_dseg.nii.gz',
@@ -186,7 +189,7 @@ def test_end_to_end_real_subject(real_run):
     assert bs.shape == t1.shape[:3]
     np.testing.assert_allclose(bs.affine, t1.affine, atol=1e-4)
     for name in ('sub-01_space-T1w_seg-brainstem_dseg.json', 'sub-01_seg-brainstem_morph.tsv',
-                 'sub-01_space-MNI152NLin2009cAsym_res-1_seg-brainstem_dseg.nii.gz'):
+                 'sub-01_space-MNI152NLin2009cAsym_seg-brainstem_res-1_dseg.nii.gz'):
         assert (anat / name).is_file(), name
     bs_lut = {r.split('\t')[1]: int(r.split('\t')[0]) for r in
               (out / 'seg-brainstem_dseg.tsv').read_text().splitlines()[1:]}
@@ -212,11 +215,78 @@ def test_end_to_end_real_subject(real_run):
     assert main(argv) == 0
     again = nib.load(anat / 'sub-01_space-T1w_seg-cerebellum_dseg.nii.gz')
     assert hashlib.sha256(np.asarray(again.dataobj).tobytes()).hexdigest() == first
-    # group level gathers the volumes
-    assert main([str(bids), str(out), 'group']) == 0
-    assert (out / 'group_seg-cerebellum_morph.tsv').read_text().count('sub-01') == 1
+    # group level gathers the volumes (details on synthetic trees: test_group.py)
+    assert main([str(bids), str(out), 'group', '--group-by', 'group']) == 0
+    group_cb = (out / 'group_seg-cerebellum_morph.tsv').read_text().splitlines()
+    assert len(group_cb) == 2 and group_cb[1].startswith('sub-01\tn/a\tn/a\t')
+    header = group_cb[0].split('\t')
+    assert {'Left_VI', 'Left_VI_icv', 'Left_VI_z', 'total_icv', 'group'} <= set(header)
+    row = dict(zip(header, group_cb[1].split('\t')))
+    assert float(row['Left_VI']) == pytest.approx(float(morph[5][2]))
+    assert row['n_outliers'] == '0'  # alone, no one is an outlier
     group_bs = (out / 'group_seg-brainstem_morph.tsv').read_text().splitlines()
     assert 'Whole_Brainstem' in group_bs[0].split('\t') and group_bs[1].startswith('sub-01')
+    assert 'href="sub-01.html"' in (out / 'group_report.html').read_text()
+    assert (out / 'group_qc.tsv').is_file()
+    # the participant report, its figures and the status of each run
+    for name in ('sub-01_space-MNI152NLin2009cAsym_T1w.svg', 'sub-01_seg-cerebellum_dseg.svg',
+                 'sub-01_seg-brainstem_dseg.svg'):
+        assert (out / 'sub-01/figures' / name).is_file(), name
+    statuses = sorted(out.glob('sub-01/log/*/sub-01_status.json'))
+    assert len(statuses) == 2, 'one status per run (the first and the resumed one)'
+    status = json.loads(statuses[-1].read_text())
+    assert status['exit_code'] == 0 and status['elapsed_s'] > 0
+    page = (out / 'sub-01.html').read_text()
+    assert 'sub-01/figures/sub-01_seg-brainstem_dseg.svg' in page and 'Left_VI' in page
+    preproc = json.loads((anat / 'sub-01_space-MNI152NLin2009cAsym_res-05_desc-preproc_T1w.json')
+                         .read_text())
+    assert preproc['SkullStripped'] is True and 'Resolution' in preproc
+    assert nib.load(anat / 'sub-01_space-T1w_seg-cerebellum_dseg.nii.gz').header \
+        .get_xyzt_units() == ('mm', 'sec')
+
+
+def _validator() -> str:
+    exe = shutil.which('bids-validator-deno') or str(Path(sys.executable).parent /
+                                                     'bids-validator-deno')
+    if not Path(exe).is_file():
+        pytest.fail('bids-validator-deno is not installed (pip install bids-validator-deno)')
+    return exe
+
+
+@pytest.mark.integration
+def test_outputs_pass_bids_validator(real_run):
+    """The official validator (3.0.2) finds no error in a real output folder; the warnings
+    left are the ones the README explains."""
+    assert real_run['code'] == 0
+    out = real_run['out']
+    assert main([str(real_run['bids']), str(out), 'group']) == 0   # group files too
+    proc = subprocess.run([_validator(), '--json', str(out)], capture_output=True, text=True,
+                          timeout=900)
+    issues = json.loads(proc.stdout)['issues']['issues']
+    errors = [(i['code'], i.get('location')) for i in issues if i['severity'] == 'error']
+    assert errors == []
+    assert {i['code'] for i in issues} <= {'SIDECAR_KEY_RECOMMENDED', 'TOO_FEW_AUTHORS'}, \
+        sorted({i['code'] for i in issues})
+
+
+@pytest.mark.integration
+def test_reports_load_in_chromium(real_run):
+    """sub-01.html and group_report.html load from disk in headless chromium with no console
+    message and every image rendered; the screenshots are kept (test-artifacts/)."""
+    from browser import check_page
+
+    assert real_run['code'] == 0
+    out = real_run['out']
+    assert main([str(real_run['bids']), str(out), 'group', '--group-by', 'group']) == 0
+    keep = Path(os.environ.get('CEREBSEG_TEST_ARTIFACTS',
+                               Path(__file__).resolve().parents[1] / 'test-artifacts'))
+    for page in ('sub-01.html', 'group_report.html'):
+        result = check_page(out / page, screenshot=keep / page.replace('.html', '.png'))
+        assert result['console'] == [], (page, result['console'])
+        assert all(i['ok'] for i in result['images']), (page, result['images'])
+        assert (keep / page.replace('.html', '.png')).stat().st_size > 10_000
+    assert len(check_page(out / 'sub-01.html')['images']) == 3
+    assert 'sub-01.html' in check_page(out / 'group_report.html')['links']
 
 
 @pytest.mark.integration

@@ -22,7 +22,9 @@ def test_dice_and_wilcoxon():
 
 
 def _write(folder, sub, data, space='MNI152NLin2009cAsym_res-05'):
-    path = folder / f'sub-{sub}' / 'anat' / f'sub-{sub}_space-{space}_seg-cerebellum_dseg.nii.gz'
+    label, *res = space.split('_')
+    ents = '_'.join([f'space-{label}', 'seg-cerebellum'] + res)
+    path = folder / f'sub-{sub}' / 'anat' / f'sub-{sub}_{ents}_dseg.nii.gz'
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data.astype(np.int16), np.eye(4)), path)
 

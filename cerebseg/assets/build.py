@@ -217,6 +217,7 @@ def build_assets(sources: str | Path, out: str | Path, libraries=('suit',),
     with the Navigator's nuclei and marks the whole assets folder restricted.
     """
     from cerebseg.assets.brainstem import build_brainstem
+    from cerebseg.assets.reference import build_reference
 
     sources, out = Path(sources), Path(out)
     if brainstem_navigator and not brainstem:
@@ -234,6 +235,7 @@ def build_assets(sources: str | Path, out: str | Path, libraries=('suit',),
         LOGGER.info('Building atlas library %r', name)
         manifest['libraries'][name] = build_library(name, sources, out, grid, template_head,
                                                     seed, mirror)
+    manifest['reference'] = build_reference(sources, out)
     if brainstem:
         LOGGER.info('Building the brainstem label set')
         manifest['brainstem'] = build_brainstem(sources, out, seed=seed,

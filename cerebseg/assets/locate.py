@@ -40,6 +40,14 @@ class Assets:
                 '--no-brainstem or by an older cerebseg). ' + BUILD_HINT)
         return section
 
+    def reference(self) -> dict | None:
+        """The reference volume ranges (``structures``: name -> low, high, pipelines), or
+        None for assets built before they existed."""
+        section = self.manifest.get('reference')
+        if not section:
+            return None
+        return json.loads(self.path(section['cerebellum_volumes']).read_text())
+
     @property
     def restricted(self) -> bool:
         """Built with a user's Brainstem Navigator: must not leave this machine."""

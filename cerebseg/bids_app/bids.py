@@ -147,43 +147,78 @@ def write_derivative_description(bids_dir, output_dir) -> Path:
                              json.dumps(desc, indent=2) + '\n')
 
 
-def write_group_tables(output_dir) -> list[Path]:
-    """The group tables of every structure with participant results (cerebellum, brainstem);
-    UsageError when there are none at all."""
-    output_dir = Path(output_dir)
-    segs = [seg for seg in ('cerebellum', 'brainstem')
-            if any(output_dir.glob(f'sub-*/**/anat/*_seg-{seg}_morph.tsv'))]
-    if not segs:
-        raise UsageError(f'No participant results in {output_dir}: run the participant level '
-                         'first.')
-    return [write_group_table(output_dir, seg) for seg in segs]
+#: what the BIDS validator must not read: logs, reports, transforms (BEP014, not yet in the
+#: specification), volume tables, the uncertainty maps and the group files
+#: (folders without a trailing slash: validator 3.0.2 reports ``log/`` and ``**/log/`` as
+#: NOT_INCLUDED but honours ``**/log``)
+BIDSIGNORE = ('**/log', '**/figures', 'sub-*.html', 'group_*', '*_morph.tsv', '*_morph.json',
+              '*_xfm.mat', '*_uncertainty.nii.gz', '*_uncertainty.json')
+
+#: the columns of the lookup tables (``seg-<seg>_dseg.tsv``) that BIDS does not define (it
+#: defines index, name, abbreviation, color and mapping), for their JSON sidecars
+LUT_COLUMNS = {
+    'part': 'The brainstem part the label belongs to (midbrain, pons or medulla; n/a for '
+            'nuclei across parts and for the background).',
+    'source': 'The atlases and label values the label was built from (cerebseg-assets build).',
+    'licence': 'The licences of those source atlases.',
+}
+
+_README = """# cerebseg derivatives
+
+Made by cerebseg {version} from the BIDS dataset {source}.
+
+- `sub-<label>.html`: the participant's quality-control report (figures in
+  `sub-<label>/figures/`). Review it before using the volumes.
+- `sub-<label>/[ses-<label>/]anat/`: label maps on the T1w grid (`space-T1w_seg-*_dseg`) and in
+  MNI152NLin2009cAsym (`seg-cerebellum_res-05`, `seg-brainstem_res-1`), the affine to the
+  template (`*_xfm.mat`, ANTs), and the volume tables (`*_morph.tsv`, native mm3 and the
+  fraction of the intracranial volume). Every image has a JSON sidecar that gives the method,
+  its inputs and its quality figures.
+- `seg-cerebellum_dseg.tsv`, `seg-brainstem_dseg.tsv`: the lookup tables of the labels.
+- `group_*` and `group_report.html` (after `cerebseg ... group`): one row per T1w, robust
+  z-scores and outlier flags, distribution plots.
+- `sub-<label>/log/`: the run configuration, status and any crash files.
+
+Files that the BIDS specification does not cover yet (transforms, volume tables, reports,
+logs) are listed in `.bidsignore`.
+"""
 
 
-def write_group_table(output_dir, seg: str = 'cerebellum') -> Path:
-    """Gather every participant's ``*_seg-<seg>_morph.tsv`` into one wide table,
-    ``group_seg-<seg>_morph.tsv`` (one row per participant/session/run, one column per
-    structure, native mm^3)."""
+def write_bidsignore(output_dir) -> Path:
+    """``.bidsignore`` with cerebseg's patterns, keeping any lines a user added."""
+    path = Path(output_dir) / '.bidsignore'
+    lines = path.read_text().splitlines() if path.exists() else []
+    lines += [p for p in BIDSIGNORE if p not in lines]
+    return atomic_write_text(path, '\n'.join(lines) + '\n')
+
+
+def write_derivatives_readme(bids_dir, output_dir) -> Path | None:
+    """The derivatives' ``README.md`` (the validator's README_FILE_MISSING), unless one exists
+    (a user's is never overwritten)."""
+    out = Path(output_dir)
+    if any((out / name).exists() for name in ('README', 'README.md', 'README.txt', 'README.rst')):
+        return None
+    return atomic_write_text(out / 'README.md',
+                             _README.format(version=__version__, source=Path(bids_dir).name))
+
+
+def write_lut(lut: str | os.PathLike, output_dir, seg: str) -> Path:
+    """Copy a lookup table to ``seg-<seg>_dseg.tsv``, with a sidecar describing the columns
+    that BIDS does not define (none: no sidecar). The sidecar has no ``Description``: by
+    BIDS inheritance it would override the dseg images' own."""
     import csv
 
-    output_dir = Path(output_dir)
-    tables = sorted(output_dir.glob(f'sub-*/**/anat/*_seg-{seg}_morph.tsv'))
-    if not tables:
-        raise UsageError(f'No participant results for seg-{seg} in {output_dir}: run the '
-                         'participant level first.')
-    from cerebseg.interfaces.bids import source_entities
+    from cerebseg.utils.images import atomic_copy
 
-    names, rows = None, []
-    for path in tables:
-        with open(path, newline='') as fobj:
-            recs = list(csv.DictReader(fobj, delimiter='\t'))
-        if names is None:
-            names = [r['name'] for r in recs]
-        ents = source_entities(path.name)
-        row = {'participant_id': f"sub-{ents['sub']}", 'session_id': ents.get('ses', 'n/a'),
-               'run': ents.get('run', 'n/a')}
-        row.update({r['name']: r['volume_mm3'] for r in recs})
-        rows.append(row)
-    header = ['participant_id', 'session_id', 'run'] + names
-    lines = ['\t'.join(header)] + ['\t'.join(str(r.get(h, 'n/a')) for h in header) for r in rows]
-    return atomic_write_text(output_dir / f'group_seg-{seg}_morph.tsv',
-                             '\n'.join(lines) + '\n')
+    out = Path(output_dir) / f'seg-{seg}_dseg.tsv'
+    atomic_copy(lut, out)
+    with open(lut, newline='') as fobj:
+        header = next(csv.reader(fobj, delimiter='\t'))
+    meta = {col: {'Description': LUT_COLUMNS[col]} for col in header if col in LUT_COLUMNS}
+    sidecar = out.with_suffix('.json')
+    if meta:
+        atomic_write_text(sidecar, json.dumps(meta, indent=2) + '\n')
+    elif sidecar.exists():
+        sidecar.unlink()
+    return out
+

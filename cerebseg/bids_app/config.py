@@ -39,6 +39,7 @@ class RunConfig:
     assets_dir: str = ''
     random_seed: int = 0
     stop_on_first_crash: bool = False
+    group_by: str = ''
     verbose: int = 0
     run_uuid: str = ''
     version: str = __version__

@@ -55,6 +55,16 @@ def _key(name: str) -> tuple:
     return tuple((e, ents[e]) for e in KEY_ENTITIES if e in ents)
 
 
+def space_matches(name: str, space: str) -> bool:
+    """Whether a file name has the entities of ``space``: its label, then any further
+    entities (``MNI152NLin2009cAsym_res-05`` matches ``..._space-MNI152NLin2009cAsym_seg-
+    cerebellum_res-05_dseg.nii.gz``, whatever the entity order)."""
+    label, *extra = space.split('_')
+    ents = dict(re.findall(r'(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)', name))
+    wanted = dict(e.split('-', 1) for e in extra if '-' in e)
+    return ents.get('space') == label and all(ents.get(k) == v for k, v in wanted.items())
+
+
 def label_maps(folder: Path, space: str, participants=None, desc: str | None = None) -> dict:
     """``{entity key: path}`` of the dseg images of one space (and ``desc``, or without
     one) in a derivatives folder."""
@@ -66,7 +76,7 @@ def label_maps(folder: Path, space: str, participants=None, desc: str | None = N
         if space == 'none':
             if '_space-' in name:
                 continue
-        elif f'_space-{space}_' not in name:
+        elif not space_matches(name, space):
             continue
         key = _key(name)
         if participants and dict(key).get('sub') not in participants:

@@ -48,7 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('output_dir', type=Path,
                         help='where derivatives go (e.g. bids_dir/derivatives/cerebseg)')
     parser.add_argument('analysis_level', choices=['participant', 'group'],
-                        help='participant: segment; group: gather volumes into one table')
+                        help='participant: segment; group: gather the volumes of all participants '
+                             'into tables and a report (after the participant level)')
 
     sel = parser.add_argument_group('Selecting data')
     sel.add_argument('--participant-label', '--participant_label', dest='participant_label',
@@ -117,6 +118,12 @@ def _build_parser() -> argparse.ArgumentParser:
                         help='assets folder (default: $CEREBSEG_ASSETS, then the user cache)')
     method.add_argument('--random-seed', type=int, default=0, help='seed of every sampler')
 
+    group = parser.add_argument_group('Group level')
+    group.add_argument('--group-by', '--group_by', dest='group_by', metavar='COLUMN',
+                       default=None,
+                       help='a column of the dataset\'s participants.tsv (e.g. group) whose '
+                            'values split the distribution plots of group_report.html')
+
     other = parser.add_argument_group('Other')
     other.add_argument('-w', '--work-dir', dest='work_dir', type=Path,
                        default=Path('work'),
@@ -147,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if opts.work_dir == opts.output_dir or opts.output_dir in opts.work_dir.parents and \
             opts.work_dir.relative_to(opts.output_dir).parts[0].startswith('sub-'):
         parser.error('the work folder must not be the output folder or a participant folder')
+    if opts.group_by and opts.analysis_level != 'group':
+        parser.error('--group-by is an option of the group level: run cerebseg bids_dir '
+                     'output_dir group --group-by COLUMN after the participant level')
     nprocs = opts.nprocs or os.cpu_count() or 1
     opts.nprocs = nprocs
     opts.omp_nthreads = opts.omp_nthreads or nprocs

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 LOGGER = logging.getLogger('cerebseg.cli')
@@ -317,20 +318,47 @@ def _prevalidate(run) -> None:
 
 
 def _finalize(cfg, library: dict | None, brainstem: dict | None = None) -> None:
-    from cerebseg.bids_app.bids import write_derivative_description
-    from cerebseg.utils.images import atomic_copy, atomic_write_text
+    from cerebseg.bids_app.bids import (write_bidsignore, write_derivative_description,
+                                        write_derivatives_readme, write_lut)
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_derivative_description(cfg.bids_dir, out)
-    if not (out / '.bidsignore').exists():
-        atomic_write_text(out / '.bidsignore',
-                          '*/log/\n*_morph.tsv\n*_xfm.mat\n*_uncertainty.nii.gz\n'
-                          '*_uncertainty.json\n')
+    write_bidsignore(out)
+    write_derivatives_readme(cfg.bids_dir, out)
     if library:
-        atomic_copy(library['lut'], out / 'seg-cerebellum_dseg.tsv')
+        write_lut(library['lut'], out, 'cerebellum')
     if brainstem:
-        atomic_copy(brainstem['lut'], out / 'seg-brainstem_dseg.tsv')
+        write_lut(brainstem['lut'], out, 'brainstem')
+
+
+def _report(cfg, run, assets, *, started, code: int, message: str, device: str) -> None:
+    """The run's status file and the participant's report (a failure here is logged, never
+    turned into a failed run: the derivatives are already written)."""
+    from cerebseg.bids_app.reports import (atlas_asymmetry, participant_flags,
+                                           reference_mapping, run_results,
+                                           write_participant_report, write_status)
+
+    out = Path(cfg.output_dir)
+    log_dir = out / f'sub-{run.subject}' / 'log' / cfg.run_uuid
+    try:
+        results = run_results(out, run.label)
+        reference = assets.reference()
+        baselines = {}
+        if 'brainstem' in results:   # its label set is asymmetric (SNr -0.45): compare to it
+            section = assets.brainstem()
+            baselines['brainstem'] = atlas_asymmetry(assets.path(section['dseg']),
+                                                     assets.path(section['lut']))
+        flags = participant_flags(results, reference, reference_mapping(
+            None if cfg.skip_cerebellum else cfg.atlas_library), baselines)
+        write_status(out, run, log_dir, started=started, code=code, message=message,
+                     device=device, run_uuid=cfg.run_uuid, qc_flags=flags)
+        report = write_participant_report(out, run.subject, reference)
+        for flag in flags:
+            LOGGER.warning('%s: QC flag %s', run.label, flag['message'])
+        LOGGER.log(IMPORTANT, '%s: report %s', run.label, report)
+    except Exception:  # noqa: BLE001 - a report must never fail the run
+        LOGGER.exception('Could not write the report of %s', run.label)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(opts.verbose)
 
     from cerebseg.assets.locate import load_assets
-    from cerebseg.bids_app.bids import collect_inputs, load_filters, write_group_tables
+    from cerebseg.bids_app.bids import collect_inputs, load_filters
     from cerebseg.bids_app.config import RunConfig
     from cerebseg.errors import CerebsegError, MissingAssetError, UsageError
     from cerebseg.models.inference import resolve_device
@@ -349,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RunConfig.from_namespace(opts)
     try:
         if cfg.analysis_level == 'group':
-            for table in write_group_tables(cfg.output_dir):
-                LOGGER.log(IMPORTANT, 'Group table written: %s', table)
+            from cerebseg.bids_app.group import write_group_outputs
+
+            for path in write_group_outputs(cfg.output_dir, cfg.bids_dir, cfg.group_by or None):
+                LOGGER.log(IMPORTANT, 'Group output written: %s', path)
             return 0
         try:
             device = resolve_device(cfg.device)
@@ -381,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     _finalize(cfg, None if cfg.skip_cerebellum else library, brainstem)
     for run in runs:
+        started = datetime.now(timezone.utc)
         try:
             _prevalidate(run)
             code, msg = run_participant(run, cfg, assets, library, device, brainstem)
@@ -389,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # a bug: say so, keep going with the other participants
             LOGGER.exception('Unexpected error while processing %s', run.label)
             code, msg = 70, f'internal error: {err!r} (please report it)'
+        _report(cfg, run, assets, started=started, code=code, message=msg,
+                device=str(device))
         if code:
             LOGGER.error('%s failed (exit %d): %s', run.label, code, msg)
             failures.append(code)

@@ -33,7 +33,10 @@ def find_label_file(deriv_dir, run) -> Path:
     folder = folder / 'anat'
     found = sorted(folder.glob(f'{run.label}_*dseg.nii*')) if folder.is_dir() else []
     found = [p for p in found if '_desc-' not in p.name]  # desc-prior etc. are not references
-    for rank in (lambda n: GRID_SPACE in n, lambda n: '_space-T1w_' in n,
+    from cerebseg.bids_app.evaluate import space_matches
+
+    for rank in (lambda n: space_matches(n, GRID_SPACE[len('space-'):]),
+                 lambda n: '_space-T1w_' in n,
                  lambda n: '_space-' not in n):
         hits = [p for p in found if rank(p.name)]
         if len(hits) == 1:
@@ -43,7 +46,8 @@ def find_label_file(deriv_dir, run) -> Path:
                                f'{[p.name for p in hits]}; keep one per T1w.')
     raise BadDataError(
         f'No label file for {run.label} in {folder}. Expected '
-        f'{run.label}_{GRID_SPACE}_seg-cerebellum_dseg.nii.gz (working grid, as cerebseg writes) '
+        f'{run.label}_space-MNI152NLin2009cAsym_seg-cerebellum_res-05_dseg.nii.gz (working grid, '
+        'as cerebseg writes) '
         f'or {run.label}[_space-T1w]_dseg.nii.gz on the T1w grid.')
 
 

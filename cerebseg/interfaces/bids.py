@@ -11,8 +11,11 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
 
 #: entities kept from the source file, in BIDS order
 SOURCE_ENTITIES = ('sub', 'ses', 'acq', 'ce', 'rec', 'run')
-#: entities a derivative may add, in BIDS order
-DERIV_ENTITIES = ('from', 'to', 'mode', 'space', 'res', 'seg', 'desc')
+#: entities a derivative may add, in BIDS order (``seg`` before ``res``: the specification's
+#: entity table; from/to/mode are the transforms' of BEP014, listed in .bidsignore)
+DERIV_ENTITIES = ('from', 'to', 'mode', 'space', 'seg', 'res', 'desc')
+#: the derivative datatype folders cerebseg writes (``figures``: report figures)
+DATATYPES = ('anat', 'figures')
 
 
 def source_entities(path: str) -> dict[str, str]:
@@ -25,8 +28,14 @@ def source_entities(path: str) -> dict[str, str]:
 
 
 def derivative_path(base: str | os.PathLike, source_file: str, suffix: str, extension: str,
-                    **entities) -> Path:
-    """``base/sub-X[/ses-Y]/anat/<source entities>_<entities>_<suffix><extension>``."""
+                    datatype: str = 'anat', **entities) -> Path:
+    """``base/sub-X[/ses-Y]/anat/<source entities>_<entities>_<suffix><extension>``.
+
+    ``datatype='figures'``: ``base/sub-X/figures/`` (every session's figures in one folder,
+    as fMRIPrep's; the file names hold the session).
+    """
+    if datatype not in DATATYPES:
+        raise ValueError(f'Unknown derivative datatype {datatype!r}; one of {DATATYPES}')
     src = source_entities(source_file)
     unknown = set(entities) - set(DERIV_ENTITIES)
     if unknown:
@@ -34,9 +43,9 @@ def derivative_path(base: str | os.PathLike, source_file: str, suffix: str, exte
     parts = [f'{k}-{v}' for k, v in src.items()]
     parts += [f'{k}-{entities[k]}' for k in DERIV_ENTITIES if entities.get(k)]
     folder = Path(base) / f"sub-{src['sub']}"
-    if 'ses' in src:
+    if 'ses' in src and datatype != 'figures':
         folder = folder / f"ses-{src['ses']}"
-    return folder / 'anat' / ('_'.join(parts + [suffix]) + extension)
+    return folder / datatype / ('_'.join(parts + [suffix]) + extension)
 
 
 class _SinkInputSpec(BaseInterfaceInputSpec):
@@ -49,6 +58,10 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     meta = traits.Dict(usedefault=True, desc='JSON sidecar content (none if empty)')
     meta_files = traits.List(File(exists=True), usedefault=True,
                              desc='JSON files whose content is merged into the sidecar')
+    meta_keys = traits.Dict(traits.Str, traits.Str, usedefault=True,
+                            desc='if given, only these keys of meta_files are merged, renamed '
+                                 '(key in the file -> key in the sidecar)')
+    datatype = traits.Enum('anat', 'figures', usedefault=True, desc='derivative folder')
 
 
 class _SinkOutputSpec(TraitedSpec):
@@ -67,16 +80,40 @@ class DerivativesDataSink(SimpleInterface):
         from cerebseg.utils.images import atomic_copy, atomic_write_text
 
         out = derivative_path(self.inputs.base_directory, self.inputs.source_file,
-                              self.inputs.suffix, self.inputs.extension, **self.inputs.entities)
-        atomic_copy(self.inputs.in_file, out)
+                              self.inputs.suffix, self.inputs.extension,
+                              datatype=self.inputs.datatype, **self.inputs.entities)
+        if self.inputs.extension in ('.nii', '.nii.gz'):
+            _copy_nifti(self.inputs.in_file, out)
+        else:
+            atomic_copy(self.inputs.in_file, out)
         self._results['out_file'] = str(out)
         self._results['out_meta'] = ''
         meta = dict(self.inputs.meta)
+        keys = dict(self.inputs.meta_keys)
         for path in self.inputs.meta_files:
             with open(path) as fobj:
-                meta.update(json.load(fobj))
+                found = json.load(fobj)
+            if keys:
+                found = {keys[k]: v for k, v in found.items() if k in keys}
+            meta.update(found)
         if meta:
             sidecar = str(out)[: -len(self.inputs.extension)] + '.json'
             atomic_write_text(sidecar, json.dumps(meta, indent=2, sort_keys=True) + '\n')
             self._results['out_meta'] = sidecar
         return runtime
+
+
+def _copy_nifti(src: str, dst: Path) -> None:
+    """Copy a NIfTI, setting its spatial and time units to mm and s when unset (the BIDS
+    validator's NIFTI_UNIT); the data and the affine are not touched."""
+    import nibabel as nib
+
+    from cerebseg.utils.images import atomic_copy, atomic_save
+
+    img = nib.load(src)
+    if img.header.get_xyzt_units() == ('mm', 'sec'):
+        atomic_copy(src, dst)
+        return
+    img = img.__class__(img.dataobj, img.affine, img.header)
+    img.header.set_xyzt_units('mm', 'sec')
+    atomic_save(img, dst)

@@ -82,6 +82,12 @@ def load_checked(path: str | os.PathLike, role: str = 'image') -> nib.Nifti1Imag
     return nib.Nifti1Image(floats, img.affine, img.header)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _atomic_target(path: str | os.PathLike, suffix: str = ''):
     """Yield a temporary name beside ``path``; rename it to ``path`` when the block succeeds."""
@@ -91,6 +97,7 @@ def _atomic_target(path: str | os.PathLike, suffix: str = ''):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 would hide outputs from the group
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

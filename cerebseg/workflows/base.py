@@ -10,6 +10,7 @@ from cerebseg.workflows.multiatlas import init_multiatlas_wf
 from cerebseg.workflows.native import init_native_wf
 from cerebseg.workflows.outputs import init_ds_wf
 from cerebseg.workflows.preproc import init_preproc_wf
+from cerebseg.workflows.reports import init_reports_wf
 
 
 def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templates: dict,
@@ -49,6 +50,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
 
         inputnode -> preproc_wf -> multiatlas_wf [-> deepceres_wf] -> native_wf -> ds_wf
                                [-> brainstem_wf]
+                     native_wf, brainstem_wf -> reports_wf (figures of sub-X.html)
     """
     if not (cerebellum or brainstem):
         raise ValueError('Nothing to segment: neither the cerebellum nor the brainstem.')
@@ -63,6 +65,15 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                                  brainstem_grid=brainstem['grid'] if brainstem else None,
                                  working_box=cerebellum)
     wf.connect(inputnode, 't1w', preproc_wf, 'inputnode.t1w')
+    luts = {'cerebellum': library['lut']} if cerebellum else {}
+    if brainstem:
+        luts['brainstem'] = brainstem['lut']
+    reports_wf = init_reports_wf(output_dir=output_dir, templates=templates, luts=luts,
+                                 with_t2w=bool(t2w and cerebellum))
+    wf.connect([
+        (inputnode, reports_wf, [('t1w', 'inputnode.source_file'), ('t1w', 'inputnode.t1w')]),
+        (preproc_wf, reports_wf, [('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
+    ])
     if brainstem:
         brainstem_wf = init_brainstem_wf(brainstem=brainstem, output_dir=output_dir,
                                          dseg_meta=brainstem_meta or {},
@@ -76,6 +87,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                                         ('outputnode.t1_to_mni', 'inputnode.t1_to_mni'),
                                         ('outputnode.brain_to_mni', 'inputnode.brain_to_mni'),
                                         ('outputnode.mni_qc', 'inputnode.mni_qc')]),
+            (brainstem_wf, reports_wf, [('outputnode.dseg_native', 'inputnode.dseg_brainstem')]),
         ])
     if not cerebellum:
         return wf
@@ -101,6 +113,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                              ('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
         (native_wf, ds_wf, [('outputnode.dseg_native', 'inputnode.dseg_native'),
                             ('outputnode.morph', 'inputnode.morph')]),
+        (native_wf, reports_wf, [('outputnode.dseg_native', 'inputnode.dseg_cerebellum')]),
         (preproc_wf, qc_files, [('outputnode.mni_qc', 'in1')]),
         (native_wf, qc_files, [('outputnode.icv', 'in2')]),
         (qc_files, ds_wf, [('out', 'inputnode.qc_files')]),
@@ -133,7 +146,9 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         ])
     if t2w:
         wf.connect([(preproc_wf, qc_files, [('outputnode.t2_qc', 'in3')]),
-                    (preproc_wf, ds_wf, [('outputnode.t2_to_t1', 'inputnode.t2_to_t1')])])
+                    (preproc_wf, ds_wf, [('outputnode.t2_to_t1', 'inputnode.t2_to_t1')]),
+                    (inputnode, reports_wf, [('t2w', 'inputnode.t2w')]),
+                    (preproc_wf, reports_wf, [('outputnode.t2_to_t1', 'inputnode.t2_to_t1')])])
     return wf
 
 

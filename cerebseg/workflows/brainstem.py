@@ -49,6 +49,7 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
     inputnode = pe.Node(niu.IdentityInterface(
         fields=['source_file', 't1w', 'bs_t1_box', 't1_to_mni', 'brain_to_mni', 'mni_qc']),
         name='inputnode')
+    outputnode = pe.Node(niu.IdentityInterface(fields=['dseg_native']), name='outputnode')
     if brainstem.get('method', 'atlas') == 'network':
         atlas = pe.Node(BrainstemNetwork(weights=brainstem['weights'], lut=brainstem['lut'],
                                          device=device, num_threads=omp_nthreads),
@@ -81,5 +82,6 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
         (atlas, ds_wf, [('dseg', 'inputnode.dseg_box')]),
         (native_wf, ds_wf, [('outputnode.dseg_native', 'inputnode.dseg_native'),
                             ('outputnode.morph', 'inputnode.morph')]),
+        (native_wf, outputnode, [('outputnode.dseg_native', 'dseg_native')]),
     ])
     return wf
