@@ -106,17 +106,14 @@ def run_labels(output_dir: Path, subject: str) -> list[str]:
 
 
 def latest_status(output_dir: Path, subject: str, label: str) -> tuple[dict, Path | None]:
-    """The newest status file of a run (by its ``finished``, then ``started`` time) and its
-    log folder."""
-    def when(status):
-        return status.get('finished', ''), status.get('started', '')
+    """The newest status file of a run (:func:`cerebseg.bids_app.group.read_statuses`) and
+    its log folder (where the crash files are)."""
+    from cerebseg.bids_app.group import read_statuses
 
-    best, folder = {}, None
-    for path in (output_dir / f'sub-{subject}' / 'log').glob(f'*/{label}_status.json'):
-        status = _read_json(path)
-        if status and (folder is None or when(status) > when(best)):
-            best, folder = status, path.parent
-    return best, folder
+    status = read_statuses(output_dir, subject).get(label, {})
+    if not status:
+        return {}, None
+    return status, Path(output_dir) / f'sub-{subject}' / 'log' / status['run_uuid']
 
 
 def anat_dir(output_dir: Path, label: str) -> Path:
