@@ -5,6 +5,11 @@ x 10 sessions; CERES, DeepCERES and ACAPULCO). Per pipeline and structure: the m
 participants of each participant's mean over sessions; the range is the union over pipelines
 of mean +- 3 SD, so that it spans the pipelines' disagreement too. ``Total``: the sum of the
 lobules. Plausibility ranges, not ground truth: 9 young adults, other protocols.
+
+The pipelines follow Park 2014's protocol (CERES); cerebseg's SUIT protocol cuts the lobules
+differently (its lobule X, for one, is larger). Each protocol's ranges are the reference ones
+times the ratio of the structure's volume in the protocol's template atlas to its volume in
+CoBra, the template atlas of Park 2014's protocol (``cerebseg/data/reference_map.json``).
 """
 from __future__ import annotations
 
@@ -59,17 +64,59 @@ def reference_ranges(per_pipeline: dict[str, dict[str, np.ndarray]], n_sd: float
     return out
 
 
+def atlas_volumes(dseg: Path, groups: dict[str, list[int] | dict[int, float]]) -> dict:
+    """Volume (mm^3) of each named group of labels (a list, or label -> weight) in a label
+    map; ``Total``: the sum of the groups."""
+    import nibabel as nib
+
+    img = nib.load(dseg)
+    counts = np.bincount(np.asarray(img.dataobj).astype(np.int64).ravel())
+    voxel = float(np.prod(img.header.get_zooms()[:3]))
+    out = {}
+    for name, labels in groups.items():
+        weights = labels if isinstance(labels, dict) else {i: 1.0 for i in labels}
+        out[name] = voxel * sum(w * (counts[i] if i < counts.size else 0)
+                                for i, w in weights.items())
+    out['Total'] = sum(out.values())
+    return out
+
+
+def protocol_factors(sources: Path, spec: dict, protocol: str) -> dict[str, float]:
+    """Reference structure -> V(protocol's template atlas) / V(CoBra)."""
+    from cerebseg.assets.build import _source
+
+    ref = atlas_volumes(_source(sources, spec['reference_atlas']['dseg']),
+                        spec['reference_atlas']['labels'])
+    atlas = spec['atlases'][protocol]
+    with open(_source(sources, atlas['lut']), newline='') as fobj:
+        index = {r['name']: int(r['index']) for r in csv.DictReader(fobj, delimiter='\t')}
+    groups = {name: {index[label]: w for label, w in parts.items()}
+              for name, parts in spec['protocols'][protocol].items()}
+    own = atlas_volumes(_source(sources, atlas['dseg']), groups)
+    return {name: own[name] / ref[name] for name in own if ref.get(name)}
+
+
 def build_reference(sources: Path, out: Path) -> dict:
     """Write ``out/reference/cerebellum_volumes.json``; returns the manifest section."""
+    from cerebseg.assets import package_json
     from cerebseg.assets.build import _source
 
     per_pipeline = {name: participant_means(_source(sources, f'{FOLDER}/{file}'), factor)
                     for name, (file, factor) in PIPELINES.items()}
     ranges = reference_ranges(per_pipeline)
+    spec = package_json('reference_map.json')
+    protocols = {}
+    for protocol in spec['protocols']:
+        factors = protocol_factors(sources, spec, protocol)
+        protocols[protocol] = {name: {'low': rng['low'] * factors[name],
+                                      'high': rng['high'] * factors[name],
+                                      'factor': factors[name]}
+                               for name, rng in ranges.items() if name in factors}
     rel = 'reference/cerebellum_volumes.json'
     doc = {'description': __doc__.strip().splitlines()[0], 'method':
            f'union over pipelines of mean +- {N_SD:g} SD over participants (mm^3)',
-           'citation': CITATION, 'licence': LICENCE, 'structures': ranges}
+           'citation': CITATION, 'licence': LICENCE, 'structures': ranges,
+           'protocols': protocols}
     (out / 'reference').mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / rel, json.dumps(doc, indent=2) + '\n')
     LOGGER.info('Reference ranges of %d structures from %s', len(ranges), ', '.join(PIPELINES))

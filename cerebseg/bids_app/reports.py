@@ -159,7 +159,10 @@ def participant_flags(results: dict, reference: dict | None = None,
         volumes = _volumes(res['rows'])
         flags += qc.asymmetry_flags(volumes, baseline=(baselines or {}).get(seg))
         if seg == 'cerebellum' and reference and reference_map:
-            flags += qc.reference_flags(volumes, reference['structures'], reference_map)
+            protocol = res['meta'].get('AtlasLibrary', {}).get('Name')
+            ranges = reference.get('protocols', {}).get(protocol)
+            if ranges:
+                flags += qc.reference_flags(volumes, ranges, reference_map)
         unc = {r['name']: float(r['uncertainty']) for r in res['rows']
                if r.get('uncertainty') not in (None, '', 'n/a')}
         flags += qc.uncertainty_flags(unc)
@@ -186,7 +189,7 @@ def reference_mapping(protocol: str | None) -> dict | None:
 
     if not protocol:
         return None
-    return package_json('reference_map.json').get(protocol)
+    return package_json('reference_map.json')['protocols'].get(protocol)
 
 
 def _table(header: list[str], rows: list[list], num_cols=()) -> str:
