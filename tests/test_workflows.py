@@ -97,6 +97,12 @@ def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
         assert f'cerebseg {__version__}' in register.inputs.settings
     assert ('t2_coreg' in names) == with_t2
     assert ('ds_t2_to_t1' in names) == with_t2
+    # the report figures: registration checks and the native label mosaic, into figures/
+    assert {'mni_rpt', 'cerebellum_rpt', 'ds_mni_report', 'ds_cerebellum_report'} <= names
+    assert ({'t2w_rpt', 'ds_t2w_report'} <= names) == with_t2
+    assert 'brainstem_rpt' not in names
+    sink = next(n for n in graph.nodes() if n.fullname.endswith('.ds_cerebellum_report'))
+    assert sink.inputs.datatype == 'figures' and sink.inputs.extension == '.svg'
     assert not (tmp_path / 'out').exists(), 'building a graph must not write outputs'
 
 
@@ -117,6 +123,8 @@ def test_brainstem_graph(tmp_path, fake_assets):
             'brainstem_wf.native_wf.volumes', 'brainstem_wf.ds_wf.ds_dseg_native',
             'brainstem_wf.ds_wf.ds_dseg_box', 'brainstem_wf.ds_wf.ds_morph'} <= set(nodes)
     assert nodes['brainstem_wf.native_wf.volumes'].inputs.parts
+    assert {'reports_wf.brainstem_rpt', 'reports_wf.cerebellum_rpt',
+            'reports_wf.ds_reports_wf.ds_brainstem_report'} <= set(nodes)
     assert nodes['brainstem_wf.ds_wf.ds_morph'].inputs.entities == {'seg': 'brainstem'}
     assert 'brainstem_wf.ds_wf.ds_t1_to_mni' not in nodes, 'the cerebellum writes it'
     # brainstem only: no working grid, no cerebellar fusion or outputs; the affine stays
@@ -127,7 +135,9 @@ def test_brainstem_graph(tmp_path, fake_assets):
     assert {'preproc_wf.box_affine', 'preproc_wf.to_bs_grid', 'brainstem_wf.atlas',
             'brainstem_wf.ds_wf.ds_t1_to_mni'} <= names
     assert not names & {'preproc_wf.to_grid', 'preproc_wf.t2_coreg', 'multiatlas_wf.fuse',
-                        'native_wf.to_native', 'ds_wf.ds_morph'}
+                        'native_wf.to_native', 'ds_wf.ds_morph', 'reports_wf.cerebellum_rpt',
+                        'reports_wf.t2w_rpt'}
+    assert {'reports_wf.brainstem_rpt', 'reports_wf.mni_rpt'} <= names
     # the network instead of the atlas: the same outputs, from its node
     net = dict(brainstem, method='network', weights=files['t1w'])
     wf = _subject_graph(tmp_path / 'net', fake_assets, False, brainstem=net,
@@ -149,7 +159,8 @@ def test_brainstem_graph(tmp_path, fake_assets):
 INTERFACE_MODULES = ['cerebseg.interfaces.preproc', 'cerebseg.interfaces.multiatlas',
                      'cerebseg.interfaces.brainstem',
                      'cerebseg.interfaces.native', 'cerebseg.interfaces.bids',
-                     'cerebseg.interfaces.registration', 'cerebseg.interfaces.segmentation']
+                     'cerebseg.interfaces.registration', 'cerebseg.interfaces.segmentation',
+                     'cerebseg.interfaces.reports']
 
 
 def test_torch_node_declares_gpu(tmp_path, fake_assets):
