@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from cerebseg.errors import UsageError
-from cerebseg.utils.group_stats import MAD_TO_SD, MIN_OUTLIER_N, OUTLIER_Z, outliers, robust_z
+from cerebseg.utils.group_stats import (MAD_TO_SD, MIN_OUTLIER_N, MIN_OUTLIER_VOLUME_MM3,
+                                        OUTLIER_Z, outliers, robust_z)
 from cerebseg.utils.images import atomic_write_text
 
 LOGGER = logging.getLogger('cerebseg.group')
@@ -45,7 +47,8 @@ class SegGroup:
     """One structure set (``seg``) of every run: text values as read, arrays for the numerics.
 
     ``mm3``, ``icv`` and ``z`` are ``(N runs, K structures)`` float arrays (NaN where missing),
-    ``flags`` the bool outliers; ``labels`` are the run labels (``sub-01_ses-a_run-2``) and
+    ``flags`` the bool outliers (none in structures whose median volume is under
+    ``MIN_OUTLIER_VOLUME_MM3``); ``labels`` are the run labels (``sub-01_ses-a_run-2``) and
     ``ids`` their (participant_id, session_id, run).
     """
 
@@ -62,6 +65,10 @@ class SegGroup:
 
     def __post_init__(self):
         self.flags = outliers(self.z, min_n=MIN_OUTLIER_N)
+        with warnings.catch_warnings():   # an all-NaN column has no median
+            warnings.simplefilter('ignore', RuntimeWarning)
+            small = ~(np.nanmedian(self.mm3, axis=0) >= MIN_OUTLIER_VOLUME_MM3)
+        self.flags[:, small] = False
 
     def outlier_names(self, row: int) -> list[str]:
         return [n for n, f in zip(self.names, self.flags[row]) if f]
@@ -225,7 +232,9 @@ def group_sidecar(grp: SegGroup, header: list[str], pmeta: dict) -> dict:
         'total_icv': {'Description': 'total_mm3 divided by the estimated intracranial volume '
                                      '(a fraction, no unit).'},
         'n_outliers': {'Description': f'Number of structures whose |robust z| > {OUTLIER_Z} '
-                                      f'(none with fewer than {MIN_OUTLIER_N} rows).'},
+                                      f'(none with fewer than {MIN_OUTLIER_N} rows, none in '
+                                      f'structures whose median volume is under '
+                                      f'{MIN_OUTLIER_VOLUME_MM3:g} mm^3).'},
         'outlier_structures': {'Description': f'The structures whose |robust z| > {OUTLIER_Z} '
                                               '(comma-separated); n/a if none.'},
     }

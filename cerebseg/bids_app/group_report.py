@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from cerebseg.bids_app.group import NA, PALETTE, QC_TABLE, REPORT, SegGroup, _fmt, run_ids
-from cerebseg.utils.group_stats import (MAD_TO_SD, MIN_OUTLIER_N, OUTLIER_Z, asymmetry_index,
-                                        pair_structures)
+from cerebseg.utils.group_stats import (MAD_TO_SD, MIN_OUTLIER_N, MIN_OUTLIER_VOLUME_MM3,
+                                        OUTLIER_Z, asymmetry_index, pair_structures)
 from cerebseg.utils.images import atomic_write_text
 
 LOGGER = logging.getLogger('cerebseg.group')
@@ -313,7 +313,8 @@ def write_report(output_dir, groups: list[SegGroup], qc: list[dict], statuses: d
                ('Flagged', str(len(qc) - n_failed)),
                ('Software', html.escape(_versions(output_dir, statuses))),
                ('Outlier rule', (f'|robust z| &gt; {OUTLIER_Z} of the ICV-normalised volume '
-                                 f'(from {MIN_OUTLIER_N} runs on)'))]
+                                 f'(from {MIN_OUTLIER_N} runs on; structures of at least '
+                                 f'{MIN_OUTLIER_VOLUME_MM3:g} mm³ median volume)'))]
     if group_by:
         counts = {}
         for lab in labels:

@@ -15,6 +15,9 @@ OUTLIER_Z = 3.5
 #: fewer values than this in a column flag no outlier: the MAD of 3 or 4 values is too unstable
 #: (with 3, one value is often 10 or 20 robust z from the median by chance)
 MIN_OUTLIER_N = 5
+#: structures whose median volume is below this (mm^3) flag no outlier: a few voxels swing their
+#: z-scores (the vermis of Crus I, the fastigial nuclei, the locus coeruleus)
+MIN_OUTLIER_VOLUME_MM3 = 100.0
 #: MAD -> standard deviation of a normal distribution (1 / Phi^-1(3/4))
 MAD_TO_SD = 1.4826
 #: the name prefixes of the two sides of a paired structure
