@@ -237,6 +237,7 @@ def _summary(label: str, status: dict, results: dict, config: dict) -> str:
         ['Intracranial volume estimate (mm³)', f"{meta['IntracranialVolume_mm3']:,.0f}"
          if 'IntracranialVolume_mm3' in meta else 'n/a'],
         ['Software', meta.get('SoftwareVersion', f'cerebseg {__version__}')],
+        ['Models', _models(cer, bs)],
     ]
     if status:
         rows += [['Run', f"{status.get('started', '?')} to {status.get('finished', '?')} "
@@ -248,6 +249,26 @@ def _summary(label: str, status: dict, results: dict, config: dict) -> str:
         if key in config:
             rows.append([f'Option {key}', config[key]])
     return _table(['', label], rows)
+
+
+def _models(cer: dict, bs: dict) -> str:
+    """The networks behind the labels (file names and checksums), or what ran instead."""
+    parts = []
+    nets = cer.get('Method', {}).get('Networks')
+    if nets:
+        files = [f"{n['File']} ({n['Architecture']}, sha256 {n['Sha256'][:12]})"
+                 for stage in ('Hemisphere', 'Lobules') for n in nets.get(stage, {}).get(
+                     'Networks', [])]
+        parts.append('cerebellum: ' + ', '.join(files))
+    elif cer:
+        parts.append('cerebellum: no network (multi-atlas labels)')
+    net = bs.get('Method', {}).get('Network')
+    if net:
+        parts.append(f"brainstem: {net.get('Weights')} ({net.get('Decoder')}, "
+                     f"{net.get('Encoder')})")
+    elif bs:
+        parts.append('brainstem: no network (atlas registration)')
+    return '; '.join(parts) or 'n/a'
 
 
 def _flags_html(flags: list[dict]) -> str:
