@@ -11,7 +11,7 @@ import pytest
 
 from browser import check_page
 from cerebseg.assets.reference import participant_means, reference_ranges
-from cerebseg.bids_app.bids import BIDSIGNORE, write_bidsignore, write_lut
+from cerebseg.bids_app.bids import BIDSIGNORE, write_bidsignore, write_descriptions, write_lut
 from cerebseg.bids_app.reports import (latest_status, participant_flags,
                                        write_participant_report, write_status)
 from cerebseg.interfaces.bids import DerivativesDataSink, derivative_path
@@ -172,6 +172,8 @@ def test_bidsignore_and_lut(tmp_path):
     lut.write_text('index\tname\tabbreviation\tcolor\n0\tbackground\tBG\t#000000\n')
     write_lut(lut, tmp_path, 'brainstem')   # only BIDS columns: no sidecar
     assert not (tmp_path / 'seg-brainstem_dseg.json').exists()
+    rows = write_descriptions(tmp_path).read_text().splitlines()
+    assert rows[0] == 'desc_id\tdescription' and rows[1].startswith('desc-preproc\t')
 
 
 def _fake_run_outputs(out: Path, label='sub-01'):

@@ -184,6 +184,22 @@ logs) are listed in `.bidsignore`.
 """
 
 
+#: the ``desc-<label>`` entities cerebseg writes (``descriptions.tsv``)
+DESCRIPTIONS = {
+    'preproc': 'The T1w on the working box as the atlas fusion and the networks see it (N4, '
+               'non-local means denoising, affine to MNI152NLin2009cAsym, 2nd/98th '
+               'foreground percentiles scaled to 0/1).',
+    'prior': 'The multi-atlas labels given to the networks as their prior (runs with '
+             '--models other than none).',
+}
+
+
+def write_descriptions(output_dir) -> Path:
+    """``descriptions.tsv``: what each ``desc`` entity of the derivatives means."""
+    rows = ['desc_id\tdescription'] + [f'desc-{k}\t{v}' for k, v in DESCRIPTIONS.items()]
+    return atomic_write_text(Path(output_dir) / 'descriptions.tsv', '\n'.join(rows) + '\n')
+
+
 def write_bidsignore(output_dir) -> Path:
     """``.bidsignore`` with cerebseg's patterns, keeping any lines a user added."""
     path = Path(output_dir) / '.bidsignore'

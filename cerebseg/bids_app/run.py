@@ -319,13 +319,15 @@ def _prevalidate(run) -> None:
 
 def _finalize(cfg, library: dict | None, brainstem: dict | None = None) -> None:
     from cerebseg.bids_app.bids import (write_bidsignore, write_derivative_description,
-                                        write_derivatives_readme, write_lut)
+                                        write_derivatives_readme, write_descriptions,
+                                        write_lut)
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_derivative_description(cfg.bids_dir, out)
     write_bidsignore(out)
     write_derivatives_readme(cfg.bids_dir, out)
+    write_descriptions(out)
     if library:
         write_lut(library['lut'], out, 'cerebellum')
     if brainstem:
