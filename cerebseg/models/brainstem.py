@@ -59,7 +59,8 @@ from torch import nn
 from cerebseg.models.decoders2d import (DeepLabV3Decoder, DeepLabV3PlusDecoder, FPNDecoder,
                                         MANetDecoder, PSPNetDecoder, UNetDecoder,
                                         UNetPlusPlusDecoder, _cbr, _Decoder, _up)
-from cerebseg.models.segmentation import CheckpointError, count_parameters, load_torch_file
+from cerebseg.models.segmentation import (CheckpointError, check_format, count_parameters,
+                                         load_torch_file)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -361,12 +362,8 @@ def save_model(path, model: BrainstemNet, meta: dict, half: bool = False) -> Pat
 
 def _read_checkpoint(path: Path) -> dict:
     ckpt = load_torch_file(path, 'brainstem network weights')
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
-        raise CheckpointError(f'{path} is not a cerebseg 2D brainstem checkpoint')
-    if ckpt.get('format_version', 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f'{path} was written by a newer cerebseg '
-                              f'({ckpt.get("cerebseg_version")}); upgrade cerebseg')
-    return ckpt
+    return check_format(ckpt, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+                        'a cerebseg 2D brainstem checkpoint')
 
 
 def read_model_meta(path) -> dict:

@@ -245,9 +245,16 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f'segmentation weights not found: {path}. Train them with '
                               '`cerebseg-train segmentation` or reinstall cerebseg.')
     ckpt = load_torch_file(path, 'segmentation weights', '; replace it or reinstall cerebseg.')
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
-        raise CheckpointError(f'{path} is not a cerebseg segmentation checkpoint')
-    if ckpt.get('format_version', 0) > CHECKPOINT_VERSION:
+    return check_format(ckpt, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+                        'a cerebseg segmentation checkpoint')
+
+
+def check_format(ckpt, path, fmt: str, version: int, kind: str) -> dict:
+    """``ckpt`` if it is a dict of format ``fmt`` no newer than ``version``; else
+    CheckpointError naming ``path`` (``kind``: what it should have been)."""
+    if not isinstance(ckpt, dict) or ckpt.get('format') != fmt:
+        raise CheckpointError(f'{path} is not {kind}')
+    if ckpt.get('format_version', 0) > version:
         raise CheckpointError(f'{path} was written by a newer cerebseg '
                               f'({ckpt.get("cerebseg_version")}); upgrade cerebseg.')
     return ckpt
