@@ -84,12 +84,12 @@ def atlas_volumes(dseg: Path, groups: dict[str, list[int] | dict[int, float]]) -
 def protocol_factors(sources: Path, spec: dict, protocol: str) -> dict[str, float]:
     """Reference structure -> V(protocol's template atlas) / V(CoBra)."""
     from cerebseg.assets.build import _source
+    from cerebseg.utils.native import read_lut_tsv
 
     ref = atlas_volumes(_source(sources, spec['reference_atlas']['dseg']),
                         spec['reference_atlas']['labels'])
     atlas = spec['atlases'][protocol]
-    with open(_source(sources, atlas['lut']), newline='') as fobj:
-        index = {r['name']: int(r['index']) for r in csv.DictReader(fobj, delimiter='\t')}
+    index = {r['name']: r['index'] for r in read_lut_tsv(_source(sources, atlas['lut']))}
     groups = {name: {index[label]: w for label, w in parts.items()}
               for name, parts in spec['protocols'][protocol].items()}
     own = atlas_volumes(_source(sources, atlas['dseg']), groups)

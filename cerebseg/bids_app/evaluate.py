@@ -50,8 +50,12 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _entities(name: str) -> dict[str, str]:
+    return dict(re.findall(r'(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)', name))
+
+
 def _key(name: str) -> tuple:
-    ents = dict(re.findall(r'(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)', name))
+    ents = _entities(name)
     return tuple((e, ents[e]) for e in KEY_ENTITIES if e in ents)
 
 
@@ -60,7 +64,7 @@ def space_matches(name: str, space: str) -> bool:
     entities (``MNI152NLin2009cAsym_res-05`` matches ``..._space-MNI152NLin2009cAsym_seg-
     cerebellum_res-05_dseg.nii.gz``, whatever the entity order)."""
     label, *extra = space.split('_')
-    ents = dict(re.findall(r'(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)', name))
+    ents = _entities(name)
     wanted = dict(e.split('-', 1) for e in extra if '-' in e)
     return ents.get('space') == label and all(ents.get(k) == v for k, v in wanted.items())
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -98,7 +97,9 @@ def _clean(text) -> str:
 
 def run_ids(label: str) -> tuple[str, str, str]:
     """(participant_id, session_id, run) of a run label such as ``sub-01_ses-a_run-2``."""
-    ents = dict(re.findall(r'([a-zA-Z0-9]+)-([a-zA-Z0-9]+)', label))
+    from cerebseg.interfaces.bids import source_entities
+
+    ents = source_entities(f'{label}_T1w.nii.gz')
     return (f'sub-{ents["sub"]}', f'ses-{ents["ses"]}' if 'ses' in ents else NA,
             ents.get('run', NA))
 

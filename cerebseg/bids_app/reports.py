@@ -8,6 +8,7 @@ participant, every session and run a section of it.
 from __future__ import annotations
 
 import csv
+import functools
 import html
 import json
 import logging
@@ -117,13 +118,10 @@ def latest_status(output_dir: Path, subject: str, label: str) -> tuple[dict, Pat
 
 
 def anat_dir(output_dir: Path, label: str) -> Path:
-    from cerebseg.interfaces.bids import source_entities
+    """The ``anat`` folder of a run's derivatives (where the sink writes them)."""
+    from cerebseg.interfaces.bids import derivative_path
 
-    ents = source_entities(label + '_T1w.nii.gz')
-    folder = output_dir / f"sub-{ents['sub']}"
-    if 'ses' in ents:
-        folder = folder / f"ses-{ents['ses']}"
-    return folder / 'anat'
+    return derivative_path(output_dir, f'{label}_T1w.nii.gz', 'T1w', '.nii.gz').parent
 
 
 def run_results(output_dir: Path, label: str) -> dict:
@@ -143,11 +141,11 @@ def _volumes(rows: list[dict]) -> dict[str, float]:
 
 
 def participant_flags(results: dict, reference: dict | None = None,
-                      reference_map: dict | None = None,
                       baselines: dict[str, dict[str, float]] | None = None) -> list[dict]:
     """QC flags of one run from its results (:func:`run_results`): template and T2w fit,
     left/right asymmetry (against ``baselines``: seg -> the label set's own asymmetry),
-    reference ranges (cerebellum, protocols with a mapping), network disagreement."""
+    reference ranges (cerebellum, for the protocol its sidecar names, when the protocol has a
+    mapping), network disagreement."""
     from cerebseg.utils import qc
 
     flags, seen = [], set()
@@ -158,19 +156,22 @@ def participant_flags(results: dict, reference: dict | None = None,
                 flags.append(flag)
         volumes = _volumes(res['rows'])
         flags += qc.asymmetry_flags(volumes, baseline=(baselines or {}).get(seg))
-        if seg == 'cerebellum' and reference and reference_map:
+        if seg == 'cerebellum' and reference:
             protocol = res['meta'].get('AtlasLibrary', {}).get('Name')
             ranges = reference.get('protocols', {}).get(protocol)
-            if ranges:
-                flags += qc.reference_flags(volumes, ranges, reference_map)
+            mapping = reference_mapping(protocol)
+            if ranges and mapping:
+                flags += qc.reference_flags(volumes, ranges, mapping)
         unc = {r['name']: float(r['uncertainty']) for r in res['rows']
                if r.get('uncertainty') not in (None, '', 'n/a')}
         flags += qc.uncertainty_flags(unc)
     return flags
 
 
-def atlas_asymmetry(dseg_file, lut_file) -> dict[str, float]:
-    """The left/right asymmetry of a label set's own label map (structure -> index)."""
+@functools.lru_cache(maxsize=4)
+def atlas_asymmetry(dseg_file: str, lut_file: str) -> dict[str, float]:
+    """The left/right asymmetry of a label set's own label map (structure -> index); read
+    once per process (every run of a participant loop asks for the same one)."""
     import nibabel as nib
     import numpy as np
 
@@ -373,11 +374,9 @@ def write_participant_report(output_dir, subject: str, reference: dict | None = 
         status, folder = latest_status(output_dir, subject, label)
         results = run_results(output_dir, label)
         config = _config(folder)
-        cer_meta = results.get('cerebellum', {}).get('meta', {})
         flags = status.get('qc_flags')
         if flags is None:
-            flags = participant_flags(results, reference, reference_mapping(
-                cer_meta.get('AtlasLibrary', {}).get('Name')))
+            flags = participant_flags(results, reference)
         head = f'<h3>{_e(label)}</h3>' if len(labels) > 1 else ''
         sections['summary'].append(head + _summary(label, status, results, config))
         sections['registration'].append(head + _figures(output_dir, label, 'registration'))

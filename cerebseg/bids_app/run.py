@@ -337,8 +337,7 @@ def _finalize(cfg, library: dict | None, brainstem: dict | None = None) -> None:
 def _report(cfg, run, assets, *, started, code: int, message: str, device: str) -> None:
     """The run's status file and the participant's report (a failure here is logged, never
     turned into a failed run: the derivatives are already written)."""
-    from cerebseg.bids_app.reports import (atlas_asymmetry, participant_flags,
-                                           reference_mapping, run_results,
+    from cerebseg.bids_app.reports import (atlas_asymmetry, participant_flags, run_results,
                                            write_participant_report, write_status)
 
     out = Path(cfg.output_dir)
@@ -349,10 +348,9 @@ def _report(cfg, run, assets, *, started, code: int, message: str, device: str) 
         baselines = {}
         if 'brainstem' in results:   # its label set is asymmetric (SNr -0.45): compare to it
             section = assets.brainstem()
-            baselines['brainstem'] = atlas_asymmetry(assets.path(section['dseg']),
-                                                     assets.path(section['lut']))
-        flags = participant_flags(results, reference, reference_mapping(
-            None if cfg.skip_cerebellum else cfg.atlas_library), baselines)
+            baselines['brainstem'] = atlas_asymmetry(str(assets.path(section['dseg'])),
+                                                     str(assets.path(section['lut'])))
+        flags = participant_flags(results, reference, baselines)
         write_status(out, run, log_dir, started=started, code=code, message=message,
                      device=device, run_uuid=cfg.run_uuid, qc_flags=flags)
         report = write_participant_report(out, run.subject, reference)
