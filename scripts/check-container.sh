@@ -13,13 +13,14 @@ BIDS=$SHARED/bids/multimodal
 LABEL=${LABEL:-ixi002}
 WORK=$(realpath -m "${1:-work/container-check}")
 PY=${PY:-.venv/bin/python}
+CEREBSEG=${CEREBSEG:-.venv/bin/cerebseg}   # the pip install to compare with
 PODMAN=(podman --runtime runc run --rm --network=none -u 1000:1000)
 rm -rf "$WORK" && mkdir -p "$WORK/out-container" "$WORK/out-pip" "$WORK/assets"
 chmod 777 "$WORK/out-container"
 
 echo "== version"
 inside=$("${PODMAN[@]}" "$TAG" --version)
-outside=$(.venv/bin/cerebseg --version)
+outside=$("$CEREBSEG" --version)
 echo "inside: $inside / outside: $outside"
 [ "$inside" = "$outside" ]
 
@@ -35,7 +36,7 @@ start=$(date +%s)
 t_inside=$(( $(date +%s) - start ))
 echo "== participant $LABEL with the pip install"
 start=$(date +%s)
-NIPYPE_NO_ET=1 .venv/bin/cerebseg "$BIDS" "$WORK/out-pip" participant --participant-label "$LABEL" \
+NIPYPE_NO_ET=1 "$CEREBSEG" "$BIDS" "$WORK/out-pip" participant --participant-label "$LABEL" \
     --assets-dir "$WORK/assets" -w "$WORK/work-pip"
 t_outside=$(( $(date +%s) - start ))
 
@@ -47,7 +48,7 @@ set +e
 "${PODMAN[@]}" -v "$WORK/bad:/data:ro" -v "$WORK/out-bad:/out" "$TAG" /data /out participant \
     -w /tmp/work > "$WORK/bad-inside.log" 2>&1
 rc_inside=$?
-NIPYPE_NO_ET=1 .venv/bin/cerebseg "$WORK/bad" "$WORK/out-bad-pip" participant --assets-dir \
+NIPYPE_NO_ET=1 "$CEREBSEG" "$WORK/bad" "$WORK/out-bad-pip" participant --assets-dir \
     "$WORK/assets" -w "$WORK/work-bad" > "$WORK/bad-outside.log" 2>&1
 rc_outside=$?
 set -e

@@ -249,7 +249,8 @@ def _interfaces():
     for modname in INTERFACE_MODULES:
         mod = importlib.import_module(modname)
         for _, cls in inspect.getmembers(mod, inspect.isclass):
-            if issubclass(cls, BaseInterface) and cls.__module__ == modname:
+            if (issubclass(cls, BaseInterface) and cls.__module__ == modname
+                    and not cls.__name__.startswith('_')):   # private bases have no specs
                 yield cls
 
 

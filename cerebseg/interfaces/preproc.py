@@ -14,6 +14,33 @@ class _ThreadedInputSpec(BaseInterfaceInputSpec):
     seed = traits.Int(0, usedefault=True, desc='random seed of the ANTs samplers')
 
 
+class _RegistrationInputSpec(_ThreadedInputSpec):
+    reproducible = traits.Bool(True, usedefault=True, nohash=True,
+                               desc='run ANTs single-threaded (bit-reproducible); else with '
+                                    'num_threads threads')
+
+
+def _run_registration(interface, runtime):
+    """The child-process side of :class:`_IsolatedRegistration`."""
+    interface._run_registration(runtime)
+    return interface._results
+
+
+class _IsolatedRegistration(SimpleInterface):
+    """An ANTs registration run in a fresh process (:mod:`cerebseg.utils.isolate`), where its
+    thread count takes effect: one thread when ``reproducible`` (ANTs' multi-threaded metric
+    is not reproducible run to run), else ``num_threads``. Subclasses implement
+    ``_run_registration(runtime)`` as they would ``_run_interface``."""
+
+    def _run_interface(self, runtime):
+        from cerebseg.utils.isolate import call_in_fresh_process
+
+        threads = 1 if self.inputs.reproducible else self.inputs.num_threads
+        self._results.update(call_in_fresh_process(_run_registration, self, runtime,
+                                                   threads=threads))
+        return runtime
+
+
 class _CorrectInputSpec(_ThreadedInputSpec):
     in_file = File(exists=True, mandatory=True, desc='anatomical image (T1w or T2w)')
     role = traits.Str('T1w', usedefault=True, desc='what the image is, for error messages')
@@ -54,7 +81,7 @@ class ValidateAndCorrect(SimpleInterface):
         return runtime
 
 
-class _MNIAffineInputSpec(_ThreadedInputSpec):
+class _MNIAffineInputSpec(_RegistrationInputSpec):
     in_file = File(exists=True, mandatory=True, desc='bias-corrected T1w, native grid')
     source_file = traits.Str(mandatory=True, desc='the input T1w (for error messages)')
     skull_stripped = traits.Bool(mandatory=True, desc='input is brain-extracted')
@@ -69,33 +96,57 @@ class _MNIAffineOutputSpec(TraitedSpec):
     qc_file = File(exists=True, desc='JSON with the fit quality')
 
 
+def _mni_affine_start(in_file: str, template: str, template_mask: str, candidate: str,
+                      out_prefix: str, seed: int):
+    """One start of the MNI affine, from files (run in a child process by :class:`MNIAffine`)."""
+    import nibabel as nib
+    import numpy as np
+
+    from cerebseg.utils.images import mirror_average, nib_to_ants
+    from cerebseg.utils.registration import affine_start
+
+    return affine_start(nib_to_ants(nib.load(in_file)),
+                        nib_to_ants(mirror_average(nib.load(template))),
+                        np.asarray(mirror_average(nib.load(template_mask)).dataobj) > 0.25,
+                        candidate, out_prefix, seed=seed)
+
+
 class MNIAffine(SimpleInterface):
     """Affine registration to MNI152NLin2009cAsym with a quality gate (bad fit -> exit 65).
 
     The target is the template averaged with its left-right mirror
     (:func:`cerebseg.utils.images.mirror_average`), so that a mirrored input gets the mirrored
-    transform (issue 9).
+    transform (issue 9). The two starts of :func:`cerebseg.utils.registration.affine_to_template`
+    run in two child processes: at once, one ANTs thread each when ``reproducible`` (the node
+    uses ``min(2, num_threads)`` cores), else one after the other with ``num_threads`` threads.
     """
 
     input_spec = _MNIAffineInputSpec
     output_spec = _MNIAffineOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nib
-        import numpy as np
+        import shutil
+        from concurrent.futures import ThreadPoolExecutor
 
         from cerebseg.errors import BadDataError
-        from cerebseg.utils.images import mirror_average, nib_to_ants
-        from cerebseg.utils.registration import affine_to_template, set_threads
+        from cerebseg.utils.isolate import call_in_fresh_process
+        from cerebseg.utils.registration import AFFINE_STARTS, best_affine
 
-        set_threads(self.inputs.num_threads)
-        fit = affine_to_template(
-            nib_to_ants(nib.load(self.inputs.in_file)),
-            nib_to_ants(mirror_average(nib.load(self.inputs.template_head))),
-            nib_to_ants(mirror_average(nib.load(self.inputs.template_brain))),
-            np.asarray(mirror_average(nib.load(self.inputs.template_mask)).dataobj) > 0.25,
-            skull_stripped=self.inputs.skull_stripped,
-            out_prefix=os.path.join(runtime.cwd, 'T1w_to_MNI_'), seed=self.inputs.seed)
+        template = self.inputs.template_brain if self.inputs.skull_stripped \
+            else self.inputs.template_head
+        if self.inputs.reproducible:
+            threads, workers = 1, min(2, max(self.inputs.num_threads, 1))
+        else:
+            threads, workers = self.inputs.num_threads, 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            jobs = [pool.submit(call_in_fresh_process, _mni_affine_start, self.inputs.in_file,
+                                template, self.inputs.template_mask, candidate,
+                                os.path.join(runtime.cwd, f'T1w_to_MNI_{candidate}_'),
+                                self.inputs.seed, threads=threads)
+                    for candidate in AFFINE_STARTS]
+            fit = best_affine([job.result() for job in jobs])
+        transform = os.path.join(runtime.cwd, 'T1w_to_MNI_0.mat')
+        shutil.copyfile(fit.transform, transform)
         qc = {'TemplateFitCorrelation': round(fit.correlation, 4),
               'TemplateFitMinimum': self.inputs.min_correlation,
               'TemplateFitStart': fit.candidate,
@@ -111,11 +162,11 @@ class MNIAffine(SimpleInterface):
                 f'{self.inputs.min_correlation}). The image is not a T1-weighted human head or '
                 'brain scan, or it is badly corrupted (wrong orientation in the header, heavy '
                 'artefacts). cerebseg will not segment it; check the image.')
-        self._results['transform'] = fit.transform
+        self._results['transform'] = transform
         return runtime
 
 
-class _BoxAffineInputSpec(_ThreadedInputSpec):
+class _BoxAffineInputSpec(_RegistrationInputSpec):
     in_file = File(exists=True, mandatory=True, desc='bias-corrected T1w, native grid')
     initial = File(exists=True, mandatory=True, desc='whole-brain affine T1w -> MNI (ANTs)')
     skull_stripped = traits.Bool(mandatory=True, desc='input is brain-extracted')
@@ -131,22 +182,21 @@ class _BoxAffineOutputSpec(TraitedSpec):
     transform = File(exists=True, desc='ANTs affine, T1w -> MNI152NLin2009cAsym (box fit)')
 
 
-class BoxAffine(SimpleInterface):
+class BoxAffine(_IsolatedRegistration):
     """The MNI affine refined on cerebellum and brainstem
     (:func:`cerebseg.utils.registration.refine_to_box`), on the mirror-averaged template."""
 
     input_spec = _BoxAffineInputSpec
     output_spec = _BoxAffineOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_registration(self, runtime):
         import nibabel as nib
         import numpy as np
 
         from cerebseg.utils.grid import BoxGrid
         from cerebseg.utils.images import mirror_average, nib_to_ants
-        from cerebseg.utils.registration import refine_to_box, set_threads
+        from cerebseg.utils.registration import refine_to_box
 
-        set_threads(self.inputs.num_threads)
         template = self.inputs.template_brain if self.inputs.skull_stripped \
             else self.inputs.template_head
         self._results['transform'] = refine_to_box(
@@ -159,7 +209,7 @@ class BoxAffine(SimpleInterface):
         return runtime
 
 
-class _T2InputSpec(_ThreadedInputSpec):
+class _T2InputSpec(_RegistrationInputSpec):
     t1_file = File(exists=True, mandatory=True, desc='bias-corrected T1w, native grid')
     t2_file = File(exists=True, mandatory=True, desc='bias-corrected T2w, its own grid')
     source_file = traits.Str(mandatory=True, desc='the input T2w (for error messages)')
@@ -171,20 +221,19 @@ class _T2OutputSpec(TraitedSpec):
     qc_file = File(exists=True, desc='JSON with the fit quality')
 
 
-class CoregisterT2(SimpleInterface):
+class CoregisterT2(_IsolatedRegistration):
     """Rigid registration of the T2w to the T1w of the same session, with a quality gate."""
 
     input_spec = _T2InputSpec
     output_spec = _T2OutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_registration(self, runtime):
         import nibabel as nib
 
         from cerebseg.errors import BadDataError
         from cerebseg.utils.images import nib_to_ants
-        from cerebseg.utils.registration import rigid_to, set_threads
+        from cerebseg.utils.registration import rigid_to
 
-        set_threads(self.inputs.num_threads)
         transform, corr = rigid_to(nib_to_ants(nib.load(self.inputs.t1_file)),
                                    nib_to_ants(nib.load(self.inputs.t2_file)),
                                    os.path.join(runtime.cwd, 'T2w_to_T1w_'), self.inputs.seed)

@@ -27,13 +27,22 @@ LOGGER = logging.getLogger('cerebseg.utils.registration')
 MIN_TEMPLATE_CORRELATION = 0.25
 
 
+def ants_random_seed(seed: int) -> int:
+    """The ``--random-seed`` given to antsRegistration for cerebseg's ``seed``.
+
+    antsRegistration takes a seed of 0 as "no seed" and seeds from the clock (which made
+    cerebseg's default ``--random-seed 0`` irreproducible), so seeds are shifted to 1, 2, ...
+    """
+    return int(seed) % (2 ** 31 - 1) + 1
+
+
 @contextmanager
 def ants_seed(seed: int | None):
     """Make ANTs' random sampling reproducible within the block (antspyx keeps a global)."""
     import ants.config
 
     previous = ants.config._random_seed
-    ants.config._random_seed = seed
+    ants.config._random_seed = None if seed is None else ants_random_seed(seed)
     try:
         yield
     finally:
@@ -41,7 +50,10 @@ def ants_seed(seed: int | None):
 
 
 def set_threads(n: int) -> None:
-    """ITK thread count for the ANTs calls that follow in this process."""
+    """ITK thread count for the ANTs calls that follow in this process.
+
+    ITK reads it once, at its first filter in the process: later calls have no effect there
+    (:mod:`cerebseg.utils.isolate` runs work that needs its own count in a fresh process)."""
     os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(max(int(n), 1))
 
 
@@ -75,38 +87,58 @@ class AffineFit:
     candidate: str
 
 
+#: the two starts of :func:`affine_to_template`, in order of preference on a tie
+AFFINE_STARTS = ('TRSAA', 'Affine')
+
+
+def affine_start(moving, target, brain_mask: np.ndarray, candidate: str, out_prefix: str,
+                 seed: int | None = 0, spacing: float = 2.0) -> AffineFit:
+    """One start of :func:`affine_to_template`: ANTs ``candidate`` (``'TRSAA'``: translation,
+    rigid, similarity, affine; ``'Affine'``: affine directly) on ``spacing`` mm copies of
+    ``moving`` and ``target``, scored by the correlation of the warped full-resolution image
+    with ``target`` inside ``brain_mask``. The transform is written to ``out_prefix`` + ``0.mat``.
+    """
+    import ants
+
+    fixed_lo = ants.resample_image(target, (spacing,) * 3, False, 0)
+    moving_lo = ants.resample_image(moving, (spacing,) * 3, False, 0)
+    with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
+        reg = ants.registration(fixed_lo, moving_lo, type_of_transform=candidate,
+                                outprefix=f'{tmp}/{candidate}_')
+        warped = ants.apply_transforms(target, moving, reg['fwdtransforms'])
+        corr = masked_correlation(warped.numpy(), target.numpy(), brain_mask)
+        LOGGER.info('Affine start %s: correlation with the template %.3f', candidate, corr)
+        kept = _keep(reg['fwdtransforms'][:1], out_prefix)
+    return AffineFit(transform=kept[0], correlation=corr, candidate=candidate)
+
+
+def best_affine(fits: list[AffineFit]) -> AffineFit:
+    """The start that correlates best (the first of :data:`AFFINE_STARTS` on a tie)."""
+    order = {name: i for i, name in enumerate(AFFINE_STARTS)}
+    return max(sorted(fits, key=lambda f: order[f.candidate]), key=lambda f: f.correlation)
+
+
 def affine_to_template(moving, template_head, template_brain, brain_mask: np.ndarray,
                        skull_stripped: bool, out_prefix: str, seed: int | None = 0,
                        spacing: float = 2.0) -> AffineFit:
     """Affine registration of a T1w to MNI152NLin2009cAsym, robust to whole-head and brain inputs.
 
-    Two starts run on ``spacing`` mm copies of both images (a translation-rigid-similarity-
-    affine cascade and a direct affine); the one whose warped full-resolution image correlates
-    best with the template inside ``brain_mask`` wins. Skull-stripped inputs are registered to
-    the brain-extracted template, whole heads to the whole-head template.
+    Two starts (:data:`AFFINE_STARTS`, :func:`affine_start`) run on ``spacing`` mm copies of
+    both images; the one whose warped full-resolution image correlates best with the template
+    inside ``brain_mask`` wins. Skull-stripped inputs are registered to the brain-extracted
+    template, whole heads to the whole-head template. (The pipeline runs the two starts in two
+    processes at once: :class:`cerebseg.interfaces.preproc.MNIAffine`.)
 
     Returns the transform (moving -> template, ANTs convention: it maps template points into
     the moving image) and the correlation used for quality control.
     """
-    import ants
-
     target = template_brain if skull_stripped else template_head
-    fixed_lo = ants.resample_image(target, (spacing,) * 3, False, 0)
-    moving_lo = ants.resample_image(moving, (spacing,) * 3, False, 0)
-    target_data = target.numpy()
-    best = None
-    with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
-        for candidate in ('TRSAA', 'Affine'):
-            reg = ants.registration(fixed_lo, moving_lo, type_of_transform=candidate,
-                                    outprefix=f'{tmp}/{candidate}_')
-            warped = ants.apply_transforms(target, moving, reg['fwdtransforms'])
-            corr = masked_correlation(warped.numpy(), target_data, brain_mask)
-            LOGGER.info('Affine start %s: correlation with the template %.3f', candidate, corr)
-            if best is None or corr > best[0]:
-                best = (corr, candidate, reg['fwdtransforms'])
-        corr, candidate, transforms = best
-        kept = _keep(transforms, out_prefix)
-    return AffineFit(transform=kept[0], correlation=corr, candidate=candidate)
+    fits = [affine_start(moving, target, brain_mask, candidate, f'{out_prefix}{candidate}_',
+                         seed=seed, spacing=spacing) for candidate in AFFINE_STARTS]
+    best = best_affine(fits)
+    final = f'{out_prefix}0.mat'
+    shutil.copyfile(best.transform, final)
+    return AffineFit(transform=final, correlation=best.correlation, candidate=best.candidate)
 
 
 def refine_to_box(moving, template, label_maps: list[np.ndarray], grid, initial: str,

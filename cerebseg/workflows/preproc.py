@@ -64,16 +64,18 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
                          name='outputnode')
     t1_correct = pe.Node(ValidateAndCorrect(role='T1w', num_threads=omp_nthreads),
                          name='t1_correct', n_procs=omp_nthreads)
+    # the registrations run in child processes with one ANTs thread each (reproducible run to
+    # run: cerebseg.utils.isolate); the MNI affine runs its two starts at once
     mni_affine = pe.Node(MNIAffine(template_head=templates['head'],
                                    template_brain=templates['brain'],
                                    template_mask=templates['mask'],
                                    min_correlation=MIN_TEMPLATE_CORRELATION,
                                    num_threads=omp_nthreads, seed=seed),
-                         name='mni_affine', n_procs=omp_nthreads)
+                         name='mni_affine', n_procs=min(2, omp_nthreads))
     box_affine = pe.Node(BoxAffine(template_head=templates['head'],
                                    template_brain=templates['brain'], entry_dseg=region_dseg,
                                    grid=grid, num_threads=omp_nthreads, seed=seed),
-                         name='box_affine', n_procs=omp_nthreads)
+                         name='box_affine', n_procs=1)
     to_grid = pe.Node(ToWorkingGrid(grid=grid, num_threads=omp_nthreads, seed=seed),
                       name='to_grid', n_procs=omp_nthreads)
     wf.connect([
@@ -106,7 +108,7 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
                              name='t2_correct', n_procs=omp_nthreads)
         t2_coreg = pe.Node(CoregisterT2(min_correlation=MIN_T2_EDGE_CORRELATION,
                                         num_threads=omp_nthreads, seed=seed),
-                           name='t2_coreg', n_procs=omp_nthreads)
+                           name='t2_coreg', n_procs=1)
         wf.connect([
             (inputnode, t2_correct, [('t2w', 'in_file')]),
             (inputnode, t2_coreg, [('t2w', 'source_file')]),
