@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault('NIPYPE_NO_ET', '1')
+# as the command line does before any ITK filter (cerebseg.utils.registration.set_itk_environment):
+# tests run the command in this process, where ITK reads its settings once
+os.environ['ITK_GLOBAL_DEFAULT_THREADER'] = 'Platform'
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data')).resolve()

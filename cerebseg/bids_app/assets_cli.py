@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
                         format='%(asctime)s %(name)s %(levelname)s: %(message)s',
                         stream=sys.stderr)
     libraries = tuple(opts.library or [DEFAULT_LIBRARY])
+    # one ITK thread: ANTs' registrations are reproducible only so, and two builds from the
+    # same sources must give the same assets (and so the same volumes)
+    from cerebseg.utils.registration import set_itk_environment
+
+    set_itk_environment(1)
     try:
         sources = opts.sources
         if opts.command == 'fetch':

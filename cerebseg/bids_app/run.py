@@ -29,9 +29,11 @@ def _setup_logging(verbose: int) -> None:
 
 def _set_environment(omp_nthreads: int) -> None:
     """Process-wide settings, made at run time (never at import)."""
+    from cerebseg.utils.registration import set_itk_environment
+
     os.environ['NIPYPE_NO_ET'] = '1'
     os.environ['OMP_NUM_THREADS'] = str(omp_nthreads)
-    os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(omp_nthreads)
+    set_itk_environment(omp_nthreads)
 
 
 _REGISTRATION_TEXT = {

@@ -49,6 +49,7 @@ def child_environment(threads: int) -> dict[str, str]:
 
     env = dict(os.environ)
     env.update({name: str(max(int(threads), 1)) for name in THREAD_VARIABLES})
+    env['ITK_GLOBAL_DEFAULT_THREADER'] = 'Platform'   # see registration.set_itk_environment
     package_root = str(Path(cerebseg.__file__).resolve().parent.parent)
     paths = [package_root] + [p for p in sys.path if p and p != package_root]
     env['PYTHONPATH'] = os.pathsep.join(dict.fromkeys(paths))

@@ -49,6 +49,19 @@ def ants_seed(seed: int | None):
         ants.config._random_seed = previous
 
 
+def set_itk_environment(threads: int) -> None:
+    """Process-wide ITK settings for reproducible results, made before the first ITK filter.
+
+    ITK's default ("Pool") threader hands the pieces of an image to its threads as they
+    become free, so filters that sum over pieces (ANTs' non-local means denoising, N4) give
+    results that change with the load of the machine: the same T2w denoised three times in
+    one process gave three different images. The "Platform" threader splits the image the
+    same way every time: results depend on the thread count only.
+    """
+    os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(max(int(threads), 1))
+    os.environ['ITK_GLOBAL_DEFAULT_THREADER'] = 'Platform'
+
+
 def set_threads(n: int) -> None:
     """ITK thread count for the ANTs calls that follow in this process.
 
