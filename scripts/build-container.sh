@@ -29,7 +29,9 @@ if ! "${PODMAN[@]}" image exists "$BASE"; then
 fi
 mkdir -p .container/wheels
 if ! ls .container/wheels/torch-2.13.0*.whl >/dev/null 2>&1; then
-    python3 -m pip download --no-deps --dest .container/wheels torch==2.13.0
+    # for the image's Python (Debian bookworm: 3.11), whatever the Python of this machine
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.11 \
+        --platform manylinux_2_28_x86_64 --dest .container/wheels torch==2.13.0
 fi
 start=$(date +%s)
 "${PODMAN[@]}" build --network=host -v "$CA:$CA:ro" --env PIP_CERT="$CA" \

@@ -65,14 +65,18 @@ worst = 0.0
 for seg in ('cerebellum', 'brainstem'):
     name = f'sub-{label}/anat/sub-{label}_space-T1w_seg-{seg}_dseg.nii.gz'
     la, lb = (np.asarray(nib.load(p / name).dataobj) for p in (a, b))
-    same = float((la == lb).mean())
+    differ = int((la != lb).sum())
     va, vb = ({r['name']: float(r['volume_mm3']) for r in csv.DictReader(open(
         p / f'sub-{label}/anat/sub-{label}_seg-{seg}_morph.tsv'), delimiter='\t')} for p in (a, b))
     rel = max(abs(va[k] - vb[k]) / max(vb[k], 1e-9) for k in vb if vb[k] > 0)
     worst = max(worst, rel)
-    print(f'{seg}: labels identical in {same:.6f} of the voxels, largest volume difference '
+    print(f'{seg}: {differ} of {la.size} voxels differ, largest volume difference '
           f'{100 * rel:.3f} %')
+    assert differ == 0, f'{seg} labels differ in {differ} voxels'
     assert rel <= 0.001, f'{seg} volumes differ by {100 * rel:.3f} %'
+anat = sorted(p.relative_to(a) for p in (a / f'sub-{label}/anat').rglob('*') if p.is_file())
+same = [f for f in anat if (a / f).read_bytes() == (b / f).read_bytes()]
+print(f'{len(same)} of {len(anat)} files of sub-{label}/anat byte-identical')
 owner = {p.stat().st_uid for p in a.rglob('*')}
 print(f'outputs owned by uid {sorted(owner)}')
 PYEOF
