@@ -394,7 +394,7 @@ def cobra_assets(assets: Path, out: Path, seed: int = 0, method: str = 'cerebseg
 def stage_volumes(work: Path, label: str, out: Path, truth_native: nib.Nifti1Image,
                   networks: bool) -> dict:
     """Cerebellum volume (mL) at every stage of one cerebseg run (working grid, then native)."""
-    wf = work / f'cerebseg_sub_{label}_wf'
+    wf = work / 'cerebseg_wf' / f'cerebseg_sub_{label}_wf'
     box_ref = nib.load(wf / 'preproc_wf' / 'to_grid' / 't1_box.nii.gz')
     xfm = str(anat_file(out, label, 'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat'))
     vox = 0.125 / 1000
@@ -520,7 +520,7 @@ def main(argv=None) -> int:
                                                     and key != 'ants')
     entries = [e['name'] for e in lib['entries']]
     for lab in labels:
-        wf = out / 'work-ants' / f'cerebseg_sub_{lab}_wf'
+        wf = out / 'work-ants' / 'cerebseg_wf' / f'cerebseg_sub_{lab}_wf'
         xfm = str(anat_file(out / 'out-ants', lab,
                             'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat'))
         native_ref = nib.load(bids / f'sub-{lab}' / 'anat' / f'sub-{lab}_T1w.nii.gz')
@@ -534,7 +534,7 @@ def main(argv=None) -> int:
                 results.setdefault(f'ANTs SyN, one atlas ({ename})', {})[lab] = \
                     nib.Nifti1Image(nat, native_ref.affine)
         if 'synfull' in opts.methods:
-            torch_wf = out / 'work-torch' / f'cerebseg_sub_{lab}_wf'
+            torch_wf = out / 'work-torch' / 'cerebseg_wf' / f'cerebseg_sub_{lab}_wf'
             torch_xfm = str(anat_file(out / 'out-default', lab,
                                       'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat'))
             for entry in lib['entries']:

@@ -122,7 +122,7 @@ def jlf_native(out: Path, run: str, label: str) -> Path | None:
         return cached
     if not native.is_file():
         return None
-    wf = out / f'work-{run}' / f'cerebseg_sub_{label}_wf'
+    wf = out / f'work-{run}' / 'cerebseg_wf' / f'cerebseg_sub_{label}_wf'
     reg_dir = wf / 'multiatlas_wf' / 'register'
     n_entries = len(list((reg_dir / 'mapflow').glob('_register*')))
     fused, aff = joint_fusion(reg_dir, wf / 'preproc_wf' / 'to_grid' / 't1_box.nii.gz',

@@ -257,24 +257,31 @@ def select_cnn(run, cfg) -> dict | None:
                           protocol=cfg.atlas_library)
 
 
-def run_participant(run, cfg, assets, library: dict, device=None,
-                    brainstem: dict | None = None) -> tuple[int, str]:
-    """Build and run the workflow of one T1w; returns (exit code, message)."""
-    from nipype import config as ncfg
-    from nipype import logging as nlogging
+#: the top-level Nipype workflow that holds every T1w run of a command; each run's nodes live
+#: in WORK_DIR/cerebseg_wf/cerebseg_sub-X_wf/ (cerebseg-train reuses them there)
+ROOT_WORKFLOW = 'cerebseg_wf'
 
+
+def participant_work_dir(work_dir) -> Path:
+    """Where the nodes of the runs lie: the base folder of a lone run's workflow that puts
+    its nodes where the command's top-level workflow puts them."""
+    return Path(work_dir) / ROOT_WORKFLOW
+
+
+def build_participant_wf(run, cfg, assets, library: dict, device=None,
+                         brainstem: dict | None = None):
+    """The workflow of one T1w, its crash files sent to the run's log folder."""
     from cerebseg.models.regnet import DEFAULT_WEIGHTS
     from cerebseg.utils.images import atomic_write_text
     from cerebseg.workflows.base import init_single_subject_wf
 
     output_dir = Path(cfg.output_dir)
-    log_dir = output_dir / f'sub-{run.subject}' / 'log' / cfg.run_uuid
+    log_dir = run_log_dir(cfg, run)
     log_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(log_dir / 'cerebseg.toml', cfg.to_toml())
-    templates = template_paths(assets)
     cnn = select_cnn(run, cfg)
     wf = init_single_subject_wf(
-        t1w=run.t1w, t2w=run.t2w, output_dir=str(output_dir), templates=templates,
+        t1w=run.t1w, t2w=run.t2w, output_dir=str(output_dir), templates=template_paths(assets),
         grid=assets.manifest['grid'], library=library, cnn=cnn,
         dseg_meta=_dseg_meta(run, library, Path(cfg.bids_dir), cfg, cnn),
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
@@ -284,31 +291,103 @@ def run_participant(run, cfg, assets, library: dict, device=None,
         brainstem_meta=_brainstem_meta(run, brainstem, Path(cfg.bids_dir), cfg)
         if brainstem else None,
         name=workflow_name(run))
-    wf.base_dir = cfg.work_dir
+    send_crashes_to(wf, log_dir)
+    what = ('cerebellum: ' + (f'DeepCeres {cfg.models}, inputs {cnn["variant"]}' if cnn
+                              else 'multi-atlas')) if not cfg.skip_cerebellum else ''
+    what = '; '.join(w for w in (what, f'brainstem: {brainstem["method"]}' if brainstem else '')
+                     if w)
+    LOGGER.info('%s: %s; %s', run.label,
+                'T1w+T2w' if run.t2w and not cfg.skip_cerebellum else 'T1w', what)
+    return wf
+
+
+def send_crashes_to(wf, log_dir) -> None:
+    """Crash files of the nodes of ``wf`` go to ``log_dir`` (each run's own log folder, though
+    all runs share one graph)."""
+    for node in wf._get_all_nodes():
+        node.config = {'execution': {'crashdump_dir': str(log_dir)}}
+
+
+def run_log_dir(cfg, run) -> Path:
+    return Path(cfg.output_dir) / f'sub-{run.subject}' / 'log' / cfg.run_uuid
+
+
+def make_progress(workflows: dict, on_finished=None, stream=None):
+    """A :class:`~cerebseg.bids_app.progress.Progress` of the T1w workflows (label ->
+    workflow) as :func:`run_workflows` nests them."""
+    from cerebseg.bids_app.progress import Progress
+
+    return Progress({label: f'{ROOT_WORKFLOW}.{wf.name}' for label, wf in workflows.items()},
+                    {label: len(wf._get_all_nodes()) for label, wf in workflows.items()},
+                    on_finished=on_finished, stream=stream)
+
+
+def run_workflows(cfg, workflows: dict, progress=None):
+    """Run the T1w workflows (label -> workflow) as one Nipype graph, so that the plugin fills
+    the machine with the nodes of all of them; a failing run stops only its own nodes
+    (unless --stop-on-first-crash). Returns the progress (who finished, who failed).
+    """
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+    from nipype.pipeline import engine as pe
+
+    progress = progress or make_progress(workflows)
+    top = pe.Workflow(name=ROOT_WORKFLOW, base_dir=str(cfg.work_dir))
+    top.add_nodes(list(workflows.values()))
     nipype_level = 'INFO' if cfg.verbose > 1 else 'WARNING'
     ncfg.update_config({'logging': {'workflow_level': nipype_level,
                                     'interface_level': nipype_level,
                                     'utils_level': nipype_level}})
     nlogging.update_logging(ncfg)
-    wf.config['execution'].update({'crashdump_dir': str(log_dir), 'crashfile_format': 'txt',
-                                   'stop_on_first_crash': True,
-                                   'remove_unnecessary_outputs': False})
-    plugin_args = {'n_procs': cfg.nprocs, 'raise_insufficient': False}
+    top.config['execution'].update({'crashfile_format': 'txt',
+                                    'stop_on_first_crash': bool(cfg.stop_on_first_crash),
+                                    'remove_unnecessary_outputs': False})
+    plugin_args = {'n_procs': cfg.nprocs, 'raise_insufficient': False,
+                   'status_callback': progress}
     if cfg.mem_gb:
         plugin_args['memory_gb'] = cfg.mem_gb
-    what = ('cerebellum: ' + (f'DeepCeres {cfg.models}, inputs {cnn["variant"]}' if cnn
-                              else 'multi-atlas')) if not cfg.skip_cerebellum else ''
-    what = '; '.join(w for w in (what, f'brainstem: {brainstem["method"]}' if brainstem else '')
-                     if w)
-    LOGGER.log(IMPORTANT, 'Processing %s (%s; %s)', run.label,
-               'T1w+T2w' if run.t2w and not cfg.skip_cerebellum else 'T1w', what)
     try:
-        wf.run(plugin='MultiProc' if cfg.nprocs > 1 else 'Linear', plugin_args=plugin_args)
-    except Exception as err:  # nipype wraps node failures in RuntimeError
-        code, msg = _crash_kind(log_dir)
+        top.run(plugin='MultiProc' if cfg.nprocs > 1 else 'Linear', plugin_args=plugin_args)
+    except Exception as err:  # nipype raises once at the end when any node failed
         LOGGER.debug('Workflow error: %s', err)
-        return code, msg
-    return 0, 'done'
+    finally:
+        progress.close()
+    return progress
+
+
+def run_participant(run, cfg, assets, library: dict, device=None,
+                    brainstem: dict | None = None) -> tuple[int, str]:
+    """Build and run the workflow of one T1w alone; returns (exit code, message)."""
+    wf = build_participant_wf(run, cfg, assets, library, device, brainstem)
+    progress = run_workflows(cfg, {run.label: wf})
+    if progress.runs[run.label].state == 'done':
+        return 0, 'done'
+    return _crash_kind(run_log_dir(cfg, run))
+
+
+def check_writable(path, what: str, option: str) -> None:
+    """Fail before any work (UsageError: exit 2) when ``path`` cannot be written: a file is
+    written and removed in it or, when it does not exist yet, in the folder that will hold it
+    (nothing is created; read-only mounts are caught even for root)."""
+    import errno
+    import tempfile
+
+    from cerebseg.errors import UsageError
+
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe))
+        with tempfile.NamedTemporaryFile(dir=probe, prefix='.cerebseg-write-test-'):
+            pass
+    except OSError as err:
+        where = '' if probe == path else f' ({probe} is in the way)' if not probe.is_dir() \
+            else f' (its folder {probe})'
+        raise UsageError(f'The {what} {path} is not writable{where}: {err.strerror}; fix its '
+                         f'permissions or give another one ({option}).') from err
 
 
 def _prevalidate(run) -> None:
@@ -378,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = RunConfig.from_namespace(opts)
     try:
+        check_writable(cfg.output_dir, 'output folder', 'output_dir')
+        if cfg.analysis_level == 'participant':
+            check_writable(cfg.work_dir, 'work folder', '-w/--work-dir')
         if cfg.analysis_level == 'group':
             from cerebseg.bids_app.group import write_group_outputs
 
@@ -410,30 +492,94 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     LOGGER.log(IMPORTANT, 'cerebseg %s: %d T1w run(s) to process; run %s', cfg.version,
                len(runs), cfg.run_uuid)
-    failures = []
     _finalize(cfg, None if cfg.skip_cerebellum else library, brainstem)
-    for run in runs:
-        started = datetime.now(timezone.utc)
+    results = run_all(cfg, runs, assets, library, device, brainstem)
+    _summary(cfg, runs, results, sys.argv[1:] if argv is None else list(argv))
+    codes = [code for code, _ in results.values() if code]
+    if not codes:
+        return 0
+    return 70 if 70 in codes else max(codes)
+
+
+def run_all(cfg, runs, assets, library, device, brainstem) -> dict:
+    """Every T1w run in one graph; each run's report written as soon as it finishes (failed
+    ones at the end). Returns label -> (exit code, message)."""
+    from cerebseg.errors import CerebsegError
+
+    by_label = {run.label: run for run in runs}
+    results, workflows = {}, {}
+    now = datetime.now(timezone.utc)
+    for run in runs:   # inputs that cannot be read fail here, before any work
         try:
             _prevalidate(run)
-            code, msg = run_participant(run, cfg, assets, library, device, brainstem)
+            workflows[run.label] = build_participant_wf(run, cfg, assets, library, device,
+                                                        brainstem)
         except CerebsegError as err:
-            code, msg = err.exit_code, str(err)
+            results[run.label] = (err.exit_code, str(err))
         except Exception as err:  # a bug: say so, keep going with the other participants
-            LOGGER.exception('Unexpected error while processing %s', run.label)
-            code, msg = 70, f'internal error: {err!r} (please report it)'
-        _report(cfg, run, assets, started=started, code=code, message=msg,
+            LOGGER.exception('Unexpected error while preparing %s', run.label)
+            results[run.label] = (70, f'internal error: {err!r} (please report it)')
+    for label, (code, msg) in results.items():
+        LOGGER.error('%s failed (exit %d): %s', label, code, msg)
+        _report(cfg, by_label[label], assets, started=now, code=code, message=msg,
                 device=str(device))
-        if code:
-            LOGGER.error('%s failed (exit %d): %s', run.label, code, msg)
-            failures.append(code)
-            if cfg.stop_on_first_crash:
-                break
-        else:
-            LOGGER.log(IMPORTANT, '%s finished: outputs in %s', run.label, cfg.output_dir)
-    if not failures:
-        return 0
-    return 70 if 70 in failures else max(failures)
+    if results and cfg.stop_on_first_crash:
+        workflows = {}
+
+    def finished(label):
+        results[label] = (0, 'done')
+        _report(cfg, by_label[label], assets, started=progress.runs[label].started_at or now,
+                code=0, message='done', device=str(device))
+
+    if workflows:
+        progress = make_progress(workflows, on_finished=finished)
+        run_workflows(cfg, workflows, progress)
+        for label in workflows:
+            if label in results:
+                continue
+            state = progress.runs[label]
+            if state.failed:
+                code, msg = _crash_kind(run_log_dir(cfg, by_label[label]))
+            else:
+                code, msg = 70, 'not finished: the run was stopped (--stop-on-first-crash)'
+            results[label] = (code, msg)
+            LOGGER.error('%s failed (exit %d): %s', label, code, msg)
+            _report(cfg, by_label[label], assets, started=state.started_at or now, code=code,
+                    message=msg, device=str(device))
+    return results
+
+
+def rerun_command(argv: list[str], subjects: list[str]) -> str:
+    """The command line that runs ``subjects`` again with the same options."""
+    import shlex
+
+    out, skip = [], False
+    for token in argv:
+        if token in ('--participant-label', '--participant_label'):
+            skip = True
+            continue
+        if skip and not token.startswith('-'):
+            continue
+        skip = False
+        out.append(token)
+    return shlex.join(['cerebseg', *out, '--participant-label', *subjects])
+
+
+def _summary(cfg, runs, results: dict, argv: list[str]) -> None:
+    done = [r for r in runs if results.get(r.label, (70,))[0] == 0]
+    failed = [r for r in runs if results.get(r.label, (70,))[0] != 0]
+    LOGGER.log(IMPORTANT, 'Summary: %d of %d T1w run(s) finished%s', len(done), len(runs),
+               f', {len(failed)} failed' if failed else '')
+    for run in failed:
+        code, msg = results.get(run.label, (70, 'not run'))
+        log_dir = run_log_dir(cfg, run)
+        crashes = sorted(log_dir.glob('crash-*.txt'))
+        LOGGER.error('  %s (exit %d): %s\n    log: %s%s', run.label, code, msg, log_dir,
+                     ''.join(f'\n    crash file: {c}' for c in crashes))
+    if failed:
+        subjects = sorted({run.subject for run in failed})
+        LOGGER.log(IMPORTANT, 'To re-run only the failures (the work folder resumes the rest): '
+                   '%s', rerun_command(argv, subjects))
 
 
 if __name__ == '__main__':

@@ -76,13 +76,13 @@ def labels_on_grid(label_path, t1w_path, grid, t1_to_mni: str) -> np.ndarray:
 
 def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int, seed: int):
     """Run (or reuse) the preprocessing and prior of one T1w; its output file paths."""
-    from cerebseg.bids_app.run import template_paths, workflow_name
+    from cerebseg.bids_app.run import participant_work_dir, template_paths, workflow_name
     from cerebseg.workflows.base import init_prior_wf
 
     wf = init_prior_wf(t1w=run.t1w, t2w=run.t2w, templates=template_paths(assets),
                        grid=assets.manifest['grid'], library=library,
                        omp_nthreads=omp_nthreads, seed=seed, name=workflow_name(run))
-    wf.base_dir = str(work_dir)
+    wf.base_dir = str(participant_work_dir(work_dir))   # where `cerebseg` puts this run
     wf.config['execution'].update({'crashdump_dir': str(work_dir / 'crash'),
                                    'crashfile_format': 'txt', 'stop_on_first_crash': True,
                                    'remove_unnecessary_outputs': False})

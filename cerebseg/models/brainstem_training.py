@@ -155,14 +155,16 @@ def _case_name(folder: str) -> tuple[str, str]:
 
 def find_cases(work_dirs) -> list[tuple[str, str, Path, Path]]:
     """``(name, participant, t1_box, dseg_box)`` of every participant run in cerebseg work
-    folders (``WORK/cerebseg_sub_*_wf/`` + :data:`T1_BOX` / :data:`DSEG_BOX`), sorted by name;
+    folders (``WORK/cerebseg_wf/cerebseg_sub_*_wf/`` + :data:`T1_BOX` / :data:`DSEG_BOX`), sorted by name;
     a run found in two folders is used once (the first folder). Raises ``ValueError`` naming a
     folder with no usable run."""
     found = {}
     for work in map(Path, work_dirs):
         if not work.is_dir():
             raise ValueError(f'work folder not found: {work}')
-        runs = sorted(p for p in work.glob('cerebseg_*_wf') if p.is_dir())
+        # WORK/cerebseg_wf/cerebseg_sub-X_wf (one graph for all runs), or older WORK/cerebseg_sub-X_wf
+        runs = sorted(p for p in [*work.glob('cerebseg_wf/cerebseg_*_wf'),
+                                  *work.glob('cerebseg_*_wf')] if p.is_dir())
         usable = 0
         for run in runs:
             t1, dseg = run / T1_BOX, run / DSEG_BOX

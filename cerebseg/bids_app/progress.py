@@ -1,0 +1,141 @@
+"""Where a run of many participants stands, from the Nipype scheduler's node events.
+
+:class:`Progress` is given to the plugin as its ``status_callback``: Nipype calls it with each
+node and ``'start'``, ``'end'`` or ``'exception'``. It counts nodes per T1w run, says when a
+run starts, finishes or fails, shows a one-line progress bar on a terminal (plain log lines
+otherwise, at most one a minute between events) and calls ``on_finished(label)`` as soon as
+every node of a run has ended, so that its report is written while the others go on.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+LOGGER = logging.getLogger('cerebseg.cli')
+IMPORTANT = 25
+
+
+@dataclass
+class RunState:
+    label: str
+    total: int
+    done: int = 0
+    failed: bool = False
+    started: float | None = None
+    started_at: datetime | None = None   # wall clock, for the status file
+    finished: float | None = None
+    running: dict = field(default_factory=dict)   # node fullname -> start time
+
+    @property
+    def state(self) -> str:
+        if self.failed:
+            return 'failed'
+        if self.finished is not None:
+            return 'done'
+        return 'running' if self.started is not None else 'waiting'
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class Progress:
+    """Progress of the T1w runs of one command; ``prefixes`` maps each run's label to the
+    Nipype name prefix of its nodes, ``totals`` to its number of nodes."""
+
+    def __init__(self, prefixes: dict[str, str], totals: dict[str, int], on_finished=None,
+                 stream=None, interval: float = 60.0, clock=time.monotonic):
+        self.prefixes = prefixes
+        self.runs = {label: RunState(label, totals[label]) for label in prefixes}
+        self.on_finished = on_finished
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, 'isatty', lambda: False)())
+        self.interval = interval
+        self.clock = clock
+        self.start = clock()
+        self._last_line = self.start
+
+    # -- the Nipype callback -------------------------------------------------------------
+    def __call__(self, node, status: str) -> None:
+        label = self._label(node.fullname)
+        if label is None:
+            return
+        run, now = self.runs[label], self.clock()
+        before = run.state
+        if status == 'start':
+            if run.started is None:
+                run.started, run.started_at = now, datetime.now(timezone.utc)
+                LOGGER.log(IMPORTANT, '%s: started', label)
+            run.running[node.fullname] = now
+        elif status == 'exception':
+            run.running.pop(node.fullname, None)
+            if not run.failed:
+                run.failed = True
+                LOGGER.error('%s: failed at %s', label, node.fullname.split('.', 2)[-1])
+        elif status == 'end':
+            if node.fullname not in run.running and run.failed:
+                return   # nipype ends a failed node after its exception
+            run.running.pop(node.fullname, None)
+            run.done += 1
+            if run.done >= run.total and not run.failed and run.finished is None:
+                run.finished = now
+                LOGGER.log(IMPORTANT, '%s: finished in %.1f min', label,
+                           (now - run.started) / 60)
+                if self.on_finished is not None:
+                    self.on_finished(label)
+        self._show(now, force=run.state != before)
+
+    def _label(self, fullname: str) -> str | None:
+        for label, prefix in self.prefixes.items():
+            if fullname.startswith(prefix + '.') or fullname == prefix:
+                return label
+        return None
+
+    # -- what is shown -------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        out = {'done': 0, 'running': 0, 'failed': 0, 'waiting': 0}
+        for run in self.runs.values():
+            out[run.state] += 1
+        return out
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left: the time per node so far, times the nodes left (None before any
+        node has ended)."""
+        now = self.clock() if now is None else now
+        done = sum(r.done for r in self.runs.values())
+        left = sum(r.total - r.done for r in self.runs.values() if not r.failed)
+        if not done:
+            return None
+        return (now - self.start) / done * left
+
+    def line(self, now: float | None = None) -> str:
+        now = self.clock() if now is None else now
+        c = self.counts()
+        stages = sorted({name.split('.')[-1] for r in self.runs.values() for name in r.running})
+        eta = self.eta(now)
+        return (f'participants: {c["done"]} done, {c["running"]} running, {c["failed"]} failed, '
+                f'{c["waiting"]} left | elapsed {_clock(now - self.start)}'
+                + (f', about {_clock(eta)} to go' if eta is not None else '')
+                + (f' | running: {", ".join(stages)}' if stages else ''))
+
+    def _show(self, now: float, force: bool = False) -> None:
+        if self.tty:
+            done = sum(r.done for r in self.runs.values())
+            total = max(sum(r.total for r in self.runs.values()), 1)
+            width = 24
+            fill = int(width * done / total)
+            text = f'[{"#" * fill}{"." * (width - fill)}] {self.line(now)}'
+            self.stream.write('\r' + text[:200].ljust(200))
+            self.stream.flush()
+        elif force or now - self._last_line >= self.interval:
+            LOGGER.log(IMPORTANT, '%s', self.line(now))
+            self._last_line = now
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write('\n')
+            self.stream.flush()

@@ -1,0 +1,145 @@
+"""All T1w runs in one Nipype graph: a failing run stops only itself, progress and summary."""
+from __future__ import annotations
+
+import io
+import logging
+from types import SimpleNamespace
+
+import pytest
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from cerebseg.bids_app.progress import Progress
+from cerebseg.bids_app.run import (make_progress, rerun_command, run_workflows,
+                                   send_crashes_to)
+
+
+def _step(x):
+    return x + 1
+
+
+def _boom(x):
+    raise ValueError(f'BadDataError: input {x} is not a brain')
+
+
+def _run_wf(name, fail=False, steps=3):
+    wf = pe.Workflow(name=name)
+    prev = None
+    for i in range(steps):
+        func = _boom if (fail and i == 1) else _step
+        node = pe.Node(niu.Function(input_names=['x'], output_names=['out'], function=func),
+                       name=f'step{i}')
+        if prev is None:
+            node.inputs.x = 0
+        else:
+            wf.connect(prev, 'out', node, 'x')
+        prev = node
+    return wf
+
+
+def _cfg(tmp_path, nprocs=2, stop=False):
+    return SimpleNamespace(work_dir=str(tmp_path / 'work'), nprocs=nprocs, mem_gb=0,
+                           verbose=0, stop_on_first_crash=stop)
+
+
+@pytest.mark.parametrize('nprocs', [1, 2])
+def test_failing_run_stops_only_itself(tmp_path, nprocs):
+    workflows = {'sub-01': _run_wf('cerebseg_sub_01_wf'),
+                 'sub-02': _run_wf('cerebseg_sub_02_wf', fail=True),
+                 'sub-03': _run_wf('cerebseg_sub_03_wf')}
+    for label, wf in workflows.items():
+        send_crashes_to(wf, tmp_path / label / 'log')
+    finished = []
+    progress = make_progress(workflows, on_finished=finished.append, stream=io.StringIO())
+    run_workflows(_cfg(tmp_path, nprocs), workflows, progress)
+    assert sorted(finished) == ['sub-01', 'sub-03']
+    assert {k: r.state for k, r in progress.runs.items()} == {
+        'sub-01': 'done', 'sub-02': 'failed', 'sub-03': 'done'}
+    # the crash file is in the failing run's own log folder, and only there
+    crashes = list((tmp_path / 'sub-02' / 'log').glob('crash-*.txt'))
+    assert len(crashes) == 1 and 'is not a brain' in crashes[0].read_text()
+    assert not (tmp_path / 'sub-01' / 'log').exists()
+    # one graph: the runs' nodes live side by side under the top-level workflow
+    assert (tmp_path / 'work' / 'cerebseg_wf' / 'cerebseg_sub_03_wf' / 'step2').is_dir()
+
+
+def test_stop_on_first_crash_stops_everything(tmp_path):
+    workflows = {'sub-01': _run_wf('cerebseg_sub_01_wf', fail=True, steps=2),
+                 'sub-02': _run_wf('cerebseg_sub_02_wf', steps=6)}
+    progress = make_progress(workflows, stream=io.StringIO())
+    run_workflows(_cfg(tmp_path, nprocs=1, stop=True), workflows, progress)
+    assert progress.runs['sub-01'].state == 'failed'
+    assert progress.runs['sub-02'].state != 'done'
+
+
+class _Node:
+    def __init__(self, fullname):
+        self.fullname = fullname
+
+
+def test_progress_counts_eta_and_lines(caplog):
+    now = [0.0]
+    progress = Progress({'sub-01': 'top.a_wf', 'sub-02': 'top.b_wf'}, {'sub-01': 2, 'sub-02': 2},
+                        stream=io.StringIO(), interval=60, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger='cerebseg'):
+        progress(_Node('top.a_wf.preproc_wf.t1_correct'), 'start')
+        assert progress.counts() == {'done': 0, 'running': 1, 'failed': 0, 'waiting': 1}
+        assert progress.eta() is None
+        now[0] = 10.0
+        progress(_Node('top.a_wf.preproc_wf.t1_correct'), 'end')
+        assert progress.eta() == pytest.approx(10.0 * 3)   # 10 s a node, 3 nodes left
+        progress(_Node('top.a_wf.fuse'), 'start')
+        progress(_Node('top.b_wf.t1_correct'), 'start')
+        line = progress.line()
+        assert '0 done, 2 running, 0 failed, 0 left' in line and 'elapsed 0:00:10' in line
+        assert 'running: fuse, t1_correct' in line
+        now[0] = 20.0
+        progress(_Node('top.a_wf.fuse'), 'end')
+        progress(_Node('top.b_wf.t1_correct'), 'exception')
+        progress(_Node('top.b_wf.t1_correct'), 'end')   # nipype ends a failed node again
+        progress(_Node('elsewhere.node'), 'start')        # not a run's node: ignored
+    assert progress.counts() == {'done': 1, 'running': 0, 'failed': 1, 'waiting': 0}
+    assert progress.runs['sub-02'].done == 0
+    assert 'sub-01: finished' in caplog.text and 'sub-02: failed at t1_correct' in caplog.text
+
+
+def test_progress_bar_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    progress = Progress({'sub-01': 'top.a_wf'}, {'sub-01': 4}, stream=stream)
+    progress(_Node('top.a_wf.x'), 'start')
+    progress(_Node('top.a_wf.x'), 'end')
+    progress.close()
+    text = stream.getvalue()
+    assert '\r[######..................]' in text and text.endswith('\n')
+
+
+def test_rerun_command_keeps_the_options():
+    argv = ['/data', '/out', 'participant', '--participant-label', '01', '02', '03',
+            '--nprocs', '2', '-w', '/work dir']
+    assert rerun_command(argv, ['02']) == (
+        "cerebseg /data /out participant --nprocs 2 -w '/work dir' --participant-label 02")
+    assert rerun_command(['/d', '/o', 'participant'], ['01', '05']).endswith(
+        'participant --participant-label 01 05')
+
+
+@pytest.mark.parametrize('which', ['output', 'work'])
+def test_unwritable_folders_stop_before_any_work(tmp_path, caplog, which):
+    """A folder that cannot be created or written (here: a file in the way, which stops root
+    too) ends the command with exit 2 and a message naming it, before any work."""
+    from cerebseg.bids_app.run import main
+    from conftest import make_bids
+
+    bids = make_bids(tmp_path / 'bids', {'01': ['anat/sub-01_T1w.nii.gz']})
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('not a folder')
+    out = blocker / 'out' if which == 'output' else tmp_path / 'out'
+    work = blocker / 'work' if which == 'work' else tmp_path / 'work'
+    code = main([str(bids), str(out), 'participant', '-w', str(work)])
+    assert code == 2
+    bad = out if which == 'output' else work
+    assert f'{which} folder {bad} is not writable' in caplog.text
+    assert not (tmp_path / 'out' / 'dataset_description.json').exists()
