@@ -23,16 +23,16 @@ def _boom(x):
 
 
 def _run_wf(name, fail=False, steps=3):
+    """``steps`` function nodes in a chain after an identity node (which Nipype drops from
+    the graph it runs: the progress must not wait for it)."""
     wf = pe.Workflow(name=name)
-    prev = None
+    prev = pe.Node(niu.IdentityInterface(fields=['out']), name='inputnode')
+    prev.inputs.out = 0
     for i in range(steps):
         func = _boom if (fail and i == 1) else _step
         node = pe.Node(niu.Function(input_names=['x'], output_names=['out'], function=func),
                        name=f'step{i}')
-        if prev is None:
-            node.inputs.x = 0
-        else:
-            wf.connect(prev, 'out', node, 'x')
+        wf.connect(prev, 'out', node, 'x')
         prev = node
     return wf
 
@@ -66,6 +66,8 @@ def test_failing_run_stops_only_itself(tmp_path, nprocs):
 def test_stop_on_first_crash_stops_everything(tmp_path):
     workflows = {'sub-01': _run_wf('cerebseg_sub_01_wf', fail=True, steps=2),
                  'sub-02': _run_wf('cerebseg_sub_02_wf', steps=6)}
+    for label, wf in workflows.items():
+        send_crashes_to(wf, tmp_path / label / 'log')
     progress = make_progress(workflows, stream=io.StringIO())
     run_workflows(_cfg(tmp_path, nprocs=1, stop=True), workflows, progress)
     assert progress.runs['sub-01'].state == 'failed'

@@ -318,8 +318,17 @@ def make_progress(workflows: dict, on_finished=None, stream=None):
     from cerebseg.bids_app.progress import Progress
 
     return Progress({label: f'{ROOT_WORKFLOW}.{wf.name}' for label, wf in workflows.items()},
-                    {label: len(wf._get_all_nodes()) for label, wf in workflows.items()},
+                    {label: count_run_nodes(wf) for label, wf in workflows.items()},
                     on_finished=on_finished, stream=stream)
+
+
+def count_run_nodes(wf) -> int:
+    """The nodes of ``wf`` that Nipype runs: it drops identity nodes that are not joins."""
+    from nipype.interfaces.utility import IdentityInterface
+
+    return sum(1 for node in wf._get_all_nodes()
+               if not (isinstance(node.interface, IdentityInterface)
+                       and not hasattr(node, 'joinsource')))
 
 
 def run_workflows(cfg, workflows: dict, progress=None):
@@ -538,6 +547,12 @@ def run_all(cfg, runs, assets, library, device, brainstem) -> dict:
             if label in results:
                 continue
             state = progress.runs[label]
+            crashed = list(run_log_dir(cfg, by_label[label]).glob('crash-*.txt'))
+            if not state.failed and not crashed and state.started is not None \
+                    and not cfg.stop_on_first_crash:
+                LOGGER.debug('%s: %d of %d nodes seen; finished', label, state.done, state.total)
+                finished(label)   # every node ran (the count missed some): not a failure
+                continue
             if state.failed:
                 code, msg = _crash_kind(run_log_dir(cfg, by_label[label]))
             else:
