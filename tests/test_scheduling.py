@@ -145,3 +145,17 @@ def test_unwritable_folders_stop_before_any_work(tmp_path, caplog, which):
     bad = out if which == 'output' else work
     assert f'{which} folder {bad} is not writable' in caplog.text
     assert not (tmp_path / 'out' / 'dataset_description.json').exists()
+
+
+def test_eta_learns_from_a_finished_run():
+    now = [0.0]
+    progress = Progress({k: f'top.{k}_wf' for k in 'abc'}, {k: 1 for k in 'abc'},
+                        stream=io.StringIO(), clock=lambda: now[0])
+    progress(_Node('top.a_wf.n'), 'start')
+    now[0] = 5.0
+    progress(_Node('top.b_wf.n'), 'start')
+    now[0] = 10.0
+    progress(_Node('top.a_wf.n'), 'end')
+    # a run takes 10 node-seconds; b has run 5 of them, c none; 10 node-seconds in 10 s
+    assert progress.eta() == pytest.approx(5.0 + 10.0)
+    assert progress.counts() == {'done': 1, 'running': 1, 'failed': 0, 'waiting': 1}

@@ -23,6 +23,7 @@ class RunState:
     label: str
     total: int
     done: int = 0
+    busy: float = 0.0   # seconds of its nodes that have ended
     failed: bool = False
     started: float | None = None
     started_at: datetime | None = None   # wall clock, for the status file
@@ -58,6 +59,7 @@ class Progress:
         self.clock = clock
         self.start = clock()
         self._last_line = self.start
+        self._run_seconds: list[float] = []   # node-seconds of each finished run
 
     # -- the Nipype callback -------------------------------------------------------------
     def __call__(self, node, status: str) -> None:
@@ -79,10 +81,11 @@ class Progress:
         elif status == 'end':
             if node.fullname not in run.running and run.failed:
                 return   # nipype ends a failed node after its exception
-            run.running.pop(node.fullname, None)
+            run.busy += now - run.running.pop(node.fullname, now)
             run.done += 1
             if run.done >= run.total and not run.failed and run.finished is None:
                 run.finished = now
+                self._run_seconds.append(run.busy)
                 LOGGER.log(IMPORTANT, '%s: finished in %.1f min', label,
                            (now - run.started) / 60)
                 if self.on_finished is not None:
@@ -103,14 +106,23 @@ class Progress:
         return out
 
     def eta(self, now: float | None = None) -> float | None:
-        """Seconds left: the time per node so far, times the nodes left (None before any
-        node has ended)."""
+        """Seconds left (None before any node has ended). Once a run has finished: the node
+        time a run takes (their mean) less what each unfinished run has done, over the node
+        time the machine gets through per second so far; before that: the time per node so
+        far, times the nodes left."""
         now = self.clock() if now is None else now
+        elapsed = max(now - self.start, 1e-9)
+        live = [r for r in self.runs.values() if not r.failed and r.finished is None]
+        if self._run_seconds:
+            per_run = sum(self._run_seconds) / len(self._run_seconds)
+            busy = sum(r.busy for r in self.runs.values())
+            left = sum(max(per_run - r.busy - sum(now - t for t in r.running.values()), 0.0)
+                       for r in live)
+            return left / (busy / elapsed)
         done = sum(r.done for r in self.runs.values())
-        left = sum(r.total - r.done for r in self.runs.values() if not r.failed)
         if not done:
             return None
-        return (now - self.start) / done * left
+        return elapsed / done * sum(r.total - r.done for r in live)
 
     def line(self, now: float | None = None) -> str:
         now = self.clock() if now is None else now

@@ -1,13 +1,11 @@
 """Image I/O: validation of user inputs, atomic writes, nibabel <-> ANTs conversion."""
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +20,12 @@ LOGGER = logging.getLogger('cerebseg.utils.images')
 VOXEL_SIZE_RANGE = (0.1, 4.0)
 #: anatomical images need at least this many voxels along every axis
 MIN_AXIS_VOXELS = 16
+#: the most voxels cerebseg reads from one image (a 0.5 mm whole head, 512^3, is 1.3e8); a
+#: header that claims more is refused before any data is read (no gigabyte allocations, no
+#: decompression bombs)
+MAX_VOXELS = 2 ** 28
+#: qform and sform of one header may differ by this much (mm, at the corners of the image)
+QFORM_SFORM_TOLERANCE_MM = 1.0
 #: an LPS <-> RAS flip (ANTs works in LPS physical space, NIfTI affines are RAS)
 _LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -34,27 +38,93 @@ def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _raw_nifti1_pixdim(path: Path) -> np.ndarray | None:
+    """The voxel sizes (pixdim[1:4]) as written in a NIfTI-1 file, before nibabel's fixes;
+    None for other formats."""
+    import struct
+
+    try:
+        with nib.openers.ImageOpener(str(path)) as fobj:
+            block = fobj.read(348)
+    except Exception:  # noqa: BLE001 - unreadable: nibabel's own reading reports it
+        return None
+    if len(block) < 348:
+        return None
+    for order in '<>':
+        if struct.unpack(order + 'i', block[:4])[0] == 348:
+            return np.asarray(struct.unpack(order + '3f', block[80:92]), dtype=float)
+    return None
+
+
+def _check_spatial_header(img, path: Path, role: str) -> None:
+    """Voxel sizes, affine and qform/sform agreement of a header (BadDataError)."""
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    raw = _raw_nifti1_pixdim(path)   # nibabel silently turns 0 into 1 and -1 into 1
+    if raw is not None:
+        zooms = np.where(np.isfinite(raw) & (raw > 0), zooms, raw)
+    lo, hi = VOXEL_SIZE_RANGE
+    if not np.all(np.isfinite(zooms)) or np.any(zooms < lo) or np.any(zooms > hi):
+        raise BadDataError(
+            f'The {role} {path} has voxel sizes {tuple(np.round(zooms, 4))} mm, outside the '
+            f'plausible range [{lo}, {hi}] mm; the header is wrong or this is not a structural '
+            'scan. Fix the NIfTI header (pixdim) or re-convert the DICOMs.')
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise BadDataError(f'The {role} {path} has an invalid (singular or non-finite) affine '
+                           'in its header; re-convert the DICOMs (e.g. with dcm2niix).')
+    header = img.header
+    if not hasattr(header, 'get_qform'):
+        return
+    offset = float(getattr(img.dataobj, 'offset', header.sizeof_hdr + 4))   # the file's vox_offset
+    single = bytes(header['magic']).rstrip(b'\0') in (b'n+1', b'n+2')
+    if single and not (np.isfinite(offset) and offset >= header.sizeof_hdr + 4):
+        raise BadDataError(
+            f'The {role} {path} has vox_offset {offset} in its header: the data of a single-file '
+            f'NIfTI starts after the header (at {header.sizeof_hdr + 4} or later), so the '
+            'header is corrupt. Re-convert the DICOMs (e.g. with dcm2niix).')
+    qcode, scode = int(header['qform_code']), int(header['sform_code'])
+    if qcode > 0 and scode > 0:
+        qform, sform = header.get_qform(), header.get_sform()
+        if not (np.all(np.isfinite(qform)) and np.all(np.isfinite(sform))):
+            raise BadDataError(f'The {role} {path} has a non-finite qform or sform.')
+        corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1)
+                            for j in (0, img.shape[1] - 1) for k in (0, img.shape[2] - 1)])
+        gap = float(np.abs(corners @ (qform - sform).T)[:, :3].max())
+        if gap > QFORM_SFORM_TOLERANCE_MM:
+            raise BadDataError(
+                f'The {role} {path} has a qform and an sform that disagree by {gap:.1f} mm '
+                '(they place the image in two different places); cerebseg will not choose. '
+                'Make them agree (e.g. fslorient -copysform2qform, or nibabel '
+                'img.set_qform(img.get_sform())) in a copy of the image.')
+
+
 def load_checked(path: str | os.PathLike, role: str = 'image') -> nib.Nifti1Image:
     """Load a NIfTI and refuse what cerebseg cannot segment, naming the file and the problem.
 
     Accepts 3D images and 4D images with a single volume (squeezed). Raises
     :class:`~cerebseg.errors.BadDataError` for unreadable or truncated files, 2D, 4D,
-    non-finite data, constant images and absurd voxel sizes.
+    headers that claim more than :data:`MAX_VOXELS` voxels (checked before any data is read),
+    absurd voxel sizes, singular or non-finite affines, a qform and an sform that disagree,
+    non-finite data and constant images.
     """
     path = Path(path)
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError,
-            nib.filebasedimages.ImageFileError) as err:
+        header_shape = tuple(int(n) for n in img.shape)
+    except Exception as err:  # noqa: BLE001 - every way a header can be broken
         raise BadDataError(
             f'Cannot read the {role} {path}: {err}. The file is truncated or not a NIfTI image; '
             're-export it from the scanner DICOMs (e.g. with dcm2niix).') from err
-    shape = data.shape
-    if data.ndim == 4 and shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        kind = '2D' if data.ndim == 2 or min(shape[:3]) == 1 else f'{data.ndim}D'
+    n_voxels = int(np.prod(header_shape, dtype=np.float64)) if header_shape else 0
+    if not header_shape or min(header_shape) < 1 or n_voxels > MAX_VOXELS:
+        raise BadDataError(
+            f'The {role} {path} claims {header_shape} voxels in its header ({n_voxels:.3g} in '
+            f'all; the most cerebseg reads is {MAX_VOXELS:.3g}); the header (dim) is wrong or '
+            'this is not a structural scan. Re-convert the DICOMs (e.g. with dcm2niix).')
+    shape = header_shape
+    ndim = 3 if len(shape) == 4 and shape[3] == 1 else len(shape)
+    if ndim != 3:
+        kind = '2D' if ndim == 2 or min(shape[:3]) == 1 else f'{ndim}D'
         raise BadDataError(
             f'The {role} {path} is {kind} (shape {shape}); cerebseg needs a single 3D volume. '
             'Pass a 3D structural image (split 4D series first, e.g. with fslsplit).')
@@ -62,15 +132,15 @@ def load_checked(path: str | os.PathLike, role: str = 'image') -> nib.Nifti1Imag
         raise BadDataError(
             f'The {role} {path} has shape {shape[:3]}: fewer than {MIN_AXIS_VOXELS} voxels '
             'along an axis, which is a slab or a localizer, not a 3D anatomical scan.')
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    lo, hi = VOXEL_SIZE_RANGE
-    if not np.all(np.isfinite(zooms)) or np.any(zooms < lo) or np.any(zooms > hi):
+    _check_spatial_header(img, path, role)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # noqa: BLE001 - truncated, bad offset, corrupt gzip, ...
         raise BadDataError(
-            f'The {role} {path} has voxel sizes {tuple(np.round(zooms, 4))} mm, outside the '
-            f'plausible range [{lo}, {hi}] mm; the header is wrong or this is not a structural '
-            'scan. Fix the NIfTI header (pixdim) or re-convert the DICOMs.')
-    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
-        raise BadDataError(f'The {role} {path} has an invalid (singular) affine in its header.')
+            f'Cannot read the {role} {path}: {err}. The file is truncated or not a NIfTI image; '
+            're-export it from the scanner DICOMs (e.g. with dcm2niix).') from err
+    if data.ndim == 4:
+        data = data[..., 0]
     floats = np.asarray(data, dtype=np.float32)
     if not np.all(np.isfinite(floats)):
         bad = int(np.size(floats) - np.count_nonzero(np.isfinite(floats)))
