@@ -6,6 +6,7 @@ code   meaning
 2      usage error (bad arguments, paths)
 65     bad input data (EX_DATAERR): unreadable image, not a brain, ...
 70     crash (EX_SOFTWARE): a bug or an unexpected failure
+74     no space left on the device, or disk quota exceeded (EX_IOERR)
 126    missing or corrupt assets (atlas library, weights)
 127    missing dependency
 =====  ===========================================================

@@ -418,3 +418,131 @@ def test_brainstem_network_weights_are_checked_first(tmp_path, assets_dir, caplo
     assert main(base + ['--brainstem-weights', str(other)]) == 126
     assert 'other.pt was trained on other brainstem labels' in caplog.text
     assert not (tmp_path / 'work').exists()
+
+
+def _complete(path: Path) -> None:
+    """A file with a final name must be whole: NIfTIs load to the last voxel, JSON parses,
+    TSVs have a header and rows."""
+    if path.name.endswith('.nii.gz'):
+        np.asarray(nib.load(path).dataobj)
+    elif path.suffix == '.json':
+        json.loads(path.read_text())
+    elif path.suffix == '.tsv':
+        assert len(path.read_text().splitlines()) >= 2, path
+    elif path.stat().st_size == 0:
+        raise AssertionError(f'{path} is empty')
+
+
+@pytest.mark.integration
+def test_kill_9_then_resume_gives_identical_outputs(real_run, tmp_path):
+    """``kill -9`` of the whole run (its process group: workers and child processes too) just
+    after its first output is written; no file with a final name is half-written; the same
+    command again resumes from the work folder and gives byte-identical outputs to the
+    uninterrupted run (issue 13)."""
+    import signal
+    import time
+
+    argv = list(real_run['argv'])
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    argv[argv.index(str(real_run['out']))] = str(out)
+    argv[argv.index(str(real_run['work']))] = str(work)
+    log = open(tmp_path / 'killed.log', 'wb')
+    proc = subprocess.Popen([sys.executable, '-m', 'cerebseg.bids_app.run', *argv],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    anat = out / 'sub-01' / 'anat'
+    deadline = time.monotonic() + 900
+    try:
+        while not list(anat.glob('*_xfm.mat')):
+            assert proc.poll() is None, 'the run ended before it could be killed'
+            assert time.monotonic() < deadline, 'no output after 15 min'
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert not (anat / 'sub-01_space-T1w_seg-cerebellum_dseg.nii.gz').exists(), \
+        'killed too late: the run had finished'
+    time.sleep(1)
+    survivors = subprocess.run(['pgrep', '-g', str(proc.pid)], capture_output=True, text=True)
+    assert not survivors.stdout.strip(), f'processes of the killed run survive: {survivors.stdout}'
+    for path in out.rglob('*'):
+        if path.is_file() and not path.name.startswith('.'):
+            _complete(path)
+    assert main(argv) == 0
+    first = _digest(real_run['out'] / 'sub-01/anat')
+    resumed = _digest(anat)
+    assert sorted(first) == sorted(resumed)
+    assert not [n for n in first if first[n] != resumed[n]], 'resumed outputs differ'
+
+
+@pytest.mark.integration
+def test_two_commands_share_one_output_folder(shared_data, assets_dir, tmp_path):
+    """Two ``cerebseg`` processes write different participants into one output (and work)
+    folder at the same time: both finish, the shared files are whole and as a lone run writes
+    them, and the group level reads both participants (issue 13)."""
+    bids = shared_data / 'bids/ds002748'
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    base = [sys.executable, '-m', 'cerebseg.bids_app.run', str(bids), str(out), 'participant',
+            '--assets-dir', str(assets_dir), '-w', str(work), '--skip-cerebellum',
+            '--omp-nthreads', '1', '--nprocs', '1']
+    procs = [subprocess.Popen(base + ['--participant-label', label], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for label in ('01', '02')]
+    logs = [p.communicate()[0].decode(errors='replace') for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    alone = tmp_path / 'alone'
+    assert main([str(bids), str(alone), 'participant', '--assets-dir', str(assets_dir), '-w',
+                 str(tmp_path / 'work-alone'), '--skip-cerebellum', '--participant-label',
+                 '03']) == 0
+    for name in ('dataset_description.json', 'seg-brainstem_dseg.tsv', 'seg-brainstem_dseg.json',
+                 'descriptions.tsv', '.bidsignore', 'README.md'):
+        _complete(out / name)
+        assert (out / name).read_bytes() == (alone / name).read_bytes(), name
+    desc = json.loads((out / 'dataset_description.json').read_text())
+    assert desc['DatasetType'] == 'derivative'
+    for label in ('01', '02'):
+        assert (out / f'sub-{label}/anat/sub-{label}_space-T1w_seg-brainstem_dseg.nii.gz').is_file()
+        assert list(out.glob(f'sub-{label}/log/*/*_status.json'))
+    assert not list(out.rglob('.*.nii.gz*')), 'temporary files left'
+    assert main([str(bids), str(out), 'group']) == 0
+    rows = (out / 'group_seg-brainstem_morph.tsv').read_text().splitlines()
+    assert len(rows) == 3, rows[:1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs mounted for the test (root only), resized by the test; unmounted after."""
+    mnt = tmp_path / 'disk'
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs',
+                                            str(mnt)], capture_output=True).returncode:
+        pytest.skip('needs root to mount a small tmpfs')
+    yield mnt
+    subprocess.run(['umount', '-l', str(mnt)], check=False)
+
+
+@pytest.mark.integration
+def test_full_disk_keeps_what_was_written(shared_data, assets_dir, tmp_path, small_disk, caplog):
+    """The output folder fills up while a second participant is written: exit 74 with a clear
+    message; the first participant's outputs are still there, unchanged and valid; no file
+    with a final name is half-written (issue 13)."""
+    bids = shared_data / 'bids/ds002748'
+    out = small_disk / 'out'
+    base = [str(bids), str(out), 'participant', '--assets-dir', str(assets_dir),
+            '-w', str(tmp_path / 'work'), '--skip-cerebellum']
+    assert main(base + ['--participant-label', '01']) == 0
+    before = _digest(out)
+    used = sum(p.stat().st_size for p in out.rglob('*') if p.is_file())
+    # room for a third of another participant
+    size_kb = (os.statvfs(small_disk).f_blocks - os.statvfs(small_disk).f_bfree) * \
+        os.statvfs(small_disk).f_frsize // 1024 + used // 3 // 1024
+    subprocess.run(['mount', '-o', f'remount,size={size_kb}k', str(small_disk)], check=True)
+    caplog.clear()
+    assert main(base + ['--participant-label', '02']) == 74, caplog.text
+    assert 'no space left on the device' in caplog.text and 'run the same command again' \
+        in caplog.text
+    after = _digest(out)
+    assert {k: v for k, v in after.items() if k in before and 'sub-01' in k} == \
+        {k: v for k, v in before.items() if 'sub-01' in k}, 'sub-01 changed'
+    for path in out.rglob('*'):
+        if path.is_file() and not path.name.startswith('.'):
+            _complete(path)

@@ -57,3 +57,34 @@ def test_config_toml_roundtrip(bids, tmp_path):
     cfg = RunConfig.from_namespace(opts)
     again = RunConfig.from_toml(cfg.to_toml())
     assert again == cfg and again.random_seed == 7 and again.participant_label == ('01',)
+
+
+def test_plugin_and_plugin_args(bids, tmp_path, capsys):
+    import json
+
+    from cerebseg.bids_app.config import RunConfig
+    from cerebseg.bids_app.run import plugin_settings
+
+    base = [str(bids), str(tmp_path / 'out'), 'participant', '--nprocs', '2']
+    opts = parse_args(base)
+    cfg = RunConfig.from_namespace(opts)
+    assert plugin_settings(cfg)[0] == 'MultiProc'
+    assert plugin_settings(cfg)[1] == {'n_procs': 2, 'raise_insufficient': False}
+    opts = parse_args(base + ['--plugin', 'SLURM', '--plugin-args',
+                              '{"sbatch_args": "--time=1:00:00", "max_jobs": 4}'])
+    plugin, args = plugin_settings(RunConfig.from_namespace(opts), progress=print)
+    assert plugin == 'SLURM' and args == {'sbatch_args': '--time=1:00:00', 'max_jobs': 4,
+                                          'status_callback': print}
+    yml = tmp_path / 'plugin.yml'
+    yml.write_text('sbatch_args: --partition=short\n')
+    js = tmp_path / 'plugin.json'
+    js.write_text(json.dumps({'sbatch_args': '--mem=8G'}))
+    for path, want in ((yml, '--partition=short'), (js, '--mem=8G')):
+        opts = parse_args(base + ['--plugin', 'SLURMGraph', '--plugin-args', str(path)])
+        plugin, args = plugin_settings(RunConfig.from_namespace(opts), progress=print)
+        assert plugin == 'SLURMGraph' and args == {'sbatch_args': want}   # no callback there
+    for bad in ('{"a": ', '[1, 2]', str(tmp_path / 'missing.json')):
+        with pytest.raises(SystemExit) as info:
+            parse_args(base + ['--plugin-args', bad])
+        assert info.value.code == 2
+    assert '--plugin-args' in capsys.readouterr().err

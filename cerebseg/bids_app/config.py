@@ -26,6 +26,8 @@ class RunConfig:
     nprocs: int = 1
     omp_nthreads: int = 1
     mem_gb: float = 0.0
+    plugin: str = ''
+    plugin_args: str = ''   # JSON
     device: str = 'auto'
     atlas_library: str = 'suit'
     registration: str = 'torch'

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from functools import partial
 from pathlib import Path
@@ -77,6 +78,13 @@ def _build_parser() -> argparse.ArgumentParser:
     perf.add_argument('--mem-gb', '--mem_gb', dest='mem_gb', default=None,
                       type=partial(_positive, parser=parser, name='--mem-gb', kind=float),
                       help='memory limit for the scheduler (GB)')
+    perf.add_argument('--plugin', '--use-plugin', dest='plugin', default=None,
+                      choices=['Linear', 'MultiProc', 'SLURM', 'SLURMGraph'],
+                      help='Nipype execution plugin (default: MultiProc with --nprocs > 1, '
+                           'else Linear); SLURM/SLURMGraph submit the nodes as SLURM jobs')
+    perf.add_argument('--plugin-args', dest='plugin_args', default=None, metavar='JSON|FILE',
+                      help='arguments of the plugin: a JSON object, or a JSON or YAML file '
+                           '(e.g. \'{"sbatch_args": "--partition=short --time=1:00:00"}\')')
     perf.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
                       help='where torch models run (auto: CUDA when available)')
 
@@ -162,4 +170,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts.omp_nthreads = opts.omp_nthreads or nprocs
     if opts.omp_nthreads > nprocs:
         parser.error(f'--omp-nthreads ({opts.omp_nthreads}) cannot exceed --nprocs ({nprocs})')
+    if opts.plugin_args is not None:
+        try:
+            opts.plugin_args = json.dumps(read_plugin_args(opts.plugin_args), sort_keys=True)
+        except ValueError as err:
+            parser.error(f'--plugin-args: {err}')
     return opts
+
+
+def read_plugin_args(value: str) -> dict:
+    """``--plugin-args``: a JSON object, or the path of a JSON or YAML file holding one
+    (ValueError naming what is wrong)."""
+    path = Path(value).expanduser()
+    text, what = value, 'the argument'
+    if path.is_file():
+        text, what = path.read_text(), str(path)
+        if path.suffix in ('.yml', '.yaml'):
+            try:
+                import yaml
+            except ImportError as err:
+                raise ValueError(f'{path} is YAML but PyYAML is not installed; '
+                                 'give JSON') from err
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f'{path} is not valid YAML: {err}') from err
+            if not isinstance(data, dict):
+                raise ValueError(f'{path} must hold a mapping of plugin arguments')
+            return data
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f'{what} is neither a file nor a JSON object ({err})') from err
+    if not isinstance(data, dict):
+        raise ValueError(f'{what} must be a JSON object of plugin arguments')
+    return data

@@ -220,8 +220,21 @@ def _brainstem_meta(run, brainstem: dict, bids_dir: Path, cfg) -> dict:
     }
 
 
+#: exit code when a disk is full (EX_IOERR)
+EXIT_DISK_FULL = 74
+_DISK_FULL = ('[Errno 28]', 'No space left on device', '[Errno 122]', 'Disk quota exceeded')
+
+
+def disk_full_message(where) -> str:
+    return (f'no space left on the device (or disk quota exceeded) while writing {where}. '
+            'Free some space (or choose other folders with -w and output_dir), then run the '
+            'same command again: the work folder resumes, the outputs already written are '
+            'complete and are kept.')
+
+
 def _crash_kind(crash_dir: Path) -> tuple[int, str]:
-    """Exit code and message of the crash files of one run (65 for bad data, else 70)."""
+    """Exit code and message of the crash files of one run (65 for bad data, 74 for a full
+    disk, else 70)."""
     from cerebseg.errors import BadDataError
 
     marker = BadDataError.__name__ + ':'
@@ -230,6 +243,10 @@ def _crash_kind(crash_dir: Path) -> tuple[int, str]:
         for line in text.splitlines():
             if marker in line:
                 return 65, line.split(marker, 1)[1].strip()
+        if any(sign in text for sign in _DISK_FULL):
+            node = next((line.split(':', 1)[1].strip() for line in text.splitlines()
+                         if line.startswith('Node:')), 'a step')
+            return EXIT_DISK_FULL, disk_full_message(f'the outputs of {node} ({crash})')
     return 70, f'a processing step failed; see the crash files in {crash_dir}'
 
 
@@ -351,17 +368,32 @@ def run_workflows(cfg, workflows: dict, progress=None):
     top.config['execution'].update({'crashfile_format': 'txt',
                                     'stop_on_first_crash': bool(cfg.stop_on_first_crash),
                                     'remove_unnecessary_outputs': False})
-    plugin_args = {'n_procs': cfg.nprocs, 'raise_insufficient': False,
-                   'status_callback': progress}
-    if cfg.mem_gb:
-        plugin_args['memory_gb'] = cfg.mem_gb
+    plugin, plugin_args = plugin_settings(cfg, progress)
     try:
-        top.run(plugin='MultiProc' if cfg.nprocs > 1 else 'Linear', plugin_args=plugin_args)
+        top.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as err:  # nipype raises once at the end when any node failed
         LOGGER.debug('Workflow error: %s', err)
     finally:
         progress.close()
     return progress
+
+
+def plugin_settings(cfg, progress=None) -> tuple[str, dict]:
+    """The Nipype plugin and its arguments: ``--plugin`` (default MultiProc with several
+    processes, else Linear) and ``--plugin-args`` over cerebseg's own (processes, memory, the
+    progress callback where the plugin takes one)."""
+    import json
+
+    plugin = getattr(cfg, 'plugin', '') or ('MultiProc' if cfg.nprocs > 1 else 'Linear')
+    args = {}
+    if plugin == 'MultiProc':
+        args = {'n_procs': cfg.nprocs, 'raise_insufficient': False}
+        if cfg.mem_gb:
+            args['memory_gb'] = cfg.mem_gb
+    if progress is not None and plugin != 'SLURMGraph':   # graph plugins take no callback
+        args['status_callback'] = progress
+    args.update(json.loads(getattr(cfg, 'plugin_args', '') or '{}'))
+    return plugin, args
 
 
 def run_participant(run, cfg, assets, library: dict, device=None,
@@ -501,7 +533,13 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     LOGGER.log(IMPORTANT, 'cerebseg %s: %d T1w run(s) to process; run %s', cfg.version,
                len(runs), cfg.run_uuid)
-    _finalize(cfg, None if cfg.skip_cerebellum else library, brainstem)
+    try:
+        _finalize(cfg, None if cfg.skip_cerebellum else library, brainstem)
+    except OSError as err:
+        if err.errno in (28, 122):   # ENOSPC, EDQUOT
+            LOGGER.error('%s', disk_full_message(cfg.output_dir))
+            return EXIT_DISK_FULL
+        raise
     results = run_all(cfg, runs, assets, library, device, brainstem)
     _summary(cfg, runs, results, sys.argv[1:] if argv is None else list(argv))
     codes = [code for code, _ in results.values() if code]
