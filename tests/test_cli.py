@@ -462,9 +462,14 @@ def test_kill_9_then_resume_gives_identical_outputs(real_run, tmp_path):
         log.close()
     assert not (anat / 'sub-01_space-T1w_seg-cerebellum_dseg.nii.gz').exists(), \
         'killed too late: the run had finished'
-    time.sleep(1)
-    survivors = subprocess.run(['pgrep', '-g', str(proc.pid)], capture_output=True, text=True)
-    assert not survivors.stdout.strip(), f'processes of the killed run survive: {survivors.stdout}'
+    for _ in range(60):   # a process in a system call dies when the call returns
+        listing = subprocess.run(['ps', '-o', 'pid=,stat=', '-g', str(proc.pid)],
+                                 capture_output=True, text=True).stdout.split('\n')
+        alive = [line for line in listing if line.strip() and 'Z' not in line.split()[-1]]
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert not alive, f'processes of the killed run still alive after 30 s: {alive}'
     for path in out.rglob('*'):
         if path.is_file() and not path.name.startswith('.'):
             _complete(path)
