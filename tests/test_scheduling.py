@@ -159,3 +159,23 @@ def test_eta_learns_from_a_finished_run():
     # a run takes 10 node-seconds; b has run 5 of them, c none; 10 node-seconds in 10 s
     assert progress.eta() == pytest.approx(5.0 + 10.0)
     assert progress.counts() == {'done': 1, 'running': 1, 'failed': 0, 'waiting': 1}
+
+
+def test_cached_nodes_end_without_a_start():
+    """A resumed run: MultiProc ends its cached nodes without starting them."""
+    finished = []
+    progress = Progress({'sub-01': 'top.a_wf'}, {'sub-01': 2}, on_finished=finished.append,
+                        stream=io.StringIO())
+    progress(_Node('top.a_wf.x'), 'end')
+    progress(_Node('top.a_wf.y'), 'end')
+    assert finished == ['sub-01'] and progress.runs['sub-01'].state == 'done'
+
+
+def test_resumed_run_is_finished(tmp_path):
+    """The same graph twice in one work folder: the second run is all cached, and done."""
+    for _ in range(2):
+        workflows = {'sub-01': _run_wf('cerebseg_sub_01_wf')}
+        finished = []
+        progress = make_progress(workflows, on_finished=finished.append, stream=io.StringIO())
+        run_workflows(_cfg(tmp_path, nprocs=2), workflows, progress)
+        assert finished == ['sub-01']

@@ -63,15 +63,21 @@ class Progress:
 
     # -- the Nipype callback -------------------------------------------------------------
     def __call__(self, node, status: str) -> None:
+        try:
+            self._event(node, status)
+        except Exception:  # noqa: BLE001 - progress must never stop the scheduler
+            LOGGER.debug('Progress could not follow %s (%s)', node, status, exc_info=True)
+
+    def _event(self, node, status: str) -> None:
         label = self._label(node.fullname)
         if label is None:
             return
         run, now = self.runs[label], self.clock()
         before = run.state
+        if run.started is None:   # (MultiProc ends cached nodes without starting them)
+            run.started, run.started_at = now, datetime.now(timezone.utc)
+            LOGGER.log(IMPORTANT, '%s: started', label)
         if status == 'start':
-            if run.started is None:
-                run.started, run.started_at = now, datetime.now(timezone.utc)
-                LOGGER.log(IMPORTANT, '%s: started', label)
             run.running[node.fullname] = now
         elif status == 'exception':
             run.running.pop(node.fullname, None)
