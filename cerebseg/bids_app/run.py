@@ -247,7 +247,23 @@ def _crash_kind(crash_dir: Path) -> tuple[int, str]:
             node = next((line.split(':', 1)[1].strip() for line in text.splitlines()
                          if line.startswith('Node:')), 'a step')
             return EXIT_DISK_FULL, disk_full_message(f'the outputs of {node} ({crash})')
+    if not any(crash_dir.glob('crash-*.txt')) and _nearly_full(crash_dir):
+        return EXIT_DISK_FULL, disk_full_message(f'{crash_dir} (not even the crash report '
+                                                 'could be written)')
     return 70, f'a processing step failed; see the crash files in {crash_dir}'
+
+
+def _nearly_full(path: Path, room: int = 2 ** 20) -> bool:
+    """Whether the file system of ``path`` (or of its nearest existing folder) has less than
+    ``room`` bytes free."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < room
 
 
 def template_paths(assets) -> dict:
