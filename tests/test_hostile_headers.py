@@ -105,7 +105,7 @@ def hostile(draw):
     return kind, gzip.compress(bytes(raw), 1) if gz else bytes(raw), gz
 
 
-@settings(max_examples=120, deadline=20000, print_blob=False,
+@settings(max_examples=80, deadline=20000, print_blob=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=hostile())
 def test_hostile_header_is_refused(case, tmp_path_factory):
