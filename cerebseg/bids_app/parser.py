@@ -182,7 +182,8 @@ def read_plugin_args(value: str) -> dict:
     """``--plugin-args``: a JSON object, or the path of a JSON or YAML file holding one
     (ValueError naming what is wrong)."""
     path = Path(value).expanduser()
-    text, what = value, 'the argument'
+    text, what, kind = value, 'the argument', 'a JSON object'
+    load, error = json.loads, json.JSONDecodeError
     if path.is_file():
         text, what = path.read_text(), str(path)
         if path.suffix in ('.yml', '.yaml'):
@@ -191,13 +192,14 @@ def read_plugin_args(value: str) -> dict:
             except ImportError as err:
                 raise ValueError(f'{path} is YAML but PyYAML is not installed; '
                                  'give JSON') from err
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                raise ValueError(f'{path} is not valid YAML: {err}') from err
-            if not isinstance(data, dict):
-                raise ValueError(f'{path} must hold a mapping of plugin arguments')
-            return data
+            load, error, kind = yaml.safe_load, yaml.YAMLError, 'a YAML mapping'
+    try:
+        data = load(text)
+    except error as err:
+        raise ValueError(f'{what} is neither a file nor {kind} ({err})') from err
+    if not isinstance(data, dict):
+        raise ValueError(f'{what} must be {kind} of plugin arguments')
+    return data
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
