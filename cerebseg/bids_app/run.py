@@ -253,14 +253,18 @@ def _crash_kind(crash_dir: Path) -> tuple[int, str]:
     return 70, f'a processing step failed; see the crash files in {crash_dir}'
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest parent that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _nearly_full(path: Path, room: int = 2 ** 20) -> bool:
     """Whether the file system of ``path`` (or of its nearest existing folder) has less than
     ``room`` bytes free."""
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
     try:
-        stat = os.statvfs(path)
+        stat = os.statvfs(_nearest_existing(Path(path)))
     except OSError:
         return False
     return stat.f_bavail * stat.f_frsize < room
@@ -432,9 +436,7 @@ def check_writable(path, what: str, option: str) -> None:
     from cerebseg.errors import UsageError
 
     path = Path(path).absolute()
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = _nearest_existing(path)
     try:
         if not probe.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe))
