@@ -69,7 +69,8 @@ def test_plugin_and_plugin_args(bids, tmp_path, capsys):
     opts = parse_args(base)
     cfg = RunConfig.from_namespace(opts)
     assert plugin_settings(cfg)[0] == 'MultiProc'
-    assert plugin_settings(cfg)[1] == {'n_procs': 2, 'raise_insufficient': False}
+    assert plugin_settings(cfg)[1] == {'n_procs': 2, 'raise_insufficient': False,
+                                       'mp_context': 'spawn'}
     opts = parse_args(base + ['--plugin', 'SLURM', '--plugin-args',
                               '{"sbatch_args": "--time=1:00:00", "max_jobs": 4}'])
     plugin, args = plugin_settings(RunConfig.from_namespace(opts), progress=print)
@@ -82,7 +83,8 @@ def test_plugin_and_plugin_args(bids, tmp_path, capsys):
     for path, want in ((yml, '--partition=short'), (js, '--mem=8G')):
         opts = parse_args(base + ['--plugin', 'SLURMGraph', '--plugin-args', str(path)])
         plugin, args = plugin_settings(RunConfig.from_namespace(opts), progress=print)
-        assert plugin == 'SLURMGraph' and args == {'sbatch_args': want}   # no callback there
+        assert plugin == 'SLURMGraph' and args == {'sbatch_args': want,
+                                                   'status_callback': print}
     for bad in ('{"a": ', '[1, 2]', str(tmp_path / 'missing.json')):
         with pytest.raises(SystemExit) as info:
             parse_args(base + ['--plugin-args', bad])

@@ -179,3 +179,56 @@ def test_resumed_run_is_finished(tmp_path):
         progress = make_progress(workflows, on_finished=finished.append, stream=io.StringIO())
         run_workflows(_cfg(tmp_path, nprocs=2), workflows, progress)
         assert finished == ['sub-01']
+
+
+_TORCH_PARENT = '''
+import io, sys
+from types import SimpleNamespace
+
+import torch
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from cerebseg.bids_app.run import make_progress, run_workflows
+
+torch.set_num_threads(2)   # this process's OpenMP pool runs, as after training or inference
+x = torch.randn(1, 1, 80, 80, 80)
+for _ in range(3):
+    torch.nn.functional.conv3d(x, torch.randn(4, 1, 3, 3, 3))
+
+
+def conv(n):
+    import torch
+    torch.set_num_threads(2)
+    x = torch.randn(1, 1, 64, 64, 64)
+    return float(torch.nn.functional.conv3d(x, torch.ones(2, 1, 3, 3, 3)).mean()) + n
+
+
+wf = pe.Workflow(name='cerebseg_sub_01_wf')
+for i in range(2):
+    node = pe.Node(niu.Function(input_names=['n'], output_names=['out'], function=conv),
+                   name=f'conv{i}')
+    node.inputs.n = i
+    wf.add_nodes([node])
+cfg = SimpleNamespace(work_dir=sys.argv[1], nprocs=2, mem_gb=0, verbose=0,
+                      stop_on_first_crash=False, plugin='', plugin_args=sys.argv[2])
+progress = run_workflows(cfg, {'sub-01': wf}, make_progress({'sub-01': wf},
+                                                            stream=io.StringIO()))
+print(progress.runs['sub-01'].state)
+'''
+
+
+def test_multiproc_workers_do_not_hang_after_torch_ran_here(tmp_path):
+    """cerebseg run from a Python process whose torch has already run multi-threaded (the
+    test suite after a training test; a notebook): forked workers would hang at their first
+    parallel torch operation (GNU OpenMP is not fork-safe); MultiProc starts new
+    interpreters instead. The run is a child process with a deadline, so a hang fails."""
+    import subprocess
+    import sys
+
+    script = tmp_path / 'parent.py'
+    script.write_text(_TORCH_PARENT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / 'work'), ''],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == 'done', proc.stderr[-3000:]

@@ -389,6 +389,15 @@ def run_workflows(cfg, workflows: dict, progress=None):
                                     'stop_on_first_crash': bool(cfg.stop_on_first_crash),
                                     'remove_unnecessary_outputs': False})
     plugin, plugin_args = plugin_settings(cfg, progress)
+    if plugin in ('SLURM', 'SLURMGraph'):
+        from cerebseg.bids_app.slurm import (WaitingSLURMGraphPlugin, ensure_logname, job_tag,
+                                             set_node_requests)
+
+        ensure_logname()
+        set_node_requests(workflows.values(), f'--comment={job_tag(cfg.run_uuid)} '
+                          + plugin_args.get('sbatch_args', ''))
+        if plugin == 'SLURMGraph':
+            plugin = WaitingSLURMGraphPlugin(plugin_args, tag=job_tag(cfg.run_uuid))
     try:
         top.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as err:  # nipype raises once at the end when any node failed
@@ -407,10 +416,13 @@ def plugin_settings(cfg, progress=None) -> tuple[str, dict]:
     plugin = getattr(cfg, 'plugin', '') or ('MultiProc' if cfg.nprocs > 1 else 'Linear')
     args = {}
     if plugin == 'MultiProc':
-        args = {'n_procs': cfg.nprocs, 'raise_insufficient': False}
+        # workers are new interpreters, not forks: a fork of a process whose torch has run
+        # multi-threaded (cerebseg called from Python, the test suite) hangs at the child's
+        # first parallel torch operation (GNU OpenMP is not fork-safe)
+        args = {'n_procs': cfg.nprocs, 'raise_insufficient': False, 'mp_context': 'spawn'}
         if cfg.mem_gb:
             args['memory_gb'] = cfg.mem_gb
-    if progress is not None and plugin != 'SLURMGraph':   # graph plugins take no callback
+    if progress is not None:   # (cerebseg's SLURMGraph plugin calls it as its jobs end)
         args['status_callback'] = progress
     args.update(json.loads(getattr(cfg, 'plugin_args', '') or '{}'))
     return plugin, args
