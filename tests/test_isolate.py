@@ -69,6 +69,47 @@ def test_killed_child_is_an_error_not_a_hang():
         call_in_fresh_process(child_dies)
 
 
+def child_sleeps(pid_file):
+    import time
+
+    with open(pid_file, 'w') as fobj:
+        fobj.write(str(os.getpid()))
+    time.sleep(120)
+
+
+def test_child_dies_with_its_parent(tmp_path):
+    """``kill -9`` of the process that started the child (a Nipype worker) kills the child
+    too: a killed run leaves no registration running."""
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / 'child.pid'
+    parent = subprocess.Popen([sys.executable, '-c', (
+        'import sys; sys.path.insert(0, sys.argv[1]); import test_isolate; '
+        'from cerebseg.utils.isolate import call_in_fresh_process; '
+        'call_in_fresh_process(test_isolate.child_sleeps, sys.argv[2])'),
+        os.path.dirname(__file__), str(pid_file)])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline and parent.poll() is None, 'no child started'
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f'/proc/{child}/stat') as fobj:   # a zombie is dead
+            if fobj.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError('the child outlived its killed parent')
+
+
 def test_ants_seed_is_never_zero():
     """antsRegistration seeds from the clock when given 0: cerebseg's seeds are shifted."""
     from cerebseg.utils.registration import ants_random_seed, ants_seed

@@ -11,7 +11,8 @@ The child is ``python -m cerebseg.utils.isolate JOB RESULT``: ``JOB`` holds the 
 function (module level) and arguments, ``RESULT`` receives the return value or the exception
 (re-raised here with the child's traceback as a note) and the child's log records (re-emitted
 here, so they land in the run's log as if logged in this process). The child dies with its
-parent (``PR_SET_PDEATHSIG``): a killed run leaves no registration running.
+parent (``PR_SET_PDEATHSIG``, set by the child itself): a killed run leaves no registration
+running.
 """
 from __future__ import annotations
 
@@ -32,13 +33,25 @@ THREAD_VARIABLES = ('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS', 'OMP_NUM_THREADS',
                     'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
 
 
-def _die_with_parent():  # pragma: no cover - runs in the child before exec
+#: the parent's pid, given to the child so that it can tell whether its parent already died
+PARENT_VARIABLE = 'CEREBSEG_ISOLATE_PARENT'
+
+
+def _die_with_parent() -> None:
+    """In the child, first thing: be killed when the parent dies (``PR_SET_PDEATHSIG``), and
+    stop at once if it died before that was set. (Set here, not in a ``preexec_fn``: Python
+    code between fork and exec can deadlock in a parent with threads, torch's among them.)"""
+    if sys.platform != 'linux':
+        return
     try:
         import ctypes
 
         ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    parent = os.environ.get(PARENT_VARIABLE)
+    if parent and os.getppid() != int(parent):
+        os._exit(1)
 
 
 def child_environment(threads: int) -> dict[str, str]:
@@ -53,6 +66,7 @@ def child_environment(threads: int) -> dict[str, str]:
     package_root = str(Path(cerebseg.__file__).resolve().parent.parent)
     paths = [package_root] + [p for p in sys.path if p and p != package_root]
     env['PYTHONPATH'] = os.pathsep.join(dict.fromkeys(paths))
+    env[PARENT_VARIABLE] = str(os.getpid())
     return env
 
 
@@ -72,7 +86,6 @@ def call_in_fresh_process(func, /, *args, threads: int = 1, **kwargs):
         proc = subprocess.run([sys.executable, '-m', 'cerebseg.utils.isolate', job, result],
                               env=child_environment(threads), stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              preexec_fn=_die_with_parent if sys.platform == 'linux' else None,
                               check=False)
         if not os.path.exists(result):
             tail = proc.stderr.decode(errors='replace').strip()[-2000:]
@@ -101,6 +114,7 @@ class _ListHandler(logging.Handler):
 
 
 def _child_main(job: str, result: str) -> int:
+    _die_with_parent()
     handler = _ListHandler()
     with open(job, 'rb') as fobj:
         func, args, kwargs, level = pickle.load(fobj)
