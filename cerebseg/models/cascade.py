@@ -59,14 +59,24 @@ def load_models(paths, *, inputs, stage: str, protocol: str, device='cpu') -> li
 
 
 def ensemble(probs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean probabilities and the mean pairwise total-variation distance of ``(L, ...)``."""
-    mean = torch.stack(probs).mean(0) if len(probs) > 1 else probs[0]
+    """Mean probabilities and the mean pairwise total-variation distance of ``(L, ...)``.
+
+    The mean is accumulated into ``probs[0]`` (the list's tensors are the caller's to drop)
+    and the distances slab by slab: no stack of all members, no full-size temporaries.
+    """
     dis = torch.zeros(probs[0].shape[1:])
     pairs = 0
     for i in range(len(probs)):
         for j in range(i + 1, len(probs)):
-            dis += 0.5 * (probs[i] - probs[j]).abs().sum(0)
+            for start in range(0, dis.shape[0], 16):
+                part = slice(start, start + 16)
+                dis[part] += 0.5 * (probs[i][:, part] - probs[j][:, part]).abs().sum(0)
             pairs += 1
+    mean = probs[0]
+    for other in probs[1:]:
+        mean += other
+    if len(probs) > 1:
+        mean /= len(probs)
     return mean, dis / max(pairs, 1)
 
 
@@ -140,7 +150,7 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
     classes[full] = lmean.argmax(0).numpy()
     probseg = np.zeros(shape + (n,), np.uint8)
     probseg[..., 0] = 255
-    probseg[full] = torch.round(lmean * 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    probseg[full] = lmean.mul_(255).round_().to(torch.uint8).permute(1, 2, 3, 0).numpy()
     disagreement = np.zeros(shape, np.float32)
     disagreement[full] = dis.numpy()
     hemisphere = np.zeros(shape, np.uint8)

@@ -42,6 +42,57 @@ CHECKPOINT_FORMAT = 'cerebseg-segmentation'
 CHECKPOINT_VERSION = 1
 
 
+#: inference on the CPU runs the convolutions of inputs with at least this many voxels (the
+#: full-resolution levels) slab by slab, ``SLAB`` output planes along the first spatial axis at a
+#: time: the same arithmetic for each voxel, without oneDNN's full-size copies of a layer's
+#: input and output (for a 0.5 mm lobule box, about 1 GB each) nor the full-size concatenation
+#: of a decoder level's inputs. ``LEAN = False`` turns it off.
+LEAN = True
+LEAN_MIN_VOXELS = 2 ** 21
+SLAB = 16
+
+
+def _lean(x: torch.Tensor) -> bool:
+    return (LEAN and not torch.is_grad_enabled() and x.device.type == 'cpu'
+            and x.dtype == torch.float32 and x[0, 0].numel() >= LEAN_MIN_VOXELS)
+
+
+def conv_slabs(conv: nn.Conv3d, inputs: list) -> torch.Tensor:
+    """``conv(torch.cat(inputs, 1))``, computed slab by slab along the first spatial axis
+    (each slab with the input planes its kernel reaches, zeros beyond the volume as the
+    convolution's own padding)."""
+    (k, _, _), (s, s1, s2), (p, p1, p2) = conv.kernel_size, conv.stride, conv.padding
+    if conv.dilation != (1, 1, 1) or conv.groups != 1 or conv.padding_mode != 'zeros':
+        return conv(torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0])
+    n, size = inputs[0].shape[0], inputs[0].shape[2:]
+    out_size = [(d + 2 * pd - kd) // sd + 1
+                for d, pd, kd, sd in zip(size, conv.padding, conv.kernel_size, conv.stride)]
+    out = torch.empty((n, conv.out_channels, *out_size), dtype=inputs[0].dtype)
+    for a in range(0, out_size[0], SLAB):
+        b = min(a + SLAB, out_size[0])
+        lo, hi = a * s - p, (b - 1) * s - p + k
+        parts = [t[:, :, max(lo, 0):min(hi, size[0])] for t in inputs]
+        piece = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        if lo < 0 or hi > size[0]:
+            piece = F.pad(piece, (0, 0, 0, 0, max(-lo, 0), max(hi - size[0], 0)))
+        out[:, :, a:b] = F.conv3d(piece, conv.weight, conv.bias, (s, s1, s2), (0, p1, p2))
+    return out
+
+
+def run_block(block: nn.Sequential, inputs: list) -> torch.Tensor:
+    """``block(torch.cat(inputs, 1))``; its convolutions by :func:`conv_slabs` where the input
+    is large (inference on the CPU)."""
+    if not _lean(inputs[0]):
+        return block(torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0])
+    x = inputs
+    for module in block:
+        if isinstance(module, nn.Conv3d):
+            x = conv_slabs(module, x if isinstance(x, list) else [x])
+        else:
+            x = module(x)
+    return x
+
+
 def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv3d(cin, cout, 3, stride=stride, padding=1),
@@ -74,9 +125,18 @@ class _PriorResidual(nn.Module):
     def forward(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self.prior_channels:
             return logits
+        if logits.requires_grad or logits.dtype != torch.float32:   # training, autocast
+            return logits + self._log_prior(x)
+        # inference: added in place, slab by slab along the first spatial axis (the whole
+        # log-prior is as large as the logits, and its making needs three such tensors)
+        for start in range(0, logits.shape[2], 16):
+            logits[:, :, start:start + 16] += self._log_prior(x[:, :, start:start + 16])
+        return logits
+
+    def _log_prior(self, x: torch.Tensor) -> torch.Tensor:
         fg = x[:, -self.prior_channels:].float().clamp(0, 1)
         bg = (1 - fg.sum(1, keepdim=True)).clamp_min(0)
-        return logits + torch.log(torch.cat([bg, fg], 1) + self.eps)
+        return torch.log(torch.cat([bg, fg], 1) + self.eps)
 
 
 class UNet3D(nn.Module):
@@ -110,11 +170,11 @@ class UNet3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp, skips = x, []
         for block in self.down:
-            x = block(x)
+            x = run_block(block, [x])
             skips.append(x)
         for up, dec, skip in zip(self.up, self.dec, reversed(skips[:-1])):
-            x = dec(torch.cat([up(x), skip], 1))
-        return self.prior(self.head(x), inp)
+            x = run_block(dec, [up(x), skip])
+        return self.prior(run_block(nn.Sequential(self.head), [x]), inp)
 
 
 class DPN3D(nn.Module):
@@ -150,10 +210,10 @@ class DPN3D(nn.Module):
         pyramid = [x]
         for _ in range(self.levels - 1):
             pyramid.append(F.avg_pool3d(pyramid[-1], 2))
-        y = self.blocks[0](pyramid[-1])
+        y = run_block(self.blocks[0], [pyramid[-1]])
         for i in range(1, self.levels):
-            y = self.blocks[i](torch.cat([pyramid[-1 - i], self.up[i - 1](y)], 1))
-        return self.prior(self.head(y), x)
+            y = run_block(self.blocks[i], [pyramid[-1 - i], self.up[i - 1](y)])
+        return self.prior(run_block(nn.Sequential(self.head), [y]), x)
 
 
 #: architecture name -> class (the registry used by the command line and the checkpoints)

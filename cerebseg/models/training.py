@@ -225,26 +225,69 @@ def pad_to(image: torch.Tensor, divisor: int):
     return F.pad(image, pads), image.shape[2:]
 
 
+#: voxels along the first spatial axis per slab of the in-place softmax (memory, not results)
+SLAB = 16
+
+
+def padded_input(image, divisor: int) -> torch.Tensor:
+    """``(1, C, X', Y', Z')`` float32 of a ``(C, X, Y, Z)`` volume (an array or
+    :class:`Channels`), zero-padded at the end to multiples of ``divisor``, filled channel by
+    channel: one copy of the input, where converting then padding made three."""
+    shape = tuple(image.shape[1:])
+    padded = tuple(s + (-s) % divisor for s in shape)
+    x = torch.zeros((1, image.shape[0]) + padded, dtype=torch.float32)
+    inside = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    if isinstance(image, Channels):   # as Channels.__getitem__ converts them
+        planes = [(c, image.mr[c], None) for c in range(len(image.mr))]
+        if image.prior is not None:
+            planes += [(len(image.mr) + c, p, np.float32(255)) for c, p in enumerate(image.prior)]
+    else:
+        planes = [(c, image[c], None) for c in range(image.shape[0])]
+    for c, plane, scale in planes:
+        plane = np.asarray(plane).astype(np.float32)
+        if scale is not None:
+            plane /= scale
+        x[(0, c) + inside] = torch.from_numpy(plane)
+    return x
+
+
+def softmax_(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``torch.softmax`` over ``dim`` written into ``logits``, slab by slab along the first
+    spatial axis (no second full-size tensor)."""
+    for start in range(0, logits.shape[2], SLAB):
+        part = logits[:, :, start:start + SLAB]
+        part.copy_(torch.softmax(part, dim))
+    return logits
+
+
 @torch.inference_mode()
 def predict(model, image: np.ndarray, *, device='cpu', roi: int = 128, overlap: float = 0.25,
             bf16: bool = False) -> torch.Tensor:
     """Class probabilities ``(L, X, Y, Z)`` (float32, CPU) of one ``(C, X, Y, Z)`` volume,
-    by sliding windows of ``roi`` voxels (Gaussian-weighted, MONAI) where it is larger."""
+    by sliding windows of ``roi`` voxels (Gaussian-weighted, MONAI) where it is larger; a
+    volume that fits in one window goes through the network once, its softmax in place."""
     from monai.inferers import sliding_window_inference
 
     device = torch.device(device)
     model.eval()
-    x = torch.as_tensor(np.ascontiguousarray(image, np.float32))[None].to(device)
     div = getattr(model, 'divisor', 1)
-    x, shape = pad_to(x, div)
-    roi_size = [min(roi - roi % div, s) for s in x.shape[2:]]
+    shape = tuple(image.shape[1:])
+    x = padded_input(image, div).to(device)
+    window = roi - roi % div
     use_bf16 = bf16 or device.type == 'cuda'
 
     def forward(patch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return torch.softmax(model(patch).float(), 1)
+            return model(patch)
 
-    out = sliding_window_inference(x, roi_size, 1, forward, overlap=overlap, mode='gaussian')
+    if all(s <= window for s in x.shape[2:]):
+        logits = forward(x)
+        del x
+        out = softmax_(logits.float())
+    else:
+        roi_size = [min(window, s) for s in x.shape[2:]]
+        out = sliding_window_inference(x, roi_size, 1, lambda p: torch.softmax(
+            forward(p).float(), 1), overlap=overlap, mode='gaussian')
     return out[0, :, :shape[0], :shape[1], :shape[2]].float().cpu()
 
 
