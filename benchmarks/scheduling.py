@@ -9,9 +9,10 @@ Usage::
 
 Each ``--mode NAME [cerebseg options]`` group (separated by ``--``) is run from fresh work
 and output folders: ``sequential`` runs one command per participant, ``graph`` one command
-for all. Prints wall time, the peak of the summed resident memory of the whole process tree
-(sampled every 0.5 s with psutil), exit codes, and the largest difference of any structure's
-volume against the first mode.
+for all. Prints wall time, the peaks of the whole process tree's memory (sampled every 0.5 s
+with psutil: summed PSS, what the tree takes from the machine; summed RSS, which counts shared
+libraries once per process; the largest single process), exit codes, and the largest
+difference of any structure's volume against the first mode.
 """
 from __future__ import annotations
 
@@ -28,25 +29,33 @@ os.environ.setdefault('NIPYPE_NO_ET', '1')
 CEREBSEG = [sys.executable, '-m', 'cerebseg.bids_app.run']
 
 
-def _tree_rss(proc) -> int:
+def _tree_memory(proc) -> tuple[int, int, int]:
+    """(summed RSS, summed PSS, largest RSS) of ``proc`` and its descendants, in bytes. RSS
+    counts the pages processes share (torch's libraries, in every worker) once per process;
+    PSS splits them between the processes, so its sum is what the tree takes from the
+    machine."""
     import psutil
 
-    total = 0
+    rss = pss = largest = 0
     try:
         parent = psutil.Process(proc.pid)
         for p in [parent, *parent.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                info = p.memory_full_info()
             except psutil.Error:
-                pass
+                continue
+            rss += info.rss
+            pss += getattr(info, 'pss', info.rss)
+            largest = max(largest, info.rss)
     except psutil.Error:
         pass
-    return total
+    return rss, pss, largest
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, int, int]:
-    """(seconds, peak summed RSS in bytes, exit code) of ``cmd``."""
-    peak = [0]
+def timed(cmd: list[str], log: Path) -> tuple[float, tuple[int, int, int], int]:
+    """(seconds, peaks of (summed RSS, summed PSS, largest RSS) in bytes, exit code) of
+    ``cmd``."""
+    peak = [0, 0, 0]
     with open(log, 'ab') as fobj:
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=fobj, stderr=subprocess.STDOUT)
@@ -54,7 +63,7 @@ def timed(cmd: list[str], log: Path) -> tuple[float, int, int]:
 
         def sample():
             while not done.is_set():
-                peak[0] = max(peak[0], _tree_rss(proc))
+                peak[:] = [max(a, b) for a, b in zip(peak, _tree_memory(proc))]
                 done.wait(0.5)
 
         thread = threading.Thread(target=sample, daemon=True)
@@ -62,7 +71,7 @@ def timed(cmd: list[str], log: Path) -> tuple[float, int, int]:
         code = proc.wait()
         done.set()
         thread.join()
-    return time.monotonic() - start, peak[0], code
+    return time.monotonic() - start, tuple(peak), code
 
 
 def volumes(out: Path) -> dict[tuple[str, str], float]:
@@ -105,10 +114,10 @@ def main(argv=None) -> int:
         base = CEREBSEG + [str(opts.bids), str(out), 'participant', '--assets-dir',
                            str(opts.assets_dir), '-w', str(work), *extra]
         if mode == 'sequential':
-            seconds, peak, codes = 0.0, 0, []
+            seconds, peak, codes = 0.0, (0, 0, 0), []
             for label in opts.participant_label:
-                s, p, c = timed(base + ['--participant-label', label], log)
-                seconds, peak = seconds + s, max(peak, p)
+                sec, pk, c = timed(base + ['--participant-label', label], log)
+                seconds, peak = seconds + sec, tuple(max(a, b) for a, b in zip(peak, pk))
                 codes.append(c)
         else:
             seconds, peak, code = timed(base + ['--participant-label', *opts.participant_label],
@@ -120,17 +129,21 @@ def main(argv=None) -> int:
         else:
             common = [k for k in reference if k in vols and reference[k] >= 100]
             diff = max((abs(vols[k] - reference[k]) / reference[k] for k in common), default=0)
-        rows.append((name, ' '.join(extra) or '(defaults)', seconds, peak / 2 ** 30,
+        gb = [v / 2 ** 30 for v in peak]
+        rows.append((name, ' '.join(extra) or '(defaults)', seconds, gb,
                      ','.join(map(str, sorted(set(codes)))), len(vols), diff))
-        print(f'{name}: {seconds / 60:.1f} min, peak {peak / 2 ** 30:.2f} GB', flush=True)
+        print(f'{name}: {seconds / 60:.1f} min, peak RSS {gb[0]:.2f} GB, PSS {gb[1]:.2f} GB, '
+              f'largest process {gb[2]:.2f} GB', flush=True)
     n = len(opts.participant_label)
     print(f'\n{n} participants of {opts.bids.name}; {os.cpu_count()} CPUs')
-    print('| mode | options | wall (min) | per participant (min) | speed-up | peak RSS, '
-          'whole tree (GB) | exit | volumes | largest volume diff vs first (>=100 mm3) |')
+    print('| mode | options | wall (min) | per participant (min) | speed-up | peak memory of '
+          'the process tree, GB: PSS / RSS / largest process | exit | volumes | largest '
+          'volume diff vs first (>=100 mm3) |')
     print('|---|---|---|---|---|---|---|---|---|')
-    for name, extra, seconds, peak, codes, nvol, diff in rows:
+    for name, extra, seconds, gb, codes, nvol, diff in rows:
         print(f'| {name} | {extra} | {seconds / 60:.1f} | {seconds / 60 / n:.2f} | '
-              f'{rows[0][2] / seconds:.2f}x | {peak:.2f} | {codes} | {nvol} | {100 * diff:.2f} % |')
+              f'{rows[0][2] / seconds:.2f}x | {gb[1]:.2f} / {gb[0]:.2f} / {gb[2]:.2f} | '
+              f'{codes} | {nvol} | {100 * diff:.2f} % |')
     return 0
 
 

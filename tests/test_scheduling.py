@@ -232,3 +232,38 @@ def test_multiproc_workers_do_not_hang_after_torch_ran_here(tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == 'done', proc.stderr[-3000:]
+
+
+def test_freed_heap_memory_goes_back_to_the_system():
+    """A worker's resident size follows what it runs now, not what earlier nodes freed: many
+    small blocks (below glibc's mmap threshold) are freed, then the heap is trimmed (issue 13).
+    """
+    import subprocess
+    import sys
+
+    from cerebseg.utils.memory import release_freed_memory
+
+    code = '''
+import sys
+from cerebseg.utils.memory import release_freed_memory
+
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * 4096
+
+blocks = [bytearray(100_000) for _ in range(3000)]   # 300 MB on the heap
+for b in blocks:
+    b[0] = 1
+before = rss()
+keep = blocks[-1:]
+del blocks
+after_free = rss()
+assert release_freed_memory()
+after_trim = rss()
+print(before, after_free, after_trim)
+sys.exit(0 if after_trim < after_free - 200e6 else 1)
+'''
+    assert release_freed_memory() == sys.platform.startswith('linux')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

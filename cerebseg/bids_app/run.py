@@ -232,11 +232,12 @@ def disk_full_message(where) -> str:
             'complete and are kept.')
 
 
-def _crash_kind(crash_dir: Path) -> tuple[int, str]:
+def _crash_kind(cfg, run) -> tuple[int, str]:
     """Exit code and message of the crash files of one run (65 for bad data, 74 for a full
     disk, else 70)."""
     from cerebseg.errors import BadDataError
 
+    crash_dir, log_dir = crash_staging_dir(cfg, run), run_log_dir(cfg, run)
     marker = BadDataError.__name__ + ':'
     for crash in sorted(crash_dir.glob('crash-*.txt')):
         text = crash.read_text(errors='replace')
@@ -246,11 +247,13 @@ def _crash_kind(crash_dir: Path) -> tuple[int, str]:
         if any(sign in text for sign in _DISK_FULL):
             node = next((line.split(':', 1)[1].strip() for line in text.splitlines()
                          if line.startswith('Node:')), 'a step')
-            return EXIT_DISK_FULL, disk_full_message(f'the outputs of {node} ({crash})')
-    if not any(crash_dir.glob('crash-*.txt')) and _nearly_full(crash_dir):
-        return EXIT_DISK_FULL, disk_full_message(f'{crash_dir} (not even the crash report '
+            return EXIT_DISK_FULL, disk_full_message(f'the outputs of {node}')
+    if not any(crash_dir.glob('crash-*.txt')) and (_nearly_full(crash_dir)
+                                                   or _nearly_full(log_dir)):
+        return EXIT_DISK_FULL, disk_full_message(f'{log_dir} (not even the crash report '
                                                  'could be written)')
-    return 70, f'a processing step failed; see the crash files in {crash_dir}'
+    where = log_dir if any(log_dir.glob('crash-*.txt')) else crash_dir
+    return 70, f'a processing step failed; see the crash files in {where}'
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -328,7 +331,7 @@ def build_participant_wf(run, cfg, assets, library: dict, device=None,
         brainstem_meta=_brainstem_meta(run, brainstem, Path(cfg.bids_dir), cfg)
         if brainstem else None,
         name=workflow_name(run))
-    send_crashes_to(wf, log_dir)
+    send_crashes_to(wf, crash_staging_dir(cfg, run))
     what = ('cerebellum: ' + (f'DeepCeres {cfg.models}, inputs {cnn["variant"]}' if cnn
                               else 'multi-atlas')) if not cfg.skip_cerebellum else ''
     what = '; '.join(w for w in (what, f'brainstem: {brainstem["method"]}' if brainstem else '')
@@ -347,6 +350,35 @@ def send_crashes_to(wf, log_dir) -> None:
 
 def run_log_dir(cfg, run) -> Path:
     return Path(cfg.output_dir) / f'sub-{run.subject}' / 'log' / cfg.run_uuid
+
+
+def crash_staging_dir(cfg, run) -> Path:
+    """Where Nipype writes the crash files of a run: the work folder. Nipype writes them in
+    place, so on a full output disk a truncated file would carry a final name;
+    :func:`publish_crashes` copies the complete ones into the run's log folder."""
+    return Path(cfg.work_dir) / 'crash' / cfg.run_uuid / f'sub-{run.subject}'
+
+
+def publish_crashes(cfg, run) -> list[Path]:
+    """Copy the run's crash files (atomically) into its log folder; returns where each one
+    can be read: in the log folder, or in the work folder when it could not be copied (a full
+    output disk)."""
+    from cerebseg.utils.images import atomic_copy
+
+    log_dir, where = run_log_dir(cfg, run), []
+    for crash in sorted(crash_staging_dir(cfg, run).glob('crash-*.txt')):
+        final = log_dir / crash.name
+        if not final.is_file():
+            try:
+                log_dir.mkdir(parents=True, exist_ok=True)
+                atomic_copy(str(crash), str(final))
+            except OSError as err:
+                LOGGER.warning('Could not copy the crash file %s into %s (%s); it stays in '
+                               'the work folder', crash, log_dir, err)
+                where.append(crash)
+                continue
+        where.append(final)
+    return where
 
 
 def make_progress(workflows: dict, on_finished=None, stream=None):
@@ -435,7 +467,8 @@ def run_participant(run, cfg, assets, library: dict, device=None,
     progress = run_workflows(cfg, {run.label: wf})
     if progress.runs[run.label].state == 'done':
         return 0, 'done'
-    return _crash_kind(run_log_dir(cfg, run))
+    publish_crashes(cfg, run)
+    return _crash_kind(cfg, run)
 
 
 def check_writable(path, what: str, option: str) -> None:
@@ -615,14 +648,15 @@ def run_all(cfg, runs, assets, library, device, brainstem) -> dict:
             if label in results:
                 continue
             state = progress.runs[label]
-            crashed = list(run_log_dir(cfg, by_label[label]).glob('crash-*.txt'))
+            crashed = list(crash_staging_dir(cfg, by_label[label]).glob('crash-*.txt'))
             if not state.failed and not crashed and state.started is not None \
                     and not cfg.stop_on_first_crash:
                 LOGGER.debug('%s: %d of %d nodes seen; finished', label, state.done, state.total)
                 finished(label)   # every node ran (the count missed some): not a failure
                 continue
+            publish_crashes(cfg, by_label[label])
             if state.failed:
-                code, msg = _crash_kind(run_log_dir(cfg, by_label[label]))
+                code, msg = _crash_kind(cfg, by_label[label])
             else:
                 code, msg = 70, 'not finished: the run was stopped (--stop-on-first-crash)'
             results[label] = (code, msg)
@@ -656,7 +690,7 @@ def _summary(cfg, runs, results: dict, argv: list[str]) -> None:
     for run in failed:
         code, msg = results.get(run.label, (70, 'not run'))
         log_dir = run_log_dir(cfg, run)
-        crashes = sorted(log_dir.glob('crash-*.txt'))
+        crashes = publish_crashes(cfg, run)
         LOGGER.error('  %s (exit %d): %s\n    log: %s%s', run.label, code, msg, log_dir,
                      ''.join(f'\n    crash file: {c}' for c in crashes))
     if failed:

@@ -49,7 +49,9 @@ class DeepCeresCascade(SimpleInterface):
         from cerebseg.utils.images import (atomic_save, atomic_write_text, read_probseg,
                                            to_label_image, to_probseg_image)
         from cerebseg.utils.labels import read_lut
+        from cerebseg.utils.memory import release_freed_memory
 
+        release_freed_memory()   # what the worker's earlier nodes freed
         torch.set_num_threads(max(self.inputs.num_threads, 1))
         labels = read_lut(self.inputs.lut)
         device = self.inputs.device
