@@ -6,6 +6,7 @@ VENV ?= .venv
 SHARED ?= ../shared/data
 ASSETS ?= .assets
 PIP = $(VENV)/bin/pip
+PYTEST_ARGS ?= --durations=30
 export NIPYPE_NO_ET = 1
 
 .PHONY: install assets demo test clean
