@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import logging
 from types import SimpleNamespace
 
@@ -267,3 +268,39 @@ sys.exit(0 if after_trim < after_free - 200e6 else 1)
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize('bounded', [True, False])
+def test_large_freed_blocks_are_not_kept(bounded):
+    """With the fixed mmap threshold of every cerebseg process (``bound_heap``), blocks of
+    tens of MB freed by a node are given back at once; with glibc's dynamic threshold, once a
+    30 MB block was freed, 20 MB blocks come from the heap and stay resident after they are
+    freed (what raised the cascade worker's peak by 0.5 GB, issue 13). The second case checks
+    that the test can tell."""
+    import subprocess
+    import sys
+
+    code = f'''
+import os, sys
+from cerebseg.utils.memory import bound_heap
+
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * 4096
+
+if {bounded}:
+    assert bound_heap() == 4 * 2 ** 20 and os.environ['MALLOC_MMAP_THRESHOLD_'] == str(2 ** 22)
+big = bytearray(30_000_000)
+del big
+blocks = [bytearray(20_000_000) for _ in range(20)]
+pin = [bytearray(1000) for _ in range(100)]
+before = rss()
+del blocks
+freed = before - rss()
+print(freed)
+sys.exit(0 if freed > 300e6 else 1)
+'''
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert (proc.returncode == 0) == bounded, proc.stdout + proc.stderr

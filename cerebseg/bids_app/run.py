@@ -29,11 +29,13 @@ def _setup_logging(verbose: int) -> None:
 
 def _set_environment(omp_nthreads: int) -> None:
     """Process-wide settings, made at run time (never at import)."""
+    from cerebseg.utils.memory import bound_heap
     from cerebseg.utils.registration import set_itk_environment
 
     os.environ['NIPYPE_NO_ET'] = '1'
     os.environ['OMP_NUM_THREADS'] = str(omp_nthreads)
     set_itk_environment(omp_nthreads)
+    bound_heap()   # (this process and the workers it starts)
 
 
 _REGISTRATION_TEXT = {

@@ -81,10 +81,16 @@ def conv_slabs(conv: nn.Conv3d, inputs: list) -> torch.Tensor:
 
 def run_block(block: nn.Sequential, inputs: list) -> torch.Tensor:
     """``block(torch.cat(inputs, 1))``; its convolutions by :func:`conv_slabs` where the input
-    is large (inference on the CPU)."""
-    if not _lean(inputs[0]):
-        return block(torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0])
-    x = inputs
+    is large (inference on the CPU). ``inputs`` is emptied: a tensor the caller holds nowhere
+    else is freed as soon as the block no longer needs it."""
+    parts = list(inputs)
+    inputs.clear()
+    if not _lean(parts[0]):
+        x = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        del parts
+        return block(x)
+    x = parts
+    del parts
     for module in block:
         if isinstance(module, nn.Conv3d):
             x = conv_slabs(module, x if isinstance(x, list) else [x])
@@ -168,13 +174,18 @@ class UNet3D(nn.Module):
         return 2 ** (len(self.down) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # each activation is dropped once used (the skips as their level is decoded): at
+        # inference the full-resolution ones are hundreds of MB each
         inp, skips = x, []
         for block in self.down:
             x = run_block(block, [x])
             skips.append(x)
-        for up, dec, skip in zip(self.up, self.dec, reversed(skips[:-1])):
-            x = run_block(dec, [up(x), skip])
-        return self.prior(run_block(nn.Sequential(self.head), [x]), inp)
+        x = skips.pop()
+        for up, dec in zip(self.up, self.dec):
+            x = run_block(dec, [up(x), skips.pop()])
+        logits = run_block(nn.Sequential(self.head), [x])
+        del x
+        return self.prior(logits, inp)
 
 
 class DPN3D(nn.Module):
@@ -210,10 +221,12 @@ class DPN3D(nn.Module):
         pyramid = [x]
         for _ in range(self.levels - 1):
             pyramid.append(F.avg_pool3d(pyramid[-1], 2))
-        y = run_block(self.blocks[0], [pyramid[-1]])
-        for i in range(1, self.levels):
-            y = run_block(self.blocks[i], [pyramid[-1 - i], self.up[i - 1](y)])
-        return self.prior(run_block(nn.Sequential(self.head), [y]), x)
+        y = run_block(self.blocks[0], [pyramid.pop()])   # coarse to fine, each level dropped
+        for i in range(1, self.levels):                 # once used
+            y = run_block(self.blocks[i], [pyramid.pop(), self.up[i - 1](y)])
+        logits = run_block(nn.Sequential(self.head), [y])
+        del y
+        return self.prior(logits, x)
 
 
 #: architecture name -> class (the registry used by the command line and the checkpoints)

@@ -288,7 +288,9 @@ def predict(model, image: np.ndarray, *, device='cpu', roi: int = 128, overlap: 
         roi_size = [min(window, s) for s in x.shape[2:]]
         out = sliding_window_inference(x, roi_size, 1, lambda p: torch.softmax(
             forward(p).float(), 1), overlap=overlap, mode='gaussian')
-    return out[0, :, :shape[0], :shape[1], :shape[2]].float().cpu()
+    out = out[0, :, :shape[0], :shape[1], :shape[2]].float().cpu()
+    # a copy without the padding: a view would keep the whole padded tensor alive
+    return out if out.is_contiguous() else out.contiguous()
 
 
 @dataclass
