@@ -103,6 +103,10 @@ def test_progress_counts_eta_and_lines(caplog):
         progress(_Node('elsewhere.node'), 'start')        # not a run's node: ignored
     assert progress.counts() == {'done': 1, 'running': 0, 'failed': 1, 'waiting': 0}
     assert progress.runs['sub-02'].done == 0
+    before = Progress({'sub-01': 'top.a_wf'}, {'sub-01': 2}, stream=io.StringIO(),
+                      failed=['sub-03'])   # refused before the graph (bad input data)
+    assert before.counts() == {'done': 0, 'running': 0, 'failed': 1, 'waiting': 1}
+    assert '0 done, 0 running, 1 failed, 1 left' in before.line()
     assert 'sub-01: finished' in caplog.text and 'sub-02: failed at t1_correct' in caplog.text
 
 

@@ -46,12 +46,15 @@ def _clock(seconds: float) -> str:
 
 class Progress:
     """Progress of the T1w runs of one command; ``prefixes`` maps each run's label to the
-    Nipype name prefix of its nodes, ``totals`` to its number of nodes."""
+    Nipype name prefix of its nodes, ``totals`` to its number of nodes; ``failed``: the labels
+    of runs that failed before the graph (bad input data), counted as failed."""
 
     def __init__(self, prefixes: dict[str, str], totals: dict[str, int], on_finished=None,
-                 stream=None, interval: float = 60.0, clock=time.monotonic):
+                 stream=None, interval: float = 60.0, clock=time.monotonic, failed=()):
         self.prefixes = prefixes
         self.runs = {label: RunState(label, totals[label]) for label in prefixes}
+        self.runs.update({label: RunState(label, 0, failed=True) for label in failed
+                          if label not in prefixes})
         self.on_finished = on_finished
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, 'isatty', lambda: False)())

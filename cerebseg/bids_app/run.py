@@ -383,14 +383,15 @@ def publish_crashes(cfg, run) -> list[Path]:
     return where
 
 
-def make_progress(workflows: dict, on_finished=None, stream=None):
+def make_progress(workflows: dict, on_finished=None, stream=None, failed=()):
     """A :class:`~cerebseg.bids_app.progress.Progress` of the T1w workflows (label ->
-    workflow) as :func:`run_workflows` nests them."""
+    workflow) as :func:`run_workflows` nests them; ``failed``: labels of runs that failed
+    before (counted as failed in its lines)."""
     from cerebseg.bids_app.progress import Progress
 
     return Progress({label: f'{ROOT_WORKFLOW}.{wf.name}' for label, wf in workflows.items()},
                     {label: count_run_nodes(wf) for label, wf in workflows.items()},
-                    on_finished=on_finished, stream=stream)
+                    on_finished=on_finished, stream=stream, failed=failed)
 
 
 def count_run_nodes(wf) -> int:
@@ -644,7 +645,8 @@ def run_all(cfg, runs, assets, library, device, brainstem) -> dict:
                 code=0, message='done', device=str(device))
 
     if workflows:
-        progress = make_progress(workflows, on_finished=finished)
+        progress = make_progress(workflows, on_finished=finished,
+                                 failed=[label for label, (code, _) in results.items() if code])
         run_workflows(cfg, workflows, progress)
         for label in workflows:
             if label in results:
