@@ -26,7 +26,7 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
-from cerebseg.models.segmentation import CheckpointError, load_checkpoint
+from cerebseg.models.segmentation import SLAB, CheckpointError, load_checkpoint
 from cerebseg.models.training import Subject, bounding_box, predict, stage_arrays
 
 LOGGER = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ def ensemble(probs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = 0
     for i in range(len(probs)):
         for j in range(i + 1, len(probs)):
-            for start in range(0, dis.shape[0], 16):
-                part = slice(start, start + 16)
+            for start in range(0, dis.shape[0], SLAB):
+                part = slice(start, start + SLAB)
                 dis[part] += 0.5 * (probs[i][:, part] - probs[j][:, part]).abs().sum(0)
             pairs += 1
     mean = probs[0]

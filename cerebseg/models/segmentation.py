@@ -46,7 +46,8 @@ CHECKPOINT_VERSION = 1
 #: full-resolution levels) slab by slab, ``SLAB`` output planes along the first spatial axis at a
 #: time: the same arithmetic for each voxel, without oneDNN's full-size copies of a layer's
 #: input and output (for a 0.5 mm lobule box, about 1 GB each) nor the full-size concatenation
-#: of a decoder level's inputs. ``LEAN = False`` turns it off.
+#: of a decoder level's inputs. ``LEAN = False`` turns it off. (The other in-place inference
+#: steps, the prior residual, the softmax and the ensemble, work in slabs of the same size.)
 LEAN = True
 LEAN_MIN_VOXELS = 2 ** 21
 SLAB = 16
@@ -135,8 +136,8 @@ class _PriorResidual(nn.Module):
             return logits + self._log_prior(x)
         # inference: added in place, slab by slab along the first spatial axis (the whole
         # log-prior is as large as the logits, and its making needs three such tensors)
-        for start in range(0, logits.shape[2], 16):
-            logits[:, :, start:start + 16] += self._log_prior(x[:, :, start:start + 16])
+        for start in range(0, logits.shape[2], SLAB):
+            logits[:, :, start:start + SLAB] += self._log_prior(x[:, :, start:start + SLAB])
         return logits
 
     def _log_prior(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from cerebseg.models.losses import LOSSES
+from cerebseg.models.segmentation import SLAB
 from cerebseg.utils import labels as lab
 from cerebseg.utils.evaluation import dice_per_label
 
@@ -101,6 +102,13 @@ class Channels:
         if self.prior is not None:
             parts.append(self.prior[index].astype(np.float32) / np.float32(255))
         return np.concatenate(parts)
+
+    def channel(self, c: int) -> np.ndarray:
+        """Channel ``c`` as float32, converted as :meth:`__getitem__` converts it."""
+        n_mr = len(self.mr)
+        if c < n_mr:
+            return self.mr[c].astype(np.float32)
+        return self.prior[c - n_mr].astype(np.float32) / np.float32(255)
 
     def __array__(self, dtype=None, copy=None):
         out = self[(slice(None),) * 4]
@@ -225,10 +233,6 @@ def pad_to(image: torch.Tensor, divisor: int):
     return F.pad(image, pads), image.shape[2:]
 
 
-#: voxels along the first spatial axis per slab of the in-place softmax (memory, not results)
-SLAB = 16
-
-
 def padded_input(image, divisor: int) -> torch.Tensor:
     """``(1, C, X', Y', Z')`` float32 of a ``(C, X, Y, Z)`` volume (an array or
     :class:`Channels`), zero-padded at the end to multiples of ``divisor``, filled channel by
@@ -237,16 +241,9 @@ def padded_input(image, divisor: int) -> torch.Tensor:
     padded = tuple(s + (-s) % divisor for s in shape)
     x = torch.zeros((1, image.shape[0]) + padded, dtype=torch.float32)
     inside = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-    if isinstance(image, Channels):   # as Channels.__getitem__ converts them
-        planes = [(c, image.mr[c], None) for c in range(len(image.mr))]
-        if image.prior is not None:
-            planes += [(len(image.mr) + c, p, np.float32(255)) for c, p in enumerate(image.prior)]
-    else:
-        planes = [(c, image[c], None) for c in range(image.shape[0])]
-    for c, plane, scale in planes:
-        plane = np.asarray(plane).astype(np.float32)
-        if scale is not None:
-            plane /= scale
+    for c in range(image.shape[0]):
+        plane = image.channel(c) if isinstance(image, Channels) \
+            else np.asarray(image[c], np.float32)
         x[(0, c) + inside] = torch.from_numpy(plane)
     return x
 

@@ -13,15 +13,22 @@ import gc
 import sys
 
 
+def _glibc():
+    """glibc, or None (another platform or C library)."""
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        return libc if hasattr(libc, 'malloc_trim') and hasattr(libc, 'mallopt') else None
+    except OSError:
+        return None
+
+
 def release_freed_memory() -> bool:
     """Collect garbage and trim the C heap; True where glibc's ``malloc_trim`` ran."""
     gc.collect()
-    if not sys.platform.startswith('linux'):
-        return False
-    try:
-        return bool(ctypes.CDLL('libc.so.6').malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 #: large blocks come from their own memory maps (given back when freed) from this size on
@@ -47,9 +54,7 @@ def bound_heap(threshold: int = MMAP_THRESHOLD) -> int:
     except ValueError:
         pass
     os.environ[_ENV] = str(threshold)
-    if sys.platform.startswith('linux'):
-        try:
-            ctypes.CDLL('libc.so.6').mallopt(-3, threshold)   # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            pass
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, threshold)   # M_MMAP_THRESHOLD
     return threshold
