@@ -63,6 +63,7 @@ import numpy as np
 from common import print_score_rows, run_cerebseg, summarise, write_scores_tsv
 
 from cerebseg.assets.build import leave_out_entry
+from cerebseg.workflows import workdir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data'))
@@ -307,7 +308,8 @@ def cobra_assets(assets: Path, out: Path, seed: int = 0, method: str = 'cerebseg
     from scipy import ndimage
 
     from cerebseg.assets import LUT_NAME, MANIFEST, package_json
-    from cerebseg.assets.build import lut_to_tsv, mirror_entry, read_lut, relabel
+    from cerebseg.assets.build import mirror_entry, read_lut, relabel
+    from cerebseg.assets.sources import lut_to_tsv
     from cerebseg.utils.images import (
         atomic_save,
         atomic_write_text,
@@ -394,8 +396,8 @@ def cobra_assets(assets: Path, out: Path, seed: int = 0, method: str = 'cerebseg
 def stage_volumes(work: Path, label: str, out: Path, truth_native: nib.Nifti1Image,
                   networks: bool) -> dict:
     """Cerebellum volume (mL) at every stage of one cerebseg run (working grid, then native)."""
-    wf = work / 'cerebseg_wf' / f'cerebseg_sub_{label}_wf'
-    box_ref = nib.load(wf / 'preproc_wf' / 'to_grid' / 't1_box.nii.gz')
+    wf = workdir.run_folder(work, f'sub-{label}')
+    box_ref = nib.load(wf / workdir.T1_BOX)
     xfm = str(anat_file(out, label, 'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat'))
     vox = 0.125 / 1000
 
@@ -404,9 +406,9 @@ def stage_volumes(work: Path, label: str, out: Path, truth_native: nib.Nifti1Ima
 
     stages = {'truth in the affine box': float((native_to_box(truth_native, box_ref, xfm) > 0)
                                                .sum() * vox)}
-    for path in sorted((wf / 'multiatlas_wf' / 'register').glob('entry*_warped_dseg.nii.gz')):
+    for path in sorted(wf.glob(workdir.REGISTERED_DSEG_GLOB)):
         stages[f'warped {path.name.split("_")[0]}'] = vol(path)
-    stages['fused prior'] = vol(wf / 'multiatlas_wf' / 'fuse' / 'fused_dseg.nii.gz')
+    stages['fused prior'] = vol(wf / workdir.FUSED_DSEG)
     nets = anat_file(out, label, 'space-MNI152NLin2009cAsym_seg-cerebellum_res-05_dseg.nii.gz')
     if networks:
         stages['networks (working grid)'] = vol(nets)
@@ -520,21 +522,21 @@ def main(argv=None) -> int:
                                                     and key != 'ants')
     entries = [e['name'] for e in lib['entries']]
     for lab in labels:
-        wf = out / 'work-ants' / 'cerebseg_wf' / f'cerebseg_sub_{lab}_wf'
+        wf = workdir.run_folder(out / 'work-ants', f'sub-{lab}')
         xfm = str(anat_file(out / 'out-ants', lab,
                             'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat'))
         native_ref = nib.load(bids / f'sub-{lab}' / 'anat' / f'sub-{lab}_T1w.nii.gz')
-        reg_dir = wf / 'multiatlas_wf' / 'register'
+        reg_dir = wf / workdir.REGISTER_DIR
         if 'syn' in opts.methods:
             for k, ename in enumerate(entries):
                 if ename.endswith('Mirror') or (opts.entries and ename not in opts.entries):
                     continue
-                img = nib.load(reg_dir / 'mapflow' / f'_register{k}' / 'warped_dseg.nii.gz')
+                img = nib.load(wf / workdir.ants_warped_dseg(k))
                 nat = box_to_native(np.asarray(img.dataobj), img.affine, native_ref, xfm)
                 results.setdefault(f'ANTs SyN, one atlas ({ename})', {})[lab] = \
                     nib.Nifti1Image(nat, native_ref.affine)
         if 'synfull' in opts.methods:
-            torch_wf = out / 'work-torch' / 'cerebseg_wf' / f'cerebseg_sub_{lab}_wf'
+            torch_wf = workdir.run_folder(out / 'work-torch', f'sub-{lab}')
             torch_xfm = str(anat_file(out / 'out-default', lab,
                                       'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat'))
             for entry in lib['entries']:
@@ -543,8 +545,7 @@ def main(argv=None) -> int:
                 cached = out / 'synfull' / f'sub-{lab}_entry-{entry["name"]}_dseg.nii.gz'
                 if not cached.is_file():
                     tic = time.perf_counter()
-                    img = syn_full(torch_wf / 'preproc_wf' / 'to_grid' / 't1_box.nii.gz', entry,
-                                   assets)
+                    img = syn_full(torch_wf / workdir.T1_BOX, entry, assets)
                     key = 'ANTs SyN, antsRegistrationSyN defaults (registration only)'
                     times[key] = times.get(key, 0.0) + time.perf_counter() - tic
                     cached.parent.mkdir(exist_ok=True)
@@ -557,8 +558,7 @@ def main(argv=None) -> int:
             cached = out / 'jlf' / f'sub-{lab}_space-T1w_dseg.nii.gz'
             if not cached.is_file():
                 tic = time.perf_counter()
-                fused, aff = joint_fusion(reg_dir, wf / 'preproc_wf' / 'to_grid' / 't1_box.nii.gz',
-                                          len(entries))
+                fused, aff = joint_fusion(reg_dir, wf / workdir.T1_BOX, len(entries))
                 times.setdefault('antsJointFusion (fusion only)', 0.0)
                 times['antsJointFusion (fusion only)'] += time.perf_counter() - tic
                 cached.parent.mkdir(exist_ok=True)

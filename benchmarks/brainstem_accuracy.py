@@ -1,7 +1,7 @@
 """Brainstem accuracy against exact truth, in native space (issue 10, item 9).
 
 Cases (:mod:`cerebseg.utils.truth`): the FSL MNI152NLin6Asym 1 mm brain T1w with cerebseg's
-brainstem label set in that space (:func:`cerebseg.assets.brainstem.build_label_set`, the space
+brainstem label set in that space (:func:`cerebseg.assets.brainstem_atlas.build_label_set`, the space
 where the label set is drawn), through a seeded random affine (rotations up to 10 degrees,
 scales 0.9-1.1), a smooth random displacement (3 mm at most), bias, contrast and noise, on an
 anisotropic, reoriented native grid; written as a BIDS dataset and run through the real
@@ -44,7 +44,8 @@ import numpy as np
 from accuracy import anat_file, box_to_native, hd95, save_case, write_bids_root
 from common import print_score_rows, run_cerebseg, summarise, write_scores_tsv
 
-from cerebseg.utils.brainstem import PARTS
+from cerebseg.utils.brainstem_parts import PARTS
+from cerebseg.workflows import workdir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data'))
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument('--tsv', type=Path, default=None)
     opts = parser.parse_args(argv)
     os.environ.setdefault('NIPYPE_NO_ET', '1')
-    from cerebseg.assets.brainstem import build_label_set
+    from cerebseg.assets.brainstem_atlas import build_label_set
     from cerebseg.assets.locate import load_assets
 
     out = opts.out.resolve()
@@ -166,14 +167,14 @@ def main(argv=None) -> int:
             cached = out / 'ants' / f'sub-{lab}_space-T1w_{SEG}_dseg.nii.gz'
             if not cached.is_file():
                 tic = time.perf_counter()
-                wf = work / f'cerebseg_sub_{lab}_wf'
-                img = ants_full(wf / 'preproc_wf' / 'to_bs_grid' / 't1_box.nii.gz',
+                wf = workdir.run_folder(work, f'sub-{lab}')
+                img = ants_full(wf / workdir.BS_T1_BOX,
                                 assets.path(section['t1w']), assets.path(section['dseg']))
                 ref = nib.load(native)
                 xfm = str(anat_file(dst, lab, 'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm'
                                     '.mat'))
                 if not Path(xfm).is_file():   # brainstem-only runs keep it in the work folder
-                    xfm = str(next((wf / 'preproc_wf' / 'box_affine').glob('*.mat')))
+                    xfm = str(next(wf.glob(workdir.BOX_AFFINE_GLOB)))
                 cached.parent.mkdir(exist_ok=True)
                 nib.save(nib.Nifti1Image(box_to_native(np.asarray(img.dataobj), img.affine, ref,
                                                        xfm), ref.affine), cached)

@@ -4,7 +4,7 @@ Oh et al. (ISBI 2024), Table 1, compares decoders on one ResNet-34 encoder and l
 with alpha = 0.1 ... 0.9 on the Dice side) by the macro mIoU of held-out axial slices of T1w in
 MNI space at 1 mm, cropped around the brainstem and resized to 224 x 224. Here the same grid
 runs on the participant runs of cerebseg work folders (the T1w on the 1 mm brainstem box and
-cerebseg's atlas labels of the run, 17 classes: :mod:`cerebseg.models.brainstem_training`),
+cerebseg's atlas labels of the run, 17 classes: :mod:`cerebseg.training.brainstem2d`),
 at a small input size, for few steps, with repeats:
 
 * one split by participant (``--seed``, ``--val-fraction``) shared by every entry: nothing of
@@ -16,7 +16,7 @@ at a small input size, for few steps, with repeats:
   classes (background included, the paper's), the nuclei and grey/white matter, with the 95 %
   Student-t interval over repeats; parameters counted on the network as run (classes and
   channels of this label set) beside the paper's, read from the module docstring of
-  :mod:`cerebseg.models.brainstem`.
+  :mod:`cerebseg.models.nets2d`.
 
 The reference labels are the atlas method's, so the scores say how well a network reproduces
 cerebseg's registration of the label set, not the paper's manual labels; with few steps they
@@ -43,9 +43,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cerebseg.models import brainstem as bs
-from cerebseg.models import brainstem_training as bt
-from cerebseg.models.losses import ALL_LOSSES, t_confidence_interval
+from cerebseg.models import checkpoint as ckpt
+from cerebseg.models import nets2d as bs
+from cerebseg.models.inference import Slicing
+from cerebseg.training.augment import Augment
+from cerebseg.training import brainstem2d as bt
+from cerebseg.models.losses import ALL_LOSSES
+from cerebseg.models.metrics import t_confidence_interval
 from cerebseg.utils.labels import read_lut
 
 LOGGER = logging.getLogger('cerebseg.benchmarks.brainstem_models')
@@ -58,7 +62,7 @@ ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 def paper_parameters() -> dict[str, str]:
     """``{decoder: '21.5M'}``: the paper's column of the table in the module docstring of
-    :mod:`cerebseg.models.brainstem`."""
+    :mod:`cerebseg.models.nets2d`."""
     rows = re.findall(r'^(\w+)\s+[\d,]+\s+(\d+\.\dM|--)', bs.__doc__, re.MULTILINE)
     return {name: value for name, value in rows if name in bs.DECODERS}
 
@@ -82,7 +86,7 @@ def run_entry(decoder, loss, alpha, train, held_out, labels, opts, repeat: int) 
     result = bt.train_brainstem(model, train, held_out, labels=labels, loss=loss, alpha=alpha,
                                 steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
                                 seed=seed, device=opts.device, val_every=opts.steps,
-                                patience=0, augment=None if opts.no_augment else bt.Augment())
+                                patience=0, augment=None if opts.no_augment else Augment.slices())
     final = result.history[-1]
     return {'decoder': decoder, 'loss': loss, 'alpha': alpha, 'repeat': repeat, 'seed': seed,
             'parameters': bs.count_parameters(model), 'steps': result.steps,
@@ -125,8 +129,8 @@ def table(results: list[dict], opts) -> str:
 def evaluate(opts, found, labels) -> int:
     """Held-out macro mIoU of one checkpoint: pooled over the test participants (as in
     training), and per participant with the 95 % t interval over participants."""
-    model, meta = bs.load_model(opts.evaluate, device=opts.device)
-    slicing = bt.Slicing(**meta['meta']['slicing'])
+    model, meta = ckpt.load_brainstem_net(opts.evaluate, device=opts.device)
+    slicing = Slicing(**meta['meta']['slicing'])
     trained_on = set(sum((meta['meta'].get('split') or {}).values(), []))
     chosen = [f for f in found if not opts.participant_label or f[1] in opts.participant_label]
     seen = sorted({f[1] for f in chosen} & trained_on)
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
     train_people, held_people = bt.split_participants([f[1] for f in found],
                                                       opts.val_fraction, opts.seed)
     cases = [bt.load_case(*f, labels) for f in found]
-    slicing = bt.Slicing(size=opts.size, context=opts.context, crop=opts.crop)
+    slicing = Slicing(size=opts.size, context=opts.context, crop=opts.crop)
     train = bt.SliceDataset([c for c in cases if c.participant in train_people], slicing)
     held_out = [c for c in cases if c.participant in held_people]
     grid = entries(opts.decoders, opts.losses, opts.alphas)

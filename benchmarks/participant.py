@@ -20,6 +20,8 @@ from pathlib import Path
 
 os.environ.setdefault('NIPYPE_NO_ET', '1')
 
+from cerebseg.workflows.workdir import ROOT_WORKFLOW  # noqa: E402
+
 
 def node_table(work: Path) -> list[tuple[str, str, float, float]]:
     from nipype.utils.filemanip import loadpkl
@@ -30,8 +32,8 @@ def node_table(work: Path) -> list[tuple[str, str, float, float]]:
         if runtime is None or isinstance(runtime, list):
             continue  # a MapNode's summary: its sub-nodes are listed one by one
         rel = res.parent.relative_to(work)
-        if rel.parts[0] == 'cerebseg_wf':   # the command's top-level workflow
-            rel = rel.relative_to('cerebseg_wf')
+        if rel.parts[0] == ROOT_WORKFLOW:   # the command's top-level workflow
+            rel = rel.relative_to(ROOT_WORKFLOW)
         stage = rel.parts[1] if len(rel.parts) > 2 else '-'
         if stage == 'ds_wf' or res.parent.name == 'qc_files':
             continue

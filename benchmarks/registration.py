@@ -46,6 +46,8 @@ from scipy import ndimage  # noqa: E402
 
 from cerebseg.assets.locate import load_assets  # noqa: E402
 from cerebseg.models import registration as reg  # noqa: E402
+from cerebseg.models import warp as wp  # noqa: E402
+from cerebseg.training import augment as aug  # noqa: E402
 from cerebseg.models.inference import resolve_device  # noqa: E402
 from cerebseg.utils.preproc import normalise_intensity  # noqa: E402
 
@@ -91,7 +93,7 @@ def index_images(shape):
 
 def folding_percent(mapping_vox, region):
     """% of ``region`` voxels where the mapping (moving voxel index per fixed voxel) folds."""
-    det = reg.jacobian_determinant(mapping_vox, 1.0)
+    det = wp.jacobian_determinant(mapping_vox, 1.0)
     return 100.0 * float((det[region] <= 0).mean())
 
 
@@ -158,25 +160,26 @@ def main(argv=None):
 
     cases = []  # (name, fixed, truth, moving (K,...), labels (K,...), kinds)
     for j, name in enumerate(names):
-        velocity = reg.random_velocity(t1.shape[1:], SPACING, seed=args.seed + j,
+        velocity = aug.random_velocity(t1.shape[1:], SPACING, seed=args.seed + j,
                                        max_mm=args.max_mm)
-        fixed = alter_intensities(reg.random_deformation(t1[j:j + 1], velocity, SPACING)[0], rng)
-        truth = reg.random_deformation(lab[j:j + 1], velocity, SPACING, order=0)[0]
+        fixed = alter_intensities(aug.random_deformation(t1[j:j + 1], velocity, SPACING)[0], rng)
+        truth = aug.random_deformation(lab[j:j + 1], velocity, SPACING, order=0)[0]
         kinds = ['known' if k == j else 'cross' for k in range(len(names))]
         cases.append((f'template {name}', fixed, truth, t1, lab, kinds))
     from cerebseg.utils.registration import affine_to_box
     for i, part in enumerate(args.participants):
         path = Path(args.bids) / f'sub-{part}' / 'anat' / f'sub-{part}_T1w.nii.gz'
         image, _ = affine_to_box(str(path), assets, seed=args.seed)
-        velocity = reg.random_velocity(image.shape, SPACING, seed=args.seed + 100 + i,
+        velocity = aug.random_velocity(image.shape, SPACING, seed=args.seed + 100 + i,
                                        max_mm=args.max_mm)
-        fixed = alter_intensities(reg.random_deformation(image[None], velocity, SPACING)[0], rng)
-        truth = reg.random_deformation(lab[:1], velocity, SPACING, order=0)[0]
+        fixed = alter_intensities(aug.random_deformation(image[None], velocity, SPACING)[0], rng)
+        truth = aug.random_deformation(lab[:1], velocity, SPACING, order=0)[0]
         cases.append((f'real sub-{part}', fixed, truth, image[None], lab[:1], ['real']))
 
     net_init = None
     if any(m.startswith('net') for m in args.methods):
-        from cerebseg.models.regnet import load_regnet, predict_velocity
+        from cerebseg.models.checkpoint import load_regnet
+        from cerebseg.models.regnet import predict_velocity
         try:
             net = load_regnet(args.regnet, device=device)
         except FileNotFoundError as err:

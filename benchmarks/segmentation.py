@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cerebseg.models import cascade  # noqa: E402
+from cerebseg.models import checkpoint as ckpt  # noqa: E402
 from cerebseg.utils.evaluation import (dice_per_label, format_table, scores_table,  # noqa: E402
                                        whole_dice, wilcoxon_p)
 from cerebseg.utils.labels import read_lut  # noqa: E402
@@ -56,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def held_out_cases(args, assets, library):
     from cerebseg.bids_app.bids import collect_inputs
-    from cerebseg.bids_app.training_data import find_label_file, prepare_subject
+    from cerebseg.training.data import find_label_file, prepare_subject
 
     runs = collect_inputs(args.bids, args.test, t1_only=False, validate=False)
     cases = []
@@ -73,7 +74,8 @@ def known_cases(args, assets, library):
 
     from cerebseg.kernels.wmv import weighted_majority_vote
     from cerebseg.models import registration as reg
-    from cerebseg.models.training import Subject, crop_subject
+    from cerebseg.training import augment as aug
+    from cerebseg.training.cascade import Subject, crop_subject
     from cerebseg.utils.grid import BoxGrid
 
     lib = assets.library(args.library)
@@ -87,12 +89,12 @@ def known_cases(args, assets, library):
     rng = np.random.default_rng(args.seed)
     cases = []
     for j, entry in enumerate(lib['entries'][:args.known]):
-        v = reg.random_velocity(t1.shape[1:], SPACING, seed=args.seed + j, max_mm=args.max_mm)
-        fixed = alter_intensities(reg.random_deformation(t1[j:j + 1], v, SPACING)[0], rng)
+        v = aug.random_velocity(t1.shape[1:], SPACING, seed=args.seed + j, max_mm=args.max_mm)
+        fixed = alter_intensities(aug.random_deformation(t1[j:j + 1], v, SPACING)[0], rng)
         fixed_t2 = None
         if t2[j] is not None:
-            fixed_t2 = alter_intensities(reg.random_deformation(t2[j][None], v, SPACING)[0], rng)
-        truth = reg.random_deformation(lab[j:j + 1], v, SPACING, order=0)[0]
+            fixed_t2 = alter_intensities(aug.random_deformation(t2[j][None], v, SPACING)[0], rng)
+        truth = aug.random_deformation(lab[j:j + 1], v, SPACING, order=0)[0]
         others = [k for k in range(len(t1)) if k != j]
         result = reg.register_svf(fixed, t1[others], spacing=SPACING, seed=args.seed)
         warped_t1, warped_lab = reg.apply_svf_many(
@@ -116,9 +118,9 @@ def predictions(subject, labels, manifests, args):
         if t2w and subject.t2 is None:
             continue
         try:
-            w = cascade.select_weights(manifest, t2w=t2w, prior=not name.endswith('noprior'),
+            w = ckpt.select_weights(manifest, t2w=t2w, prior=not name.endswith('noprior'),
                                        protocol=args.library)
-        except cascade.CheckpointError as err:
+        except ckpt.CheckpointError as err:
             print(f'# {name}: {err}')
             continue
         hemi = cascade.load_models(w['hemisphere']['files'], inputs=w['hemisphere']['inputs'],
@@ -145,14 +147,13 @@ def _rss_gb(field: str) -> float:
 def timing_child(queue, args, what):
     torch.set_num_threads(args.threads)
     from cerebseg.assets.locate import load_assets
-    from cerebseg.bids_app.run import _library_paths
 
     assets = load_assets(args.assets_dir)
-    library = _library_paths(assets, args.library)
+    library = assets.library_paths(args.library)
     labels = read_lut(library['lut'])
     args.test = args.test[:1]
     _, subject = held_out_cases(args, assets, library)[0]
-    w = cascade.select_weights(args.timing_manifest, t2w=False, prior=True,
+    w = ckpt.select_weights(args.timing_manifest, t2w=False, prior=True,
                                models='ensemble', protocol=args.library)
     hemi = cascade.load_models(w['hemisphere']['files'], inputs=w['hemisphere']['inputs'],
                                stage='hemisphere', protocol=args.library)
@@ -168,8 +169,9 @@ def timing_child(queue, args, what):
         cascade.run_cascade(subject.t1, labels=labels, x_mm=subject.x_mm, hemisphere_models=hemi,
                             lobule_models=lob, prior=subject.prior)
     else:
-        from cerebseg.models.segmentation import build_model, n_input_channels
-        from cerebseg.models.training import predict, stage_arrays
+        from cerebseg.models.nets3d import build_model, n_input_channels
+        from cerebseg.models.inference import predict
+        from cerebseg.training.cascade import stage_arrays
 
         stage, idx = what.split(':')
         if stage == 'paper':  # the paper's widths, untrained: cost only
@@ -211,10 +213,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from cerebseg.assets.locate import load_assets
-    from cerebseg.bids_app.run import _library_paths
 
     assets = load_assets(args.assets_dir)
-    library = _library_paths(assets, args.library)
+    library = assets.library_paths(args.library)
     labels = read_lut(library['lut'])
     manifests = dict(w.split('=', 1) for w in args.weights)
     values = [v for v, _ in labels[1:]]
@@ -256,7 +257,7 @@ def main(argv=None):
             print(f'\n{text}')
     if args.timing and manifests:
         args.timing_manifest = next(iter(manifests.values()))
-        w = cascade.select_weights(args.timing_manifest, t2w=False, prior=True,
+        w = ckpt.select_weights(args.timing_manifest, t2w=False, prior=True,
                                    protocol=args.library)
         what = ['hemisphere:0'] + [f'lobules:{i}' for i in range(len(w['lobules']['files']))] \
             + ['paper:unet', 'paper:dpn', 'cascade']

@@ -35,6 +35,8 @@ import nibabel as nib
 import numpy as np
 from common import run_cerebseg
 
+from cerebseg.workflows import workdir
+
 REFERENCE = Path(os.environ.get('CEREBSEG_SHARED_DATA', Path(__file__).resolve().parents[2]
                                 / 'shared' / 'data')) / 'reference' / \
     'reliability_cerebellar_volumetry'
@@ -122,11 +124,10 @@ def jlf_native(out: Path, run: str, label: str) -> Path | None:
         return cached
     if not native.is_file():
         return None
-    wf = out / f'work-{run}' / 'cerebseg_wf' / f'cerebseg_sub_{label}_wf'
-    reg_dir = wf / 'multiatlas_wf' / 'register'
+    wf = workdir.run_folder(out / f'work-{run}', f'sub-{label}')
+    reg_dir = wf / workdir.REGISTER_DIR
     n_entries = len(list((reg_dir / 'mapflow').glob('_register*')))
-    fused, aff = joint_fusion(reg_dir, wf / 'preproc_wf' / 'to_grid' / 't1_box.nii.gz',
-                              n_entries)
+    fused, aff = joint_fusion(reg_dir, wf / workdir.T1_BOX, n_entries)
     ref = nib.load(native)
     xfm = str(anat / f'sub-{label}_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat')
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cerebseg.utils.brainstem import part_rows, register_label_set
+from cerebseg.models.brainstem_methods import register_label_set
+from cerebseg.utils.brainstem_parts import part_rows
 from cerebseg.utils.native import morph_table
 
 
@@ -70,9 +71,9 @@ def test_network_path_checks_its_labels_and_returns_probabilities(tmp_path):
     sum to one, labels decided outline first; weights of another label set are refused."""
     import torch
 
-    from cerebseg.models.brainstem import build_model, save_model
-    from cerebseg.models.segmentation import CheckpointError
-    from cerebseg.utils.brainstem import segment_with_network
+    from cerebseg.models.brainstem_methods import segment_with_network
+    from cerebseg.models.checkpoint import CheckpointError, save_brainstem_net as save_model
+    from cerebseg.models.nets2d import build_model
     from cerebseg.utils.native import decide_labels
 
     torch.set_num_threads(1)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cerebseg.assets import available_protocols, package_json
-from cerebseg.assets.brainstem import (
+from cerebseg.assets.brainstem_atlas import (
     LUT_COLUMNS,
     PARTS,
     PROTOCOL,
@@ -195,7 +195,7 @@ def test_lateral_labels_mirror_onto_each_other(label_set):
 
 
 def test_lut_columns(label_set):
-    from cerebseg.assets.brainstem import lut_tsv
+    from cerebseg.assets.brainstem_atlas import lut_tsv
 
     _, lut = label_set
     text = lut_tsv(lut).splitlines()
@@ -273,7 +273,7 @@ def test_navigator_assets_are_restricted(shared_data, navigator, tmp_path, monke
                                          caplog):
     """build_assets with a Navigator folder: manifest flags and warning (the SyN is replaced by
     an identity resampling to keep this fast; the real one runs in test_assets_brainstem)."""
-    from cerebseg.assets import brainstem
+    from cerebseg.assets import brainstem_atlas as brainstem
     from cerebseg.assets.build import build_assets
     from cerebseg.assets.locate import load_assets
     from cerebseg.utils.images import to_label_image
@@ -284,7 +284,7 @@ def test_navigator_assets_are_restricted(shared_data, navigator, tmp_path, monke
         return to_label_image(data, grid.affine), t1, {'type': 'identity (test)'}
 
     monkeypatch.setattr(brainstem, 'carry_to_frame', identity_carry)
-    with caplog.at_level(logging.WARNING, logger='cerebseg.assets.brainstem'):
+    with caplog.at_level(logging.WARNING, logger='cerebseg.assets.brainstem_atlas'):
         build_assets(shared_data, tmp_path / 'assets', libraries=(),
                      brainstem_navigator=navigator)
     assert any('must' in r.message and 'this machine' in r.message for r in caplog.records)

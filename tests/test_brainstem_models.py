@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cerebseg.models import brainstem as bs
+from cerebseg.models import checkpoint as cpt
+from cerebseg.models import nets2d as bs
 from cerebseg.models.losses import (
     ALL_LOSSES,
     LOSSES,
@@ -17,12 +18,9 @@ from cerebseg.models.losses import (
     DiceLoss,
     SoftCELoss,
     build_loss,
-    iou_counts,
-    iou_from_counts,
-    mean_iou,
-    t_confidence_interval,
 )
-from cerebseg.models.segmentation import CheckpointError
+from cerebseg.models.checkpoint import CheckpointError
+from cerebseg.models.metrics import iou_counts, iou_from_counts, mean_iou, t_confidence_interval
 
 #: the paper's Table 1 (ResNet-34, 224x224, 34 classes), in millions
 PAPER = {'ndeconet': 21.5, 'unet': 24.4, 'unetplusplus': 26.1, 'manet': 31.8, 'pspnet': 21.6,
@@ -147,21 +145,21 @@ def test_encoder_width_scales_every_stage(tmp_path):
     model = bs.build_model('ndeconet', 'resnet34', n_classes=5, encoder_width=16).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 1, 64, 64)).shape == (2, 5, 64, 64)
-    path = bs.save_model(tmp_path / 'small.pt', model,
+    path = cpt.save_brainstem_net(tmp_path / 'small.pt', model,
                          {'channels': ['T1w'], 'labels': list('abcde')})
-    loaded, info = bs.load_model(path)
+    loaded, info = cpt.load_brainstem_net(path)
     assert info['config']['encoder_width'] == 16
-    half = bs.save_model(tmp_path / 'half.pt', model,
+    half = cpt.save_brainstem_net(tmp_path / 'half.pt', model,
                          {'channels': ['T1w'], 'labels': list('abcde')}, half=True)
     assert half.stat().st_size < 0.6 * path.stat().st_size
-    small, _ = bs.load_model(half)
+    small, _ = cpt.load_brainstem_net(half)
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         assert next(small.parameters()).dtype == torch.float32
         torch.testing.assert_close(small(x), model(x), atol=0.05, rtol=0.05)
     assert loaded.encoder.out_channels == (16, 16, 32, 64, 128)
     with pytest.raises(ValueError, match='need width 64'):
-        bs.ResNetEncoder('resnet18', 1, width=32, weights=tmp_path / 'resnet18.pth')
+        bs.ResNetEncoder('resnet18', 1, width=32, weights={})
     with pytest.raises(ValueError, match='width=0'):
         bs.ResNetEncoder('resnet18', 1, width=0)
 
@@ -173,26 +171,27 @@ def test_pretrained_weights(tmp_path):
                                       'fc.bias': torch.zeros(1000)})
     path = tmp_path / 'resnet18-f37072fd.pth'
     torch.save(state, path)
-    gray = bs.ResNetEncoder('resnet18', in_channels=1, weights=path)
+    loaded = cpt.load_encoder_state(path, 'resnet18')
+    gray = bs.ResNetEncoder('resnet18', in_channels=1, weights=loaded)
     assert torch.allclose(gray.conv1.weight, rgb.conv1.weight.sum(1, keepdim=True))
     assert torch.equal(gray.layer3[1].conv2.weight, rgb.layer3[1].conv2.weight)
-    five = bs.ResNetEncoder('resnet18', in_channels=5, weights=path)
+    five = bs.ResNetEncoder('resnet18', in_channels=5, weights=loaded)
     assert torch.allclose(five.conv1.weight[:, 3], rgb.conv1.weight[:, 0] * 3 / 5)
-    model = bs.build_model('pspnet', 'resnet18', encoder_weights=path)  # unbuilt stages ignored
+    model = bs.build_model('pspnet', 'resnet18', encoder_state=loaded)  # unbuilt stages ignored
     assert torch.equal(model.encoder.layer2[0].conv1.weight, rgb.layer2[0].conv1.weight)
-    assert 'encoder_weights' not in model.config
-    with pytest.raises(CheckpointError, match='resnet18-f37072fd.pth.*torchvision resnet34'):
-        bs.ResNetEncoder('resnet34', in_channels=3, weights=path)
+    assert 'encoder_state' not in model.config
+    with pytest.raises(ValueError, match='not torchvision resnet34'):
+        bs.ResNetEncoder('resnet34', in_channels=3, weights=loaded)
     with pytest.raises(CheckpointError, match='not found: .*missing.pth'):
-        bs.ResNetEncoder('resnet18', weights=tmp_path / 'missing.pth')
+        cpt.load_encoder_state(tmp_path / 'missing.pth', 'resnet18')
 
 
 def test_checkpoint_round_trip_and_refusal(tmp_path):
     torch.manual_seed(0)
     model = bs.build_model('udeconet', 'resnet18', in_channels=2, n_classes=3, width=8).eval()
     meta = {'channels': ['T1w', 'T2w'], 'labels': ['background', 'WM', 'GM'], 'epochs': 3}
-    path = bs.save_model(tmp_path / 'net.pt', model, meta)
-    loaded, info = bs.load_model(path, decoder='udeconet', encoder='resnet18',
+    path = cpt.save_brainstem_net(tmp_path / 'net.pt', model, meta)
+    loaded, info = cpt.load_brainstem_net(path, decoder='udeconet', encoder='resnet18',
                                  channels=['T1w', 'T2w'])
     x = torch.randn(1, 2, 64, 64)
     with torch.no_grad():
@@ -201,30 +200,30 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
                               'n_classes': 3, 'encoder_width': 64, 'width': 8}
     assert info['labels'] == meta['labels'] and info['meta'] == {'epochs': 3}
     with pytest.raises(CheckpointError, match=r'net\.pt is a udeconet/resnet18 network'):
-        bs.load_model(path, decoder='unet')
+        cpt.load_brainstem_net(path, decoder='unet')
     with pytest.raises(CheckpointError, match=r'net\.pt is a udeconet/resnet18 .*resnet34'):
-        bs.load_model(path, encoder='resnet34')
+        cpt.load_brainstem_net(path, encoder='resnet34')
     with pytest.raises(CheckpointError, match=r'net\.pt was trained on the input channels'):
-        bs.load_model(path, channels=['T1w'])
+        cpt.load_brainstem_net(path, channels=['T1w'])
     ckpt = torch.load(path, weights_only=True)
     ckpt['config']['width'] = 16  # weights of another architecture than the declared one
     torch.save(ckpt, tmp_path / 'bad.pt')
     with pytest.raises(CheckpointError, match=r'bad\.pt: the weights do not fit'):
-        bs.load_model(tmp_path / 'bad.pt')
+        cpt.load_brainstem_net(tmp_path / 'bad.pt')
     torch.save({'format': 'cerebseg-segmentation'}, tmp_path / 'unet3d.pt')
     with pytest.raises(CheckpointError, match=r'unet3d\.pt is not a cerebseg 2D brainstem'):
-        bs.load_model(tmp_path / 'unet3d.pt')
+        cpt.load_brainstem_net(tmp_path / 'unet3d.pt')
     with pytest.raises(ValueError, match='name the 3 classes'):
-        bs.save_model(tmp_path / 'x.pt', model, {'channels': ['T1w', 'T2w'], 'labels': ['bg']})
+        cpt.save_brainstem_net(tmp_path / 'x.pt', model, {'channels': ['T1w', 'T2w'], 'labels': ['bg']})
     with pytest.raises(ValueError, match='name the 2 input channels'):
-        bs.save_model(tmp_path / 'x.pt', model, {'channels': ['T1w'], 'labels': list('abc')})
+        cpt.save_brainstem_net(tmp_path / 'x.pt', model, {'channels': ['T1w'], 'labels': list('abc')})
 
 
 def test_importable_without_nipype():
     """The networks and losses load in a fresh interpreter without nipype."""
     import subprocess
 
-    code = ('import sys, cerebseg.models.brainstem, cerebseg.models.losses; '
+    code = ('import sys, cerebseg.models.nets2d, cerebseg.models.losses; '
             'sys.exit(any(m.startswith("nipype") for m in sys.modules))')
     assert subprocess.run([sys.executable, '-c', code], check=False).returncode == 0
 

@@ -12,7 +12,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cerebseg.models import brainstem_training as bt
+from cerebseg.models import inference as inf
+from cerebseg.training import augment as augmentation
+from cerebseg.training import brainstem2d as bt
+from cerebseg.workflows import workdir
 
 NAMES = ['background', 'Midbrain_GM', 'Midbrain_WM', 'Left_Red_Nucleus', 'Right_Red_Nucleus']
 LABELS = [[i, n] for i, n in enumerate(NAMES)]
@@ -69,12 +72,12 @@ def nested_labels(shape=SHAPE) -> np.ndarray:
 
 def test_slice_stack_and_context_channels():
     vol = np.broadcast_to(np.arange(SHAPE[2], dtype=np.float32), SHAPE).copy()
-    stack = bt.slice_stack(vol, [0, 5, SHAPE[2] - 1], context=2)
+    stack = inf.slice_stack(vol, [0, 5, SHAPE[2] - 1], context=2)
     assert stack.shape == (3, 5) + SHAPE[:2]
     assert stack[:, :, 0, 0].tolist() == [[0, 0, 0, 1, 2], [3, 4, 5, 6, 7], [9, 10, 11, 11, 11]]
-    assert bt.Slicing(context=2).channels == ['T1w-2', 'T1w-1', 'T1w', 'T1w+1', 'T1w+2']
-    assert bt.Slicing().channels == ['T1w']
-    ds = bt.SliceDataset([synthetic_case(0)], bt.Slicing(size=32, context=1, crop=32), margin=1)
+    assert inf.Slicing(context=2).channels == ['T1w-2', 'T1w-1', 'T1w', 'T1w+1', 'T1w+2']
+    assert inf.Slicing().channels == ['T1w']
+    ds = bt.SliceDataset([synthetic_case(0)], inf.Slicing(size=32, context=1, crop=32), margin=1)
     assert ds.images.shape == (10, 3, 32, 32) and ds.labels.shape == (10, 32, 32)
     assert [z for _, z in ds.index] == list(range(1, 11))  # labelled 2..9 plus a margin of 1
     x, y = ds.batch([0, 4])
@@ -82,15 +85,15 @@ def test_slice_stack_and_context_channels():
 
 
 def test_crop_window_pads_and_warns(caplog):
-    assert bt.Slicing(crop=64).window((65, 70)) == (1, 3)   # x 1..64, y 3..66
-    assert bt.Slicing(crop=10, center=(5, 5)).window((65, 70)) == (1, 1)
+    assert inf.Slicing(crop=64).window((65, 70)) == (1, 3)   # x 1..64, y 3..66
+    assert inf.Slicing(crop=10, center=(5, 5)).window((65, 70)) == (1, 1)
     plane = np.arange(6 * 4, dtype=np.float32).reshape(1, 6, 4) + 1
-    out = bt.crop_plane(plane, bt.Slicing(crop=8))
+    out = inf.crop_plane(plane, inf.Slicing(crop=8))
     assert out.shape == (1, 8, 8) and out.sum() == plane.sum()     # padded, nothing lost
     assert out[0, 1, 2] == plane[0, 0, 0] and out[0, 0].sum() == 0
     case = synthetic_case(0)
     with caplog.at_level('WARNING'):
-        bt.SliceDataset([case], bt.Slicing(size=16, crop=16))
+        bt.SliceDataset([case], inf.Slicing(size=16, crop=16))
     assert 'outside the 16-voxel crop' in caplog.text
 
 
@@ -98,7 +101,7 @@ def test_crop_window_pads_and_warns(caplog):
 def test_predict_volume_round_trip(size, crop, context):
     labels = nested_labels()
     model = Oracle(4, context)
-    probs = bt.predict_volume(model, labels.astype(np.float32), size, context=context, crop=crop,
+    probs = inf.predict_volume(model, labels.astype(np.float32), size, context=context, crop=crop,
                               batch_size=5)
     assert probs.shape == (4,) + SHAPE and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
@@ -110,35 +113,35 @@ def test_predict_volume_round_trip(size, crop, context):
         for k in range(1, 4):
             n = int((labels == k).sum())
             assert abs(int((pred == k).sum()) - n) <= 0.02 * n
-    some = bt.predict_volume(model, labels.astype(np.float32), size, context=context, crop=crop,
+    some = inf.predict_volume(model, labels.astype(np.float32), size, context=context, crop=crop,
                              slices=[3, 4])
     np.testing.assert_array_equal(some[:, :, :, [3, 4]], probs[:, :, :, [3, 4]])
     assert (some[0, :, :, 5] == 1).all()
     with pytest.raises(ValueError, match='input channels'):
-        bt.predict_volume(model, labels.astype(np.float32), size, context=context + 1, crop=crop)
+        inf.predict_volume(model, labels.astype(np.float32), size, context=context + 1, crop=crop)
 
 
 def test_augmentation_moves_image_and_labels_together():
     labels = nested_labels()[:, :, :4]
     x = torch.from_numpy(np.moveaxis(labels, 2, 0)[:, None].astype(np.float32))
     y = torch.from_numpy(np.moveaxis(labels, 2, 0).astype(np.int64))
-    aug = bt.Augment(p_spatial=1.0, rotate=15, gamma=(1, 1), contrast=(1, 1), offset=0, noise=0,
+    aug = augmentation.Augment.slices(p_spatial=1.0, rotate=15, gamma=(1, 1), contrast=(1, 1), offset=0, noise=0,
                      flip=1.0)
     perm = np.array([0, 1, 3, 2])                      # classes 2 and 3 are a left/right pair
-    xa, ya = bt.augment_batch(x, y, 48, np.random.default_rng(0), aug, perm)
+    xa, ya = augmentation.augment_batch(x, y, 48, np.random.default_rng(0), aug, perm)
     assert xa.shape == (4, 1, 48, 48) and ya.shape == (4, 48, 48)
     assert (torch.from_numpy(perm)[xa[:, 0].round().long()] == ya).float().mean() > 0.95
     x, y = x[..., :28], y[..., :28]                    # square: size 28 is no resize
-    plain = bt.Augment(p_spatial=0, gamma=(1, 1), contrast=(1, 1), offset=0, noise=0, flip=1.0)
-    xs, ys = bt.augment_batch(x, y, 28, np.random.default_rng(0), plain, perm)
+    plain = augmentation.Augment.slices(p_spatial=0, gamma=(1, 1), contrast=(1, 1), offset=0, noise=0, flip=1.0)
+    xs, ys = augmentation.augment_batch(x, y, 28, np.random.default_rng(0), plain, perm)
     assert torch.equal(ys, torch.from_numpy(perm)[y.flip(-2)])   # rows (x) mirrored, swapped
     assert torch.equal(xs, x.flip(-2))
-    xs, ys = bt.augment_batch(x, y, 28, np.random.default_rng(0),
-                              bt.Augment(p_spatial=0, gamma=(1, 1), contrast=(1, 1), offset=0,
+    xs, ys = augmentation.augment_batch(x, y, 28, np.random.default_rng(0),
+                              augmentation.Augment.slices(p_spatial=0, gamma=(1, 1), contrast=(1, 1), offset=0,
                                          noise=0), None)
     assert torch.equal(ys, y) and torch.equal(xs, x)             # no flip unless asked for
     with pytest.raises(ValueError, match='swap_classes'):
-        bt.augment_batch(x, y, 48, np.random.default_rng(0), aug, None)
+        augmentation.augment_batch(x, y, 48, np.random.default_rng(0), aug, None)
 
 
 # ------------------------------------------------------------------------------------ split
@@ -166,10 +169,10 @@ def test_label_groups():
 # --------------------------------------------------------------------------------- training
 
 def test_a_few_steps_lower_the_loss():
-    from cerebseg.models.brainstem import build_model
+    from cerebseg.models.nets2d import build_model
 
     cases = [synthetic_case(s) for s in range(2)]
-    ds = bt.SliceDataset(cases, bt.Slicing(size=32, crop=32), margin=0)
+    ds = bt.SliceDataset(cases, inf.Slicing(size=32, crop=32), margin=0)
     torch.manual_seed(0)
     model = build_model('ndeconet', 'resnet18', 1, len(NAMES), width=8)
     result = bt.train_brainstem(model, ds, [synthetic_case(5, participant='05')], labels=LABELS,
@@ -184,9 +187,9 @@ def test_a_few_steps_lower_the_loss():
 
 
 def test_cosine_schedule_ends_at_a_hundredth():
-    from cerebseg.models.brainstem import build_model
+    from cerebseg.models.nets2d import build_model
 
-    ds = bt.SliceDataset([synthetic_case(0)], bt.Slicing(size=32, crop=32), margin=0)
+    ds = bt.SliceDataset([synthetic_case(0)], inf.Slicing(size=32, crop=32), margin=0)
     model = build_model('ndeconet', 'resnet18', 1, len(NAMES), width=8, encoder_width=8)
     seen = []
 
@@ -214,9 +217,9 @@ def test_cosine_schedule_ends_at_a_hundredth():
 
 
 def test_early_stopping_keeps_the_best_weights():
-    from cerebseg.models.brainstem import build_model
+    from cerebseg.models.nets2d import build_model
 
-    ds = bt.SliceDataset([synthetic_case(0)], bt.Slicing(size=32, crop=32), margin=0)
+    ds = bt.SliceDataset([synthetic_case(0)], inf.Slicing(size=32, crop=32), margin=0)
     torch.manual_seed(0)
     model = build_model('ndeconet', 'resnet18', 1, len(NAMES), width=8)
     for m in model.modules():               # with lr 0 and frozen BatchNorm statistics the
@@ -236,7 +239,7 @@ def write_work(root, labels):
     for i in labels:
         case = synthetic_case(int(i), participant=i)
         run = root / f'cerebseg_sub_{i}_wf'
-        for rel, data in ((bt.T1_BOX, case.t1), (bt.DSEG_BOX, case.classes.astype(np.int16))):
+        for rel, data in ((workdir.BS_T1_BOX, case.t1), (workdir.BS_DSEG_BOX, case.classes.astype(np.int16))):
             (run / rel).parent.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(data, affine), str(run / rel))
     lut = root / 'seg-brainstem_dseg.tsv'
@@ -264,7 +267,7 @@ def test_find_and_load_cases(tmp_path, caplog):
 
 def test_cli_trains_and_writes_a_checkpoint(tmp_path):
     from cerebseg.bids_app.train import main
-    from cerebseg.models.brainstem import load_model
+    from cerebseg.models.checkpoint import load_brainstem_net as load_model
 
     lut = write_work(tmp_path / 'work', ['01', '02', '03'])
     out = tmp_path / 'bs.pt'
@@ -283,11 +286,19 @@ def test_cli_trains_and_writes_a_checkpoint(tmp_path):
     assert info['slicing'] == {'size': 32, 'context': 1, 'crop': 32, 'center': None}
     assert info['training']['loss'] == 'dicece' and info['training']['alpha'] == 0.1
     case = synthetic_case(9)
-    probs = bt.predict_volume(model, case.t1, **info['slicing'])
+    probs = inf.predict_volume(model, case.t1, **info['slicing'])
     assert probs.shape == (len(NAMES),) + SHAPE
-    # the checkpoint holds the weights of the best step, which the result reproduces
-    assert bt.score_cases(model, [case], bt.Slicing(**info['slicing']),
-                          bt.label_groups(NAMES))['all'] >= 0
+    # the checkpoint holds the weights of the best step: scored again on the held-out
+    # participant, they give the validation scores it records
+    from cerebseg.utils.labels import read_lut
+
+    held_out = [bt.load_case(*found, read_lut(lut)) for found in bt.find_cases([tmp_path / 'work'])
+                if found[1] in info['split']['validation']]
+    assert len(held_out) == 1
+    again = bt.score_cases(model, held_out, inf.Slicing(**info['slicing']), bt.label_groups(NAMES))
+    assert set(again) == set(info['scores'])
+    for key, value in info['scores'].items():
+        assert again[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
 
 
 def test_cli_parser():
@@ -314,6 +325,6 @@ def test_cli_parser():
 
 
 def test_importable_without_nipype():
-    code = ('import sys, cerebseg.models.brainstem_training; '
+    code = ('import sys, cerebseg.training.brainstem2d; '
             'sys.exit(any(m.startswith("nipype") for m in sys.modules))')
     assert subprocess.run([sys.executable, '-c', code], check=False).returncode == 0

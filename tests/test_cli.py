@@ -129,6 +129,29 @@ def real_run(shared_data, assets_dir, tmp_path_factory):
 
 
 @pytest.mark.integration
+def test_work_folder_contract(real_run):
+    """Every node output that the trainers and benchmarks read
+    (:mod:`cerebseg.workflows.workdir`) is where the contract says, in the work folder of a
+    real run, and holds an image of the box it names."""
+    import nibabel as nib
+
+    from cerebseg.workflows import workdir
+
+    assert real_run['code'] == 0
+    run = workdir.run_folder(real_run['work'], 'sub-01')
+    assert workdir.run_folders(real_run['work']) == [run]
+    for name, rel in workdir.NODE_OUTPUTS.items():
+        found = sorted(run.glob(rel))
+        assert found, f'{name}: nothing at {run / rel}'
+        for path in found:
+            assert len(nib.load(path).shape) >= 3, path
+    # the two boxes: 0.5 mm around the cerebellum, 1 mm around the brainstem
+    assert nib.load(run / workdir.T1_BOX).header.get_zooms()[:3] == pytest.approx((0.5,) * 3)
+    assert nib.load(run / workdir.BS_T1_BOX).header.get_zooms()[:3] == pytest.approx((1,) * 3)
+    assert nib.load(run / workdir.BS_DSEG_BOX).shape == nib.load(run / workdir.BS_T1_BOX).shape
+
+
+@pytest.mark.integration
 def test_end_to_end_real_subject(real_run):
     """Every output, on the right grid, plausible; the networks' uncertainty is reported."""
     bids, out, argv = real_run['bids'], real_run['out'], real_run['argv']
@@ -332,7 +355,7 @@ def test_train_and_eval_on_real_subject(real_run, assets_dir, tmp_path, capsys):
 
     from cerebseg.bids_app.evaluate import main as eval_main
     from cerebseg.bids_app.train import main as train_main
-    from cerebseg.models.segmentation import load_checkpoint
+    from cerebseg.models.checkpoint import load_cascade_net as load_checkpoint
 
     assert real_run['code'] == 0
     out, ckpt = real_run['out'], tmp_path / 'lobules.pt'
@@ -385,7 +408,8 @@ def test_skipping_both_structures_exit_2(tmp_path, caplog):
 def test_brainstem_network_weights_are_checked_first(tmp_path, assets_dir, caplog):
     """--brainstem-method network: missing weights, or weights of another label set, stop the
     run before any work (exit 126) with the file and the way out."""
-    from cerebseg.models.brainstem import build_model, save_model
+    from cerebseg.models.checkpoint import save_brainstem_net as save_model
+    from cerebseg.models.nets2d import build_model
 
     root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
     base = [str(root), str(tmp_path / 'out'), 'participant', '--assets-dir', str(assets_dir),
@@ -494,14 +518,15 @@ def test_two_commands_share_one_output_folder(two_commands, assets_dir, tmp_path
     from types import SimpleNamespace
 
     from cerebseg.assets.locate import load_assets
-    from cerebseg.bids_app.run import _brainstem_paths, _finalize
+    from cerebseg.bids_app.execution import finalize
+    from cerebseg.bids_app.metadata import brainstem_paths
 
     bids, out = two_commands['bids'], two_commands['out']
     assert two_commands['codes'] == [0, 0], two_commands['logs']
     alone = tmp_path / 'alone'
     cfg = SimpleNamespace(output_dir=str(alone), bids_dir=str(bids), skip_brainstem=False,
                           brainstem_method='atlas')
-    _finalize(cfg, None, _brainstem_paths(load_assets(str(assets_dir)), cfg))
+    finalize(cfg, None, brainstem_paths(load_assets(str(assets_dir)), cfg))
     for name in ('dataset_description.json', 'seg-brainstem_dseg.tsv', 'seg-brainstem_dseg.json',
                  'descriptions.tsv', '.bidsignore', 'README.md'):
         _complete(out / name)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cerebseg.bids_app.group import read_statuses, run_ids, write_group_outputs
+from cerebseg.bids_app.group import read_statuses, write_group_outputs
+from cerebseg.bids_app.group_data import run_ids
 from cerebseg.errors import UsageError
 from cerebseg.utils.group_stats import (MAD_TO_SD, MIN_OUTLIER_N, OUTLIER_Z, asymmetry_index,
                                         outliers, pair_structures, robust_z)

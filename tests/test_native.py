@@ -3,7 +3,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cerebseg.assets.build import abbreviate, lut_to_tsv, relabel
+from cerebseg.assets.build import abbreviate, relabel
+from cerebseg.assets.sources import lut_to_tsv
 from cerebseg.utils.images import nib_to_ants
 from cerebseg.utils.native import (decide_labels, label_volumes, morph_table,
                                   probabilities_to_native)

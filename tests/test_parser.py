@@ -63,7 +63,7 @@ def test_plugin_and_plugin_args(bids, tmp_path, capsys):
     import json
 
     from cerebseg.bids_app.config import RunConfig
-    from cerebseg.bids_app.run import plugin_settings
+    from cerebseg.bids_app.execution import plugin_settings
 
     base = [str(bids), str(tmp_path / 'out'), 'participant', '--nprocs', '2']
     opts = parse_args(base)

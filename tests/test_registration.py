@@ -5,6 +5,8 @@ import torch
 from scipy import ndimage
 
 from cerebseg.models import registration as reg
+from cerebseg.models import warp as wp
+from cerebseg.training import augment as aug
 from cerebseg.models.inference import resolve_device
 
 SPACING = 1.0
@@ -40,10 +42,10 @@ def test_warp_and_integration_match_monai():
         monai_exp = DVF2DDF(num_steps=5, mode='bilinear', padding_mode='border')
     rng = np.random.default_rng(0)
     image = torch.as_tensor(rng.random((2, 1, 12, 10, 9), dtype=np.float32))
-    v = reg.random_velocity((12, 10, 9), 1.0, seed=1, max_mm=2.0)
+    v = aug.random_velocity((12, 10, 9), 1.0, seed=1, max_mm=2.0)
     ddf = torch.as_tensor(np.stack([v, -v]))
-    torch.testing.assert_close(reg.warp(image, ddf), monai_warp(image, ddf))
-    torch.testing.assert_close(reg.integrate(ddf, 5), monai_exp(ddf))
+    torch.testing.assert_close(wp.warp(image, ddf), monai_warp(image, ddf))
+    torch.testing.assert_close(wp.integrate(ddf, 5), monai_exp(ddf))
 
 
 def test_box_mean_matches_pooling():
@@ -52,15 +54,15 @@ def test_box_mean_matches_pooling():
     for kernel in ((5, 1, 1), (1, 5, 1), (1, 1, 5)):
         ref = torch.nn.functional.avg_pool3d(ref, kernel, stride=1, count_include_pad=False,
                                              padding=[k // 2 for k in kernel])
-    torch.testing.assert_close(reg.box_mean(x, 5), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wp.box_mean(x, 5), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_zero_velocity_is_identity():
     image, labels = phantom()
     velocity = np.zeros((3,) + image.shape, np.float32)
-    assert np.array_equal(reg.random_deformation(labels[None], velocity, SPACING, order=0)[0],
+    assert np.array_equal(aug.random_deformation(labels[None], velocity, SPACING, order=0)[0],
                           labels)
-    np.testing.assert_allclose(reg.random_deformation(image[None], velocity, SPACING)[0], image,
+    np.testing.assert_allclose(aug.random_deformation(image[None], velocity, SPACING)[0], image,
                                atol=1e-5)
 
 
@@ -68,9 +70,9 @@ def test_exp_of_minus_v_inverts_exp_of_v():
     shape = (40, 44, 36)
     coords = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape],
                                   indexing='ij'))
-    v = reg.random_velocity(shape, SPACING, seed=3, max_mm=3.0)
-    there = reg.random_deformation(coords, v, SPACING)        # x + u(x)
-    back = reg.random_deformation(there, -v, SPACING)         # ~ x
+    v = aug.random_velocity(shape, SPACING, seed=3, max_mm=3.0)
+    there = aug.random_deformation(coords, v, SPACING)        # x + u(x)
+    back = aug.random_deformation(there, -v, SPACING)         # ~ x
     inner = (slice(None),) + (slice(6, -6),) * 3
     moved = np.abs(there - coords)[inner].max()
     assert moved > 1.0
@@ -79,10 +81,10 @@ def test_exp_of_minus_v_inverts_exp_of_v():
 
 def test_random_deformation_is_diffeomorphic():
     shape = (40, 44, 36)
-    v = reg.random_velocity(shape, SPACING, seed=5, max_mm=4.0)
+    v = aug.random_velocity(shape, SPACING, seed=5, max_mm=4.0)
     result = reg.SVFResult(affine=np.eye(3, 4, dtype=np.float32)[None], velocity=v[None],
                            shape=shape, spacing=SPACING)
-    det = reg.jacobian_determinant(reg.svf_mapping_mm(result), SPACING)
+    det = wp.jacobian_determinant(reg.svf_mapping_mm(result), SPACING)
     assert det.min() > 0
     assert det.std() > 0.01  # it did deform
 
@@ -90,9 +92,9 @@ def test_random_deformation_is_diffeomorphic():
 @pytest.fixture(scope='module')
 def known_case():
     image, labels = phantom(seed=1)
-    v = reg.random_velocity(image.shape, SPACING, seed=11, max_mm=3.0)
-    fixed = reg.random_deformation(image[None], v, SPACING)[0]
-    truth = reg.random_deformation(labels[None], v, SPACING, order=0)[0]
+    v = aug.random_velocity(image.shape, SPACING, seed=11, max_mm=3.0)
+    fixed = aug.random_deformation(image[None], v, SPACING)[0]
+    truth = aug.random_deformation(labels[None], v, SPACING, order=0)[0]
     return image, labels, fixed, truth
 
 
@@ -105,7 +107,7 @@ def test_recovers_a_known_deformation(known_case):
     after = dice(warped, truth)
     assert before < 0.8, 'the test deformation is too small to be informative'
     assert after > before + 0.08, (before, after)
-    det = reg.jacobian_determinant(reg.svf_mapping_mm(result), SPACING)
+    det = wp.jacobian_determinant(reg.svf_mapping_mm(result), SPACING)
     assert (det <= 0).mean() < 1e-3
     # the warped image matches the subject better than the unregistered one
     inner = (slice(6, -6),) * 3
@@ -140,8 +142,9 @@ def test_runs_on_the_resolved_device(known_case):
 
 
 def test_regnet_roundtrip_and_training_step(tmp_path):
-    from cerebseg.models.regnet import RegNet, load_regnet, predict_velocity, save_regnet, \
-        train_regnet
+    from cerebseg.models.checkpoint import CheckpointError, load_regnet, save_regnet
+    from cerebseg.models.regnet import RegNet, predict_velocity
+    from cerebseg.training.regnet import train_regnet
 
     image, _ = phantom(seed=2, shape=(33, 37, 29))
     calls = []
@@ -155,11 +158,17 @@ def test_regnet_roundtrip_and_training_step(tmp_path):
     v1 = predict_velocity(net, image, image[None], 0.5)
     v2 = predict_velocity(loaded, image, image[None], 0.5)
     np.testing.assert_array_equal(v1, v2)
-    assert v1.shape == (1, 3) + reg.level_shape(image.shape, 8)
+    assert v1.shape == (1, 3) + wp.level_shape(image.shape, 8)
+    # a checkpoint written before the format key (cerebseg 0.1) still loads
+    legacy = {k: v for k, v in torch.load(path, weights_only=True).items()
+              if k not in ('format', 'format_version', 'cerebseg_version')}
+    torch.save(legacy, tmp_path / 'legacy.pt')
+    np.testing.assert_array_equal(predict_velocity(load_regnet(tmp_path / 'legacy.pt'), image,
+                                                   image[None], 0.5), v1)
     torch.save({'architecture': 'Other'}, tmp_path / 'bad.pt')
-    with pytest.raises(ValueError, match='not a cerebseg RegNet'):
+    with pytest.raises(CheckpointError, match='not a cerebseg RegNet'):
         load_regnet(tmp_path / 'bad.pt')
-    with pytest.raises(FileNotFoundError, match='cerebseg-train registration'):
+    with pytest.raises(CheckpointError, match='not found.*cerebseg-train registration'):
         load_regnet(tmp_path / 'missing.pt')
     assert isinstance(loaded, RegNet)
 

@@ -11,8 +11,8 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from cerebseg.bids_app.progress import Progress
-from cerebseg.bids_app.run import (make_progress, rerun_command, run_workflows,
-                                   send_crashes_to)
+from cerebseg.bids_app.execution import make_progress, run_workflows
+from cerebseg.bids_app.outcome import rerun_command, send_crashes_to
 
 
 def _step(x):
@@ -194,7 +194,7 @@ import torch
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from cerebseg.bids_app.run import make_progress, run_workflows
+from cerebseg.bids_app.execution import make_progress, run_workflows
 
 torch.set_num_threads(2)   # this process's OpenMP pool runs, as after training or inference
 x = torch.randn(1, 1, 80, 80, 80)

@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from cerebseg.models import cascade, segmentation as seg, training as tr
+from cerebseg.models import cascade, nets3d as seg
+from cerebseg.models import checkpoint as cpt
+from cerebseg.training import augment as aug
+from cerebseg.training import cascade as tr
 from cerebseg.models.losses import DeepCeresLoss, DiceCELoss
 from cerebseg.utils import labels as lab
 
@@ -41,7 +44,7 @@ def test_unknown_architecture():
 
 
 def _save(tmp_path, model, inputs=('T1w', 'prior'), half=False, name='m.pt'):
-    return seg.save_checkpoint(tmp_path / name, model, architecture='dpn', inputs=inputs,
+    return cpt.save_cascade_net(tmp_path / name, model, architecture='dpn', inputs=inputs,
                                stage='lobules', labels=LABELS, spacing=0.5, protocol='suit',
                                training={'steps': 3}, half=half)
 
@@ -50,11 +53,11 @@ def _save(tmp_path, model, inputs=('T1w', 'prior'), half=False, name='m.pt'):
 def test_checkpoint_round_trip(tmp_path, half):
     model = seg.build_model('dpn', 6, 6, features=[8, 4]).eval()
     path = _save(tmp_path, model, half=half)
-    loaded, meta = seg.load_checkpoint(path, inputs=['prior', 'T1w'], stage='lobules',
+    loaded, meta = cpt.load_cascade_net(path, inputs=['prior', 'T1w'], stage='lobules',
                                        protocol='suit')
     assert meta['inputs'] == ['T1w', 'prior'] and meta['labels'] == LABELS
     assert meta['architecture'] == 'dpn' and meta['training'] == {'steps': 3}
-    assert meta['cerebseg_version'] and meta['format_version'] == seg.CHECKPOINT_VERSION
+    assert meta['cerebseg_version'] and meta['format_version'] == cpt.CASCADE_VERSION
     x = torch.randn(1, 6, 8, 8, 8)
     with torch.no_grad():
         a, b = model(x), loaded(x)
@@ -67,27 +70,27 @@ def test_checkpoint_round_trip(tmp_path, half):
 def test_checkpoint_refuses_other_inputs_and_foreign_files(tmp_path):
     model = seg.build_model('dpn', 6, 6, features=[8, 4])
     path = _save(tmp_path, model)
-    with pytest.raises(seg.CheckpointError, match='T1w\\+prior.*this run has T1w\\+T2w'):
-        seg.load_checkpoint(path, inputs=['T1w', 'T2w'])
-    with pytest.raises(seg.CheckpointError, match='hemisphere'):
-        seg.load_checkpoint(path, stage='hemisphere')
-    with pytest.raises(seg.CheckpointError, match='cobra'):
-        seg.load_checkpoint(path, protocol='cobra')
-    assert seg.CheckpointError.exit_code == 126
+    with pytest.raises(cpt.CheckpointError, match='T1w\\+prior.*this run has T1w\\+T2w'):
+        cpt.load_cascade_net(path, inputs=['T1w', 'T2w'])
+    with pytest.raises(cpt.CheckpointError, match='hemisphere'):
+        cpt.load_cascade_net(path, stage='hemisphere')
+    with pytest.raises(cpt.CheckpointError, match='cobra'):
+        cpt.load_cascade_net(path, protocol='cobra')
+    assert cpt.CheckpointError.exit_code == 126
     # strict keys: a renamed weight is refused
     ckpt = torch.load(path, weights_only=True)
     ckpt['state_dict']['extra.weight'] = ckpt['state_dict'].pop('head.weight')
     torch.save(ckpt, tmp_path / 'bad.pt')
-    with pytest.raises(seg.CheckpointError, match='do not fit'):
-        seg.load_checkpoint(tmp_path / 'bad.pt')
+    with pytest.raises(cpt.CheckpointError, match='do not fit'):
+        cpt.load_cascade_net(tmp_path / 'bad.pt')
     torch.save({'state_dict': {}}, tmp_path / 'foreign.pt')
-    with pytest.raises(seg.CheckpointError, match='not a cerebseg segmentation'):
-        seg.load_checkpoint(tmp_path / 'foreign.pt')
+    with pytest.raises(cpt.CheckpointError, match='not a cerebseg segmentation'):
+        cpt.load_cascade_net(tmp_path / 'foreign.pt')
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(seg.CheckpointError, match='not a readable'):
-        seg.load_checkpoint(tmp_path / 'junk.pt')
-    with pytest.raises(seg.CheckpointError, match='not found'):
-        seg.load_checkpoint(tmp_path / 'missing.pt')
+    with pytest.raises(cpt.CheckpointError, match='not a readable'):
+        cpt.load_cascade_net(tmp_path / 'junk.pt')
+    with pytest.raises(cpt.CheckpointError, match='not found'):
+        cpt.load_cascade_net(tmp_path / 'missing.pt')
     with pytest.raises(ValueError, match='T1w plus optional'):
         seg.check_inputs(['T2w', 'prior'])
 
@@ -151,12 +154,12 @@ def test_flip_swaps_classes_and_prior_channels():
     image = np.asarray(image)
     assert image.shape == (6,) + s.t1.shape and image.dtype == np.float32
     perm = lab.swap_classes(labels)
-    fimg, ftgt = tr.flip_lr(image, target, perm, n_mr=1)
+    fimg, ftgt = aug.flip_lr(image, target, perm, n_mr=1)
     # the prior channels still describe the (flipped, swapped) target
     fg = ftgt > 0
     assert np.array_equal(fimg[1:].argmax(0)[fg] + 1, ftgt[fg])
     assert np.array_equal(ftgt[::-1], perm[target])
-    back_img, back_tgt = tr.flip_lr(fimg, ftgt, perm, n_mr=1)
+    back_img, back_tgt = aug.flip_lr(fimg, ftgt, perm, n_mr=1)
     assert np.array_equal(back_tgt, target) and np.allclose(back_img, image)
     # hemisphere stage: left and right swap
     himg, htgt, hlabels = tr.stage_arrays(s, 'hemisphere', ['T1w', 'prior'], LABELS, factor=2)
@@ -185,7 +188,7 @@ def _tiny_train(state=None, epochs=2, seed=0):
     out = tr.train_segmentation(model, pairs[:1], pairs[1:], labels=LABELS, n_mr=1,
                                 epochs=epochs, steps_per_epoch=6, patch=16, batch=2, lr=1e-2,
                                 seed=seed, state=state,
-                                augment=tr.Augment(elastic=0.5, spacing=2.0))
+                                augment=aug.Augment.patches(elastic=0.5, spacing=2.0))
     return model, out
 
 
@@ -209,7 +212,7 @@ def _stage_model(tmp_path, stage, labels, inputs, arch, spacing, seed, name):
     n_prior = len(labels) - 1 if 'prior' in inputs else 0
     model = seg.build_model(arch, seg.n_input_channels(inputs, n_prior), len(labels),
                             features=[4, 4])
-    path = seg.save_checkpoint(tmp_path / name, model, architecture=arch, inputs=inputs,
+    path = cpt.save_cascade_net(tmp_path / name, model, architecture=arch, inputs=inputs,
                                stage=stage, labels=labels, spacing=spacing, protocol='suit')
     return path
 
@@ -248,8 +251,38 @@ def test_cascade_ensemble_and_uncertainty(tmp_path):
     one = cascade.run_cascade(s.t1, labels=LABELS, x_mm=s.x_mm, hemisphere_models=hm,
                               lobule_models=lm[:1], prior=s.prior, roi=16)
     assert one.disagreement.max() == 0
-    with pytest.raises(seg.CheckpointError, match='this run has T1w'):
+    with pytest.raises(cpt.CheckpointError, match='this run has T1w'):
         cascade.load_models(lob, inputs=['T1w'], stage='lobules', protocol='suit')
+
+
+def test_cascade_refuses_networks_of_another_label_table(tmp_path):
+    """Lobule networks trained on another lookup table than the run's: exit 126 (a weights
+    problem), naming the networks, the lookup table and the fix (was a plain ValueError:
+    exit 70, no fix)."""
+    import nibabel as nib
+
+    from cerebseg.interfaces.segmentation import DeepCeresCascade
+
+    inputs = ['T1w']
+    hemi = _stage_model(tmp_path, 'hemisphere', lab.HEMISPHERE_LABELS, inputs, 'dpn', 1.0, 0,
+                        'h.pt')
+    lob = _stage_model(tmp_path, 'lobules', LABELS, inputs, 'dpn', 0.5, 1, 'lobules.pt')
+    lut = tmp_path / 'other_dseg.tsv'
+    lut.write_text('index\tname\n' + ''.join(f'{i}\t{n}\n' for i, n in LABELS[:-1])
+                   + '5\tRight_C\n')
+    t1 = tmp_path / 't1_box.nii.gz'
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.diag([.5, .5, .5, 1])), t1)
+    node = DeepCeresCascade(t1_box=str(t1), hemisphere_weights=[str(hemi)],
+                            hemisphere_inputs=inputs, lobule_weights=[str(lob)],
+                            lobule_inputs=inputs, lut=str(lut), protocol='suit')
+    with pytest.raises(cpt.CheckpointError, match=r'lobules\.pt were trained on another label '
+                       r'table than the lookup table of the run \(.*other_dseg\.tsv\).*'
+                       r'--cnn-weights') as err:
+        node.run(cwd=str(tmp_path))
+    assert err.value.exit_code == 126
+    # the same networks with their own table pass the check
+    assert cascade.load_models([lob], inputs=inputs, stage='lobules', protocol='suit',
+                               labels=LABELS)
 
 
 def test_ensemble_distance():
@@ -267,11 +300,11 @@ def test_ensemble_distance():
 def test_transfer_weights_adds_a_zero_t2w_channel(tmp_path, arch):
     torch.manual_seed(0)
     old = seg.build_model(arch, 1 + 5, 6, features=[4, 4, 4])
-    path = seg.save_checkpoint(tmp_path / 'o.pt', old, architecture=arch,
+    path = cpt.save_cascade_net(tmp_path / 'o.pt', old, architecture=arch,
                                inputs=['T1w', 'prior'], stage='lobules', labels=LABELS,
                                spacing=0.5, protocol='suit')
     new = seg.build_model(arch, 2 + 5, 6, features=[4, 4, 4])
-    adapted = seg.transfer_weights(seg.read_checkpoint(path), new, ['T1w', 'T2w', 'prior'], 5)
+    adapted = tr.transfer_weights(cpt.read_cascade_checkpoint(path), new, ['T1w', 'T2w', 'prior'], 5)
     assert adapted
     x = torch.randn(1, 6, 8, 8, 8)
     x2 = torch.cat([x[:, :1], 5 * torch.randn(1, 1, 8, 8, 8), x[:, 1:]], 1)
@@ -298,7 +331,7 @@ def test_lean_inference_gives_the_same_probabilities(arch, monkeypatch):
     """Inference with the full-resolution convolutions slab by slab, the prior residual and
     the softmax in place (what keeps a 0.5 mm lobule box under 4 GB) gives the probabilities
     of the plain forward pass to float rounding, and the same labels."""
-    from cerebseg.models.training import predict
+    from cerebseg.models.inference import predict
 
     torch.manual_seed(0)
     model = seg.build_model(arch, 2 + 4, 5, features=[4, 6, 8], prior_channels=4).eval()

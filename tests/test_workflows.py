@@ -31,7 +31,8 @@ def write_fake_weights(folder, labels, protocol='suit', variants=('T1w+prior', '
     """A weights manifest of tiny random networks (every variant, hemisphere + U-Net + DPN)."""
     import json
 
-    from cerebseg.models import segmentation as seg
+    from cerebseg.models import nets3d as seg
+    from cerebseg.models.checkpoint import save_cascade_net
     from cerebseg.utils.labels import HEMISPHERE_LABELS
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,9 +49,9 @@ def write_fake_weights(folder, labels, protocol='suit', variants=('T1w+prior', '
                 n_in = seg.n_input_channels(inputs, len(stage_labels) - 1)
                 model = seg.build_model(arch, n_in, len(stage_labels), features=[4, 4])
                 name = f'{stage}_{arch}_{tag}.pt'
-                seg.save_checkpoint(folder / name, model, architecture=arch, inputs=inputs,
-                                    stage=stage, labels=stage_labels, spacing=spacing,
-                                    protocol=protocol, half=True)
+                save_cascade_net(folder / name, model, architecture=arch, inputs=inputs,
+                                 stage=stage, labels=stage_labels, spacing=spacing,
+                                 protocol=protocol, half=True)
                 entries.append({'file': name, 'architecture': arch, 'inputs': inputs})
             stages[stage] = entries
         spec['variants'][variant] = stages
@@ -202,7 +203,7 @@ def test_both_registrations_fuse_all_entries(tmp_path, fake_assets):
 @pytest.mark.parametrize('with_t2,models', [(False, 'ensemble'), (True, 'ensemble'),
                                              (False, 'dpn')])
 def test_cnn_graph(tmp_path, fake_assets, with_t2, models):
-    from cerebseg.models.cascade import select_weights
+    from cerebseg.models.checkpoint import select_weights
 
     templates, library = fake_assets
     labels = [[0, 'background']] + [[i, f'Left_{i}' if i % 2 else f'Right_{i - 1}']
@@ -225,8 +226,8 @@ def test_cnn_graph(tmp_path, fake_assets, with_t2, models):
 
 
 def test_weights_selection_errors(tmp_path):
-    from cerebseg.models.cascade import select_weights
-    from cerebseg.models.segmentation import CheckpointError
+    from cerebseg.models.checkpoint import select_weights
+    from cerebseg.models.checkpoint import CheckpointError
 
     labels = [[0, 'background'], [1, 'Left_A'], [2, 'Right_A']]
     manifest = write_fake_weights(tmp_path / 'w', labels, variants=('T1w+prior',))

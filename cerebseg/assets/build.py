@@ -22,6 +22,7 @@ import numpy as np
 from cerebseg import __version__
 from cerebseg.assets import (ASSETS_FORMAT, LUT_NAME, MANIFEST, TEMPLATE_BRAIN, TEMPLATE_HEAD,
                              TEMPLATE_MASK, package_json)
+from cerebseg.assets.sources import lut_to_tsv, source_path
 from cerebseg.errors import MissingAssetError
 from cerebseg.utils.grid import WORKING_GRID, BoxGrid
 from cerebseg.utils.images import (ants_to_nib, atomic_save, atomic_write_text, nib_to_ants,
@@ -32,15 +33,6 @@ from cerebseg.utils.registration import ants_seed, identity_transform
 LOGGER = logging.getLogger('cerebseg.assets.build')
 
 _ABBREVIATIONS = {'Left': 'L', 'Right': 'R', 'Vermis': 'V'}
-
-
-def _source(sources: Path, rel: str) -> Path:
-    path = sources / rel
-    if not path.is_file():
-        raise MissingAssetError(
-            f'Source file missing: {path}. Point --sources at a folder with the public source '
-            'files (the layout of cerebseg/data/sources.json), or run `cerebseg-assets fetch`.')
-    return path
 
 
 def abbreviate(name: str) -> str:
@@ -60,7 +52,7 @@ def _palette(n: int) -> list[str]:
 def read_lut(sources: Path, protocol: dict) -> tuple[list[dict], dict[int, int]]:
     """The protocol's lookup table (with background 0) and the source-value -> index map."""
     spec = protocol['lut']
-    path = _source(sources, spec['file'])
+    path = source_path(sources, spec['file'])
     delimiter = ';' if spec['format'] == 'csv;' else ('\t' if spec['format'] == 'tsv' else ',')
     with open(path, newline='', encoding='utf-8') as fobj:
         rows = list(csv.DictReader(fobj, delimiter=delimiter))
@@ -82,13 +74,6 @@ def read_lut(sources: Path, protocol: dict) -> tuple[list[dict], dict[int, int]]
     return lut, mapping
 
 
-def lut_to_tsv(lut: list[dict], columns=('index', 'name', 'abbreviation', 'color')) -> str:
-    """A BIDS ``dseg.tsv``: one row per label, ``columns`` in that order."""
-    lines = ['\t'.join(columns)]
-    lines += ['\t'.join(str(r[c]) for c in columns) for r in lut]
-    return '\n'.join(lines) + '\n'
-
-
 def relabel(data: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     """Source label values -> protocol indices; values not in ``mapping`` become 0."""
     data = np.asarray(np.rint(data), dtype=np.int64)
@@ -102,8 +87,8 @@ def relabel(data: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
 def build_templates(sources: Path, out: Path) -> dict:
     """Copy the 1 mm MNI152NLin2009cAsym templates (head, brain) and derive the brain mask."""
     spec = package_json('templates.json')
-    head = nib.load(_source(sources, spec['head']))
-    brain = nib.load(_source(sources, spec['brain']))
+    head = nib.load(source_path(sources, spec['head']))
+    brain = nib.load(source_path(sources, spec['brain']))
     if head.shape != brain.shape or not np.allclose(head.affine, brain.affine):
         raise MissingAssetError('The whole-head and brain templates are not on the same grid.')
     brain_data = np.asarray(brain.dataobj, dtype=np.float32)
@@ -122,8 +107,8 @@ def build_entry(entry: dict, mapping: dict[int, int], sources: Path, out: Path,
     """Register one library template to MNI152NLin2009cAsym (affine), resample it on ``grid``."""
     import ants
 
-    t1_src = nib.load(_source(sources, entry['t1w']))
-    dseg_src = nib.load(_source(sources, entry['dseg']))
+    t1_src = nib.load(source_path(sources, entry['t1w']))
+    dseg_src = nib.load(source_path(sources, entry['dseg']))
     moving = nib_to_ants(t1_src)
     labels = nib.Nifti1Image(relabel(np.asarray(dseg_src.dataobj), mapping), dseg_src.affine)
     # The template's cerebellum lies inside the working box: register to the 1 mm box of
@@ -140,7 +125,7 @@ def build_entry(entry: dict, mapping: dict[int, int], sources: Path, out: Path,
                                      interpolator='genericLabel')
         t2 = None
         if entry.get('t2w'):
-            t2_src = nib.load(_source(sources, entry['t2w']))
+            t2_src = nib.load(source_path(sources, entry['t2w']))
             t2 = ants.apply_transforms(ref, nib_to_ants(t2_src), reg['fwdtransforms'],
                                        interpolator='linear')
         warped1 = ants.apply_transforms(box1, moving, reg['fwdtransforms'])
@@ -216,7 +201,7 @@ def build_assets(sources: str | Path, out: str | Path, libraries=('suit',),
     ``out/brainstem``); ``brainstem_navigator`` (a user's Brainstem Navigator folder) extends it
     with the Navigator's nuclei and marks the whole assets folder restricted.
     """
-    from cerebseg.assets.brainstem import build_brainstem
+    from cerebseg.assets.brainstem_atlas import build_brainstem
     from cerebseg.assets.reference import build_reference
 
     sources, out = Path(sources), Path(out)

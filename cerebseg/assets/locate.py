@@ -48,6 +48,22 @@ class Assets:
             return None
         return json.loads(self.path(section['cerebellum_volumes']).read_text())
 
+    def library_paths(self, name: str) -> dict:
+        """The atlas library ``name`` as the workflows take it: every entry's files with
+        absolute paths, ``n_labels``, the lookup table, citation, licence and entry info."""
+        lib = self.library(name)
+        entries = [{k: str(self.path(v)) for k, v in e['files'].items()}
+                   for e in lib['entries']]
+        return {'name': name, 'entries': entries, 'n_labels': lib['n_labels'],
+                'lut': str(self.path(lib['lut'])), 'citation': lib['citation'],
+                'licence': lib['licence'], 'entry_info': lib['entries']}
+
+    def template_paths(self) -> dict:
+        """Absolute paths of the MNI template ``head``, ``brain``, ``mask``, and ``icv_ml``."""
+        tpl = self.manifest['templates']
+        return {'head': str(self.path(tpl['head'])), 'brain': str(self.path(tpl['brain'])),
+                'mask': str(self.path(tpl['mask'])), 'icv_ml': tpl['brain_mask_volume_ml']}
+
     @property
     def restricted(self) -> bool:
         """Built with a user's Brainstem Navigator: must not leave this machine."""

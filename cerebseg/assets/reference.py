@@ -83,25 +83,25 @@ def atlas_volumes(dseg: Path, groups: dict[str, list[int] | dict[int, float]]) -
 
 def protocol_factors(sources: Path, spec: dict, protocol: str) -> dict[str, float]:
     """Reference structure -> V(protocol's template atlas) / V(CoBra)."""
-    from cerebseg.assets.build import _source
+    from cerebseg.assets.sources import source_path
     from cerebseg.utils.native import read_lut_tsv
 
-    ref = atlas_volumes(_source(sources, spec['reference_atlas']['dseg']),
+    ref = atlas_volumes(source_path(sources, spec['reference_atlas']['dseg']),
                         spec['reference_atlas']['labels'])
     atlas = spec['atlases'][protocol]
-    index = {r['name']: r['index'] for r in read_lut_tsv(_source(sources, atlas['lut']))}
+    index = {r['name']: r['index'] for r in read_lut_tsv(source_path(sources, atlas['lut']))}
     groups = {name: {index[label]: w for label, w in parts.items()}
               for name, parts in spec['protocols'][protocol].items()}
-    own = atlas_volumes(_source(sources, atlas['dseg']), groups)
+    own = atlas_volumes(source_path(sources, atlas['dseg']), groups)
     return {name: own[name] / ref[name] for name in own if ref.get(name)}
 
 
 def build_reference(sources: Path, out: Path) -> dict:
     """Write ``out/reference/cerebellum_volumes.json``; returns the manifest section."""
     from cerebseg.assets import package_json
-    from cerebseg.assets.build import _source
+    from cerebseg.assets.sources import source_path
 
-    per_pipeline = {name: participant_means(_source(sources, f'{FOLDER}/{file}'), factor)
+    per_pipeline = {name: participant_means(source_path(sources, f'{FOLDER}/{file}'), factor)
                     for name, (file, factor) in PIPELINES.items()}
     ranges = reference_ranges(per_pipeline)
     spec = package_json('reference_map.json')

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
 from cerebseg import __version__
 from cerebseg.errors import BadDataError, CerebsegError, UsageError
+from cerebseg.interfaces.bids import file_entities, space_matches
 
 LOGGER = logging.getLogger('cerebseg.eval')
 KEY_ENTITIES = ('sub', 'ses', 'acq', 'rec', 'run')
@@ -50,23 +50,9 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _entities(name: str) -> dict[str, str]:
-    return dict(re.findall(r'(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)', name))
-
-
 def _key(name: str) -> tuple:
-    ents = _entities(name)
+    ents = file_entities(name)
     return tuple((e, ents[e]) for e in KEY_ENTITIES if e in ents)
-
-
-def space_matches(name: str, space: str) -> bool:
-    """Whether a file name has the entities of ``space``: its label, then any further
-    entities (``MNI152NLin2009cAsym_res-05`` matches ``..._space-MNI152NLin2009cAsym_seg-
-    cerebellum_res-05_dseg.nii.gz``, whatever the entity order)."""
-    label, *extra = space.split('_')
-    ents = _entities(name)
-    wanted = dict(e.split('-', 1) for e in extra if '-' in e)
-    return ents.get('space') == label and all(ents.get(k) == v for k, v in wanted.items())
 
 
 def label_maps(folder: Path, space: str, participants=None, desc: str | None = None) -> dict:

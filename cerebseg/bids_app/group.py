@@ -16,61 +16,19 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import warnings
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from cerebseg.bids_app.group_data import (ID_COLUMNS, NA, PALETTE, QC_COLUMNS, QC_TABLE, SEGS,
+                                          SegGroup, fmt, run_ids)
 from cerebseg.errors import UsageError
 from cerebseg.utils.group_stats import (MAD_TO_SD, MIN_OUTLIER_N, MIN_OUTLIER_VOLUME_MM3,
-                                        OUTLIER_Z, outliers, robust_z)
+                                        OUTLIER_Z, robust_z)
 from cerebseg.utils.images import atomic_write_text
 
 LOGGER = logging.getLogger('cerebseg.group')
-
-SEGS = ('cerebellum', 'brainstem')
-NA = 'n/a'
-ID_COLUMNS = ('participant_id', 'session_id', 'run')
-QC_COLUMNS = ('participant_id', 'session_id', 'run', 'status', 'reasons', 'report')
-REPORT = 'group_report.html'
-QC_TABLE = 'group_qc.tsv'
-#: level colours of the plots (matplotlib's tab10 without its red, kept for outliers)
-PALETTE = ('#1f77b4', '#ff7f0e', '#2ca02c', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f',
-           '#bcbd22', '#17becf')
-
-
-@dataclass
-class SegGroup:
-    """One structure set (``seg``) of every run: text values as read, arrays for the numerics.
-
-    ``mm3``, ``icv`` and ``z`` are ``(N runs, K structures)`` float arrays (NaN where missing),
-    ``flags`` the bool outliers (none in structures whose median volume is under
-    ``MIN_OUTLIER_VOLUME_MM3``); ``labels`` are the run labels (``sub-01_ses-a_run-2``) and
-    ``ids`` their (participant_id, session_id, run).
-    """
-
-    seg: str
-    labels: list[str]
-    ids: list[tuple[str, str, str]]
-    names: list[str]
-    counted: list[bool]
-    text: list[dict[str, tuple[str, str]]]
-    mm3: np.ndarray
-    icv: np.ndarray
-    z: np.ndarray
-    flags: np.ndarray = field(init=False)
-
-    def __post_init__(self):
-        self.flags = outliers(self.z, min_n=MIN_OUTLIER_N)
-        with warnings.catch_warnings():   # an all-NaN column has no median
-            warnings.simplefilter('ignore', RuntimeWarning)
-            small = ~(np.nanmedian(self.mm3, axis=0) >= MIN_OUTLIER_VOLUME_MM3)
-        self.flags[:, small] = False
-
-    def outlier_names(self, row: int) -> list[str]:
-        return [n for n, f in zip(self.names, self.flags[row]) if f]
 
 
 def _read_tsv(path: Path) -> list[dict[str, str]]:
@@ -85,23 +43,10 @@ def _float(text) -> float:
         return np.nan
 
 
-def _fmt(value: float, spec: str) -> str:
-    return NA if not np.isfinite(value) else format(value, spec)
-
-
 def _clean(text) -> str:
     """One line of TSV-safe text (no tabs or newlines); empty -> n/a."""
     text = ' '.join(str(text).split()) if text is not None else ''
     return text or NA
-
-
-def run_ids(label: str) -> tuple[str, str, str]:
-    """(participant_id, session_id, run) of a run label such as ``sub-01_ses-a_run-2``."""
-    from cerebseg.interfaces.bids import source_entities
-
-    ents = source_entities(f'{label}_T1w.nii.gz')
-    return (f'sub-{ents["sub"]}', f'ses-{ents["ses"]}' if 'ses' in ents else NA,
-            ents.get('run', NA))
 
 
 def read_seg(output_dir, seg: str) -> SegGroup | None:
@@ -214,9 +159,9 @@ def group_table(grp: SegGroup, pcols: list[str], participants: dict) -> list[lis
         prow = participants.get(ids[0], {})
         flagged = grp.outlier_names(i)
         rows.append(list(ids) + [_clean(v[0]) for v in vals] + [_clean(v[1]) for v in vals]
-                    + [_fmt(total[0], '.1f'), _fmt(total[1], '.6e')]
+                    + [fmt(total[0], '.1f'), fmt(total[1], '.6e')]
                     + [_clean(prow.get(c)) for c in pcols]
-                    + [_fmt(z, '.2f') for z in grp.z[i]]
+                    + [fmt(z, '.2f') for z in grp.z[i]]
                     + [str(len(flagged)), ','.join(flagged) or NA])
     return rows
 

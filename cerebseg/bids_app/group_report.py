@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebseg.bids_app.group import NA, PALETTE, QC_TABLE, REPORT, SegGroup, _fmt, run_ids
+from cerebseg.bids_app.group_data import NA, PALETTE, QC_TABLE, REPORT, SegGroup, fmt, run_ids
 from cerebseg.utils.group_stats import (MAD_TO_SD, MIN_OUTLIER_N, MIN_OUTLIER_VOLUME_MM3,
                                         OUTLIER_Z, asymmetry_index, pair_structures)
 from cerebseg.utils.images import atomic_write_text
@@ -171,7 +171,7 @@ def _volume_figure(grp: SegGroup, lev: list[str], order: list[str], group_by, li
                 dots.set_urls(links.urls(
                     [f'{grp.ids[i][0]}.html' for i in sel],
                     [f'{grp.labels[i]}: {name} {y[i]:.4g} % ICV ({grp.mm3[i, j]:.0f} mm3), '
-                     f'z = {_fmt(grp.z[i, j], ".2f")}' for i in sel]))
+                     f'z = {fmt(grp.z[i, j], ".2f")}' for i in sel]))
         ax.set_title(name, fontsize=8 if len(name) < 20 else 6.5)
         ax.set_xlim(-.6, len(order) - .4)
         ax.set_xticks(range(len(order)), [_short(lev, 10) for lev in order] if group_by
@@ -280,8 +280,8 @@ def _seg_section(grp: SegGroup, levels: dict, group_by: str | None,
     rows = []
     for i, j in sorted(zip(*np.nonzero(grp.flags)), key=lambda ij: -abs(grp.z[ij])):
         rows.append([_link(grp.ids[i][0]), *(html.escape(v) for v in grp.ids[i][1:]),
-                     html.escape(grp.names[j]), _fmt(grp.mm3[i, j], '.1f'),
-                     _fmt(grp.icv[i, j] * 100, '.4g'), _fmt(grp.z[i, j], '+.2f')])
+                     html.escape(grp.names[j]), fmt(grp.mm3[i, j], '.1f'),
+                     fmt(grp.icv[i, j] * 100, '.4g'), fmt(grp.z[i, j], '+.2f')])
     parts.append(f'<h3>Outliers ({len(rows)})</h3>')
     parts.append(_table(['participant', 'session', 'run', 'structure', 'volume (mm3)',
                          'volume (% ICV)', 'robust z'], rows, {4, 5, 6}) if rows else

@@ -4,18 +4,19 @@
 node and ``'start'``, ``'end'`` or ``'exception'``. It counts nodes per T1w run, says when a
 run starts, finishes or fails, shows a one-line progress bar on a terminal (plain log lines
 otherwise, at most one a minute between events) and calls ``on_finished(label)`` as soon as
-every node of a run has ended, so that its report is written while the others go on.
+every node of a run has ended, so that its report is written while the others go on. It
+keeps the folder of each node that failed: the run's exit code is read from there
+(:func:`cerebseg.bids_app.outcome.run_outcome`).
 """
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
-LOGGER = logging.getLogger('cerebseg.cli')
-IMPORTANT = 25
+from cerebseg.bids_app.logs import IMPORTANT, LOGGER
 
 
 @dataclass
@@ -29,6 +30,9 @@ class RunState:
     started_at: datetime | None = None   # wall clock, for the status file
     finished: float | None = None
     running: dict = field(default_factory=dict)   # node fullname -> start time
+    #: (fullname, folder) of each node reported failed, in order (the folder holds the node's
+    #: failure record, see cerebseg.interfaces.base; '' when the node has none)
+    failures: list = field(default_factory=list)
 
     @property
     def state(self) -> str:
@@ -42,6 +46,19 @@ class RunState:
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def _detached():
+    """What a pickled :class:`Progress` becomes: None (see ``Progress.__reduce__``)."""
+    return None
+
+
+def _node_folder(node) -> str:
+    """The working folder of a Nipype node ('' if it has none)."""
+    try:
+        return str(node.output_dir())
+    except Exception:  # noqa: BLE001 - not a node with a folder (a test's stand-in)
+        return ''
 
 
 class Progress:
@@ -63,6 +80,7 @@ class Progress:
         self.start = clock()
         self._last_line = self.start
         self._run_seconds: list[float] = []   # node-seconds of each finished run
+        self.error: str | None = None   # what the graph raised, if anything (run_workflows)
 
     # -- the Nipype callback -------------------------------------------------------------
     def __call__(self, node, status: str) -> None:
@@ -71,8 +89,17 @@ class Progress:
         except Exception:  # noqa: BLE001 - progress must never stop the scheduler
             LOGGER.debug('Progress could not follow %s (%s)', node, status, exc_info=True)
 
+    def __reduce__(self):
+        """Nipype keeps the plugin's arguments, this callback among them, on every MapNode,
+        and pickles the node into its folder (``_node.pklz``) or a job's script: there, a copy
+        would have nothing to follow (and its stream and ``on_finished`` cannot be pickled)."""
+        return _detached, ()
+
     def _event(self, node, status: str) -> None:
-        label = self._label(node.fullname)
+        name = node.fullname
+        label = self._label(name)
+        if label is None and status == 'exception':   # a MapNode's subnode (MultiProc, SLURM)
+            label, name = self._folder_label(_node_folder(node))
         if label is None:
             return
         run, now = self.runs[label], self.clock()
@@ -84,9 +111,10 @@ class Progress:
             run.running[node.fullname] = now
         elif status == 'exception':
             run.running.pop(node.fullname, None)
+            run.failures.append((name, _node_folder(node)))
             if not run.failed:
                 run.failed = True
-                LOGGER.error('%s: failed at %s', label, node.fullname.split('.', 2)[-1])
+                LOGGER.error('%s: failed at %s', label, name.split('.', 2)[-1])
         elif status == 'end':
             if node.fullname not in run.running and run.failed:
                 return   # nipype ends a failed node after its exception
@@ -106,6 +134,17 @@ class Progress:
             if fullname.startswith(prefix + '.') or fullname == prefix:
                 return label
         return None
+
+    def _folder_label(self, folder: str) -> tuple[str | None, str]:
+        """The run of a node known by its folder only, a MapNode's subnode (named
+        ``_<name><i>``, without the workflows above it), and a dotted name for it."""
+        parts = Path(folder).parts
+        for label, prefix in self.prefixes.items():
+            want = tuple(prefix.split('.'))
+            for i in range(len(parts) - len(want) + 1):
+                if parts[i:i + len(want)] == want:
+                    return label, '.'.join(p for p in parts[i:] if p != 'mapflow')
+        return None, ''
 
     # -- what is shown -------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -6,8 +6,9 @@ import os
 import re
 from pathlib import Path
 
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, TraitedSpec, traits
+
+from cerebseg.interfaces.base import CerebsegInterface
 
 #: entities kept from the source file, in BIDS order
 SOURCE_ENTITIES = ('sub', 'ses', 'acq', 'ce', 'rec', 'run')
@@ -25,6 +26,21 @@ def source_entities(path: str) -> dict[str, str]:
     if 'sub' not in found:
         raise ValueError(f'Not a BIDS file name (no sub- entity): {name}')
     return {k: found[k] for k in SOURCE_ENTITIES if k in found}
+
+
+def file_entities(name: str) -> dict[str, str]:
+    """Every ``key-value`` entity of a (derivative) file name."""
+    return dict(re.findall(r'(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)', name))
+
+
+def space_matches(name: str, space: str) -> bool:
+    """Whether a file name has the entities of ``space``: its label, then any further
+    entities (``MNI152NLin2009cAsym_res-05`` matches ``..._space-MNI152NLin2009cAsym_seg-
+    cerebellum_res-05_dseg.nii.gz``, whatever the entity order)."""
+    label, *extra = space.split('_')
+    ents = file_entities(name)
+    wanted = dict(e.split('-', 1) for e in extra if '-' in e)
+    return ents.get('space') == label and all(ents.get(k) == v for k, v in wanted.items())
 
 
 def derivative_path(base: str | os.PathLike, source_file: str, suffix: str, extension: str,
@@ -69,7 +85,7 @@ class _SinkOutputSpec(TraitedSpec):
     out_meta = traits.Str(desc='the sidecar written (empty: none)')
 
 
-class DerivativesDataSink(SimpleInterface):
+class DerivativesDataSink(CerebsegInterface):
     """Copy ``in_file`` to its BIDS-derivatives name (temporary file + rename: never half-done)."""
 
     input_spec = _SinkInputSpec

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, TraitedSpec, traits
+
+from cerebseg.interfaces.base import CerebsegInterface
 
 
 class _AtlasInputSpec(BaseInterfaceInputSpec):
@@ -40,8 +41,8 @@ def _save_box_result(results: dict, cwd: str, probs, dseg, affine) -> None:
                 results['probseg'])
 
 
-class BrainstemAtlas(SimpleInterface):
-    """:func:`cerebseg.utils.brainstem.register_label_set` on the brainstem box."""
+class BrainstemAtlas(CerebsegInterface):
+    """:func:`cerebseg.models.brainstem_methods.register_label_set` on the brainstem box."""
 
     input_spec = _AtlasInputSpec
     output_spec = _AtlasOutputSpec
@@ -51,7 +52,7 @@ class BrainstemAtlas(SimpleInterface):
         import numpy as np
         import torch
 
-        from cerebseg.utils.brainstem import register_label_set
+        from cerebseg.models.brainstem_methods import register_label_set
 
         torch.set_num_threads(max(self.inputs.num_threads, 1))
         ref = nib.load(self.inputs.t1_box)
@@ -79,8 +80,8 @@ class _NetworkInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='torch threads')
 
 
-class BrainstemNetwork(SimpleInterface):
-    """:func:`cerebseg.utils.brainstem.segment_with_network` on the brainstem box."""
+class BrainstemNetwork(CerebsegInterface):
+    """:func:`cerebseg.models.brainstem_methods.segment_with_network` on the brainstem box."""
 
     input_spec = _NetworkInputSpec
     output_spec = _AtlasOutputSpec
@@ -90,7 +91,7 @@ class BrainstemNetwork(SimpleInterface):
         import numpy as np
         import torch
 
-        from cerebseg.utils.brainstem import segment_with_network
+        from cerebseg.models.brainstem_methods import segment_with_network
         from cerebseg.utils.native import read_lut_tsv
 
         torch.set_num_threads(max(self.inputs.num_threads, 1))

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
-                                    SimpleInterface, TraitedSpec, traits)
+                                    TraitedSpec, traits)
+
+from cerebseg.interfaces.base import CerebsegInterface
 
 
 class _RegisterInputSpec(BaseInterfaceInputSpec):
@@ -25,7 +27,7 @@ class _RegisterOutputSpec(TraitedSpec):
     warped_dseg = File(exists=True, desc='entry labels warped to the subject')
 
 
-class RegisterEntry(SimpleInterface):
+class RegisterEntry(CerebsegInterface):
     """ANTs affine + SyN (:func:`cerebseg.utils.registration.syn_to`): one entry onto the subject.
 
     The registration runs on ``spacing`` mm copies of both images; the resulting transforms are
@@ -84,7 +86,7 @@ class _FuseOutputSpec(TraitedSpec):
     probseg = File(exists=True, desc='fused label probabilities (4D, uint8 scaled to [0, 1])')
 
 
-class FuseLabels(SimpleInterface):
+class FuseLabels(CerebsegInterface):
     """Locally weighted voting (:func:`cerebseg.kernels.wmv.weighted_majority_vote`).
 
     Runs the compiled OpenMP kernel when it is built (``num_threads`` threads), else the NumPy

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, TraitedSpec, traits
+
+from cerebseg.interfaces.base import CerebsegInterface
 
 
 class _NativeInputSpec(BaseInterfaceInputSpec):
@@ -21,7 +22,7 @@ class _NativeOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc='labels on the exact grid of the input T1w')
 
 
-class ProbsToNative(SimpleInterface):
+class ProbsToNative(CerebsegInterface):
     """:func:`cerebseg.utils.native.probabilities_to_native` on the input T1w's grid."""
 
     input_spec = _NativeInputSpec
@@ -63,7 +64,7 @@ class _VolumesOutputSpec(TraitedSpec):
     icv_file = File(exists=True, desc='JSON with the intracranial volume estimate')
 
 
-class LabelVolumes(SimpleInterface):
+class LabelVolumes(CerebsegInterface):
     """Per-label volumes in native space, also as a fraction of an eTIV-style ICV estimate.
 
     ICV = (volume of the MNI152NLin2009cAsym brain mask) x |det(A)|, with A the linear part of
@@ -91,7 +92,7 @@ class LabelVolumes(SimpleInterface):
                            for row in read_lut_tsv(self.inputs.uncertainty)}
         summary = None
         if self.inputs.parts:
-            from cerebseg.utils.brainstem import part_rows as summary
+            from cerebseg.utils.brainstem_parts import part_rows as summary
         table = morph_table(np.asarray(img.dataobj), img.header.get_zooms()[:3],
                             read_lut_tsv(self.inputs.lut), icv_mm3, uncertainty, summary)
         self._results['out_file'] = os.path.join(runtime.cwd, 'morph.tsv')

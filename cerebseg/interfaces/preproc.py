@@ -5,8 +5,10 @@ import json
 import os
 
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
-                                    SimpleInterface, TraitedSpec, traits)
+                                    TraitedSpec, traits)
 from nipype.utils.filemanip import fname_presuffix
+
+from cerebseg.interfaces.base import CerebsegInterface
 
 
 class _ThreadedInputSpec(BaseInterfaceInputSpec):
@@ -26,7 +28,7 @@ def _run_registration(interface, runtime):
     return interface._results
 
 
-class _IsolatedRegistration(SimpleInterface):
+class _IsolatedRegistration(CerebsegInterface):
     """An ANTs registration run in a fresh process (:mod:`cerebseg.utils.isolate`), where its
     thread count takes effect: one thread when ``reproducible`` (ANTs' multi-threaded metric
     is not reproducible run to run), else ``num_threads``. Subclasses implement
@@ -51,7 +53,7 @@ class _CorrectOutputSpec(TraitedSpec):
     skull_stripped = traits.Bool(desc='whether the input looks brain-extracted')
 
 
-class ValidateAndCorrect(SimpleInterface):
+class ValidateAndCorrect(CerebsegInterface):
     """Check an input image (clear error on bad data), then N4-correct it in native space."""
 
     input_spec = _CorrectInputSpec
@@ -111,7 +113,7 @@ def _mni_affine_start(in_file: str, template: str, template_mask: str, candidate
                         candidate, out_prefix, seed=seed)
 
 
-class MNIAffine(SimpleInterface):
+class MNIAffine(CerebsegInterface):
     """Affine registration to MNI152NLin2009cAsym with a quality gate (bad fit -> exit 65).
 
     The target is the template averaged with its left-right mirror
@@ -265,7 +267,7 @@ class _GridOutputSpec(TraitedSpec):
     t2_box = traits.Str(desc='normalised T2w on the working grid (empty: none)')
 
 
-class ToWorkingGrid(SimpleInterface):
+class ToWorkingGrid(CerebsegInterface):
     """Denoise, resample into the 0.5 mm MNI box, N4 again inside the box, normalise.
 
     Denoising (ANTs non-local means, native resolution) runs on the part of the native image

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
-                                    OutputMultiObject, SimpleInterface, TraitedSpec, traits)
+                                    OutputMultiObject, TraitedSpec, traits)
+
+from cerebseg.interfaces.base import CerebsegInterface
 
 
 class _TorchRegisterInputSpec(BaseInterfaceInputSpec):
@@ -36,7 +38,7 @@ class _TorchRegisterOutputSpec(TraitedSpec):
     transforms = File(exists=True, desc='affines and velocity fields of every entry (.npz)')
 
 
-class TorchRegisterEntries(SimpleInterface):
+class TorchRegisterEntries(CerebsegInterface):
     """Diffeomorphic SVF registration of ``K`` entries in one batch
     (:func:`cerebseg.models.registration.register_svf`, optionally started by the registration
     network). Images are warped trilinearly, labels by nearest neighbour.
@@ -62,7 +64,8 @@ class TorchRegisterEntries(SimpleInterface):
                            for p in self.inputs.entry_t1])
         init_velocity, config = None, reg.SVFConfig()
         if self.inputs.regnet:
-            from cerebseg.models.regnet import load_regnet, predict_velocity
+            from cerebseg.models.checkpoint import load_regnet
+            from cerebseg.models.regnet import predict_velocity
 
             net = load_regnet(self.inputs.regnet, device=device)
             init_velocity = predict_velocity(net, fixed, moving, spacing, device)

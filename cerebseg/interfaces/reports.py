@@ -1,8 +1,9 @@
 """Report figures (reportlets): load, reorient/resample, call one plotting function."""
 from __future__ import annotations
 
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, TraitedSpec, traits
+
+from cerebseg.interfaces.base import CerebsegInterface
 
 
 class _LabelMosaicInputSpec(BaseInterfaceInputSpec):
@@ -17,7 +18,7 @@ class _ReportOutputSpec(TraitedSpec):
     out_report = File(exists=True, desc='the figure (SVG)')
 
 
-class LabelMosaicRPT(SimpleInterface):
+class LabelMosaicRPT(CerebsegInterface):
     """Labels over the anatomy in three planes (:func:`cerebseg.utils.reports.plot_label_mosaic`)."""
 
     input_spec = _LabelMosaicInputSpec
@@ -56,7 +57,7 @@ class _FlickerInputSpec(BaseInterfaceInputSpec):
     title = traits.Str(mandatory=True, desc='figure title')
 
 
-class RegistrationRPT(SimpleInterface):
+class RegistrationRPT(CerebsegInterface):
     """Before/after flicker of a registration (:func:`cerebseg.utils.reports.plot_flicker`):
     the moving image resampled onto the fixed one through the fitted transform."""
 

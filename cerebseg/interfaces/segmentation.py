@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
-                                    SimpleInterface, TraitedSpec, traits)
+                                    TraitedSpec, traits)
+
+from cerebseg.interfaces.base import CerebsegInterface
 
 
 class _CascadeInputSpec(BaseInterfaceInputSpec):
@@ -33,7 +35,7 @@ class _CascadeOutputSpec(TraitedSpec):
     label_uncertainty = File(exists=True, desc='TSV: mean disagreement within each label')
 
 
-class DeepCeresCascade(SimpleInterface):
+class DeepCeresCascade(CerebsegInterface):
     """:func:`cerebseg.models.cascade.run_cascade` (hemisphere stage, then the lobule
     ensemble inside its mask) under ``torch.inference_mode``."""
 
@@ -64,10 +66,7 @@ class DeepCeresCascade(SimpleInterface):
         hemi = load_models(self.inputs.hemisphere_weights, inputs=self.inputs.hemisphere_inputs,
                            stage='hemisphere', **common)
         lob = load_models(self.inputs.lobule_weights, inputs=self.inputs.lobule_inputs,
-                          stage='lobules', **common)
-        if lob[0][1]['labels'] != labels:
-            raise ValueError(f'the lobule networks were trained on another label table than '
-                             f'{self.inputs.lut}')
+                          stage='lobules', labels=labels, lut=self.inputs.lut, **common)
         x_mm = ref.affine[0, 3] + ref.affine[0, 0] * np.arange(t1.shape[0])
         res = run_cascade(t1, labels=labels, x_mm=x_mm, hemisphere_models=hemi,
                           lobule_models=lob, t2=t2, prior=prior, device=device)

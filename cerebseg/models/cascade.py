@@ -16,21 +16,104 @@ Steps, on the 0.5 mm working grid:
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
-from cerebseg.models.segmentation import SLAB, CheckpointError, load_checkpoint
-from cerebseg.models.training import Subject, bounding_box, predict, stage_arrays
+from cerebseg.models.checkpoint import CheckpointError, load_cascade_net
+from cerebseg.models.inference import Channels, predict
+from cerebseg.models.nets3d import SLAB
+from cerebseg.utils import labels as lab
 
 LOGGER = logging.getLogger(__name__)
 GRID_SPACING = 0.5
+#: the stages of the cascade, in order
+STAGES = ('hemisphere', 'lobules')
+
+
+@dataclass
+class Volumes:
+    """One participant's input volumes on the working grid, or a crop of it (``x_mm``: x of
+    each first-axis index, for the hemisphere split)."""
+
+    name: str
+    t1: np.ndarray                      # (X, Y, Z) float32, normalised intensities
+    x_mm: np.ndarray                    # (X,)
+    t2: np.ndarray | None = None        # (X, Y, Z) float32
+    prior: np.ndarray | None = None     # (L, X, Y, Z) uint8, probability * 255
+
+    def crop(self, box: tuple[slice, ...]) -> 'Volumes':
+        """The same volumes inside ``box`` (three slices of the spatial axes; views)."""
+        return Volumes(self.name, self.t1[box], self.x_mm[box[0]],
+                       None if self.t2 is None else self.t2[box],
+                       None if self.prior is None else self.prior[(slice(None),) + box])
+
+
+def bounding_box(mask: np.ndarray, margin: int, even: bool = False) -> tuple[slice, ...]:
+    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels (clipped), the whole
+    volume for an empty mask; ``even``: every side even where the volume allows."""
+    idx = np.argwhere(mask)
+    if not len(idx):
+        return tuple(slice(0, s) for s in mask.shape)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
+    if even:  # whole 2x2x2 blocks for a pooled stage: grow odd sides by one voxel
+        odd = (hi - lo) % 2 == 1
+        grow_hi = odd & (hi < mask.shape)
+        hi = hi + grow_hi
+        lo = lo - (odd & ~grow_hi & (lo > 0))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def pool(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Average over ``factor``^3 blocks of the last three axes (trailing voxels dropped)."""
+    if factor == 1:
+        return volume
+    shape = volume.shape[-3:]
+    t = torch.as_tensor(np.ascontiguousarray(volume, np.float32))
+    t = t.reshape((-1, 1) + shape)
+    out = F.avg_pool3d(t, factor).numpy()
+    return out.reshape(volume.shape[:-3] + out.shape[-3:])
+
+
+def stage_channels(volumes, stage: str, inputs, labels: list, factor: int = 1) -> Channels:
+    """Network input (:class:`~cerebseg.models.inference.Channels`, ``(C, X, Y, Z)``) of a
+    cascade stage, at the working-grid spacing times ``factor``, from ``volumes`` (a
+    :class:`Volumes`, or anything with its attributes: the trainers' subjects).
+
+    The MR channels (``inputs``: ``T1w``, ``T2w``) are block-averaged and stored as float16;
+    the prior channels are, for ``hemisphere``, the left and right cerebellum probabilities,
+    for ``lobules``, every foreground class (uint8, probability * 255).
+    """
+    inputs = list(inputs)
+    if stage not in STAGES:
+        raise ValueError(f'stage must be one of {STAGES}, not {stage!r}')
+    if 'prior' in inputs and volumes.prior is None:
+        raise ValueError(f'{volumes.name}: the prior channel was asked for but is missing')
+    mr = []
+    for name in inputs:
+        if name == 'T1w':
+            mr.append(volumes.t1)
+        elif name == 'T2w':
+            if volumes.t2 is None:
+                raise ValueError(f'{volumes.name}: the T2w channel was asked for but is missing')
+            mr.append(volumes.t2)
+    mr = pool(np.stack(mr).astype(np.float32), factor).astype(np.float16)
+    prior = None
+    if 'prior' in inputs:
+        if stage == 'hemisphere':
+            probs = lab.hemisphere_probs(volumes.prior.astype(np.float32) / 255, labels,
+                                         volumes.x_mm)[1:]
+            prior = np.rint(pool(probs, factor) * 255).astype(np.uint8)
+        elif factor > 1:
+            prior = np.rint(pool(volumes.prior[1:].astype(np.float32), factor)).astype(np.uint8)
+        else:
+            prior = volumes.prior[1:]
+    return Channels(mr, prior)
 
 
 @dataclass
@@ -47,14 +130,26 @@ class CascadeResult:
         return label_uncertainty(self.classes, self.disagreement, len(self.labels))
 
 
-def load_models(paths, *, inputs, stage: str, protocol: str, device='cpu') -> list:
-    """``[(model, meta), ...]`` of the checkpoints of one stage, checked against the run."""
-    models = [load_checkpoint(p, inputs=inputs, stage=stage, protocol=protocol, device=device)
+def load_models(paths, *, inputs, stage: str, protocol: str, device='cpu',
+                labels: list | None = None, lut: str = '') -> list:
+    """``[(model, meta), ...]`` of the checkpoints of one stage, checked against the run:
+    their inputs, stage and protocol, one label table for all of them and, with ``labels``
+    (``[index, name]`` of the run's lookup table ``lut``), that one. A mismatch is a
+    :class:`~cerebseg.models.checkpoint.CheckpointError` (exit 126) that names the files."""
+    models = [load_cascade_net(p, inputs=inputs, stage=stage, protocol=protocol, device=device)
               for p in paths]
-    labels = [m[1]['labels'] for m in models]
-    if any(lb != labels[0] for lb in labels):
-        raise ValueError(f'the {stage} checkpoints {list(map(str, paths))} do not share one '
-                         'label table')
+    tables = [m[1]['labels'] for m in models]
+    files = ', '.join(map(str, paths))
+    if any(lb != tables[0] for lb in tables):
+        raise CheckpointError(f'the {stage} networks {files} were trained on different label '
+                              'tables; use checkpoints of one training set (one weights '
+                              'manifest, --cnn-weights)')
+    if labels is not None and [list(lb) for lb in tables[0]] != [list(lb) for lb in labels]:
+        raise CheckpointError(f'the {stage} networks {files} were trained on another label '
+                              f'table than the lookup table of the run ({lut or "given"}); use '
+                              "weights trained on this atlas library's labels (`cerebseg-train "
+                              "segmentation --atlas-library ...`, then --cnn-weights) or the "
+                              '--atlas-library they were trained on')
     return models
 
 
@@ -87,12 +182,12 @@ def label_uncertainty(classes: np.ndarray, disagreement: np.ndarray, n: int) -> 
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def _stage_probs(models, subject: Subject, stage: str, labels: list, out_shape, device,
+def _stage_probs(models, volumes: Volumes, stage: str, labels: list, out_shape, device,
                  roi: int, bf16: bool) -> list[torch.Tensor]:
     probs = []
     for model, meta in models:
         factor = int(round(meta['spacing'] / GRID_SPACING))
-        image, _, _ = stage_arrays(subject, stage, meta['inputs'], labels, factor)
+        image = stage_channels(volumes, stage, meta['inputs'], labels, factor)
         p = predict(model, image, device=device, roi=roi, bf16=bf16)
         if tuple(p.shape[1:]) != tuple(out_shape):
             p = F.interpolate(p[None], size=tuple(out_shape), mode='trilinear',
@@ -119,7 +214,7 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
         region = bounding_box(prior[0] < 128, int(round(roi_margin_mm / GRID_SPACING)), even=True)
     else:
         region = bounding_box(np.ones(shape, bool), 0, even=True)
-    sub = Subject('subject', t1, np.zeros(shape, np.uint8), x_mm, t2, prior).crop(region)
+    sub = Volumes('subject', t1, x_mm, t2, prior).crop(region)
     rshape = sub.t1.shape
     hprobs = _stage_probs(hemisphere_models, sub, 'hemisphere', labels, rshape, device, roi, bf16)
     hmean, _ = ensemble(hprobs)
@@ -156,64 +251,3 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
     hemisphere = np.zeros(shape, np.uint8)
     hemisphere[region] = hemi
     return CascadeResult(classes, probseg, disagreement, hemisphere, labels, member_classes)
-
-
-#: the weights that ship with cerebseg (see the model card next to it)
-DEFAULT_MANIFEST = Path(__file__).resolve().parents[1] / 'data' / 'weights' / 'deepceres.json'
-MODEL_CHOICES = ('ensemble', 'unet', 'dpn')
-
-
-def select_weights(manifest=None, *, t2w: bool, prior: bool, models: str = 'ensemble',
-                   protocol: str = 'suit') -> dict:
-    """The checkpoints a run needs, from a weights manifest (JSON).
-
-    The manifest maps an input set (``T1w+prior``, ``T1w+T2w+prior``, ...) to its
-    ``hemisphere`` and ``lobules`` checkpoints (``file`` relative to the manifest,
-    ``architecture``, ``inputs``). ``models`` keeps the lobule networks of one architecture or
-    all of them (the ensemble). Raises :class:`CheckpointError` (exit 126) with the fix when
-    something is missing.
-    """
-    manifest = Path(manifest) if manifest else DEFAULT_MANIFEST
-    if not manifest.is_file():
-        raise CheckpointError(f'segmentation weights manifest not found: {manifest}. Reinstall '
-                              'cerebseg, or pass --cnn-weights with a manifest of weights '
-                              'trained by `cerebseg-train segmentation`.')
-    try:
-        spec = json.loads(manifest.read_text())
-    except ValueError as err:
-        raise CheckpointError(f'{manifest} is not valid JSON ({err})') from err
-    if spec.get('protocol') != protocol:
-        raise CheckpointError(f'the weights of {manifest} segment the {spec.get("protocol")} '
-                              f'protocol, not {protocol}; use --atlas-library '
-                              f'{spec.get("protocol")} or weights trained on {protocol} labels')
-    variant = '+'.join(['T1w'] + (['T2w'] if t2w else []) + (['prior'] if prior else []))
-    variants = spec.get('variants', {})
-    if variant not in variants:
-        hint = ' (--t1-only ignores the T2w)' if t2w else ''
-        hint += '' if prior else ' (without --no-atlas-prior the prior is used)'
-        raise CheckpointError(
-            f'{manifest} has no weights for the inputs {variant}; it has '
-            f'{sorted(variants) or "none"}. Choose a run with those inputs{hint}, or train '
-            f'weights for {variant} with `cerebseg-train segmentation --inputs '
-            f'{" ".join(variant.split("+"))}` and pass their manifest with --cnn-weights.')
-    out = {'variant': variant, 'manifest': str(manifest)}
-    for stage in ('hemisphere', 'lobules'):
-        entries = variants[variant].get(stage, [])
-        if stage == 'lobules' and models != 'ensemble':
-            entries = [e for e in entries if e['architecture'] == models]
-        if not entries:
-            raise CheckpointError(f'{manifest} has no {stage} network for {variant}'
-                                  + (f' with the {models} architecture' if stage == 'lobules'
-                                     else '') + '; use --models ensemble or other weights.')
-        inputs = {tuple(e['inputs']) for e in entries}
-        if len(inputs) > 1:
-            raise CheckpointError(f'{manifest}: the {stage} networks of {variant} differ in '
-                                  'their inputs')
-        files = [manifest.parent / e['file'] for e in entries]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f'segmentation weights not found: {f} (listed in '
-                                      f'{manifest}); reinstall cerebseg or fix the manifest.')
-        out[stage] = {'files': [str(f) for f in files], 'inputs': list(inputs.pop()),
-                      'architectures': [e['architecture'] for e in entries]}
-    return out

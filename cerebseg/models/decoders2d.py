@@ -4,7 +4,7 @@ DeepLabV3+), and the blocks every 2D brainstem decoder shares.
 Each follows segmentation-models-pytorch 0.3.3's default architecture (its layers, widths and
 upsampling modes), written in torch with MONAI convolution blocks: smp needs torchvision, which
 does not run with the torch used here. The registry, the encoder and N-DecoNet itself are in
-:mod:`cerebseg.models.brainstem`; the parameter counts against the paper's Table 1 are in its
+:mod:`cerebseg.models.nets2d`; the parameter counts against the paper's Table 1 are in its
 docstring. Imports torch and MONAI only (no nipype).
 """
 from __future__ import annotations
@@ -17,13 +17,13 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _cbr(cin: int, cout: int, kernel: int = 3, dilation: int = 1, norm: bool = True) -> nn.Module:
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1, norm: bool = True) -> nn.Module:
     """Convolution (no bias when normalised), BatchNorm, ReLU (MONAI ``Convolution``)."""
     return Convolution(2, cin, cout, kernel_size=kernel, dilation=dilation, act='RELU',
                        norm='BATCH' if norm else None, bias=not norm)
 
 
-def _up(x: torch.Tensor, size=None, scale: int | None = None, mode: str = 'bilinear',
+def upsample(x: torch.Tensor, size=None, scale: int | None = None, mode: str = 'bilinear',
         align_corners: bool | None = None) -> torch.Tensor:
     if mode == 'nearest':
         align_corners = None
@@ -32,7 +32,7 @@ def _up(x: torch.Tensor, size=None, scale: int | None = None, mode: str = 'bilin
     return F.interpolate(x, size=size, scale_factor=scale, mode=mode, align_corners=align_corners)
 
 
-class _Decoder(nn.Module):
+class Decoder2D(nn.Module):
     """Base: ``forward(features)`` -> ``(N, out_channels, H/s, W/s)``; the class says which
     encoder it needs and the kernel of the segmentation head."""
 
@@ -50,11 +50,11 @@ class _UNetBlock(nn.Module):
 
     def __init__(self, cin: int, skip: int, cout: int):
         super().__init__()
-        self.conv1 = _cbr(cin + skip, cout)
-        self.conv2 = _cbr(cout, cout)
+        self.conv1 = conv_bn_relu(cin + skip, cout)
+        self.conv2 = conv_bn_relu(cout, cout)
 
     def forward(self, x, skip=None):
-        x = _up(x, scale=2, mode='nearest')
+        x = upsample(x, scale=2, mode='nearest')
         if skip is not None:
             x = torch.cat([x, skip], 1)
         return self.conv2(self.conv1(x))
@@ -68,7 +68,7 @@ def _unet_channels(encoder_channels, decoder_channels):
     return [enc[0]] + list(decoder_channels[:-1]), enc[1:] + [0], list(decoder_channels)
 
 
-class UNetDecoder(_Decoder):
+class UNetDecoder(Decoder2D):
     """U-Net (smp ``Unet``): five blocks from stride 32 to 1, each upsampling x2 (nearest),
     concatenating the encoder features of its stride and applying two 3x3 conv-BN-ReLU;
     widths 256-128-64-32-16, 3x3 head."""
@@ -87,7 +87,7 @@ class UNetDecoder(_Decoder):
         return x
 
 
-class UNetPlusPlusDecoder(_Decoder):
+class UNetPlusPlusDecoder(Decoder2D):
     """U-Net++ (smp ``UnetPlusPlus``): nested dense skip pathways; node ``x_d_l`` upsamples
     node ``x_d_(l-1)`` (or the encoder features) and concatenates all nodes ``x_k_l`` (k > d) of
     its column with the encoder features; same blocks and widths as U-Net, 3x3 head."""
@@ -158,19 +158,19 @@ class _MFAB(nn.Module):
 
     def __init__(self, cin: int, skip: int, cout: int, reduction: int = 16):
         super().__init__()
-        self.hl_conv = nn.Sequential(_cbr(cin, cin), _cbr(cin, skip, 1))
+        self.hl_conv = nn.Sequential(conv_bn_relu(cin, cin), conv_bn_relu(cin, skip, 1))
         self.se_hl = _SE(skip, reduction)
         self.se_ll = _SE(skip, reduction)
-        self.conv1 = _cbr(2 * skip, cout)
-        self.conv2 = _cbr(cout, cout)
+        self.conv1 = conv_bn_relu(2 * skip, cout)
+        self.conv2 = conv_bn_relu(cout, cout)
 
     def forward(self, x, skip):
-        x = _up(self.hl_conv(x), scale=2, mode='nearest')
+        x = upsample(self.hl_conv(x), scale=2, mode='nearest')
         x = x * (self.se_hl(x) + self.se_ll(skip))
         return self.conv2(self.conv1(torch.cat([x, skip], 1)))
 
 
-class MANetDecoder(_Decoder):
+class MANetDecoder(Decoder2D):
     """MA-Net (smp ``MAnet``): a position-wise attention block (64 channels) on the stride-32
     features, then U-Net's five upsampling levels (widths 256-128-64-32-16) with multi-scale
     fusion attention blocks where there is a skip; 3x3 head. Two departures from smp 0.3.3,
@@ -197,7 +197,7 @@ class MANetDecoder(_Decoder):
         return x
 
 
-class PSPNetDecoder(_Decoder):
+class PSPNetDecoder(Decoder2D):
     """PSPNet (smp ``PSPNet``): on the stride-8 features (encoder depth 3), average pooling to
     1, 2, 3, 6 bins, a 1x1 conv-BN-ReLU to a quarter of the channels each (no BatchNorm on the
     1x1 bin), bilinear upsampling, concatenation with the features, a 1x1 conv-BN-ReLU to
@@ -210,14 +210,14 @@ class PSPNetDecoder(_Decoder):
         super().__init__()
         cin = encoder_channels[-1]
         self.bins = tuple(bins)
-        self.branches = nn.ModuleList(_cbr(cin, cin // len(bins), 1, norm=b != 1) for b in bins)
-        self.conv = _cbr(cin + len(bins) * (cin // len(bins)), psp_channels, 1)
+        self.branches = nn.ModuleList(conv_bn_relu(cin, cin // len(bins), 1, norm=b != 1) for b in bins)
+        self.conv = conv_bn_relu(cin + len(bins) * (cin // len(bins)), psp_channels, 1)
         self.dropout = nn.Dropout2d(dropout)
         self.out_channels = psp_channels
 
     def forward(self, features):
         x = features[-1]
-        pooled = [_up(branch(F.adaptive_avg_pool2d(x, b)), x.shape[-2:], align_corners=True)
+        pooled = [upsample(branch(F.adaptive_avg_pool2d(x, b)), x.shape[-2:], align_corners=True)
                   for branch, b in zip(self.branches, self.bins)]
         return self.dropout(self.conv(torch.cat(pooled + [x], 1)))
 
@@ -232,10 +232,10 @@ class _GNBlock(nn.Sequential):
 
     def forward(self, x):
         x = super().forward(x)
-        return _up(x, scale=2, align_corners=True) if self.upsample else x
+        return upsample(x, scale=2, align_corners=True) if self.upsample else x
 
 
-class FPNDecoder(_Decoder):
+class FPNDecoder(Decoder2D):
     """FPN (smp ``FPN``): 1x1 lateral convolutions to 256 channels on the stride-4 to 32
     features, top-down sum with x2 nearest upsampling, then per level 3x3 conv-GroupNorm-ReLU
     blocks to 128 channels upsampled (bilinear) to stride 4, summed, Dropout2d 0.2; 1x1 head,
@@ -259,7 +259,7 @@ class FPNDecoder(_Decoder):
         c = features[-4:][::-1]
         p = [self.lateral[0](c[0])]
         for conv, skip in zip(self.lateral[1:], c[1:]):
-            p.append(_up(p[-1], scale=2, mode='nearest') + conv(skip))
+            p.append(upsample(p[-1], scale=2, mode='nearest') + conv(skip))
         return self.dropout(sum(block(x) for block, x in zip(self.seg_blocks, p)))
 
 
@@ -293,11 +293,11 @@ class _ASPP(nn.Module):
 
     def forward(self, x):
         out = [conv(x) for conv in self.convs]
-        out.append(_up(self.pool(x), x.shape[-2:], align_corners=False))
+        out.append(upsample(self.pool(x), x.shape[-2:], align_corners=False))
         return self.project(torch.cat(out, 1))
 
 
-class DeepLabV3Decoder(_Decoder):
+class DeepLabV3Decoder(Decoder2D):
     """DeepLabV3 (smp ``DeepLabV3``): the encoder is dilated to output stride 8; ASPP (256
     channels, rates 12-24-36) on the last features, a 3x3 conv-BN-ReLU; 1x1 head, x8 bilinear."""
 
@@ -315,7 +315,7 @@ class DeepLabV3Decoder(_Decoder):
         return self.conv(self.aspp(features[-1]))
 
 
-class DeepLabV3PlusDecoder(_Decoder):
+class DeepLabV3PlusDecoder(Decoder2D):
     """DeepLabV3+ (smp ``DeepLabV3Plus``): encoder dilated to ``output_stride`` 16 (or 8);
     separable ASPP (256 channels) and a separable 3x3 conv-BN-ReLU on the last features,
     upsampled (bilinear) to stride 4, concatenated with the stride-4 features reduced to 48
@@ -344,5 +344,5 @@ class DeepLabV3PlusDecoder(_Decoder):
 
     def forward(self, features):
         high = self.block1(features[-4])
-        x = _up(self.aspp(features[-1]), high.shape[-2:], align_corners=True)
+        x = upsample(self.aspp(features[-1]), high.shape[-2:], align_corners=True)
         return self.block2(torch.cat([x, high], 1))

@@ -45,6 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cerebseg.models.warp import (affine_ddf, box_mean, displacement_mm, downsample, grid_mm,
+                                   level_shape, level_spacing, resize_field, sampling_ddf, warp)
+
 LOGGER = logging.getLogger('cerebseg.models.registration')
 
 
@@ -77,7 +80,7 @@ REFINE_CONFIG = SVFConfig(levels_mm=(4.0, 2.0), iterations=(0, 20), affine_itera
                           space='fixed', smoothness=0.5)
 
 #: the brainstem label set onto a subject's 1 mm brainstem box
-#: (:func:`cerebseg.utils.brainstem.register_label_set`, similarity over the whole box). The
+#: (:func:`cerebseg.utils.brainstem_parts.register_label_set`, similarity over the whole box). The
 #: atlas image is the uncropped brain on the box, so the subject-grid similarity ('fixed') meets
 #: none of the crop edges that inflate cerebellar entries; in the entry's space ('entry') the
 #: template's brain mask stops at the brainstem surface, where the prepontine CSF is normalised
@@ -118,8 +121,6 @@ def settings_fingerprint() -> str:
             f'brainstem {BRAINSTEM_CONFIG!r}')
 
 
-_BASE_GRIDS: dict = {}
-
 #: the affine stage starts at the identity, where every sample falls on a voxel centre and the
 #: derivative of trilinear interpolation is one-sided (the forward difference): a mirrored
 #: subject then gets a different first step, which Adam's normalised steps magnify (affines
@@ -128,162 +129,6 @@ _BASE_GRIDS: dict = {}
 #: and half backward, and the set of offsets is its own mirror along every axis.
 _KNOT_OFFSETS = torch.tensor([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1)
                               for sz in (-1, 1)], dtype=torch.float32).view(8, 1, 3, 1, 1, 1) * 1e-2
-
-
-def _base_grid(shape, device) -> torch.Tensor:
-    """(1, 3, X, Y, Z) identity in grid_sample's normalised coordinates (cached per shape)."""
-    key = (tuple(shape), str(device))
-    if key not in _BASE_GRIDS:
-        axes = [torch.linspace(-1.0, 1.0, n, device=device) for n in shape]
-        _BASE_GRIDS[key] = torch.stack(torch.meshgrid(*axes, indexing='ij'))[None]
-        if len(_BASE_GRIDS) > 16:
-            _BASE_GRIDS.pop(next(iter(_BASE_GRIDS)))
-    return _BASE_GRIDS[key]
-
-
-def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = 'bilinear') -> torch.Tensor:
-    """Read ``image`` (B, C, X, Y, Z) at ``x + ddf(x)``; ``ddf`` (B, 3, X, Y, Z) in voxels.
-
-    The same operation as MONAI's ``Warp`` (corners aligned, border padding), without its
-    per-call index shuffles: about 15 % of an optimisation step on CPU.
-    """
-    shape = ddf.shape[2:]
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=ddf.device,
-                         dtype=ddf.dtype).view(1, 3, 1, 1, 1)
-    grid = (_base_grid(shape, ddf.device) + ddf * scale).permute(0, 2, 3, 4, 1).flip(-1)
-    if grid.shape[0] != image.shape[0]:
-        grid = grid.expand(image.shape[0], -1, -1, -1, -1)
-    return F.grid_sample(image, grid, mode=mode, padding_mode='border', align_corners=True)
-
-
-def integrate(velocity: torch.Tensor, steps: int) -> torch.Tensor:
-    """Scaling and squaring (MONAI's ``DVF2DDF`` with border padding): exp(v), in voxels."""
-    ddf = velocity / (2 ** steps)
-    for _ in range(steps):
-        ddf = ddf + warp(ddf, ddf)
-    return ddf
-
-
-def level_shape(shape, factor: float) -> tuple[int, ...]:
-    """Grid of the same box (same corner voxel centres) ``factor`` times coarser."""
-    return tuple(max(round((n - 1) / factor) + 1, 2) for n in shape)
-
-
-def level_spacing(shape, spacing: float, lshape) -> torch.Tensor:
-    """Voxel size (mm, per axis) of ``lshape`` spanning the box of ``shape`` at ``spacing``."""
-    return torch.tensor([(n - 1) * spacing / (m - 1) for n, m in zip(shape, lshape)])
-
-
-def _box_sum(x: torch.Tensor, sizes) -> torch.Tensor:
-    for axis, w in enumerate(sizes):
-        if w <= 1:
-            continue
-        dim, n, r = 2 + axis, x.shape[2 + axis], w // 2
-        pad = [0, 0] * (2 - axis) + [r + 1, r]
-        c = torch.cumsum(F.pad(x, pad), dim=dim)
-        x = c.narrow(dim, w, n) - c.narrow(dim, 0, n)
-    return x
-
-
-_COUNTS: dict = {}
-
-
-def box_mean(x: torch.Tensor, size) -> torch.Tensor:
-    """Separable box mean over odd ``size`` (int or per axis); at the borders, the mean of the
-    voxels inside the volume (``avg_pool3d(count_include_pad=False)``). Running sums (cumsum)
-    make it independent of the window and 2.4 times faster than pooling, backward included."""
-    sizes = [size] * 3 if isinstance(size, int) else list(size)
-    key = (tuple(x.shape[2:]), tuple(sizes), str(x.device))
-    if key not in _COUNTS:
-        ones = torch.ones((1, 1) + tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
-        _COUNTS[key] = _box_sum(ones, sizes)
-        if len(_COUNTS) > 32:
-            _COUNTS.pop(next(iter(_COUNTS)))
-    return _box_sum(x, sizes) / _COUNTS[key]
-
-
-def downsample(volume: torch.Tensor, lshape, blocks: bool = False) -> torch.Tensor:
-    """Resample to the coarser grid ``lshape`` of the same box, halving at most once per step.
-
-    A halving step smooths with the binomial kernel (1, 2, 1) / 4 along each axis that shrinks
-    (edges replicated) and resamples trilinearly onto the corner-aligned grid of the step. Both
-    operations commute with reversing an axis, so a mirrored volume gives the mirrored result
-    whatever the number of voxels (issue 9, mirror equivariance).
-
-    ``blocks``: average 2x2x2 blocks instead of smoothing (the registration network's input,
-    which was trained on it). The block centres sit half a fine voxel inside the box corners,
-    which scales coordinates by (n - 2) / (n - 1) about the centre for both images alike (0.4 %
-    at 0.5 -> 1 mm); on an odd number of voxels the last block is a single voxel, so the result
-    is not left-right symmetric.
-    """
-    shape = tuple(volume.shape[2:])
-    kernel = torch.tensor([0.25, 0.5, 0.25], dtype=volume.dtype, device=volume.device)
-    while tuple(shape) != tuple(lshape):
-        step = tuple(max(m, (n - 1) // 2 + 1) for n, m in zip(shape, lshape))
-        if blocks:
-            pool = [2 if m < n else 1 for n, m in zip(shape, step)]
-            volume = F.avg_pool3d(volume, pool, stride=pool, ceil_mode=True)
-        else:
-            for axis, (n, m) in enumerate(zip(shape, step)):
-                if m < n:
-                    volume = _smooth_axis(volume, kernel, axis)
-        volume = F.interpolate(volume, size=step, mode='trilinear', align_corners=True)
-        shape = step
-    return volume
-
-
-def _smooth_axis(volume: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
-    """Convolve (B, C, X, Y, Z) along spatial ``axis`` with a 3-tap kernel, edges replicated."""
-    dim = 2 + axis
-    lo = volume.narrow(dim, 0, 1)
-    hi = volume.narrow(dim, volume.shape[dim] - 1, 1)
-    padded = torch.cat([lo, volume, hi], dim=dim)
-    n = volume.shape[dim]
-    return (kernel[0] * padded.narrow(dim, 0, n) + kernel[1] * padded.narrow(dim, 1, n)
-            + kernel[2] * padded.narrow(dim, 2, n))
-
-
-def resize_field(field_: torch.Tensor, lshape) -> torch.Tensor:
-    """Trilinear resize of a (B, 3, ...) field in mm (values unchanged: they are physical)."""
-    if tuple(field_.shape[2:]) == tuple(lshape):
-        return field_
-    return F.interpolate(field_, size=tuple(lshape), mode='trilinear', align_corners=True)
-
-
-def grid_mm(lshape, sp: torch.Tensor, device) -> torch.Tensor:
-    """(3, X, Y, Z) physical coordinates (mm) relative to the box centre."""
-    axes = [(torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2) * float(s)
-            for n, s in zip(lshape, sp)]
-    return torch.stack(torch.meshgrid(*axes, indexing='ij'))
-
-
-def displacement_mm(velocity_mm: torch.Tensor, lshape, sp: torch.Tensor, steps: int):
-    """u = exp(v) in mm on ``lshape`` (velocity resized, integrated in voxel units)."""
-    sp = sp.to(velocity_mm.device).view(1, 3, 1, 1, 1)
-    v_vox = resize_field(velocity_mm, lshape) / sp
-    return integrate(v_vox, steps) * sp
-
-
-def affine_ddf(affine: torch.Tensor, lshape, sp: torch.Tensor, device) -> torch.Tensor:
-    """Voxel displacement (K, 3, ...) on ``lshape`` that reads the entry at ``A x``."""
-    x_mm = grid_mm(lshape, sp, device)
-    mapped = torch.einsum('kij,j...->ki...', affine[:, :, :3], x_mm) \
-        + affine[:, :, 3].view(-1, 3, 1, 1, 1)
-    return (mapped - x_mm.unsqueeze(0)) / sp.to(device).view(1, 3, 1, 1, 1)
-
-
-def sampling_ddf(affine: torch.Tensor, u_ctrl_mm: torch.Tensor, lshape, sp: torch.Tensor,
-                 base: torch.Tensor | None = None) -> torch.Tensor:
-    """Voxel displacement (MONAI DDF) on ``lshape`` that reads the entry at ``A (x + u(x))``.
-
-    ``A (x + u) - x = (A x - x) + A_lin u``; the second term is formed on ``u``'s own (control)
-    grid and then resized, which is exact for trilinear resizing and much cheaper. ``base``:
-    :func:`affine_ddf` when already computed.
-    """
-    if base is None:
-        base = affine_ddf(affine, lshape, sp, u_ctrl_mm.device)
-    au = torch.einsum('kij,kj...->ki...', affine[:, :, :3], u_ctrl_mm)
-    return base + resize_field(au, lshape) / sp.to(u_ctrl_mm.device).view(1, 3, 1, 1, 1)
 
 
 def diffusion_energy(u_mm: torch.Tensor, sp: torch.Tensor) -> torch.Tensor:
@@ -565,14 +410,6 @@ def apply_svf_many(result: SVFResult, items, *, device='cpu') -> list:
     return out
 
 
-def jacobian_determinant(mapping_mm: np.ndarray, spacing) -> np.ndarray:
-    """det of the Jacobian of a point mapping given as (3, X, Y, Z) physical coordinates (mm)."""
-    sp = np.broadcast_to(np.asarray(spacing, float), (3,))
-    grads = [np.gradient(mapping_mm[i], *sp) for i in range(3)]      # grads[i][j] = d phi_i / d x_j
-    jac = np.stack([np.stack(g) for g in grads])                     # (3, 3, X, Y, Z)
-    return np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
-
-
 @torch.no_grad()
 def svf_mapping_mm(result: SVFResult, index: int = 0, device='cpu') -> np.ndarray:
     """(3, X, Y, Z) physical coordinates phi(x) of entry ``index`` (for Jacobians)."""
@@ -583,31 +420,3 @@ def svf_mapping_mm(result: SVFResult, index: int = 0, device='cpu') -> np.ndarra
     return (x + ddf * sp.to(ddf.device).view(3, 1, 1, 1)).cpu().numpy()
 
 
-def random_velocity(shape, spacing: float, *, seed: int, max_mm: float = 4.0,
-                    control_mm: float = 8.0) -> np.ndarray:
-    """A random smooth stationary velocity field (3, X, Y, Z) in mm, for known deformations.
-
-    Gaussian noise on a ``control_mm`` lattice, smoothed, scaled so that the largest component
-    is ``max_mm``, upsampled trilinearly. Integrated by :func:`random_deformation`.
-    """
-    from scipy import ndimage
-
-    rng = np.random.default_rng(seed)
-    cshape = level_shape(shape, control_mm / spacing)
-    noise = rng.standard_normal((3,) + cshape)
-    noise = np.stack([ndimage.gaussian_filter(c, 1.0, mode='nearest') for c in noise])
-    noise *= max_mm / np.abs(noise).max()
-    return resize_field(torch.as_tensor(noise, dtype=torch.float32)[None], shape)[0].numpy()
-
-
-@torch.no_grad()
-def random_deformation(volumes: np.ndarray, velocity_mm: np.ndarray, spacing: float, *,
-                       order: int = 1, steps: int = 7) -> np.ndarray:
-    """Warp (N, X, Y, Z) volumes by exp(``velocity_mm``) (a diffeomorphism; labels: order 0)."""
-    shape = volumes.shape[1:]
-    sp = level_spacing(shape, spacing, shape)
-    u = displacement_mm(torch.as_tensor(velocity_mm, dtype=torch.float32)[None], shape, sp, steps)
-    ddf = u / sp.view(1, 3, 1, 1, 1)
-    vol = torch.as_tensor(np.ascontiguousarray(volumes, np.float32))[None]
-    out = warp(vol, ddf, 'nearest' if order == 0 else 'bilinear')[0].numpy()
-    return np.rint(out).astype(volumes.dtype) if order == 0 else out

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cerebseg.models import registration as reg
+from cerebseg.models import warp as wp
 
 LOGGER = logging.getLogger('cerebseg.models.regnet')
 
@@ -65,15 +65,15 @@ class RegNet(nn.Module):
 
 def grids(shape, spacing: float):
     """Shapes of the 2 mm input grid and the 4 mm velocity (control) grid of a working grid."""
-    return (reg.level_shape(shape, INPUT_MM / spacing),
-            reg.level_shape(shape, CONTROL_MM / spacing))
+    return (wp.level_shape(shape, INPUT_MM / spacing),
+            wp.level_shape(shape, CONTROL_MM / spacing))
 
 
 def network_input(fixed: torch.Tensor, moving: torch.Tensor, in_shape) -> torch.Tensor:
     """(K, 2, ...) at 2 mm, zero-padded to multiples of 8: the subject (one, or one per entry)
     next to each entry."""
-    f = reg.downsample(fixed, in_shape, blocks=True).expand(moving.shape[0], -1, -1, -1, -1)
-    x = torch.cat([f, reg.downsample(moving, in_shape, blocks=True)], dim=1)
+    f = wp.downsample(fixed, in_shape, blocks=True).expand(moving.shape[0], -1, -1, -1, -1)
+    x = torch.cat([f, wp.downsample(moving, in_shape, blocks=True)], dim=1)
     pad = []
     for n in reversed(in_shape):
         pad += [0, (-n) % 8]
@@ -102,113 +102,3 @@ def predict_velocity(net: RegNet, fixed: np.ndarray, moving: np.ndarray, spacing
     net.eval()
     out = net(network_input(f, m, in_shape))
     return velocity_from_output(out, in_shape, ctrl_shape).cpu().numpy()
-
-
-def unsupervised_loss(velocity, fixed_l, moving_l, mask_l, sp, ctrl_sp, smoothness, window):
-    """The instance optimisation's objective at one level, for a batch of pairs."""
-    lshape = tuple(fixed_l.shape[2:])
-    u_ctrl = reg.displacement_mm(velocity, tuple(velocity.shape[2:]), ctrl_sp,
-                                  reg.SVFConfig().steps)
-    eye = torch.eye(3, 4, device=velocity.device).expand(velocity.shape[0], 3, 4)
-    warped = reg.warp(moving_l, reg.sampling_ddf(eye, u_ctrl, lshape, sp))
-    lncc = reg.MaskedLNCC(fixed_l, mask_l, window)(warped)  # pair by pair: one fixed each
-    return (-lncc + smoothness * reg.diffusion_energy(u_ctrl, ctrl_sp)).mean()
-
-
-def save_regnet(net: RegNet, path, meta: dict, opt_state: dict | None = None) -> None:
-    """Atomic checkpoint: architecture, config, weights, plain metadata (and optimiser state)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix('.tmp')
-    ckpt = {'architecture': 'RegNet', 'config': net.config, 'input_mm': INPUT_MM,
-            'control_mm': CONTROL_MM, 'state_dict': net.state_dict(), 'meta': meta}
-    if opt_state is not None:
-        ckpt['optimiser'] = opt_state
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
-
-
-def load_regnet(path=None, device='cpu') -> RegNet:
-    """Load a checkpoint written by :func:`save_regnet` (strict keys, ``weights_only``)."""
-    path = Path(path) if path else DEFAULT_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f'No registration network weights at {path}; train them with '
-                                '`cerebseg-train registration` or use --registration torch.')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if ckpt.get('architecture') != 'RegNet' or ckpt.get('control_mm') != CONTROL_MM:
-        raise ValueError(f'{path} is not a cerebseg RegNet checkpoint for a {CONTROL_MM} mm '
-                         'control grid')
-    net = RegNet(**ckpt['config'])
-    net.load_state_dict(ckpt['state_dict'], strict=True)
-    return net.to(torch.device(device)).eval()
-
-
-def train_regnet(subjects: list[np.ndarray], entries: list[np.ndarray], *, spacing: float,
-                 steps: int, batch: int = 4, lr: float = 1e-3, smoothness: float = 0.5,
-                 window: int = 5, seed: int = 0, device='cpu', max_mm: float = 4.0,
-                 net: RegNet | None = None, start_step: int = 0, opt_state: dict | None = None,
-                 checkpoint=None, log_every: int = 25, validation=None) -> RegNet:
-    """Unsupervised training on random (subject, entry) pairs of working-grid volumes.
-
-    Each pair is a subject (deformed by a random diffeomorphism of up to ``max_mm`` for variety
-    and with its intensities jittered) and a library entry. ``checkpoint(net, opt, step, loss)`` is
-    called every ``log_every`` steps (resumable training); ``validation`` (fixed, moving) pairs
-    are scored with the same loss at those points. Pass ``net``, ``start_step`` and
-    ``opt_state`` (the optimiser state saved by ``checkpoint``) to resume.
-    """
-    device = torch.device(device)
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    net = (net or RegNet()).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    if opt_state:
-        opt.load_state_dict(opt_state)
-    shape = subjects[0].shape
-    in_shape, ctrl_shape = grids(shape, spacing)
-    sp = reg.level_spacing(shape, spacing, in_shape)
-    ctrl_sp = reg.level_spacing(shape, spacing, ctrl_shape)
-    # everything is trained at 2 mm: move the volumes there once
-    to_t = lambda a: torch.as_tensor(np.ascontiguousarray(a, np.float32))[None, None]  # noqa
-    subj = [reg.downsample(to_t(s), in_shape, blocks=True) for s in subjects]
-    ents = [reg.downsample(to_t(e), in_shape, blocks=True) for e in entries]
-    masks = [(reg.downsample(to_t(m), in_shape, blocks=True) > 0.5).float()
-             for m in reg.fov_mask(np.stack(entries))]
-
-    def sample():
-        fs, ms, ks = [], [], []
-        for _ in range(batch):
-            s = subj[rng.integers(len(subj))][0, 0].numpy()
-            v = reg.random_velocity(in_shape, spacing * (shape[0] - 1) / (in_shape[0] - 1),
-                                    seed=int(rng.integers(1 << 30)), max_mm=max_mm)
-            s = reg.random_deformation(s[None], v, float(sp[0]))[0]
-            s = np.clip(s, 0, None) ** rng.uniform(0.8, 1.25) * rng.uniform(0.9, 1.1)
-            e = int(rng.integers(len(ents)))
-            fs.append(torch.as_tensor(s.astype(np.float32))[None, None])
-            ms.append(ents[e])
-            ks.append(masks[e])
-        return torch.cat(fs), torch.cat(ms), torch.cat(ks)
-
-    def batch_loss(f, m, k):
-        v = velocity_from_output(net(network_input(f, m, in_shape)), in_shape, ctrl_shape)
-        return unsupervised_loss(v, f, m, k, sp, ctrl_sp, smoothness, window)
-
-    for step in range(start_step, steps):
-        net.train()
-        f, m, k = (t.to(device) for t in sample())
-        opt.zero_grad()
-        loss = batch_loss(f, m, k)
-        loss.backward()
-        opt.step()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            msg = f'step {step + 1}/{steps}: loss {float(loss.detach()):.4f}'
-            if validation:
-                net.eval()
-                with torch.no_grad():
-                    vals = [float(batch_loss(
-                        reg.downsample(to_t(fv), in_shape, blocks=True).to(device),
-                        ents[e].to(device), masks[e].to(device))) for fv, e in validation]
-                msg += f', validation {np.mean(vals):.4f}'
-            LOGGER.info(msg)
-            if checkpoint:
-                checkpoint(net, opt, step + 1, float(loss.detach()))
-    return net

@@ -37,7 +37,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     registration, device, use_gpu, regnet
         See :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`.
     cnn : dict or None
-        The DeepCeres weights (:func:`cerebseg.models.cascade.select_weights`); None: the
+        The DeepCeres weights (:func:`cerebseg.models.checkpoint.select_weights`); None: the
         multi-atlas labels are the result.
     brainstem, brainstem_meta : dict or None
         The brainstem assets (see :func:`~cerebseg.workflows.brainstem.init_brainstem_wf`) and

@@ -8,12 +8,13 @@ from nipype.pipeline import engine as pe
 from cerebseg.interfaces.brainstem import BrainstemAtlas, BrainstemNetwork
 from cerebseg.workflows.native import init_native_wf
 from cerebseg.workflows.outputs import BRAINSTEM_OUTPUTS, BRAINSTEM_XFM_OUTPUTS, init_ds_wf
+from cerebseg.workflows.workdir import BRAINSTEM_ATLAS, BRAINSTEM_WF
 
 
 def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
                       template_icv_ml: float, omp_nthreads: int, seed: int,
                       device: str = 'cpu', use_gpu: bool = False, write_xfm: bool = False,
-                      name: str = 'brainstem_wf'):
+                      name: str = BRAINSTEM_WF):
     """Segment the brainstem (parts, grey/white matter, nuclei) and write its derivatives.
 
     Parameters
@@ -60,7 +61,7 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
                                        n_labels=brainstem['n_labels'], seed=seed, device=device,
                                        num_threads=omp_nthreads,
                                        settings=settings_fingerprint()),
-                        name='atlas', n_procs=omp_nthreads, mem_gb=1)
+                        name=BRAINSTEM_ATLAS, n_procs=omp_nthreads, mem_gb=1)
     if use_gpu:
         atlas.use_gpu = True
     native_wf = init_native_wf(lut=brainstem['lut'], template_icv_ml=template_icv_ml,

@@ -14,7 +14,7 @@ def init_deepceres_wf(*, weights: dict, lut: str, protocol: str, omp_nthreads: i
     Parameters
     ----------
     weights : dict
-        From :func:`cerebseg.models.cascade.select_weights`: checkpoint ``files`` and
+        From :func:`cerebseg.models.checkpoint.select_weights`: checkpoint ``files`` and
         ``inputs`` of the ``hemisphere`` and ``lobules`` stages.
 
     Inputs

@@ -6,12 +6,13 @@ from nipype.pipeline import engine as pe
 
 from cerebseg.interfaces.multiatlas import FuseLabels, RegisterEntry
 from cerebseg.interfaces.registration import TorchRegisterEntries
+from cerebseg.workflows.workdir import FUSE, MULTIATLAS_WF, REGISTER
 
 
 def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float,
                        reg_iterations: list[int], omp_nthreads: int, seed: int,
                        registration: str = 'torch', device: str = 'cpu', use_gpu: bool = False,
-                       regnet: str = '', name: str = 'multiatlas_wf'):
+                       regnet: str = '', name: str = MULTIATLAS_WF):
     """Register each library entry to the subject, fuse by local weighted voting.
 
     Parameters
@@ -48,20 +49,20 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
         registers.append(pe.Node(
             TorchRegisterEntries(seed=seed, device=device, use_gpu=use_gpu, regnet=regnet,
                                  num_threads=omp_nthreads, settings=settings_fingerprint()),
-            name='register', n_procs=omp_nthreads, mem_gb=1 + 0.5 * len(entries)))
+            name=REGISTER, n_procs=omp_nthreads, mem_gb=1 + 0.5 * len(entries)))
     if registration in ('ants', 'both'):
         registers.append(pe.MapNode(
             RegisterEntry(spacing=reg_spacing, iterations=reg_iterations, seed=seed,
                           num_threads=omp_nthreads),
             iterfield=['entry_t1', 'entry_t2', 'entry_dseg'],
-            name='register' if registration == 'ants' else 'register_ants',
+            name=REGISTER if registration == 'ants' else f'{REGISTER}_ants',
             n_procs=omp_nthreads))
     for register in registers:
         register.inputs.entry_t1 = [e['t1w'] for e in entries]
         register.inputs.entry_t2 = [e.get('t2w', '') for e in entries]
         register.inputs.entry_dseg = [e['dseg'] for e in entries]
         wf.connect(inputnode, 't1_box', register, 'target_t1')
-    fuse = pe.Node(FuseLabels(n_labels=n_labels, num_threads=omp_nthreads), name='fuse',
+    fuse = pe.Node(FuseLabels(n_labels=n_labels, num_threads=omp_nthreads), name=FUSE,
                    n_procs=omp_nthreads, mem_gb=4)
     wf.connect([
         (inputnode, fuse, [('t1_box', 'target_t1'), ('t2_box', 'target_t2')]),

@@ -7,6 +7,7 @@ from nipype.pipeline import engine as pe
 from cerebseg.interfaces.preproc import (BoxAffine, CoregisterT2, MNIAffine, ToWorkingGrid,
                                          ValidateAndCorrect)
 from cerebseg.utils.registration import MIN_TEMPLATE_CORRELATION
+from cerebseg.workflows.workdir import BOX_AFFINE, PREPROC_WF, TO_BS_GRID, TO_GRID
 
 #: below this edge correlation a T2w -> T1w rigid fit is refused (IXI002: 0.74)
 MIN_T2_EDGE_CORRELATION = 0.15
@@ -14,7 +15,7 @@ MIN_T2_EDGE_CORRELATION = 0.15
 
 def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads: int,
                     seed: int, region_dseg: list[str], brainstem_grid: dict | None = None,
-                    working_box: bool = True, name: str = 'preproc_wf'):
+                    working_box: bool = True, name: str = PREPROC_WF):
     """Bias correction and denoising (native), MNI affine (whole brain, then refined on
     cerebellum and brainstem), T2w->T1w rigid, working-grid box.
 
@@ -75,9 +76,9 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
     box_affine = pe.Node(BoxAffine(template_head=templates['head'],
                                    template_brain=templates['brain'], entry_dseg=region_dseg,
                                    grid=grid, num_threads=omp_nthreads, seed=seed),
-                         name='box_affine', n_procs=1)
+                         name=BOX_AFFINE, n_procs=1)
     to_grid = pe.Node(ToWorkingGrid(grid=grid, num_threads=omp_nthreads, seed=seed),
-                      name='to_grid', n_procs=omp_nthreads)
+                      name=TO_GRID, n_procs=omp_nthreads)
     wf.connect([
         (inputnode, t1_correct, [('t1w', 'in_file')]),
         (inputnode, mni_affine, [('t1w', 'source_file')]),
@@ -97,7 +98,7 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
         ])
     if brainstem_grid:
         to_bs_grid = pe.Node(ToWorkingGrid(grid=brainstem_grid, num_threads=omp_nthreads,
-                                           seed=seed), name='to_bs_grid', n_procs=omp_nthreads)
+                                           seed=seed), name=TO_BS_GRID, n_procs=omp_nthreads)
         wf.connect([
             (t1_correct, to_bs_grid, [('out_file', 't1_file')]),
             (box_affine, to_bs_grid, [('transform', 't1_to_mni')]),

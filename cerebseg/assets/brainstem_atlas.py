@@ -40,15 +40,15 @@ from cerebseg.assets import (
     BRAINSTEM_T1W,
     package_json,
 )
-from cerebseg.assets.build import _source, lut_to_tsv
+from cerebseg.assets.sources import lut_to_tsv, source_path
 from cerebseg.errors import MissingAssetError
-from cerebseg.utils.brainstem import PARTS
+from cerebseg.utils.brainstem_parts import PARTS
 from cerebseg.utils.grid import BRAINSTEM_GRID, BoxGrid
 from cerebseg.utils.images import atomic_save, atomic_write_text, to_label_image
 from cerebseg.utils.labels import side as side_of
 from cerebseg.utils.labels import swap_classes
 
-LOGGER = logging.getLogger('cerebseg.assets.brainstem')
+LOGGER = logging.getLogger('cerebseg.assets.brainstem_atlas')
 
 PROTOCOL = 'protocols/brainstem.json'
 #: the columns of the brainstem lookup table
@@ -323,7 +323,7 @@ def build_label_set(sources: str | Path, protocol: dict | None = None,
 
     def load(key: str):
         if key not in cache:
-            cache[key] = nib.load(_source(sources, srcs[key]['file']))
+            cache[key] = nib.load(source_path(sources, srcs[key]['file']))
         return cache[key]
 
     grid, outline, parts = _outline_and_parts(protocol, load)
@@ -459,8 +459,8 @@ def carry_to_frame(labels: nib.spatialimages.SpatialImage, sources: Path, protoc
 
     spec = protocol['registration']
     fixed_rel = package_json('templates.json')['brain']
-    moving = nib_to_ants(nib.load(_source(sources, spec['moving'])))
-    fixed = nib_to_ants(nib.load(_source(sources, fixed_rel)))
+    moving = nib_to_ants(nib.load(source_path(sources, spec['moving'])))
+    fixed = nib_to_ants(nib.load(source_path(sources, fixed_rel)))
     grow = REGISTRATION_MARGIN_MM
     region = BoxGrid(origin=tuple(o - grow for o in grid.origin),
                      extent=tuple(e + 2 * grow for e in grid.extent), spacing=1.0).reference()

@@ -26,20 +26,16 @@ Imports torch only (no nipype), so the nets can be used on their own.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cerebseg.errors import MissingAssetError
 
 LOGGER = logging.getLogger(__name__)
 
 #: input channel names, in the order they are stacked (``prior`` expands to several channels)
 CHANNELS = ('T1w', 'T2w', 'prior')
-CHECKPOINT_FORMAT = 'cerebseg-segmentation'
-CHECKPOINT_VERSION = 1
 
 
 #: inference on the CPU runs the convolutions of inputs with at least this many voxels (the
@@ -263,145 +259,3 @@ def check_inputs(inputs) -> list[str]:
     if unknown or 'T1w' not in inputs or len(set(inputs)) != len(inputs):
         raise ValueError(f'input channels must be T1w plus optional T2w and prior, got {inputs}')
     return [c for c in CHANNELS if c in inputs]
-
-
-class CheckpointError(MissingAssetError):
-    """A segmentation checkpoint is missing, foreign, corrupt or does not fit the run."""
-
-
-def save_checkpoint(path, model: nn.Module, *, architecture: str, inputs, stage: str,
-                    labels: list, spacing: float, protocol: str, training: dict | None = None,
-                    half: bool = False) -> Path:
-    """Write a self-describing checkpoint atomically.
-
-    ``labels`` are ``[index, name]`` pairs: output class ``i`` is protocol label
-    ``labels[i][0]`` (class 0 is the background). ``half`` stores the weights as float16.
-    """
-    import json
-
-    from cerebseg import __version__
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # plain JSON types only, so that the file loads with weights_only=True
-    training = json.loads(json.dumps(training or {}, default=str))
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in model.state_dict().items()}
-    ckpt = {'format': CHECKPOINT_FORMAT, 'format_version': CHECKPOINT_VERSION,
-            'cerebseg_version': __version__, 'architecture': architecture,
-            'config': {k: v for k, v in model.config.items()},
-            'inputs': check_inputs(inputs), 'stage': stage,
-            'labels': [[int(i), str(n)] for i, n in labels], 'spacing': float(spacing),
-            'protocol': protocol, 'training': training, 'state_dict': state}
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_torch_file(path, what: str, hint: str = '', kind: str = 'torch checkpoint'):
-    """``torch.load`` (CPU, ``weights_only``) of a weights file; a missing or unreadable file is
-    a :class:`CheckpointError` naming it: ``"{what} not found: {path}{hint}"`` and
-    ``"{path} is not a readable {kind} ({error}){hint}"``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'{what} not found: {path}{hint}')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f'{path} is not a readable {kind} ({err}){hint}') from err
-
-
-def read_checkpoint(path) -> dict:
-    """The checkpoint dictionary (``weights_only``), checked to be a cerebseg segmentation one."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'segmentation weights not found: {path}. Train them with '
-                              '`cerebseg-train segmentation` or reinstall cerebseg.')
-    ckpt = load_torch_file(path, 'segmentation weights', '; replace it or reinstall cerebseg.')
-    return check_format(ckpt, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
-                        'a cerebseg segmentation checkpoint')
-
-
-def check_format(ckpt, path, fmt: str, version: int, kind: str) -> dict:
-    """``ckpt`` if it is a dict of format ``fmt`` no newer than ``version``; else
-    CheckpointError naming ``path`` (``kind``: what it should have been)."""
-    if not isinstance(ckpt, dict) or ckpt.get('format') != fmt:
-        raise CheckpointError(f'{path} is not {kind}')
-    if ckpt.get('format_version', 0) > version:
-        raise CheckpointError(f'{path} was written by a newer cerebseg '
-                              f'({ckpt.get("cerebseg_version")}); upgrade cerebseg.')
-    return ckpt
-
-
-def load_checkpoint(path, *, inputs=None, stage: str | None = None, protocol: str | None = None,
-                    device='cpu') -> tuple[nn.Module, dict]:
-    """Load a checkpoint written by :func:`save_checkpoint` (strict keys, float32, eval mode).
-
-    ``inputs``, ``stage`` and ``protocol``, when given, must match what the checkpoint was
-    trained with; otherwise :class:`CheckpointError` says what differs and how to fix it.
-    Returns the model and the checkpoint's metadata (everything but the weights).
-    """
-    ckpt = read_checkpoint(path)
-    meta = {k: v for k, v in ckpt.items() if k != 'state_dict'}
-    if inputs is not None and check_inputs(inputs) != meta['inputs']:
-        raise CheckpointError(
-            f'{path} was trained on the inputs {"+".join(meta["inputs"])}, but this run has '
-            f'{"+".join(check_inputs(inputs))}. Use weights trained on these inputs '
-            '(`cerebseg-train segmentation --inputs ...`) or change the run options '
-            '(--t1-only, --no-atlas-prior).')
-    if stage is not None and meta['stage'] != stage:
-        raise CheckpointError(f'{path} is a {meta["stage"]} network, not a {stage} network')
-    if protocol is not None and meta['protocol'] != protocol:
-        raise CheckpointError(f'{path} segments the {meta["protocol"]} label protocol, not '
-                              f'{protocol}; use --atlas-library {meta["protocol"]} or weights '
-                              f'trained on {protocol} labels')
-    model = build_model(meta['architecture'], **meta['config'])
-    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt['state_dict'].items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f'{path}: the weights do not fit the {meta["architecture"]} '
-                              f'architecture it declares ({err})') from err
-    return model.to(torch.device(device)).eval(), meta
-
-
-def _channel_names(inputs, n_prior: int) -> list[str]:
-    names = []
-    for name in check_inputs(inputs):
-        names += [f'prior{i}' for i in range(n_prior)] if name == 'prior' else [name]
-    return names
-
-
-def transfer_weights(ckpt: dict, model: nn.Module, inputs, n_prior: int) -> list[str]:
-    """Start ``model`` (built for ``inputs``) from a checkpoint trained on other inputs.
-
-    Layers whose input channels differ (those that see the network input: the U-Net's first
-    convolution, every DPN block) keep the weights of the channels both input sets have; a
-    channel only the new set has (e.g. T2w) starts at zero, so the new network first computes
-    what the old one did. Returns the names of the adapted parameters.
-    """
-    old = _channel_names(ckpt['inputs'], n_prior)
-    new = _channel_names(inputs, n_prior)
-    state = {k: v.float() for k, v in ckpt['state_dict'].items()}
-    target = model.state_dict()
-    if set(state) != set(target):
-        raise CheckpointError('the checkpoint does not have the architecture of the new network')
-    adapted = []
-    for key, value in target.items():
-        src = state[key]
-        if src.shape == value.shape:
-            continue
-        extra = src.shape[1] - len(old)
-        if value.dim() < 2 or extra < 0 or value.shape[1] - len(new) != extra:
-            raise CheckpointError(f'{key}: shapes {tuple(src.shape)} and {tuple(value.shape)} '
-                                  'differ by more than the input channels')
-        out = torch.zeros_like(value)
-        for j, name in enumerate(new):
-            if name in old:
-                out[:, j] = src[:, old.index(name)]
-        out[:, len(new):] = src[:, len(old):]
-        state[key] = out
-        adapted.append(key)
-    model.load_state_dict(state, strict=True)
-    return adapted

@@ -33,7 +33,7 @@ def find_label_file(deriv_dir, run) -> Path:
     folder = folder / 'anat'
     found = sorted(folder.glob(f'{run.label}_*dseg.nii*')) if folder.is_dir() else []
     found = [p for p in found if '_desc-' not in p.name]  # desc-prior etc. are not references
-    from cerebseg.bids_app.evaluate import space_matches
+    from cerebseg.interfaces.bids import space_matches
 
     for rank in (lambda n: space_matches(n, GRID_SPACE[len('space-'):]),
                  lambda n: '_space-T1w_' in n,
@@ -76,12 +76,12 @@ def labels_on_grid(label_path, t1w_path, grid, t1_to_mni: str) -> np.ndarray:
 
 def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int, seed: int):
     """Run (or reuse) the preprocessing and prior of one T1w; its output file paths."""
-    from cerebseg.bids_app.run import participant_work_dir, template_paths, workflow_name
+    from cerebseg.workflows.workdir import participant_work_dir, workflow_name
     from cerebseg.workflows.base import init_prior_wf
 
-    wf = init_prior_wf(t1w=run.t1w, t2w=run.t2w, templates=template_paths(assets),
+    wf = init_prior_wf(t1w=run.t1w, t2w=run.t2w, templates=assets.template_paths(),
                        grid=assets.manifest['grid'], library=library,
-                       omp_nthreads=omp_nthreads, seed=seed, name=workflow_name(run))
+                       omp_nthreads=omp_nthreads, seed=seed, name=workflow_name(run.label))
     wf.base_dir = str(participant_work_dir(work_dir))   # where `cerebseg` puts this run
     wf.config['execution'].update({'crashdump_dir': str(work_dir / 'crash'),
                                    'crashfile_format': 'txt', 'stop_on_first_crash': True,
@@ -93,10 +93,10 @@ def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int
 
 def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nthreads: int = 1,
                     seed: int = 0):
-    """A :class:`~cerebseg.models.training.Subject` of one T1w, cached in ``work_dir``."""
+    """A :class:`~cerebseg.training.cascade.Subject` of one T1w, cached in ``work_dir``."""
     import nibabel as nib
 
-    from cerebseg.models.training import Subject, crop_subject
+    from cerebseg.training.cascade import Subject, crop_subject
     from cerebseg.utils.grid import BoxGrid
     from cerebseg.utils.images import read_probseg
     from cerebseg.utils.labels import class_index, read_lut

@@ -1,6 +1,6 @@
-"""Brainstem numerics: the atlas label set carried onto a subject, part volumes.
+"""The two brainstem methods: the atlas label set carried onto a subject, or a 2D network.
 
-The brainstem label set (:mod:`cerebseg.assets.brainstem`) lives on the 1 mm brainstem box of
+The brainstem label set (:mod:`cerebseg.assets.brainstem_atlas`) lives on the 1 mm brainstem box of
 MNI152NLin2009cAsym (:data:`cerebseg.utils.grid.BRAINSTEM_GRID`) with the template's brain T1w.
 A subject's T1w is put on the same box by its MNI affine (the one the cerebellum uses), and the
 template is registered onto it by cerebseg's diffeomorphic registration
@@ -8,7 +8,8 @@ template is registered onto it by cerebseg's diffeomorphic registration
 :data:`~cerebseg.models.registration.BRAINSTEM_CONFIG`, similarity measured over the whole box
 of the subject's grid); the labels follow as probabilities (one-hot maps warped linearly), so that the native
 resampling can interpolate them like the cerebellar ones. This is the atlas-registration method
-of issue 10 (the baseline the networks must beat, and their training labels).
+of issue 10 (the baseline the networks must beat, and their training labels);
+:func:`segment_with_network` is the 2D network (N-DecoNet) on axial slices.
 """
 from __future__ import annotations
 
@@ -16,10 +17,7 @@ import logging
 
 import numpy as np
 
-LOGGER = logging.getLogger('cerebseg.utils.brainstem')
-
-#: the parts of the brainstem, in the order of the morph table's summary rows
-PARTS = ('midbrain', 'pons', 'medulla')
+LOGGER = logging.getLogger('cerebseg.models.brainstem_methods')
 
 
 def register_label_set(subject: np.ndarray, template: np.ndarray, labels: np.ndarray,
@@ -73,20 +71,19 @@ def segment_with_network(t1_box: np.ndarray, weights, lut_names: list[str], *, d
 
     ``t1_box`` is the subject's normalised T1w on the brainstem box (as for
     :func:`register_label_set`), ``weights`` a checkpoint of
-    :func:`cerebseg.models.brainstem.save_model` trained by ``cerebseg-train brainstem``;
+    :func:`cerebseg.models.checkpoint.save_brainstem_net` trained by ``cerebseg-train brainstem``;
     ``lut_names`` the label names of the assets' lookup table, which must be the network's
-    classes (same names, same order; :class:`~cerebseg.models.segmentation.CheckpointError`
+    classes (same names, same order; :class:`~cerebseg.models.checkpoint.CheckpointError`
     otherwise). Every axial slice is segmented with the checkpoint's slicing
-    (:func:`cerebseg.models.brainstem_training.predict_volume`).
+    (:func:`cerebseg.models.inference.predict_volume`).
 
     Returns ``(probabilities, dseg)`` as :func:`register_label_set` does.
     """
-    from cerebseg.models.brainstem import load_model
-    from cerebseg.models.brainstem_training import predict_volume
-    from cerebseg.models.segmentation import CheckpointError
+    from cerebseg.models.checkpoint import CheckpointError, load_brainstem_net
+    from cerebseg.models.inference import predict_volume
     from cerebseg.utils.native import decide_labels
 
-    model, meta = load_model(weights, device=device)
+    model, meta = load_brainstem_net(weights, device=device)
     if list(meta['labels']) != list(lut_names):
         raise CheckpointError(
             f'{weights} was trained on {len(meta["labels"])} brainstem labels that are not '
@@ -110,14 +107,3 @@ def _first_difference(a, b) -> str:
         if x != y:
             return f'class {i}: {x!r} against {y!r}'
     return f'{len(a)} against {len(b)} classes'
-
-
-def part_rows(volumes_mm3: dict[int, float], lut: list[dict]) -> list[tuple[str, float]]:
-    """Summary rows of the morph table: each part (the sum of its labels, from the lookup
-    table's ``part`` column) and the whole brainstem, as ``(name, volume_mm3)``."""
-    rows = []
-    for part in PARTS:
-        members = [r['index'] for r in lut if r.get('part') == part]
-        rows.append((part.capitalize(), float(sum(volumes_mm3.get(i, 0.0) for i in members))))
-    rows.append(('Whole_Brainstem', float(sum(v for i, v in volumes_mm3.items() if i))))
-    return rows

@@ -42,15 +42,14 @@ decoder: they differ by 6,272 parameters, an eighth of the table's rounding (0.0
 table cannot tell which one the paper used (smp's default is 3, RGB; 3 is nearer the printed
 figure for 5 decoders, 1 for 3, all within 0.2 %). cerebseg's default is 1 (T1w).
 
-Checkpoints (:func:`save_model`, :func:`load_model`) record the decoder, encoder, channel
+Checkpoints (:func:`cerebseg.models.checkpoint.save_brainstem_net`,
+:func:`~cerebseg.models.checkpoint.load_brainstem_net`) record the decoder, encoder, channel
 counts, input channel names and label names, and are loaded with ``weights_only=True``.
 Imports torch and MONAI only (no nipype).
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
@@ -58,17 +57,10 @@ from torch import nn
 
 from cerebseg.models.decoders2d import (DeepLabV3Decoder, DeepLabV3PlusDecoder, FPNDecoder,
                                         MANetDecoder, PSPNetDecoder, UNetDecoder,
-                                        UNetPlusPlusDecoder, _cbr, _Decoder, _up)
-from cerebseg.models.segmentation import (CheckpointError, check_format, count_parameters,
-                                         load_torch_file)
+                                        UNetPlusPlusDecoder, conv_bn_relu, Decoder2D, upsample)
+from cerebseg.models.nets3d import count_parameters
 
 LOGGER = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 'cerebseg-brainstem2d'
-#: the brainstem network that ships with cerebseg (``--brainstem-method network``)
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / 'data' / 'weights' / \
-    'brainstem_ndeconet_T1w.pt'
-CHECKPOINT_VERSION = 1
 
 #: encoder name -> (MONAI block, blocks per stage); stage widths 64-128-256-512 (x4 bottleneck)
 ENCODERS = {'resnet18': (ResNetBlock, (2, 2, 2, 2)),
@@ -76,7 +68,7 @@ ENCODERS = {'resnet18': (ResNetBlock, (2, 2, 2, 2)),
             'resnet50': (ResNetBottleneck, (3, 4, 6, 3))}
 
 __all__ = ['DECODERS', 'ENCODERS', 'BrainstemNet', 'ResNetEncoder', 'build_model',
-           'count_parameters', 'load_model', 'read_model_meta', 'save_model']
+           'count_parameters']
 
 
 # ---------------------------------------------------------------------------------- encoder
@@ -92,14 +84,15 @@ class ResNetEncoder(nn.Module):
     8 replaces the strides of the last one or two stages by dilation (2, then 2 and 4), as smp
     does for DeepLab.
 
-    Weights are random (torchvision's initialisation) unless ``weights`` names a local file with
-    a torchvision state dict (e.g. ``resnet34-b627a593.pth``; nothing is ever downloaded). Its
+    Weights are random (torchvision's initialisation) unless ``weights`` is a torchvision state
+    dict (read from a local file such as ``resnet34-b627a593.pth`` by
+    :func:`cerebseg.models.checkpoint.load_encoder_state`; nothing is ever downloaded). Its
     ``fc`` and unbuilt stages are ignored; a 3-channel first convolution is adapted to
     ``in_channels`` as smp does (summed over RGB for 1 channel, otherwise repeated and rescaled).
     """
 
     def __init__(self, name: str = 'resnet34', in_channels: int = 1, depth: int = 5,
-                 output_stride: int = 32, weights: str | Path | None = None, width: int = 64):
+                 output_stride: int = 32, weights: dict | None = None, width: int = 64):
         super().__init__()
         if name not in ENCODERS:
             raise ValueError(f'unknown encoder {name!r}; choose one of {sorted(ENCODERS)}')
@@ -109,8 +102,7 @@ class ResNetEncoder(nn.Module):
                              f'depth={depth} (1-5), output_stride={output_stride} (8, 16, 32), '
                              f'width={width} (>= 1)')
         if weights is not None and width != 64:
-            raise ValueError(f'pretrained torchvision weights ({weights}) need width 64, not '
-                             f'{width}')
+            raise ValueError(f'pretrained torchvision weights need width 64, not {width}')
         block, layers = ENCODERS[name]
         self.name, self.in_channels, self.depth, self.width = name, in_channels, depth, width
         self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
@@ -160,21 +152,16 @@ class ResNetEncoder(nn.Module):
             features.append(x)
         return features
 
-    def load_pretrained(self, path: str | Path) -> None:
-        """Load a torchvision state dict (strict on the built stages; the file is named in
-        every error)."""
-        path = Path(path)
-        state = load_torch_file(path, f'pretrained {self.name} weights', kind='torch state dict')
-        if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
-            state = state['state_dict']
-        if not isinstance(state, dict):
-            raise CheckpointError(f'{path} does not hold a state dict')
+    def load_pretrained(self, state: dict) -> None:
+        """Load a torchvision state dict (strict on the built stages; ValueError says what
+        does not fit)."""
+        state = dict(state)
         unbuilt = tuple(f'layer{i}.' for i in range(self.depth, 5)) + ('fc.',)
         state = {k: v for k, v in state.items() if not k.startswith(unbuilt)}
         conv = state.get('conv1.weight')
         if conv is not None and conv.ndim == 4 and conv.shape[1] == 3 != self.in_channels:
             state['conv1.weight'] = _adapt_first_conv(conv, self.in_channels)
-            LOGGER.info('%s: first convolution adapted from 3 to %d input channels', path,
+            LOGGER.info('First convolution adapted from 3 to %d input channels',
                         self.in_channels)
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
@@ -182,12 +169,12 @@ class ResNetEncoder(nn.Module):
         shapes = [f'{k} {tuple(state[k].shape)} != {tuple(v.shape)}' for k, v in own.items()
                   if k in state and state[k].shape != v.shape]
         if missing or unexpected or shapes:
-            raise CheckpointError(
-                f'{path} does not hold torchvision {self.name} weights: missing keys '
+            raise ValueError(
+                f'not torchvision {self.name} weights: missing keys '
                 f'{missing[:5]}, unexpected keys {unexpected[:5]}, shape mismatches {shapes[:5]}'
                 f'. Pass the file of a torchvision {self.name} or no weights.')
         self.load_state_dict(state, strict=True)
-        LOGGER.info('%s encoder weights loaded from %s', self.name, path)
+        LOGGER.info('%s encoder weights loaded', self.name)
 
 
 def _dilate(stage: nn.Module, dilation: int) -> None:
@@ -211,7 +198,7 @@ def _adapt_first_conv(weight: torch.Tensor, n: int) -> torch.Tensor:
 
 # N-DecoNet and U-DecoNet here; the comparison decoders in cerebseg.models.decoders2d
 
-class NDecoNetDecoder(_Decoder):
+class NDecoNetDecoder(Decoder2D):
     """N-DecoNet: the stride-4 to stride-32 features each pass a 3x3 convolution (BatchNorm,
     ReLU) to ``width`` channels, are upsampled (bilinear) to stride 4 and summed; a 3x3 head and
     bilinear upsampling give the logits. ``width`` 24 matches the paper's 21.5 M parameters."""
@@ -220,7 +207,7 @@ class NDecoNetDecoder(_Decoder):
         super().__init__()
         if width < 1:
             raise ValueError(f'width must be >= 1, got {width}')
-        self.lateral = nn.ModuleList(_cbr(c, width) for c in encoder_channels[-4:])
+        self.lateral = nn.ModuleList(conv_bn_relu(c, width) for c in encoder_channels[-4:])
         self.out_channels = width
 
     def levels(self, features):
@@ -229,7 +216,7 @@ class NDecoNetDecoder(_Decoder):
     def forward(self, features):
         levels = self.levels(features)
         size = levels[0].shape[-2:]
-        return sum(_up(y, size) if y.shape[-2:] != size else y for y in levels)
+        return sum(upsample(y, size) if y.shape[-2:] != size else y for y in levels)
 
 
 class UDecoNetDecoder(NDecoNetDecoder):
@@ -241,7 +228,7 @@ class UDecoNetDecoder(NDecoNetDecoder):
     def levels(self, features):
         levels = super().levels(features)
         for i in range(len(levels) - 2, -1, -1):
-            levels[i] = levels[i] + _up(levels[i + 1], levels[i].shape[-2:])
+            levels[i] = levels[i] + upsample(levels[i + 1], levels[i].shape[-2:])
         return levels
 
 
@@ -263,7 +250,7 @@ class BrainstemNet(nn.Module):
     Xavier-uniform (smp's initialisation).
     """
 
-    def __init__(self, encoder: ResNetEncoder, decoder: _Decoder, n_classes: int,
+    def __init__(self, encoder: ResNetEncoder, decoder: Decoder2D, n_classes: int,
                  config: dict | None = None):
         super().__init__()
         if n_classes < 1:
@@ -295,7 +282,7 @@ class BrainstemNet(nn.Module):
                              f'{self.divisor}; pad or crop the slices (e.g. to 224x224)')
         y = self.head(self.decoder(self.encoder(x)))
         if y.shape[-2:] != x.shape[-2:]:
-            y = _up(y, x.shape[-2:], align_corners=True)
+            y = upsample(y, x.shape[-2:], align_corners=True)
         return y
 
 
@@ -304,11 +291,11 @@ def _plain(value):
 
 
 def build_model(decoder: str, encoder: str = 'resnet34', in_channels: int = 1,
-                n_classes: int = 34, encoder_weights: str | Path | None = None,
+                n_classes: int = 34, encoder_state: dict | None = None,
                 encoder_width: int = 64, **kw) -> BrainstemNet:
     """A registered decoder on a ResNet encoder; ``kw`` go to the decoder (e.g. ``width`` for
-    N-DecoNet, ``decoder_channels`` for U-Net). ``encoder_weights``: a local torchvision state
-    dict (not recorded in the model's config: a checkpoint holds the trained weights);
+    N-DecoNet, ``decoder_channels`` for U-Net). ``encoder_state``: a torchvision state dict
+    (:func:`cerebseg.models.checkpoint.load_encoder_state`; not recorded in the model's config: a checkpoint holds the trained weights);
     ``encoder_width``: the encoder's first stage width (64: torchvision's ResNets)."""
     try:
         cls = DECODERS[decoder]
@@ -317,87 +304,8 @@ def build_model(decoder: str, encoder: str = 'resnet34', in_channels: int = 1,
             from None
     depth, stride = cls.encoder_settings(**kw)
     enc = ResNetEncoder(encoder, in_channels, depth=depth, output_stride=stride,
-                        weights=encoder_weights, width=encoder_width)
+                        weights=encoder_state, width=encoder_width)
     kw = {k: _plain(v) for k, v in kw.items()}
     config = {'decoder': decoder, 'encoder': encoder, 'in_channels': in_channels,
               'n_classes': n_classes, 'encoder_width': encoder_width, **kw}
     return BrainstemNet(enc, cls(enc.out_channels, **kw), n_classes, config)
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-def save_model(path, model: BrainstemNet, meta: dict, half: bool = False) -> Path:
-    """Write a self-describing checkpoint atomically (``half``: weights stored as float16, half
-    the file; :func:`load_model` puts them back into the float32 network).
-
-    ``meta`` must hold ``channels`` (one name per input channel, e.g. ``['T1w', 'T2w']`` or
-    ``['T1w-1', 'T1w', 'T1w+1']``) and ``labels`` (one name per output class, background first);
-    anything else in it (training settings, scores) must be JSON-serialisable and is kept.
-    """
-    from cerebseg import __version__
-
-    cfg = model.config
-    channels = [str(c) for c in meta.get('channels', ())]
-    labels = [str(n) for n in meta.get('labels', ())]
-    if len(channels) != cfg['in_channels'] or len(set(channels)) != len(channels):
-        raise ValueError(f'meta["channels"] must name the {cfg["in_channels"]} input channels '
-                         f'once each, got {channels}')
-    if len(labels) != cfg['n_classes']:
-        raise ValueError(f'meta["labels"] must name the {cfg["n_classes"]} classes, got '
-                         f'{len(labels)} names')
-    extra = json.loads(json.dumps({k: v for k, v in meta.items()
-                                   if k not in ('channels', 'labels')}, default=str))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in model.state_dict().items()}
-    ckpt = {'format': CHECKPOINT_FORMAT, 'format_version': CHECKPOINT_VERSION,
-            'cerebseg_version': __version__, 'config': dict(cfg), 'channels': channels,
-            'labels': labels, 'meta': extra, 'state_dict': state}
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
-    return path
-
-
-def _read_checkpoint(path: Path) -> dict:
-    ckpt = load_torch_file(path, 'brainstem network weights')
-    return check_format(ckpt, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
-                        'a cerebseg 2D brainstem checkpoint')
-
-
-def read_model_meta(path) -> dict:
-    """The metadata of a :func:`save_model` checkpoint (config, channels, labels, meta) without
-    building the network. The command line checks weights this way before the workflow
-    starts: a network built in the parent process leaves torch's thread pool there, and the
-    Nipype workers forked from it then hung in their first convolution."""
-    ckpt = _read_checkpoint(Path(path))
-    return {k: v for k, v in ckpt.items() if k != 'state_dict'}
-
-
-def load_model(path, *, decoder: str | None = None, encoder: str | None = None,
-               channels=None, device='cpu') -> tuple[BrainstemNet, dict]:
-    """Load a checkpoint of :func:`save_model` (strict keys, eval mode).
-
-    ``decoder``, ``encoder`` and ``channels``, when given, must be those of the checkpoint;
-    otherwise (and for a file that is not such a checkpoint) :class:`CheckpointError` names the
-    file and what differs. Returns the model and the metadata (config, channels, labels, meta).
-    """
-    path = Path(path)
-    ckpt = _read_checkpoint(path)
-    cfg = dict(ckpt['config'])
-    for what, want in (('decoder', decoder), ('encoder', encoder)):
-        if want is not None and cfg[what] != want:
-            raise CheckpointError(f'{path} is a {cfg["decoder"]}/{cfg["encoder"]} network, not '
-                                  f'{what} {want}; use weights trained for this architecture')
-    if channels is not None and list(channels) != ckpt['channels']:
-        raise CheckpointError(f'{path} was trained on the input channels {ckpt["channels"]}, '
-                              f'not {list(channels)}')
-    model = build_model(**cfg)
-    try:
-        model.load_state_dict(ckpt['state_dict'], strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f'{path}: the weights do not fit the {cfg["decoder"]}/'
-                              f'{cfg["encoder"]} architecture it declares ({err})') from err
-    meta = {k: v for k, v in ckpt.items() if k != 'state_dict'}
-    return model.to(torch.device(device)).eval(), meta

@@ -41,93 +41,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
-
-from cerebseg.models.losses import build_loss, iou_counts, iou_from_counts
+from cerebseg.models.inference import Slicing, crop_plane, predict_volume, resize, slice_stack
+from cerebseg.models.metrics import iou_counts, iou_from_counts
+from cerebseg.models.losses import build_loss
+from cerebseg.training.augment import Augment, augment_batch
+from cerebseg.workflows.workdir import BS_DSEG_BOX, BS_T1_BOX, run_folders
 
 LOGGER = logging.getLogger(__name__)
 
-#: where a participant run leaves the T1w and the atlas labels on the brainstem box
-T1_BOX = 'preproc_wf/to_bs_grid/t1_box.nii.gz'
-DSEG_BOX = 'brainstem_wf/atlas/brainstem_dseg.nii.gz'
 #: what made the training labels (recorded in checkpoints)
 LABEL_SOURCE = ("cerebseg's atlas method: the brainstem label set registered onto the T1w "
                 "by cerebseg's diffeomorphic (torch) registration (brainstem_wf.atlas)")
 SCORES = ('all', 'nuclei', 'gmwm')
-
-
-# ---------------------------------------------------------------------------------- slicing
-
-@dataclass(frozen=True)
-class Slicing:
-    """How a box volume becomes network inputs: ``size`` (a multiple of the network's divisor),
-    ``context`` neighbours per side (2.5D), the ``crop`` window side (voxels) and its
-    ``center`` (x, y voxel coordinates; None: the middle of the plane)."""
-
-    size: int = 96
-    context: int = 0
-    crop: int = 64
-    center: tuple[float, float] | None = None
-
-    def __post_init__(self):
-        if self.size < 1 or self.crop < 1 or self.context < 0:
-            raise ValueError(f'bad slicing: size={self.size} (>= 1), crop={self.crop} (>= 1), '
-                             f'context={self.context} (>= 0)')
-        if self.center is not None:
-            object.__setattr__(self, 'center', tuple(float(c) for c in self.center))
-
-    @property
-    def channels(self) -> list[str]:
-        """Input channel names, e.g. ``['T1w-1', 'T1w', 'T1w+1']``."""
-        return [f'T1w{d:+d}' if d else 'T1w' for d in range(-self.context, self.context + 1)]
-
-    def window(self, plane: tuple[int, int]) -> tuple[int, int]:
-        """First (x, y) voxel of the crop window in a plane of shape ``plane``."""
-        center = self.center or tuple((s - 1) / 2 for s in plane)
-        return tuple(math.floor(c - self.crop / 2 + 1.0) for c in center)
-
-    def to_dict(self) -> dict:
-        return {'size': self.size, 'context': self.context, 'crop': self.crop,
-                'center': None if self.center is None else list(self.center)}
-
-
-def slice_stack(volume: np.ndarray, z, context: int) -> np.ndarray:
-    """``(X, Y, Z)`` -> ``(len(z), 2 * context + 1, X, Y)``: slices ``z - context .. z +
-    context`` of each ``z`` (indices clipped to the volume: the edge slice repeats)."""
-    z = np.asarray(z, int)
-    idx = np.clip(z[:, None] + np.arange(-context, context + 1)[None], 0, volume.shape[2] - 1)
-    return np.ascontiguousarray(np.moveaxis(volume[:, :, idx], (2, 3), (0, 1)))
-
-
-def _window_slices(start: tuple[int, int], crop: int, plane: tuple[int, int]):
-    """(source, destination) index slices of a crop window that may leave the plane."""
-    src, dst = [], []
-    for a, s in zip(start, plane):
-        lo, hi = max(a, 0), min(a + crop, s)
-        src.append(slice(lo, max(lo, hi)))
-        dst.append(slice(lo - a, max(lo, hi) - a))
-    return tuple(src), tuple(dst)
-
-
-def crop_plane(stack: np.ndarray, slicing: Slicing) -> np.ndarray:
-    """``(..., X, Y)`` -> ``(..., crop, crop)``: the window of ``slicing``, zero outside."""
-    plane = stack.shape[-2:]
-    src, dst = _window_slices(slicing.window(plane), slicing.crop, plane)
-    out = np.zeros(stack.shape[:-2] + (slicing.crop,) * 2, stack.dtype)
-    out[(Ellipsis,) + dst] = stack[(Ellipsis,) + src]
-    return out
-
-
-def resize(x: torch.Tensor, size: int, mode: str = 'bilinear') -> torch.Tensor:
-    """``(N, C, H, W)`` -> ``(N, C, size, size)``; bilinear (antialiased when shrinking) or
-    nearest (label maps)."""
-    if tuple(x.shape[-2:]) == (size, size):
-        return x
-    if mode == 'nearest':
-        return F.interpolate(x, size=(size, size), mode='nearest')
-    shrink = size < min(x.shape[-2:])
-    return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False,
-                         antialias=shrink)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -155,23 +80,25 @@ def _case_name(folder: str) -> tuple[str, str]:
 
 def find_cases(work_dirs) -> list[tuple[str, str, Path, Path]]:
     """``(name, participant, t1_box, dseg_box)`` of every participant run in cerebseg work
-    folders (``WORK/cerebseg_wf/cerebseg_sub_*_wf/`` + :data:`T1_BOX` / :data:`DSEG_BOX`), sorted by name;
+    folders (:func:`cerebseg.workflows.workdir.run_folders` +
+    :data:`~cerebseg.workflows.workdir.BS_T1_BOX` / :data:`~cerebseg.workflows.workdir.BS_DSEG_BOX`),
+    sorted by name;
     a run found in two folders is used once (the first folder). Raises ``ValueError`` naming a
     folder with no usable run."""
     found = {}
     for work in map(Path, work_dirs):
         if not work.is_dir():
             raise ValueError(f'work folder not found: {work}')
-        # WORK/cerebseg_wf/cerebseg_sub-X_wf (one graph for all runs), or older WORK/cerebseg_sub-X_wf
-        runs = sorted(p for p in [*work.glob('cerebseg_wf/cerebseg_*_wf'),
-                                  *work.glob('cerebseg_*_wf')] if p.is_dir())
+        # WORK/cerebseg_wf/cerebseg_sub_X_wf (one graph for all runs), or older WORK/cerebseg_sub_X_wf
+        runs = sorted(p for p in [*run_folders(work), *work.glob('cerebseg_sub_*_wf')]
+                      if p.is_dir())
         usable = 0
         for run in runs:
-            t1, dseg = run / T1_BOX, run / DSEG_BOX
+            t1, dseg = run / BS_T1_BOX, run / BS_DSEG_BOX
             if not t1.is_file() or not dseg.is_file():
                 LOGGER.warning('%s has no %s; skipped (run cerebseg with the brainstem, e.g. '
                                '--skip-cerebellum, with -w %s)', run,
-                               DSEG_BOX if t1.is_file() else T1_BOX, work)
+                               BS_DSEG_BOX if t1.is_file() else BS_T1_BOX, work)
                 continue
             usable += 1
             name, participant = _case_name(run.name)
@@ -181,7 +108,7 @@ def find_cases(work_dirs) -> list[tuple[str, str, Path, Path]]:
                 continue
             found[name] = (name, participant, t1, dseg)
         if not usable:
-            raise ValueError(f'{work} holds no participant run with {T1_BOX} and {DSEG_BOX} '
+            raise ValueError(f'{work} holds no participant run with {BS_T1_BOX} and {BS_DSEG_BOX} '
                              '(cerebseg_sub_<label>_wf folders); pass the -w folder of a '
                              'cerebseg participant run that segmented the brainstem')
     return [found[k] for k in sorted(found)]
@@ -291,121 +218,6 @@ class SliceDataset:
         return augment_batch(x, y, self.slicing.size, rng, augment, perm)
 
 
-# ---------------------------------------------------------------------------- augmentation
-
-@dataclass(frozen=True)
-class Augment:
-    """Light slice augmentation: with probability ``p_spatial`` a rotation (+-``rotate``
-    degrees), isotropic scale and shift (fraction of the side), applied in the resampling to
-    ``size``; gamma, contrast, offset and Gaussian noise (standard deviation up to ``noise``);
-    left-right flips with probability ``flip`` (0: off; needs the class swap)."""
-
-    p_spatial: float = 0.8
-    rotate: float = 10.0
-    scale: tuple[float, float] = (0.9, 1.1)
-    shift: float = 0.05
-    gamma: tuple[float, float] = (0.8, 1.25)
-    contrast: tuple[float, float] = (0.9, 1.1)
-    offset: float = 0.05
-    noise: float = 0.02
-    flip: float = 0.0
-
-
-def augment_batch(x: torch.Tensor, y: torch.Tensor, size: int, rng: np.random.Generator,
-                  aug: Augment, perm: np.ndarray | None = None):
-    """Augment and resize ``x (B, C, H, W)``, ``y (B, H, W)`` to ``size`` (one resampling:
-    bilinear for ``x``, nearest for ``y``, reflection at the borders)."""
-    b = x.shape[0]
-    if aug.flip > 0:
-        if perm is None:
-            raise ValueError('left-right flips need the class swap (perm); pass '
-                             'cerebseg.utils.labels.swap_classes(labels) or set flip to 0')
-        flip = torch.from_numpy(rng.random(b) < aug.flip)
-        if flip.any():  # rows are x: mirror them and swap left/right classes
-            x, y = x.clone(), y.clone()
-            x[flip] = x[flip].flip(-2)
-            y[flip] = torch.from_numpy(perm).long()[y[flip].flip(-2)]
-    theta = np.zeros((b, 2, 3), np.float32)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1
-    spatial = rng.random(b) < aug.p_spatial
-    for i in np.flatnonzero(spatial):
-        a = math.radians(rng.uniform(-aug.rotate, aug.rotate))
-        s = 1 / rng.uniform(*aug.scale)
-        theta[i, :, :2] = s * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        theta[i, :, 2] = rng.uniform(-2 * aug.shift, 2 * aug.shift, 2)
-    if spatial.any():
-        grid = F.affine_grid(torch.from_numpy(theta), (b, 1, size, size), align_corners=False)
-        x = F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection',
-                          align_corners=False)
-        y = F.grid_sample(y[:, None].float(), grid, mode='nearest', padding_mode='reflection',
-                          align_corners=False)[:, 0].long()
-    else:
-        x, y = resize(x, size), resize(y[:, None].float(), size, 'nearest')[:, 0].long()
-    gamma = torch.from_numpy(rng.uniform(*aug.gamma, (b, 1, 1, 1)).astype(np.float32))
-    gain = torch.from_numpy(rng.uniform(*aug.contrast, (b, 1, 1, 1)).astype(np.float32))
-    offset = torch.from_numpy(rng.uniform(-aug.offset, aug.offset, (b, 1, 1, 1))
-                              .astype(np.float32))
-    sigma = torch.from_numpy(rng.uniform(0, aug.noise, (b, 1, 1, 1)).astype(np.float32))
-    noise = torch.from_numpy(rng.standard_normal(tuple(x.shape)).astype(np.float32))
-    x = x.clamp_min(0) ** gamma * gain + offset + sigma * noise
-    return x.contiguous(), y.contiguous()
-
-
-# ------------------------------------------------------------------------------- inference
-
-@torch.inference_mode()
-def predict_volume(model, t1_box: np.ndarray, size: int, *, context: int = 0, crop: int = 64,
-                   center=None, batch_size: int = 32, device=None, slices=None,
-                   bf16: bool = False) -> np.ndarray:
-    """Class probabilities ``(L, X, Y, Z)`` float32 of a ``(X, Y, Z)`` box volume.
-
-    Every axial slice (or only ``slices``, z indices; the others get background) is cut as in
-    :class:`Slicing` (pass a checkpoint's ``meta['slicing']`` as keyword arguments), resized to
-    ``size``, segmented by ``model`` (``(N, C, size, size)`` -> logits ``(N, L, size, size)``)
-    in batches of ``batch_size``; the softmax is resized back to the crop window and placed in
-    the volume (background probability 1 outside the window). ``device``: the model's by
-    default; bfloat16 autocast with ``bf16`` or on CUDA.
-    """
-    slicing = Slicing(size=size, context=context, crop=crop, center=center)
-    vol = np.asarray(t1_box, np.float32)
-    if vol.ndim != 3:
-        raise ValueError(f'predict_volume needs an (X, Y, Z) volume, got shape {vol.shape}')
-    cfg = getattr(model, 'config', {})
-    if cfg.get('in_channels', 2 * context + 1) != 2 * context + 1:
-        raise ValueError(f'the network takes {cfg["in_channels"]} input channels, context '
-                         f'{context} gives {2 * context + 1}; use the slicing of its checkpoint')
-    div = getattr(model, 'divisor', 1)
-    if size % div:
-        raise ValueError(f'size {size} must be a multiple of {div} for this network')
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    model.eval()
-    z_all = np.arange(vol.shape[2]) if slices is None else np.asarray(slices, int)
-    use_bf16 = bf16 or device.type == 'cuda'
-    start = slicing.window(vol.shape[:2])
-    src, dst = _window_slices(start, crop, vol.shape[:2])
-    out = None
-    for i in range(0, len(z_all), batch_size):
-        z = z_all[i:i + batch_size]
-        x = torch.from_numpy(crop_plane(slice_stack(vol, z, context), slicing)).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(resize(x, size))
-        probs = resize(torch.softmax(logits.float(), 1), crop).cpu().numpy()
-        if out is None:
-            out = np.zeros((probs.shape[1],) + vol.shape, np.float32)
-            out[0] = 1
-        out[:, :, :, z] = 0
-        out[0, :, :, z] = 1
-        region = np.moveaxis(probs[(Ellipsis,) + dst], 0, -1)  # (L, x, y, z)
-        out[(slice(None),) + src + (z,)] = region
-    if out is None:
-        n = cfg.get('n_classes', 1)
-        out = np.zeros((n,) + vol.shape, np.float32)
-        out[0] = 1
-    return out
-
-
 def score_cases(model, cases, slicing: Slicing, groups: dict, *, margin: int = 2,
                 batch_size: int = 32, device=None, bf16: bool = False) -> dict[str, float]:
     """Macro mIoU of each of ``groups`` (:func:`label_groups`) over ``cases``, in box space on
@@ -446,7 +258,7 @@ def epoch_steps(n_slices: int, batch_size: int) -> int:
 def train_brainstem(model, train: SliceDataset, validation=(), *, labels, loss: str = 'dicece',
                     alpha: float | None = 0.1, steps: int = 1000, batch_size: int = 16,
                     lr: float = 1e-3, seed: int = 0, device='cpu',
-                    augment: Augment | None = Augment(), val_every: int | None = None,
+                    augment: Augment | None = Augment.slices(), val_every: int | None = None,
                     patience: int = 10, bf16: bool = False, on_evaluate=None,
                     lr_schedule: str = 'constant') -> TrainResult:
     """Train ``model`` on ``train`` slices; score ``validation`` cases (:func:`score_cases`).
@@ -544,7 +356,7 @@ def train_brainstem(model, train: SliceDataset, validation=(), *, labels, loss: 
 
 def checkpoint_meta(*, labels, slicing: Slicing, split: dict, result: TrainResult,
                     settings: dict) -> dict:
-    """The ``meta`` of :func:`cerebseg.models.brainstem.save_model` for a trained network:
+    """The ``meta`` of :func:`cerebseg.models.nets2d.save_model` for a trained network:
     channel and label names, slicing, participant split, steps, scores, history, settings."""
     names = [n for _, n in labels] if labels and not isinstance(labels[0], str) else list(labels)
     return {'channels': slicing.channels, 'labels': names, 'slicing': slicing.to_dict(),

@@ -1,0 +1,198 @@
+"""What a participant run uses and what its sidecars say about it.
+
+The networks of the cerebellum (:func:`select_cnn`) and the brainstem assets
+(:func:`brainstem_paths`, with the checked network of ``--brainstem-method network``), and the
+``Description``/``Method`` text of the native-space label maps' JSON sidecars
+(:func:`dseg_meta`, :func:`brainstem_meta`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cerebseg.bids_app.logs import LOGGER
+
+#: the sidecar's ``Method.Registration`` for each ``--registration``
+REGISTRATION_TEXT = {
+    'ants': 'ANTs affine (2 mm) + SyN (Mattes mutual information, 40x20x0 iterations at 4/2/1 '
+            'mm) of every library entry to the subject, masked to the entry field of view; '
+            'labels carried with genericLabel interpolation.',
+    'torch': 'cerebseg torch registration of all library entries in one batch: affine, then a '
+             'diffeomorphic stationary velocity field (scaling and squaring) at 4 and 2 mm, '
+             'squared local normalised cross-correlation measured in each entry\'s own space '
+             'over the voxels where it has data (the subject read into the entry), plus '
+             'diffusion regularisation, Adam; the entry brought onto the subject by the '
+             'inverse transform, labels by nearest neighbour.',
+}
+REGISTRATION_TEXT['both'] = ('Every library entry registered twice, and all warped entries '
+                             'fused. (1) ' + REGISTRATION_TEXT['torch'] + ' (2) '
+                             + REGISTRATION_TEXT['ants'])
+
+
+def select_cnn(run, cfg) -> dict | None:
+    """The network weights of one run (None with --models none); CheckpointError if missing."""
+    from cerebseg.models.checkpoint import select_weights
+
+    if cfg.models == 'none' or cfg.skip_cerebellum:
+        return None
+    return select_weights(cfg.cnn_weights or None, t2w=bool(run.t2w),
+                          prior=not cfg.no_atlas_prior, models=cfg.models,
+                          protocol=cfg.atlas_library)
+
+
+def cnn_meta(cnn: dict) -> dict:
+    """What the sidecar says about the networks (from their self-describing checkpoints)."""
+    from cerebseg.models.checkpoint import read_cascade_checkpoint
+    from cerebseg.utils.images import sha256sum
+
+    stages = {}
+    for stage in ('hemisphere', 'lobules'):
+        nets = []
+        for path, arch in zip(cnn[stage]['files'], cnn[stage]['architectures']):
+            meta = read_cascade_checkpoint(path)
+            train = meta.get('training', {})
+            nets.append({'File': Path(path).name, 'Architecture': arch,
+                         'Sha256': sha256sum(path),
+                         'TrainingSteps': train.get('step'),
+                         'TrainingData': train.get('bids_dir'),
+                         'ValidationDice': train.get('best_validation_dice')})
+        stages[stage.capitalize()] = {'Inputs': cnn[stage]['inputs'], 'Networks': nets}
+    return {'Name': 'DeepCeres cascade: hemisphere network (background/left/right cerebellum), '
+                    'then the lobule network(s) at 0.5 mm inside its mask; several lobule '
+                    'networks are averaged (ensemble) and their disagreement is the '
+                    'uncertainty map', 'Inputs': cnn['variant'], **stages}
+
+
+def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) -> dict:
+    """The sidecar of the cerebellum label map of one run."""
+    from cerebseg import __version__
+
+    def bids_uri(path):
+        return f'bids:raw:{Path(path).relative_to(bids_dir).as_posix()}'
+
+    sources = [bids_uri(run.t1w)] + ([bids_uri(run.t2w)] if run.t2w else [])
+    meta = {
+        'Description': 'Cerebellar lobules and deep nuclei (label protocol: '
+                       f'{library["name"]}) by '
+                       + ('the DeepCeres CNN cascade with a multi-atlas prior.' if cnn else
+                          'multi-atlas segmentation.'),
+        'Sources': sources,
+        'Mode': 'T1w+T2w' if run.t2w else 'T1w',
+        'Method': {
+            'Name': 'multi-atlas registration and locally weighted majority voting',
+            'Preprocessing': 'N4 bias correction and non-local means denoising (ANTs) in native '
+                             'space; affine registration to MNI152NLin2009cAsym; T2w rigidly to '
+                             'T1w; 0.5 mm box around cerebellum and brainstem; N4 in the box; '
+                             'intensities scaled so that the 2nd/98th foreground percentiles '
+                             'are 0/1.',
+            'Registration': REGISTRATION_TEXT[cfg.registration],
+            'Fusion': 'locally weighted voting: weight = 1/(mean squared intensity difference '
+                      'over a 5x5x5 patch + 1e-3), averaged over T1w and T2w where the entry '
+                      'has both.',
+            'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
+                           'affine, then the most probable label.',
+        },
+        'AtlasLibrary': {'Name': library['name'], 'Citation': library['citation'],
+                         'Licence': library['licence'],
+                         'Entries': [e['name'] for e in library['entry_info']]},
+        'LookupTable': 'seg-cerebellum_dseg.tsv',
+        'IntracranialVolumeMethod': 'eTIV-style: volume of the MNI152NLin2009cAsym brain mask '
+                                    'times the determinant of the native-to-MNI affine '
+                                    '(Buckner et al. 2004).',
+        'SoftwareVersion': f'cerebseg {__version__}',
+        'RandomSeed': cfg.random_seed,
+    }
+    if cnn:
+        meta['Method']['Networks'] = cnn_meta(cnn)
+        meta['Method']['NativeSpace'] = meta['Method']['NativeSpace'].replace(
+            'per-label probabilities', 'per-label ensemble probabilities')
+    return meta
+
+
+def brainstem_paths(assets, cfg) -> dict | None:
+    """The brainstem assets with absolute paths; None with --skip-brainstem, or (with a
+    warning) when the assets were built without them."""
+    from cerebseg.errors import MissingAssetError
+
+    if cfg.skip_brainstem:
+        return None
+    try:
+        section = assets.brainstem()
+    except MissingAssetError as err:
+        LOGGER.warning('Brainstem skipped: %s Or pass --skip-brainstem to silence this.', err)
+        return None
+    if section.get('restricted'):
+        LOGGER.warning('The brainstem label set includes the Brainstem Navigator (%s): its '
+                       'licence forbids sharing the assets or anything derived from them; keep '
+                       'this run\'s brainstem outputs within your organisation.',
+                       section.get('navigator'))
+    out = {'t1w': str(assets.path(section['t1w'])), 'dseg': str(assets.path(section['dseg'])),
+           'lut': str(assets.path(section['lut'])), 'n_labels': section['n_labels'],
+           'grid': section['grid'], 'description': section['description'],
+           'citation': section['citation'], 'licence': section['licence'],
+           'restricted': bool(section.get('restricted')), 'method': cfg.brainstem_method}
+    if cfg.brainstem_method == 'network':
+        out['weights'], out['network'] = brainstem_network(cfg, out['lut'])
+    return out
+
+
+def brainstem_network(cfg, lut: str) -> tuple[str, dict]:
+    """The checkpoint of --brainstem-method network and a summary of it, checked against the
+    label set before any work starts (CheckpointError: exit 126)."""
+    from cerebseg.models.checkpoint import DEFAULT_BRAINSTEM, CheckpointError, read_brainstem_meta
+    from cerebseg.utils.native import read_lut_tsv
+
+    path = Path(cfg.brainstem_weights) if cfg.brainstem_weights else DEFAULT_BRAINSTEM
+    if not path.is_file():
+        raise CheckpointError(f'brainstem network weights not found: {path}; pass '
+                              '--brainstem-weights FILE (cerebseg-train brainstem) or use '
+                              '--brainstem-method atlas')
+    meta = read_brainstem_meta(path)   # no network built here: see read_brainstem_meta
+    names = [r['name'] for r in read_lut_tsv(lut)]
+    if list(meta['labels']) != names:
+        raise CheckpointError(f'{path} was trained on other brainstem labels than the '
+                              f'{len(names)} of the assets ({lut}); train weights on this label '
+                              'set (cerebseg-train brainstem) or use --brainstem-method atlas')
+    cfg_ = meta['config']
+    extra = meta.get('meta') or {}
+    return str(path), {'Decoder': cfg_['decoder'], 'Encoder': cfg_['encoder'],
+                       'EncoderWidth': cfg_.get('encoder_width', 64),
+                       'Inputs': meta['channels'], 'Slicing': extra.get('slicing'),
+                       'Weights': path.name, 'LabelSource': extra.get('label_source')}
+
+
+def brainstem_meta(run, brainstem: dict, bids_dir: Path, cfg) -> dict:
+    """The sidecar of the brainstem label map of one run."""
+    from cerebseg import __version__
+
+    sources = [f'bids:raw:{Path(run.t1w).relative_to(bids_dir).as_posix()}']
+    method = {
+        'Name': 'single-atlas registration (the brainstem label set of the assets)',
+        'Preprocessing': 'the cerebellum\'s MNI152NLin2009cAsym affine (refined on '
+                         'cerebellum and brainstem); 1 mm box around the brainstem; N4 in '
+                         'the box; 2nd/98th foreground percentiles scaled to 0/1.',
+        'Registration': 'the label-set template (MNI152NLin2009cAsym brain on the box) onto '
+                        'the subject: affine, then a diffeomorphic stationary velocity field '
+                        'at 4, 2 and 1 mm (local normalised cross-correlation on the '
+                        'subject\'s grid); labels warped as probabilities.',
+        'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
+                       'affine; the outline first (brainstem where its labels together '
+                       'outweigh the background), then its most probable label.',
+    }
+    if brainstem.get('method') == 'network':
+        method['Name'] = '2D network on axial slices of the brainstem box'
+        method['Network'] = brainstem['network']
+        method.pop('Registration')
+    return {
+        'Description': 'Brainstem parts (midbrain, pons, medulla; grey and white matter) and '
+                       'nuclei from an atlas label set built from open atlases, by '
+                       + ('a 2D network trained on its registrations.'
+                          if brainstem.get('method') == 'network' else 'registration.'),
+        'Sources': sources,
+        'Mode': 'T1w',
+        'Method': method,
+        'LabelSet': {'Description': brainstem['description'], 'Citation': brainstem['citation'],
+                     'Licence': brainstem['licence'], 'Restricted': brainstem['restricted']},
+        'LookupTable': 'seg-brainstem_dseg.tsv',
+        'SoftwareVersion': f'cerebseg {__version__}',
+        'RandomSeed': cfg.random_seed,
+    }

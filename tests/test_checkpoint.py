@@ -1,0 +1,107 @@
+"""The shipped weights and their manifest (:mod:`cerebseg.models.checkpoint`): a missing,
+corrupt or changed file is refused with exit 126, naming the file and the fix, before any
+work starts."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cerebseg.models import checkpoint as cpt
+from cerebseg.models.checkpoint import CheckpointError
+from cerebseg.utils.images import sha256sum
+
+
+@pytest.fixture
+def shipped_copy(tmp_path, monkeypatch):
+    """The shipped weights folder, copied, and made the one cerebseg reads."""
+    folder = tmp_path / 'weights'
+    shutil.copytree(cpt.WEIGHTS_DIR, folder)
+    monkeypatch.setattr(cpt, 'WEIGHTS_DIR', folder)
+    monkeypatch.setattr(cpt, 'WEIGHTS_MANIFEST', folder / 'manifest.json')
+    monkeypatch.setattr(cpt, 'DEFAULT_CASCADE', folder / 'deepceres.json')
+    monkeypatch.setattr(cpt, 'DEFAULT_BRAINSTEM', folder / 'brainstem_ndeconet_T1w.pt')
+    return folder
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_lists_every_shipped_file_with_its_checksum():
+    files = cpt.shipped_files()
+    on_disk = {p.name for p in cpt.WEIGHTS_DIR.iterdir()
+               if p.suffix in ('.pt', '.json') and p.name != 'manifest.json'}
+    assert set(files) == on_disk
+    for name, entry in files.items():
+        assert sha256sum(cpt.WEIGHTS_DIR / name) == entry['sha256'], name
+        assert (cpt.WEIGHTS_DIR / name).stat().st_size == entry['bytes'], name
+    assert {e['family'] for e in files.values()} == {'cascade', 'cascade manifest', 'brainstem'}
+    chosen = cpt.select_weights(t2w=True, prior=True)   # the shipped files pass
+    assert len(chosen['lobules']['files']) == 2
+    assert cpt.read_brainstem_meta(cpt.DEFAULT_BRAINSTEM)['labels'][0]
+
+
+@pytest.mark.parametrize('name', ['lobules_unet_T1w-prior.pt', 'hemisphere_dpn_T1w-prior.pt',
+                                  'deepceres.json'])
+def test_a_changed_cascade_file_is_refused(shipped_copy, name):
+    _flip_a_byte(shipped_copy / name)
+    with pytest.raises(CheckpointError, match=rf'{name} is corrupt or was changed: its sha256 '
+                       r'is [0-9a-f]{64}.*Reinstall cerebseg') as err:
+        cpt.select_weights(t2w=False, prior=True)
+    assert err.value.exit_code == 126
+
+
+def test_a_changed_brainstem_network_is_refused(shipped_copy):
+    _flip_a_byte(cpt.DEFAULT_BRAINSTEM)
+    with pytest.raises(CheckpointError, match='brainstem_ndeconet_T1w.pt is corrupt'):
+        cpt.read_brainstem_meta(cpt.DEFAULT_BRAINSTEM)
+    with pytest.raises(CheckpointError, match='brainstem_ndeconet_T1w.pt is corrupt'):
+        cpt.load_brainstem_net(cpt.DEFAULT_BRAINSTEM)
+
+
+def test_missing_files_are_refused(shipped_copy):
+    (shipped_copy / 'lobules_dpn_T1w-prior.pt').unlink()
+    with pytest.raises(CheckpointError, match=r'weights not found: .*lobules_dpn_T1w-prior\.pt'
+                       r'.*reinstall cerebseg'):
+        cpt.select_weights(t2w=False, prior=True)
+    (shipped_copy / 'manifest.json').unlink()
+    with pytest.raises(CheckpointError, match=r'weights manifest .*manifest\.json is missing or '
+                       r'corrupt.*reinstall cerebseg'):
+        cpt.select_weights(t2w=True, prior=True)
+
+
+def test_user_manifests_may_carry_checksums(tmp_path):
+    """Weights a user trained (--cnn-weights): not checked against the shipped manifest, but
+    against the sha256 their own manifest gives, where it gives one."""
+    folder = tmp_path / 'mine'
+    shutil.copytree(cpt.WEIGHTS_DIR, folder)
+    (folder / 'manifest.json').unlink()
+    spec = json.loads((folder / 'deepceres.json').read_text())
+    entry = spec['variants']['T1w+prior']['lobules'][0]
+    entry['sha256'] = sha256sum(folder / entry['file'])
+    (folder / 'deepceres.json').write_text(json.dumps(spec))
+    assert cpt.select_weights(folder / 'deepceres.json', t2w=False, prior=True)
+    _flip_a_byte(folder / entry['file'])
+    with pytest.raises(CheckpointError, match=rf'{entry["file"]} is corrupt or was changed.*'
+                       'deepceres.json'):
+        cpt.select_weights(folder / 'deepceres.json', t2w=False, prior=True)
+
+
+def test_the_command_stops_with_126_naming_the_file(shipped_copy, shared_data, assets_dir,
+                                                     tmp_path, capsys):
+    from cerebseg.bids_app.run import main
+
+    _flip_a_byte(shipped_copy / 'lobules_dpn_T1w-T2w-prior.pt')
+    code = main([str(shared_data / 'bids/multimodal'), str(tmp_path / 'out'), 'participant',
+                 '--participant-label', 'ixi002', '--assets-dir', str(assets_dir),
+                 '-w', str(tmp_path / 'work'), '--models', 'ensemble',
+                 '--skip-bids-validation'])
+    assert code == 126
+    err = capsys.readouterr().err
+    assert 'lobules_dpn_T1w-T2w-prior.pt is corrupt or was changed' in err
+    assert 'Reinstall cerebseg' in err
+    assert not (tmp_path / 'work').exists() or not any((tmp_path / 'work').rglob('*.nii.gz'))
