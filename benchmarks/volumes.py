@@ -10,7 +10,7 @@ plausibility ranges, not truth. The protocols differ: CERES-style lobules (I-V, 
 II, VIIB, VIIIA, VIIIB, IX, X per side) include the vermis, SUIT keeps it apart; the sum compared
 is the SUIT hemispheric and vermal labels of those lobules against the reference's two sides.
 
-``--jlf RUN`` adds antsJointFusion (:func:`accuracy.joint_fusion`: patch radius 2, search
+``--jlf RUN`` adds antsJointFusion (:func:`baselines.joint_fusion`: patch radius 2, search
 radius 1, on the working grid) of the ANTs-warped library entries that the run ``RUN`` (one
 with ``--registration ants``) left in its work folder, taken to the native grid through that
 run's affine: the ANTs SyN + joint label fusion baseline a user could run instead.
@@ -115,7 +115,8 @@ def label_volumes(path: Path, lut: Path) -> dict:
 def jlf_native(out: Path, run: str, label: str) -> Path | None:
     """antsJointFusion of run ``run``'s ANTs-warped entries for one participant, on its native
     grid (cached); None when that run did not finish for the participant."""
-    from accuracy import box_to_native, joint_fusion
+    from accuracy import box_to_native
+    from baselines import joint_fusion
 
     cached = out / f'jlf-{run}' / f'sub-{label}_space-T1w_seg-cerebellum_dseg.nii.gz'
     anat = out / run / f'sub-{label}' / 'anat'

@@ -45,8 +45,8 @@ def test_import_contract_catches_a_circle_and_an_upward_import(tmp_path):
         handle.write('\nfrom cerebseg.training import augment  # noqa\n')
     with open(copy / 'cerebseg/utils/grid.py', 'a') as handle:
         handle.write('\nfrom cerebseg.utils import registration  # noqa\n')
-    proc = subprocess.run([sys.executable, '-c', 'from importlinter.cli import lint_imports_command;'
-                           ' lint_imports_command()', '--no-cache'], cwd=copy,
+    code = 'from importlinter.cli import lint_imports_command; lint_imports_command()'
+    proc = subprocess.run([sys.executable, '-c', code, '--no-cache'], cwd=copy,
                           capture_output=True, text=True, timeout=300,
                           env={'PYTHONPATH': str(copy), 'PATH': '/usr/bin:/bin'})
     assert proc.returncode != 0

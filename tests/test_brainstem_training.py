@@ -125,20 +125,19 @@ def test_augmentation_moves_image_and_labels_together():
     labels = nested_labels()[:, :, :4]
     x = torch.from_numpy(np.moveaxis(labels, 2, 0)[:, None].astype(np.float32))
     y = torch.from_numpy(np.moveaxis(labels, 2, 0).astype(np.int64))
-    aug = augmentation.Augment.slices(p_spatial=1.0, rotate=15, gamma=(1, 1), contrast=(1, 1), offset=0, noise=0,
-                     flip=1.0)
+    still = {'gamma': (1, 1), 'contrast': (1, 1), 'offset': 0, 'noise': 0}   # no intensity
+    aug = augmentation.Augment.slices(p_spatial=1.0, rotate=15, flip=1.0, **still)
     perm = np.array([0, 1, 3, 2])                      # classes 2 and 3 are a left/right pair
     xa, ya = augmentation.augment_batch(x, y, 48, np.random.default_rng(0), aug, perm)
     assert xa.shape == (4, 1, 48, 48) and ya.shape == (4, 48, 48)
     assert (torch.from_numpy(perm)[xa[:, 0].round().long()] == ya).float().mean() > 0.95
     x, y = x[..., :28], y[..., :28]                    # square: size 28 is no resize
-    plain = augmentation.Augment.slices(p_spatial=0, gamma=(1, 1), contrast=(1, 1), offset=0, noise=0, flip=1.0)
+    plain = augmentation.Augment.slices(p_spatial=0, flip=1.0, **still)
     xs, ys = augmentation.augment_batch(x, y, 28, np.random.default_rng(0), plain, perm)
     assert torch.equal(ys, torch.from_numpy(perm)[y.flip(-2)])   # rows (x) mirrored, swapped
     assert torch.equal(xs, x.flip(-2))
     xs, ys = augmentation.augment_batch(x, y, 28, np.random.default_rng(0),
-                              augmentation.Augment.slices(p_spatial=0, gamma=(1, 1), contrast=(1, 1), offset=0,
-                                         noise=0), None)
+                                        augmentation.Augment.slices(p_spatial=0, **still), None)
     assert torch.equal(ys, y) and torch.equal(xs, x)             # no flip unless asked for
     with pytest.raises(ValueError, match='swap_classes'):
         augmentation.augment_batch(x, y, 48, np.random.default_rng(0), aug, None)
@@ -233,13 +232,16 @@ def test_early_stopping_keeps_the_best_weights():
 
 # ----------------------------------------------------------------------- work folders + CLI
 
-def write_work(root, labels):
-    """Work folders in the layout of a participant run (brainstem box, atlas labels)."""
+def write_work(root, labels, legacy=False):
+    """A work folder with participant runs (brainstem box, atlas labels) where ``cerebseg``
+    leaves them (:mod:`cerebseg.workflows.workdir`), or in the older layout without the
+    command's top-level workflow (``legacy``)."""
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     for i in labels:
         case = synthetic_case(int(i), participant=i)
-        run = root / f'cerebseg_sub_{i}_wf'
-        for rel, data in ((workdir.BS_T1_BOX, case.t1), (workdir.BS_DSEG_BOX, case.classes.astype(np.int16))):
+        run = root / f'cerebseg_sub_{i}_wf' if legacy else workdir.run_folder(root, f'sub-{i}')
+        for rel, data in ((workdir.BS_T1_BOX, case.t1),
+                          (workdir.BS_DSEG_BOX, case.classes.astype(np.int16))):
             (run / rel).parent.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(data, affine), str(run / rel))
     lut = root / 'seg-brainstem_dseg.tsv'
@@ -249,7 +251,7 @@ def write_work(root, labels):
 
 def test_find_and_load_cases(tmp_path, caplog):
     lut = write_work(tmp_path / 'w1', ['01', '02'])
-    write_work(tmp_path / 'w2', ['02', '03'])
+    write_work(tmp_path / 'w2', ['02', '03'], legacy=True)
     (tmp_path / 'w2' / 'cerebseg_sub_04_wf').mkdir()           # a run without the brainstem
     with caplog.at_level('WARNING'):
         found = bt.find_cases([tmp_path / 'w1', tmp_path / 'w2'])
@@ -328,3 +330,31 @@ def test_importable_without_nipype():
     code = ('import sys, cerebseg.training.brainstem2d; '
             'sys.exit(any(m.startswith("nipype") for m in sys.modules))')
     assert subprocess.run([sys.executable, '-c', code], check=False).returncode == 0
+
+
+def test_training_labels_already_made_are_not_made_again(tmp_path, monkeypatch):
+    """``cerebseg-train brainstem --bids``: the participants whose runs in the work folder
+    already hold the atlas labels are not run again (the check looked for them outside the
+    command's top-level workflow folder, so every participant was run again)."""
+    import argparse
+    import subprocess
+
+    from cerebseg.bids_app.train_brainstem import _brainstem_runs
+
+    bids = tmp_path / 'bids'
+    for p in ('01', '02', '03'):
+        (bids / f'sub-{p}').mkdir(parents=True)
+    write_work(tmp_path / 'prep' / 'work', ['01', '02'])
+    launched = []
+    monkeypatch.setattr(subprocess, 'run', lambda cmd, **kw: launched.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0))
+    opts = argparse.Namespace(bids=bids, prep_dir=tmp_path / 'prep', participant_label=[],
+                              exclude_label=[], nthreads=1, device='cpu', assets_dir=None,
+                              skip_bids_validation=True)
+    assert _brainstem_runs(opts) == [tmp_path / 'prep' / 'work']
+    assert len(launched) == 1
+    assert launched[0][launched[0].index('--participant-label') + 1:][:2] == ['03', '--skip-cerebellum']
+    launched.clear()
+    opts.exclude_label = ['03']
+    _brainstem_runs(opts)
+    assert launched == []

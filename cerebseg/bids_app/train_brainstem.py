@@ -156,9 +156,9 @@ def run(opts) -> int:
         augment=augment, val_every=opts.val_every, patience=opts.patience, bf16=opts.bf16,
         on_evaluate=on_evaluate, lr_schedule=opts.lr_schedule)
     model.load_state_dict(result.state_dict)
-    save_brainstem_net(opts.out, model, bt.checkpoint_meta(labels=labels, slicing=slicing, split=split,
-                                                   result=result, settings=settings),
-               half=opts.half_weights)
+    meta = bt.checkpoint_meta(labels=labels, slicing=slicing, split=split, result=result,
+                              settings=settings)
+    save_brainstem_net(opts.out, model, meta, half=opts.half_weights)
     LOGGER.info('Brainstem network written: %s (step %d of %d, validation mIoU %s)', opts.out,
                 result.best_step, result.steps,
                 ', '.join(f'{k} {v:.4f}' for k, v in result.scores.items()) or 'n/a')

@@ -6,8 +6,8 @@ A subject's T1w is put on the same box by its MNI affine (the one the cerebellum
 template is registered onto it by cerebseg's diffeomorphic registration
 (:func:`cerebseg.models.registration.register_svf` with
 :data:`~cerebseg.models.registration.BRAINSTEM_CONFIG`, similarity measured over the whole box
-of the subject's grid); the labels follow as probabilities (one-hot maps warped linearly), so that the native
-resampling can interpolate them like the cerebellar ones. This is the atlas-registration method
+of the subject's grid); the labels follow as probabilities (one-hot maps warped linearly), so
+that the native resampling can interpolate them like the cerebellar ones. This is the atlas-registration method
 of issue 10 (the baseline the networks must beat, and their training labels);
 :func:`segment_with_network` is the 2D network (N-DecoNet) on axial slices.
 """

@@ -197,7 +197,8 @@ def read_brainstem_checkpoint(path) -> dict:
 
 
 def read_brainstem_meta(path) -> dict:
-    """The metadata of a :func:`save_brainstem_net` checkpoint (config, channels, labels, meta) without
+    """The metadata of a :func:`save_brainstem_net` checkpoint (config, channels, labels,
+    meta) without
     building the network. The command line checks weights this way before the workflow
     starts: a network built in the parent process leaves torch's thread pool there, and the
     Nipype workers forked from it then hung in their first convolution."""

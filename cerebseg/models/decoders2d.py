@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1, norm: bool = True) -> nn.Module:
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1,
+                 norm: bool = True) -> nn.Module:
     """Convolution (no bias when normalised), BatchNorm, ReLU (MONAI ``Convolution``)."""
     return Convolution(2, cin, cout, kernel_size=kernel, dilation=dilation, act='RELU',
                        norm='BATCH' if norm else None, bias=not norm)
@@ -210,7 +211,8 @@ class PSPNetDecoder(Decoder2D):
         super().__init__()
         cin = encoder_channels[-1]
         self.bins = tuple(bins)
-        self.branches = nn.ModuleList(conv_bn_relu(cin, cin // len(bins), 1, norm=b != 1) for b in bins)
+        self.branches = nn.ModuleList(conv_bn_relu(cin, cin // len(bins), 1, norm=b != 1)
+                                      for b in bins)
         self.conv = conv_bn_relu(cin + len(bins) * (cin // len(bins)), psp_channels, 1)
         self.dropout = nn.Dropout2d(dropout)
         self.out_channels = psp_channels

@@ -1,9 +1,10 @@
-"""DeepCeres segmentation networks (3D U-Net, Deep Pyramidal Network), registry, checkpoints.
+"""DeepCeres segmentation networks (3D U-Net, Deep Pyramidal Network) and their registry.
 
 Both nets map ``(N, C, X, Y, Z)`` input channels to ``(N, L, X, Y, Z)`` class logits. The input
 channels are named (:data:`CHANNELS`): ``T1w``, ``T2w`` (optional) and ``prior`` (optional; the
 multi-atlas prior, one channel per foreground class of the stage). A checkpoint records them,
-and :func:`load_checkpoint` refuses a checkpoint whose inputs differ from the ones asked for.
+and :func:`cerebseg.models.checkpoint.load_cascade_net` refuses a checkpoint whose inputs
+differ from the ones asked for.
 
 * :class:`UNet3D`: encoder-decoder with skip connections, two 3x3x3 convolutions (instance norm,
   leaky ReLU) per level, strided-convolution downsampling, transposed-convolution upsampling.

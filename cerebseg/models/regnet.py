@@ -10,12 +10,14 @@ of :mod:`cerebseg.models.registration`; the training loss is the instance optimi
 (masked squared LNCC at 2 mm + diffusion of the displacement), so the network learns to start the
 optimisation where it would end.
 
-Checkpoints are dictionaries of tensors and plain metadata, loaded with ``weights_only=True``.
+Checkpoints: :func:`cerebseg.models.checkpoint.save_regnet` and
+:func:`~cerebseg.models.checkpoint.load_regnet` (default weights
+:data:`~cerebseg.models.checkpoint.DEFAULT_REGNET`, used only when present); training:
+:mod:`cerebseg.training.regnet`.
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,8 +28,6 @@ from cerebseg.models import warp as wp
 
 LOGGER = logging.getLogger('cerebseg.models.regnet')
 
-#: the packaged weights (present only if they passed the registration benchmark)
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / 'data' / 'weights' / 'regnet.pt'
 INPUT_MM = 2.0
 CONTROL_MM = 4.0
 

@@ -81,15 +81,16 @@ def _case_name(folder: str) -> tuple[str, str]:
 def find_cases(work_dirs) -> list[tuple[str, str, Path, Path]]:
     """``(name, participant, t1_box, dseg_box)`` of every participant run in cerebseg work
     folders (:func:`cerebseg.workflows.workdir.run_folders` +
-    :data:`~cerebseg.workflows.workdir.BS_T1_BOX` / :data:`~cerebseg.workflows.workdir.BS_DSEG_BOX`),
-    sorted by name;
-    a run found in two folders is used once (the first folder). Raises ``ValueError`` naming a
-    folder with no usable run."""
+    :data:`~cerebseg.workflows.workdir.BS_T1_BOX` and
+    :data:`~cerebseg.workflows.workdir.BS_DSEG_BOX`), sorted by name; a run found in two
+    folders is used once (the first folder). Raises ``ValueError`` naming a folder with no
+    usable run."""
     found = {}
     for work in map(Path, work_dirs):
         if not work.is_dir():
             raise ValueError(f'work folder not found: {work}')
-        # WORK/cerebseg_wf/cerebseg_sub_X_wf (one graph for all runs), or older WORK/cerebseg_sub_X_wf
+        # WORK/cerebseg_wf/cerebseg_sub_X_wf (one graph for all runs), or older
+        # WORK/cerebseg_sub_X_wf
         runs = sorted(p for p in [*run_folders(work), *work.glob('cerebseg_sub_*_wf')]
                       if p.is_dir())
         usable = 0
@@ -356,7 +357,7 @@ def train_brainstem(model, train: SliceDataset, validation=(), *, labels, loss: 
 
 def checkpoint_meta(*, labels, slicing: Slicing, split: dict, result: TrainResult,
                     settings: dict) -> dict:
-    """The ``meta`` of :func:`cerebseg.models.nets2d.save_model` for a trained network:
+    """The ``meta`` of :func:`cerebseg.models.checkpoint.save_brainstem_net` for a trained network:
     channel and label names, slicing, participant split, steps, scores, history, settings."""
     names = [n for _, n in labels] if labels and not isinstance(labels[0], str) else list(labels)
     return {'channels': slicing.channels, 'labels': names, 'slicing': slicing.to_dict(),
