@@ -3,13 +3,15 @@
 The data are (T1w, labels) pairs on the 1 mm brainstem box (:data:`cerebseg.utils.grid.
 BRAINSTEM_GRID`, x x y x z, RAS, MNI152NLin2009cAsym): ``t1_box`` of the participant run's
 ``preproc_wf.to_bs_grid`` and ``brainstem_dseg`` of ``brainstem_wf.atlas`` (the label set
-carried by cerebseg's diffeomorphic registration), found in work folders by :func:`find_cases`.
+carried by cerebseg's diffeomorphic registration), found in work folders by :func:`find_cases`
+(where :mod:`cerebseg.workflows.workdir` says a run leaves them).
 
-Slicing (:class:`Slicing`), the same for training and inference:
+Slicing (:class:`cerebseg.models.inference.Slicing`), the pipeline's own, the same for training
+and inference:
 
 * axial slices ``volume[:, :, z]``, image rows = x (left-right), columns = y; training keeps the
   slices that hold labels plus ``margin`` empty slices at each end of that range, inference
-  (:func:`predict_volume`) runs every slice;
+  (:func:`cerebseg.models.inference.predict_volume`) runs every slice;
 * 2.5D: ``context`` neighbours on each side become input channels (``2 * context + 1``, ordered
   ``z - context .. z + context``, the edge slice repeated beyond the volume);
 * a fixed in-plane square window of ``crop`` voxels centred on ``center`` (default: the middle of
@@ -20,8 +22,9 @@ Slicing (:class:`Slicing`), the same for training and inference:
   (background probability 1 outside) and stacks the slices into ``(L, X, Y, Z)``.
 
 Training (:func:`train_brainstem`): the split is by participant (:func:`split_participants`, no
-participant on both sides); random batches of slices with light augmentation (:class:`Augment`:
-rotation, isotropic scale and shift in one resampling, gamma / contrast / offset / noise;
+participant on both sides); random batches of slices with light augmentation
+(:meth:`cerebseg.training.augment.Augment.slices`: rotation, isotropic zoom and translation in
+one resampling, gamma / contrast / offset / noise;
 left-right flips only with ``flip > 0``, the left/right classes then swapped with
 :func:`cerebseg.utils.labels.swap_classes`); Adam on a loss of :func:`cerebseg.models.losses.
 build_loss`; every ``val_every`` steps the held-out participants are segmented through

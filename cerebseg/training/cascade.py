@@ -2,11 +2,15 @@
 
 A :class:`Subject` holds one participant's volumes on the 0.5 mm working grid, cropped around
 the cerebellum: T1w, optional T2w, the multi-atlas prior (per-class probabilities, uint8) and
-the reference labels (class indices). :func:`stage_arrays` turns it into the network input and
-target of a cascade stage (``hemisphere`` at ``spacing`` 1 mm, ``lobules`` at 0.5 mm).
-:func:`train_segmentation` samples patches (biased to the cerebellum), augments them
-(left-right flip with the left/right classes swapped, intensity, elastic), optimises, validates
-every epoch, and calls back so that the command line can write resumable checkpoints.
+the reference labels (class indices). :func:`stage_arrays` turns it into the network input (the
+pipeline's own, :func:`cerebseg.models.cascade.stage_channels`) and the target of a cascade
+stage (``hemisphere`` at ``spacing`` 1 mm, ``lobules`` at 0.5 mm). :func:`train_segmentation`
+samples patches (biased to the cerebellum), augments them (:meth:`cerebseg.training.augment.
+Augment.patches`: left-right flip with the left/right classes swapped, intensity, elastic),
+optimises, validates every epoch with the pipeline's predictor
+(:func:`cerebseg.models.inference.predict`), and calls back so that the command line can write
+resumable checkpoints. :func:`transfer_weights` starts a network from one trained on other
+inputs (``--init``).
 """
 from __future__ import annotations
 
