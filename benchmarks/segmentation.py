@@ -103,8 +103,8 @@ def known_cases(args, assets, library):
                                         fixed[None], int(lib['n_labels']),
                                         num_threads=args.threads)
         prior = np.moveaxis(fusion.probseg_uint8(), -1, 0)
-        subject = Subject(f'known {entry["name"]}', fixed, truth.astype(np.uint8), x_mm,
-                          fixed_t2, prior)
+        subject = Subject(f'known {entry["name"]}', fixed, x_mm, fixed_t2, prior,
+                          classes=truth.astype(np.uint8))
         cases.append((subject.name, crop_subject(subject, 24)))
     return cases
 

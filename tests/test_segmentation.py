@@ -144,7 +144,7 @@ def _toy_subject(rng, shape=(24, 20, 16), name='s'):
     t1 = (np.array([0, 1.0, 0.6, 1.0, 0.3, 0.3])[classes] + rng.normal(0, 0.05, shape))
     onehot = np.eye(6)[classes].transpose(3, 0, 1, 2)
     prior = np.rint(255 * (0.7 * onehot + 0.3 / 6)).astype(np.uint8)
-    return tr.Subject(name, t1.astype(np.float32), classes, x, prior=prior)
+    return tr.Subject(name, t1.astype(np.float32), x, prior=prior, classes=classes)
 
 
 def test_flip_swaps_classes_and_prior_channels():

@@ -17,7 +17,7 @@ Steps, on the 0.5 mm working grid:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -46,11 +46,12 @@ class Volumes:
     t2: np.ndarray | None = None        # (X, Y, Z) float32
     prior: np.ndarray | None = None     # (L, X, Y, Z) uint8, probability * 255
 
-    def crop(self, box: tuple[slice, ...]) -> 'Volumes':
-        """The same volumes inside ``box`` (three slices of the spatial axes; views)."""
-        return Volumes(self.name, self.t1[box], self.x_mm[box[0]],
-                       None if self.t2 is None else self.t2[box],
-                       None if self.prior is None else self.prior[(slice(None),) + box])
+    def crop(self, box: tuple[slice, ...]):
+        """The same volumes inside ``box`` (three slices of the spatial axes; views), of the
+        same class (a subclass's own fields are cropped by its own ``crop``)."""
+        return replace(self, t1=self.t1[box], x_mm=self.x_mm[box[0]],
+                       t2=None if self.t2 is None else self.t2[box],
+                       prior=None if self.prior is None else self.prior[(slice(None),) + box])
 
 
 def bounding_box(mask: np.ndarray, margin: int, even: bool = False) -> tuple[slice, ...]:

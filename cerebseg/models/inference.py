@@ -79,14 +79,6 @@ class Channels:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-def pad_to(image: torch.Tensor, divisor: int):
-    """Pad ``(N, C, X, Y, Z)`` at the end so that every side is a multiple of ``divisor``."""
-    pads = []
-    for s in reversed(image.shape[2:]):
-        pads += [0, (-s) % divisor]
-    return F.pad(image, pads), image.shape[2:]
-
-
 def padded_input(image, divisor: int) -> torch.Tensor:
     """``(1, C, X', Y', Z')`` float32 of a ``(C, X, Y, Z)`` volume (an array or
     :class:`Channels`), zero-padded at the end to multiples of ``divisor``, filled channel by

@@ -48,7 +48,7 @@ from cerebseg.models.inference import Slicing, crop_plane, predict_volume, resiz
 from cerebseg.models.metrics import iou_counts, iou_from_counts
 from cerebseg.models.losses import build_loss
 from cerebseg.training.augment import Augment, augment_batch
-from cerebseg.workflows.workdir import BS_DSEG_BOX, BS_T1_BOX, run_folders
+from cerebseg.workflows.workdir import BS_DSEG_BOX, BS_T1_BOX, run_folders, workflow_name
 
 LOGGER = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def find_cases(work_dirs) -> list[tuple[str, str, Path, Path]]:
             raise ValueError(f'work folder not found: {work}')
         # WORK/cerebseg_wf/cerebseg_sub_X_wf (one graph for all runs), or older
         # WORK/cerebseg_sub_X_wf
-        runs = sorted(p for p in [*run_folders(work), *work.glob('cerebseg_sub_*_wf')]
+        runs = sorted(p for p in [*run_folders(work), *work.glob(workflow_name('sub-*'))]
                       if p.is_dir())
         usable = 0
         for run in runs:

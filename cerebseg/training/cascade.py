@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from cerebseg.models.cascade import bounding_box, pool, stage_channels
+from cerebseg.models.cascade import Volumes, bounding_box, pool, stage_channels
 from cerebseg.models.checkpoint import CheckpointError
 from cerebseg.models.inference import predict
 from cerebseg.models.losses import LOSSES
@@ -35,22 +35,15 @@ LOGGER = logging.getLogger(__name__)
 
 
 @dataclass
-class Subject:
-    """One participant on the working grid (or a crop of it; ``x_mm``: x of each first-axis
-    index, for the hemisphere split)."""
+class Subject(Volumes):
+    """One participant's input volumes on the working grid (or a crop of it), as the pipeline
+    has them (:class:`cerebseg.models.cascade.Volumes`), and its reference labels."""
 
-    name: str
-    t1: np.ndarray                      # (X, Y, Z) float32, normalised intensities
-    classes: np.ndarray                 # (X, Y, Z) uint8 class indices of ``labels``
-    x_mm: np.ndarray                    # (X,)
-    t2: np.ndarray | None = None        # (X, Y, Z) float32
-    prior: np.ndarray | None = None     # (L, X, Y, Z) uint8, probability * 255
+    classes: np.ndarray = field(kw_only=True)   # (X, Y, Z) uint8 class indices of ``labels``
 
     def crop(self, box: tuple[slice, ...]) -> 'Subject':
         """The same participant inside ``box`` (three slices of the spatial axes; views)."""
-        return Subject(self.name, self.t1[box], self.classes[box], self.x_mm[box[0]],
-                       None if self.t2 is None else self.t2[box],
-                       None if self.prior is None else self.prior[(slice(None),) + box])
+        return replace(super().crop(box), classes=self.classes[box])
 
 
 def crop_subject(subject: Subject, margin: int) -> Subject:

@@ -108,8 +108,9 @@ def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nth
     if cache.is_file():
         with np.load(cache) as data:
             if str(data['key']) == key:
-                return Subject(run.label, data['t1'], data['classes'], data['x_mm'],
-                               data['t2'] if data['t2'].size else None, data['prior'])
+                return Subject(run.label, data['t1'], data['x_mm'],
+                               data['t2'] if data['t2'].size else None, data['prior'],
+                               classes=data['classes'])
     LOGGER.info('Preparing %s (preprocessing and prior; labels from %s)', run.label, label_file)
     out = _prior_outputs(run, assets, library, work_dir, omp_nthreads, seed)
     grid = BoxGrid.from_dict(assets.manifest['grid'])
@@ -124,7 +125,8 @@ def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nth
                            f'({library["lut"]}); use --atlas-library to choose the '
                            'protocol of your labels') from err
     x_mm = grid.affine[0, 3] + grid.spacing * np.arange(grid.shape[0])
-    subject = crop_subject(Subject(run.label, t1, classes, x_mm, t2, prior), CROP_MARGIN)
+    subject = crop_subject(Subject(run.label, t1, x_mm, t2, prior, classes=classes),
+                           CROP_MARGIN)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.stem + '.tmp.npz')
     np.savez(tmp, key=key, t1=subject.t1, classes=subject.classes, x_mm=subject.x_mm,

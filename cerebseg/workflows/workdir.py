@@ -70,4 +70,4 @@ def run_folder(work_dir, label: str) -> Path:
 
 def run_folders(work_dir) -> list[Path]:
     """Every run folder of a work folder, sorted by name."""
-    return sorted(participant_work_dir(work_dir).glob('cerebseg_sub_*_wf'))
+    return sorted(participant_work_dir(work_dir).glob(workflow_name('sub-*')))
