@@ -84,6 +84,18 @@ def relabel(data: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     return table[data]
 
 
+def entry_labels(sources: Path, protocol_name: str, entry_name: str) -> nib.Nifti1Image:
+    """A template entry's atlas in its own space, in the protocol's indices."""
+    protocol = package_json(f'protocols/{protocol_name}.json')
+    entry = next((e for e in protocol['entries'] if e['name'] == entry_name), None)
+    if entry is None or 'dseg' not in entry:
+        raise MissingAssetError(f'Protocol {protocol_name!r} has no template entry '
+                                f'{entry_name!r}.')
+    _, mapping = read_lut(sources, protocol)
+    src = nib.load(source_path(sources, entry['dseg']))
+    return nib.Nifti1Image(relabel(np.asarray(src.dataobj), mapping), src.affine)
+
+
 def build_templates(sources: Path, out: Path) -> dict:
     """Copy the 1 mm MNI152NLin2009cAsym templates (head, brain) and derive the brain mask."""
     spec = package_json('templates.json')
@@ -147,6 +159,55 @@ def build_entry(entry: dict, mapping: dict[int, int], sources: Path, out: Path,
             'sources': {k: entry[k] for k in ('t1w', 't2w', 'dseg') if entry.get(k)}}
 
 
+def build_manual_entry(entry: dict, protocol: dict, sources: Path, out: Path, grid: BoxGrid,
+                       seed: int = 0) -> dict:
+    """A library entry of real individual anatomy from a manual lobule map without an image
+    (``entry['manual']``): the map put into the protocol's template entry ``entry['into']``
+    and its cerebellum painted from the labels (:mod:`cerebseg.assets.manual`), on ``grid``.
+    The template is MNI152NLin2009cAsym, so no registration to it is needed."""
+    import ants
+
+    from cerebseg.assets.manual import (
+        TEMPLATE_LEVELS,
+        detail_image,
+        place_in_template,
+        read_manual_map,
+    )
+
+    into = next((e for e in protocol['entries'] if e['name'] == entry['into']), None)
+    if into is None or 'manual' in into:
+        raise MissingAssetError(f'Library entry {entry["name"]!r}: "into" must name a template '
+                                f'entry of protocol {protocol["name"]!r}.')
+    template_labels = entry_labels(sources, protocol['name'], into['name'])
+    head = nib.load(source_path(sources, into['t1w']))
+    placed = place_in_template(read_manual_map(source_path(sources, entry['manual'])), head,
+                               template_labels, seed=seed)
+    detail = detail_image(placed, TEMPLATE_LEVELS)
+    ref = grid.reference()
+    # the 0.3 mm painting averaged onto the 0.5 mm grid (Gaussian of a 0.5 mm box's width)
+    fine = ants.smooth_image(nib_to_ants(detail), 0.2, sigma_in_physical_coordinates=True)
+    t1 = ants.resample_image_to_target(fine, ref, 'linear').numpy()
+    vox = np.indices(ref.shape).reshape(3, -1).astype(float)
+    world = grid.affine[:3, :3] @ vox + grid.affine[:3, 3:4]
+    inside = np.all([(w >= lo) & (w <= hi) for w, lo, hi in
+                     zip(world, detail.affine[:3, 3],
+                         detail.affine[:3, 3] + 0.3 * (np.array(detail.shape) - 1))], axis=0)
+    coarse = ants.resample_image_to_target(nib_to_ants(placed.head), ref, 'linear').numpy()
+    t1 = np.where(inside.reshape(ref.shape), t1, coarse)
+    dseg = ants.resample_image_to_target(nib_to_ants(placed.labels), ref, 'genericLabel')
+    name = entry['name']
+    files = {'t1w': f'entry-{name}_T1w.nii.gz', 'dseg': f'entry-{name}_dseg.nii.gz'}
+    atomic_save(nib.Nifti1Image(normalise_intensity(t1.astype(np.float32)), grid.affine),
+                out / files['t1w'])
+    atomic_save(to_label_image(np.rint(dseg.numpy()), grid.affine), out / files['dseg'])
+    cereb_ml = float((dseg.numpy() > 0).sum() * grid.spacing ** 3 / 1000.0)
+    LOGGER.info('Library entry %s (manual labels, painted): labelled volume %.1f mL, scaled '
+                'x%.3f into %s', name, cereb_ml, placed.scale, into['name'])
+    return {'name': name, 'files': files, 'labelled_volume_ml': round(cereb_ml, 2),
+            'manual_labels': True, 'scale_to_template': round(placed.scale, 4),
+            'sources': {'dseg': entry['manual'], 'template': into['t1w']}}
+
+
 def mirror_entry(entry: dict, lib_dir: Path, swap: np.ndarray, affine: np.ndarray) -> dict:
     """The left-right mirror of a built entry (x -> -x about the box's midline, x = 0 mm of the
     template; left and right labels swapped), written beside it as ``<name>Mirror``.
@@ -170,7 +231,8 @@ def mirror_entry(entry: dict, lib_dir: Path, swap: np.ndarray, affine: np.ndarra
 
 
 def build_library(protocol_name: str, sources: Path, out: Path, grid: BoxGrid,
-                  template_head, seed: int = 0, mirror: bool = True) -> dict:
+                  template_head, seed: int = 0, mirror: bool = True,
+                  skip_entries=()) -> dict:
     from cerebseg.utils.labels import swap_classes
 
     protocol = package_json(f'protocols/{protocol_name}.json')
@@ -178,8 +240,10 @@ def build_library(protocol_name: str, sources: Path, out: Path, grid: BoxGrid,
     lib_dir.mkdir(parents=True, exist_ok=True)
     lut, mapping = read_lut(sources, protocol)
     atomic_write_text(lib_dir / LUT_NAME, lut_to_tsv(lut))
-    entries = [build_entry(e, mapping, sources, lib_dir, grid, template_head, seed)
-               for e in protocol['entries']]
+    entries = [build_manual_entry(e, protocol, sources, lib_dir, grid, seed)
+               if 'manual' in e else
+               build_entry(e, mapping, sources, lib_dir, grid, template_head, seed)
+               for e in protocol['entries'] if e['name'] not in skip_entries]
     if mirror:
         if not np.isclose(grid.origin[0] + (grid.shape[0] - 1) * grid.spacing, -grid.origin[0]):
             raise ValueError('The working grid is not symmetric about x = 0: cannot mirror.')
@@ -194,12 +258,15 @@ def build_library(protocol_name: str, sources: Path, out: Path, grid: BoxGrid,
 
 def build_assets(sources: str | Path, out: str | Path, libraries=('suit',),
                  grid: BoxGrid = WORKING_GRID, seed: int = 0, mirror: bool = True,
-                 brainstem: bool = True, brainstem_navigator: str | Path | None = None) -> Path:
+                 brainstem: bool = True, brainstem_navigator: str | Path | None = None,
+                 skip_entries=()) -> Path:
     """Build every asset into ``out`` and write its manifest last (so a half build never loads).
 
     ``brainstem`` adds the brainstem label set (manifest section ``brainstem``, files in
     ``out/brainstem``); ``brainstem_navigator`` (a user's Brainstem Navigator folder) extends it
     with the Navigator's nuclei and marks the whole assets folder restricted.
+    ``skip_entries``: names of library entries not to build (tests: a library without the
+    manual map a case is made from).
     """
     from cerebseg.assets.brainstem_atlas import build_brainstem
     from cerebseg.assets.reference import build_reference
@@ -219,7 +286,7 @@ def build_assets(sources: str | Path, out: str | Path, libraries=('suit',),
     for name in libraries:
         LOGGER.info('Building atlas library %r', name)
         manifest['libraries'][name] = build_library(name, sources, out, grid, template_head,
-                                                    seed, mirror)
+                                                    seed, mirror, skip_entries)
     manifest['reference'] = build_reference(sources, out)
     if brainstem:
         LOGGER.info('Building the brainstem label set')
@@ -231,15 +298,18 @@ def build_assets(sources: str | Path, out: str | Path, libraries=('suit',),
     return out / MANIFEST
 
 
-def leave_out_entry(assets: Path, out: Path, entry: str) -> Path:
-    """An assets folder at ``out`` whose libraries lack ``entry`` and its mirror; the other files
-    are links to ``assets``. For leave-one-template-out validation: a case made from a
-    template is segmented without that template in the library."""
+def leave_out_entry(assets: Path, out: Path, entry: str | list[str]) -> Path:
+    """An assets folder at ``out`` whose libraries lack ``entry`` (one name or several) and
+    their mirrors; the other files are links to ``assets``. For leave-one-template-out
+    validation: a case made from a template is segmented without that template in the
+    library."""
     assets, out = Path(assets), Path(out)
+    names = {entry} if isinstance(entry, str) else set(entry)
     manifest = json.loads((assets / MANIFEST).read_text())
     gone = set()
     for lib in manifest['libraries'].values():
-        left_out = [e for e in lib['entries'] if entry in (e['name'], e.get('mirror_of'))]
+        left_out = [e for e in lib['entries']
+                    if names & {e['name'], e.get('mirror_of')}]
         gone.update(rel for e in left_out for rel in e['files'].values())
         lib['entries'] = [e for e in lib['entries'] if e not in left_out]
     if not gone:

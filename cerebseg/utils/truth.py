@@ -118,13 +118,34 @@ class _Displacement:
 
 
 def _sample(data: np.ndarray, inv_affine: np.ndarray, world: np.ndarray,
-            order: int) -> np.ndarray:
+            order: int, cval: float = 0.0) -> np.ndarray:
     """Read an array (world -> voxel ``inv_affine``) at world points (3, N): trilinear
-    (``order`` 1) or nearest (0); 0 outside."""
+    (``order`` 1) or nearest (0); ``cval`` outside."""
     from scipy import ndimage
 
     vox = inv_affine[:3, :3] @ world + inv_affine[:3, 3:4]
-    return ndimage.map_coordinates(data, vox, order=order, mode='constant', cval=0.0)
+    return ndimage.map_coordinates(data, vox, order=order, mode='constant', cval=cval)
+
+
+def _layers(source) -> list:
+    """An intensity source as a list of images, finest first (see :func:`make_case`)."""
+    return list(source) if isinstance(source, (list, tuple)) else [source]
+
+
+def _sample_layers(layers: list, world: np.ndarray) -> np.ndarray:
+    """Trilinear read of layered arrays: each point from the first layer whose grid holds it
+    (0 outside the last)."""
+    out = None
+    for i, (data, inv_affine) in enumerate(layers):
+        last = i == len(layers) - 1
+        if out is None:
+            out = _sample(data, inv_affine, world, 1, 0.0 if last else np.nan)
+            continue
+        missing = np.isnan(out)
+        if missing.any():
+            out[missing] = _sample(data, inv_affine, world[:, missing], 1,
+                                   0.0 if last else np.nan)
+    return out
 
 
 def _subsample_offsets(n: int) -> np.ndarray:
@@ -146,8 +167,9 @@ def _render(sources: dict, shape, affine, to_template, linear: np.ndarray, n_lab
     counts = np.zeros((n_labels, n_vox), np.uint8) if 'labels' in sources else None
     offsets = linear @ affine[:3, :3] @ _subsample_offsets(n_sub).T      # (3, n_sub^3) mm
     # each source read from disk once, not once per sub-sample and chunk
-    arrays = {k: (np.asarray(img.dataobj, np.int16 if k == 'labels' else np.float32),
-                  np.linalg.inv(img.affine)) for k, img in sources.items()}
+    arrays = {k: [(np.asarray(img.dataobj, np.int16 if k == 'labels' else np.float32),
+                   np.linalg.inv(img.affine)) for img in _layers(src)]
+              for k, src in sources.items()}
     grid = np.indices(shape).reshape(3, -1)
     for start in range(0, n_vox, chunk):
         vox = grid[:, start:start + chunk].astype(np.float64)
@@ -155,13 +177,13 @@ def _render(sources: dict, shape, affine, to_template, linear: np.ndarray, n_lab
         centre = to_template(affine[:3, :3] @ vox + affine[:3, 3:4])
         for off in offsets.T:
             tpl = centre + off[:, None]
-            for key, (data, inv_affine) in arrays.items():
+            for key, layers in arrays.items():
                 if key == 'labels':
-                    lab = _sample(data, inv_affine, tpl, 0).astype(np.int64)
+                    lab = _sample(*layers[0], tpl, 0).astype(np.int64)
                     lab[(lab < 0) | (lab >= n_labels)] = 0
                     np.add.at(counts, (lab, index), 1)
                 else:
-                    out[key][index] += _sample(data, inv_affine, tpl, 1) / offsets.shape[1]
+                    out[key][index] += _sample_layers(layers, tpl) / offsets.shape[1]
     res = {k: v.reshape(shape) for k, v in out.items()}
     if counts is not None:
         res['counts'] = counts.reshape((n_labels,) + tuple(shape))
@@ -183,18 +205,24 @@ def make_case(t1w, labels, *, seed: int, n_labels: int, t2w=None, spec: CaseSpec
     """An exact-truth case from a whole-brain template (nibabel ``t1w``, optional ``t2w``) and
     its atlas ``labels`` (nibabel, values ``0 .. n_labels - 1``, any grid in the same space).
 
+    ``t1w`` and ``t2w`` may each be a list of images in the same space, finest first: a point
+    is read from the first whose grid holds it (a 0.3 mm cerebellum painted from manual labels
+    over a 1 mm head, :mod:`cerebseg.assets.manual`); the last one's foreground sets the field
+    of view.
+
     ``grid`` / ``t2w_grid``: (voxel sizes, axis codes) of the native T1w / T2w grids (default:
     drawn from :data:`NATIVE_GRIDS`; the T2w gets another one, as a separate acquisition).
     """
     rng = np.random.default_rng(seed)
     fwd = random_affine(rng, spec)                       # template world -> subject world
     inv = np.linalg.inv(fwd)
-    data = np.asarray(t1w.dataobj, np.float32)
+    base = _layers(t1w)[-1]
+    data = np.asarray(base.dataobj, np.float32)
     fg = np.argwhere(data > 0.05 * np.percentile(data[data > 0], 99))
     corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], float)
     lo_v, hi_v = fg.min(0), fg.max(0)
     corner_vox = lo_v + corners * (hi_v - lo_v)
-    corner_world = (t1w.affine[:3, :3] @ corner_vox.T + t1w.affine[:3, 3:4]).T
+    corner_world = (base.affine[:3, :3] @ corner_vox.T + base.affine[:3, 3:4]).T
     subj = (fwd[:3, :3] @ corner_world.T + fwd[:3, 3:4]).T
     bbox = np.stack([subj.min(0), subj.max(0)])
     disp = _Displacement(rng, bbox + [[-spec.margin_mm], [spec.margin_mm]],

@@ -1,0 +1,336 @@
+"""End-to-end accuracy on real individual anatomy: the CoBrALab manual lobule maps, leave one map
+out.
+
+Truth: the three public manual maps of Park et al. 2014 (``brain1``-``brain3``, 0.3 mm, CERES
+protocol, in ``../shared/data/atlases/cerebellum/CoBrALab-manual``). Their images are not public,
+so each case's images are synthesised from its labels (:mod:`cerebseg.assets.manual`,
+:mod:`cerebseg.utils.synthesis`): the map is put into MNI152NLin2009cAsym's posterior fossa (the
+template bent around it), its cerebellum painted per tissue with random levels (grey matter,
+white-matter cores deeper than a random cortical thickness of 0.8-1.3 mm, corpus medullare, CSF
+in the sulci and fissures the labels leave unlabelled and a random share of the fissures they
+do not), scaled back to the map's own size, then put through a seeded random affine and a smooth
+displacement, sampled with 27 sub-samples per voxel on an anisotropic reoriented native grid,
+with bias, contrast change and Rician noise (:func:`cerebseg.utils.truth.make_case`). The truth
+is the map on that grid (majority of sub-samples; exact partial-volume volumes).
+
+Libraries (``--atlas-library cobra`` unless said), per fold, the case's own map and its mirror
+always left out:
+
+* ``template``: MNI152NLin2009cAsym with the CoBra atlas and its mirror (today's CERES library);
+* ``manual``: that plus the other two manual maps and their mirrors (real anatomy);
+* ``suit``: the default SUIT library (scored on the lobule groups only).
+
+Methods (rows): the real ``cerebseg`` command with each library; antsJointFusion (patch radius
+2, search radius 1) of the ANTs-registered entries of the ``manual`` library (``--registration
+ants`` run of the same library), as in ``accuracy.py``.
+
+Scores on the native T1w grid: mean Dice over the 24 CERES lobules; mean Dice over the 10
+lobule groups with sides and vermis merged (I-IV, V, VI, Crus I, Crus II, VIIB, VIIIA, VIIIB, IX,
+X; both protocols can be scored there); whole cerebellum Dice (the corpus medullare included);
+signed total volume error; mean absolute volume error of the 24 lobules and of the 10 groups;
+HD95 of the whole cerebellum.
+
+Usage::
+
+    python benchmarks/real_anatomy.py --assets-dir ASSETS --out BENCH/real \\
+        [--maps 1 2 3] [--seeds 1] [--methods template manual suit jlf] [--overlays DIR]
+
+``ASSETS`` must hold the ``cobra`` library with its manual entries (``cerebseg-assets build
+--library suit --library cobra``). Re-running with the same ``--out`` reuses the placed maps,
+the cases and the cerebseg work folders.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from accuracy import anat_file, box_to_native, hd95, overlay, save_case
+from baselines import joint_fusion
+from common import print_score_rows, run_cerebseg, summarise, write_scores_tsv
+
+from cerebseg.assets.build import entry_labels, leave_out_entry
+from cerebseg.workflows import workdir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data'))
+MAP = 'atlases/cerebellum/CoBrALab-manual/cerebellum/labels/brain{}_labels.mnc'
+TEMPLATE = 'templates/MNI152NLin2009cAsym/MNI152_2009_template.nii.gz'
+TEMPLATE_ENTRY = 'MNI152NLin2009cAsym'
+N_LABELS = 27                      # CERES: background, 12 lobules + CM per side
+LOBULES = [*range(1, 13), *range(14, 26)]
+GROUPS = ['I-IV', 'V', 'VI', 'Crus I', 'Crus II', 'VIIB', 'VIIIA', 'VIIIB', 'IX', 'X']
+#: CERES index -> group (the 12 lobules of each side; the corpus medullare has none)
+CERES_GROUP = {i + off: g for off in (0, 13) for i, g in
+               zip(range(1, 13), [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])}
+_SUIT_STEMS = {'I_IV': 0, 'V': 1, 'VI': 2, 'CrusI': 3, 'CrusII': 4, 'VIIb': 5, 'VIIIa': 6,
+               'VIIIb': 7, 'IX': 8, 'X': 9}
+
+
+def entry_name(k: int) -> str:
+    return f'CoBrALab-brain{k}'
+
+
+def placed_map(k: int, cache: Path):
+    """Map ``k`` put into the template (:func:`cerebseg.assets.manual.place_in_template`),
+    cached in ``cache``."""
+    from cerebseg.assets.manual import Placed, place_in_template, read_manual_map
+
+    files = {n: cache / f'brain{k}_{n}.nii.gz' for n in ('head', 'labels', 'tplcereb')}
+    meta_file = cache / f'brain{k}_placed.json'
+    if not meta_file.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        placed = place_in_template(read_manual_map(SHARED / MAP.format(k)),
+                                   nib.load(SHARED / TEMPLATE),
+                                   entry_labels(SHARED, 'cobra', TEMPLATE_ENTRY))
+        nib.save(placed.head, files['head'])
+        nib.save(placed.labels, files['labels'])
+        nib.save(nib.Nifti1Image(placed.template_cerebellum.astype(np.uint8),
+                                 placed.labels.affine), files['tplcereb'])
+        meta_file.write_text(json.dumps({'similarity': placed.similarity,
+                                         'scale': placed.scale}))
+    meta = json.loads(meta_file.read_text())
+    return Placed(head=nib.load(files['head']), labels=nib.load(files['labels']),
+                  template_cerebellum=np.asarray(nib.load(files['tplcereb']).dataobj) > 0,
+                  similarity=meta['similarity'], scale=meta['scale'])
+
+
+def write_case(bids: Path, truth_dir: Path, cache: Path, k: int, seed: int) -> str:
+    """One synthesised case of map ``k`` (skipped when written); returns its label."""
+    from cerebseg.assets.manual import manual_case
+
+    label = f'brain{k}s{seed}'
+    anat = bids / f'sub-{label}' / 'anat'
+    truth_file = truth_dir / f'sub-{label}_space-T1w_seg-cerebellum_dseg.nii.gz'
+    if truth_file.is_file() and (anat / f'sub-{label}_T1w.nii.gz').is_file():
+        return label
+    anat.mkdir(parents=True, exist_ok=True)
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    placed = placed_map(k, cache)
+    case, drawn = manual_case(placed, seed=1000 * k + seed)
+    save_case(case, anat, truth_dir, label, truth_file, map=MAP.format(k), **drawn)
+    return label
+
+
+def write_bids_root(bids: Path, labels: list[str]) -> None:
+    bids.mkdir(parents=True, exist_ok=True)
+    (bids / 'dataset_description.json').write_text(json.dumps(
+        {'Name': 'cerebseg real-anatomy cases (CoBrALab manual maps, synthesised images)',
+         'BIDSVersion': '1.10.0'}))
+    (bids / 'participants.tsv').write_text('participant_id\n' + ''.join(
+        f'sub-{lab}\n' for lab in labels))
+
+
+def group_table(lut_rows: list[tuple[int, str]]) -> dict[int, int]:
+    """Output label index -> lobule group, from the output's lookup table (CERES or SUIT
+    names)."""
+    names = dict(lut_rows)
+    if any('Cerebellar Lobule' in n or 'Cerebellar_Lobule' in n for n in names.values()):
+        return dict(CERES_GROUP)
+    out = {}
+    for index, name in names.items():
+        stem = name.split('_', 1)[1] if '_' in name else name
+        if stem in _SUIT_STEMS:
+            out[index] = _SUIT_STEMS[stem]
+    return out
+
+
+def to_groups(labels: np.ndarray, table: dict[int, int]) -> np.ndarray:
+    lut = np.zeros(max(int(labels.max(initial=0)), max(table)) + 1, np.int16)
+    for index, group in table.items():
+        lut[index] = group + 1
+    return lut[labels.astype(np.int64)]
+
+
+def score(pred: np.ndarray, truth: np.ndarray, truth_vol: np.ndarray, zooms,
+          pred_groups: dict[int, int], ceres: bool) -> dict:
+    from cerebseg.utils.evaluation import dice_per_label, whole_dice
+
+    voxel = float(np.prod(zooms))
+    truth_groups = to_groups(truth, CERES_GROUP)
+    groups = to_groups(pred, pred_groups)
+    g_truth_vol = np.zeros(len(GROUPS) + 1)
+    for index, group in CERES_GROUP.items():
+        g_truth_vol[group + 1] += truth_vol[index]
+    g_vol = np.bincount(groups.ravel(), minlength=len(GROUPS) + 1)[:len(GROUPS) + 1] * voxel
+    out = {'group_dice': float(np.nanmean(dice_per_label(groups, truth_groups,
+                                                         range(1, len(GROUPS) + 1)))),
+           'whole_dice': whole_dice(pred, truth),
+           'volume_error_pct': float(((pred > 0).sum() * voxel / truth_vol[1:].sum() - 1) * 100),
+           'group_volume_abs_error_pct': float(np.mean(np.abs(g_vol[1:] / g_truth_vol[1:] - 1))
+                                               * 100),
+           'hd95_mm': hd95(pred > 0, truth > 0, zooms),
+           'volume_ml': float((pred > 0).sum() * voxel / 1000)}
+    if ceres:
+        dice = dice_per_label(pred, truth, LOBULES)
+        vols = np.bincount(pred.ravel().astype(np.int64), minlength=N_LABELS)[:N_LABELS] * voxel
+        out['lobule_dice'] = float(np.nanmean(dice))
+        out['lobule_volume_abs_error_pct'] = float(np.mean(np.abs(
+            vols[LOBULES] / truth_vol[LOBULES] - 1)) * 100)
+        out['per_lobule_dice'] = dice.round(4).tolist()
+    else:
+        out['lobule_dice'] = out['lobule_volume_abs_error_pct'] = float('nan')
+    return out
+
+
+def lobule_overlay(path: Path, image: np.ndarray, pred: np.ndarray, truth: np.ndarray,
+                   title: str) -> None:
+    """Three planes through the truth's centre: the image, the truth's lobule boundaries
+    (green) and the prediction's (red). Boundaries belong on the fissures."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from scipy import ndimage
+
+    def edges(lab):
+        return ndimage.morphological_gradient(lab.astype(np.int16), size=2) > 0
+
+    centre = [int(c) for c in np.argwhere(truth > 0).mean(0)]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6))
+    for axis, ax in enumerate(axes):
+        sl = [slice(None)] * 3
+        sl[axis] = centre[axis]
+        sl = tuple(sl)
+        box = np.argwhere(truth[sl] > 0)
+        lo, hi = box.min(0) - 8, box.max(0) + 8
+        crop = (slice(max(lo[0], 0), hi[0]), slice(max(lo[1], 0), hi[1]))
+        ax.imshow(image[sl][crop].T, origin='lower', cmap='gray', interpolation='nearest')
+        for lab, cmap in ((truth, 'summer'), (pred, 'autumn')):
+            e = edges(lab[sl][crop]).T
+            ax.imshow(np.ma.masked_where(~e, e), origin='lower', cmap=cmap, alpha=0.7,
+                      interpolation='nearest')
+        ax.set_axis_off()
+    fig.suptitle(title + '  (green: truth boundaries, red: cerebseg)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def read_lut_rows(path: Path) -> list[tuple[int, str]]:
+    from cerebseg.utils.native import read_lut_tsv
+
+    return [(int(r['index']), r['name']) for r in read_lut_tsv(path)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--assets-dir', type=Path, required=True)
+    parser.add_argument('--out', type=Path, required=True)
+    parser.add_argument('--maps', type=int, nargs='+', default=[1, 2, 3], choices=[1, 2, 3])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[1])
+    parser.add_argument('--methods', nargs='+', default=['template', 'manual', 'suit', 'jlf'],
+                        choices=['template', 'manual', 'suit', 'jlf'])
+    parser.add_argument('--tsv', type=Path, default=None)
+    parser.add_argument('--overlays', type=Path, default=None)
+    opts = parser.parse_args(argv)
+    os.environ.setdefault('NIPYPE_NO_ET', '1')
+    out = opts.out.resolve()
+    bids, truth_dir, cache = out / 'bids', out / 'truth', out / 'anatomy'
+    assets = opts.assets_dir.resolve()
+    lib = json.loads((assets / 'manifest.json').read_text())['libraries'].get('cobra')
+    manual = [entry_name(k) for k in (1, 2, 3)]
+    if lib is None or not set(manual) <= {e['name'] for e in lib['entries']}:
+        parser.error(f'{assets}: no cobra library with the manual entries {manual}; build it '
+                     'with cerebseg-assets build --library suit --library cobra')
+    folds = {}
+    for k in opts.maps:
+        for seed in opts.seeds:
+            tic = time.perf_counter()
+            folds.setdefault(k, []).append(write_case(bids, truth_dir, cache, k, seed))
+            print(f'case sub-{folds[k][-1]}: {time.perf_counter() - tic:.0f} s', flush=True)
+    labels = [lab for k in folds for lab in folds[k]]
+    write_bids_root(bids, labels)
+
+    template_only = leave_out_entry(assets, out / 'assets-template', manual)
+    runs = {'template': ('cerebseg --atlas-library cobra, template library (CoBra)',
+                         ['--atlas-library', 'cobra']),
+            'manual': ('cerebseg --atlas-library cobra, template + other manual maps',
+                       ['--atlas-library', 'cobra']),
+            'suit': ('cerebseg (default SUIT library)', []),
+            'jlf': ('ANTs SyN + antsJointFusion, template + other manual maps',
+                    ['--atlas-library', 'cobra', '--registration', 'ants'])}
+    results, times = {}, {}
+    for key in [m for m in runs if m in opts.methods]:
+        name, extra = runs[key]
+        for k, fold_labels in folds.items():
+            lib_dir = template_only if key in ('template', 'suit') else leave_out_entry(
+                assets, out / f'assets-lomo{k}', entry_name(k))
+            dst = out / f'out-{key}'
+            work = out / f'work-{key}'
+            times[name] = times.get(name, 0.0) + run_cerebseg(
+                bids, dst, work, lib_dir, ['--participant-label', *fold_labels, '--t1-only',
+                                           '--skip-brainstem', '--models', 'none', *extra],
+                out / f'{dst.name}.log')
+            for lab in fold_labels:
+                if key != 'jlf':
+                    results.setdefault(name, {})[lab] = (
+                        nib.load(anat_file(dst, lab, 'space-T1w_seg-cerebellum_dseg.nii.gz')),
+                        read_lut_rows(dst / 'seg-cerebellum_dseg.tsv'))
+                    continue
+                cached = out / 'jlf' / f'sub-{lab}_space-T1w_dseg.nii.gz'
+                if not cached.is_file():
+                    wf = workdir.run_folder(work, f'sub-{lab}')
+                    n = len(json.loads((lib_dir / 'manifest.json').read_text())
+                            ['libraries']['cobra']['entries'])
+                    tic = time.perf_counter()
+                    fused, aff = joint_fusion(wf / workdir.REGISTER_DIR, wf / workdir.T1_BOX, n)
+                    times['antsJointFusion (fusion only)'] = times.get(
+                        'antsJointFusion (fusion only)', 0.0) + time.perf_counter() - tic
+                    native_ref = nib.load(bids / f'sub-{lab}' / 'anat' / f'sub-{lab}_T1w.nii.gz')
+                    xfm = str(anat_file(dst, lab,
+                                        'from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.mat'))
+                    cached.parent.mkdir(exist_ok=True)
+                    nib.save(nib.Nifti1Image(box_to_native(fused, aff, native_ref, xfm),
+                                             native_ref.affine), cached)
+                results.setdefault(name, {})[lab] = (
+                    nib.load(cached), read_lut_rows(dst / 'seg-cerebellum_dseg.tsv'))
+        print(f'{name}: {times[name]:.0f} s for {len(labels)} case(s)', flush=True)
+
+    keys = ['lobule_dice', 'group_dice', 'whole_dice', 'volume_error_pct',
+            'lobule_volume_abs_error_pct', 'group_volume_abs_error_pct', 'hd95_mm']
+    per_case = []
+    for method, by_case in results.items():
+        for lab, (img, lut_rows) in by_case.items():
+            truth = nib.load(truth_dir / f'sub-{lab}_space-T1w_seg-cerebellum_dseg.nii.gz')
+            meta = json.loads((truth_dir / f'sub-{lab}_truth.json').read_text())
+            pred = np.asarray(img.dataobj)
+            ceres = len(lut_rows) == N_LABELS
+            s = score(pred, np.asarray(truth.dataobj), np.asarray(meta['volumes_mm3']),
+                      truth.header.get_zooms()[:3], group_table(lut_rows), ceres)
+            per_case.append((method, lab, s))
+            print(f'{method}, sub-{lab}: lobules {s["lobule_dice"]:.3f}, groups '
+                  f'{s["group_dice"]:.3f}, whole {s["whole_dice"]:.3f}, volume '
+                  f'{s["volume_error_pct"]:+.1f} %', flush=True)
+            if opts.overlays:
+                opts.overlays.mkdir(parents=True, exist_ok=True)
+                t1 = np.asarray(nib.load(bids / f'sub-{lab}' / 'anat' /
+                                         f'sub-{lab}_T1w.nii.gz').dataobj)
+                slug = ''.join(c if c.isalnum() else '-' for c in method).strip('-')[:60]
+                tru = np.asarray(truth.dataobj)
+                title = (f'sub-{lab}, {method}: groups {s["group_dice"]:.3f}, whole '
+                         f'{s["whole_dice"]:.3f}, volume {s["volume_error_pct"]:+.1f} %')
+                overlay(opts.overlays / f'sub-{lab}_{slug}_whole.png', t1, pred, tru, title)
+                lobule_overlay(opts.overlays / f'sub-{lab}_{slug}_lobules.png', t1,
+                               to_groups(pred, group_table(lut_rows)),
+                               to_groups(tru, CERES_GROUP), title)
+    rows = summarise(per_case, keys)
+    print(f'\nReal anatomy (CoBrALab manual maps, synthesised T1w), native grid, leave one map '
+          f'out, {len(labels)} case(s); mean (sd) over cases\n')
+    print('| method | mean Dice, 24 CERES lobules | mean Dice, 10 lobule groups | whole '
+          'cerebellum Dice | total volume error % | mean abs lobule volume error % | mean abs '
+          'group volume error % | HD95 mm | volume error per case % |')
+    print('|---' * 9 + '|')
+    print_score_rows(rows, keys, dice_digits=3)
+    print('\nWall time (2 cores):', ', '.join(f'{k} {v / len(labels):.0f} s per case'
+                                             for k, v in times.items()))
+    if opts.tsv:
+        write_scores_tsv(opts.tsv, per_case, keys)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
