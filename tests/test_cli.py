@@ -193,6 +193,8 @@ def test_end_to_end_real_subject(real_run):
     meta = json.loads((anat / 'sub-01_space-T1w_seg-cerebellum_dseg.json').read_text())
     assert meta['Mode'] == 'T1w' and meta['Sources'] == ['bids:raw:sub-01/anat/sub-01_T1w.nii.gz']
     assert meta['TemplateFitCorrelation'] > 0.3 and meta['IntracranialVolume_mm3'] > 9e5
+    assert meta['LabelProtocol'].startswith('the SUIT protocol (Diedrichsen 2009)')
+    assert meta['LabelProtocol'] in meta['Description']
     nets = meta['Method']['Networks']
     assert nets['Inputs'] == 'T1w+prior'
     assert [n['Architecture'] for n in nets['Lobules']['Networks']] == ['unet', 'dpn']

@@ -109,3 +109,20 @@ def test_manual_map_reads_as_ceres_labels(shared_data):
     x = lambda v: (img.affine[:3, :3] @ v + img.affine[:3, 3])[0]
     assert x(left) < -10 < 10 < x(right)
     assert 90 < (data > 0).sum() * 0.027 / 1000 < 140
+
+
+@pytest.mark.integration
+def test_library_sources_are_listed_with_their_checksums(shared_data):
+    """`cerebseg-assets fetch` downloads what `build` reads: every file of every library entry
+    (the manual maps included) is in sources.json, with the sha256 of the shared copy."""
+    from cerebseg.assets import available_protocols, package_json
+    from cerebseg.utils.images import sha256sum
+
+    listed = {f['path']: f['sha256'] for f in package_json('sources.json')['files']}
+    for name in available_protocols():
+        protocol = package_json(f'protocols/{name}.json')
+        for entry in protocol['entries']:
+            for key in ('t1w', 't2w', 'dseg', 'manual'):
+                if entry.get(key):
+                    assert entry[key] in listed, f'{name}/{entry["name"]}: {entry[key]}'
+                    assert sha256sum(shared_data / entry[key]) == listed[entry[key]]

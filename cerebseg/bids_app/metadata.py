@@ -62,6 +62,17 @@ def cnn_meta(cnn: dict) -> dict:
                     'uncertainty map', 'Inputs': cnn['variant'], **stages}
 
 
+def protocol_summary(name: str) -> str:
+    """What a label protocol labels, in words (its ``summary``; the name for a protocol
+    unknown to this version)."""
+    from cerebseg.assets import package_json
+
+    try:
+        return package_json(f'protocols/{name}.json')['summary']
+    except (FileNotFoundError, KeyError):
+        return f'label protocol {name}'
+
+
 def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) -> dict:
     """The sidecar of the cerebellum label map of one run."""
     from cerebseg import __version__
@@ -71,8 +82,7 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
 
     sources = [bids_uri(run.t1w)] + ([bids_uri(run.t2w)] if run.t2w else [])
     meta = {
-        'Description': 'Cerebellar lobules and deep nuclei (label protocol: '
-                       f'{library["name"]}) by '
+        'Description': f'Cerebellar labels following {protocol_summary(library["name"])} by '
                        + ('the DeepCeres CNN cascade with a multi-atlas prior.' if cnn else
                           'multi-atlas segmentation.'),
         'Sources': sources,
@@ -91,6 +101,7 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
             'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
                            'affine, then the most probable label.',
         },
+        'LabelProtocol': protocol_summary(library['name']),
         'AtlasLibrary': {'Name': library['name'], 'Citation': library['citation'],
                          'Licence': library['licence'],
                          'Entries': [e['name'] for e in library['entry_info']]},

@@ -33,8 +33,8 @@ FIGURES = (
     ('_desc-coreg_T2w.svg', 'registration',
      'T2w to T1w (rigid). The two alternate on the T1w grid; edges should not jump.'),
     ('_seg-cerebellum_dseg.svg', 'cerebellum',
-     'Cerebellar lobules and deep nuclei on the T1w, in native space (the volumes are '
-     'counted on this grid). Colours: seg-cerebellum_dseg.tsv.'),
+     'Cerebellar labels on the T1w, in native space (the volumes are counted on this '
+     'grid); the protocol is named in the methods below. Colours: seg-cerebellum_dseg.tsv.'),
     ('_seg-brainstem_dseg.svg', 'brainstem',
      'Brainstem parts (midbrain, pons, medulla; grey and white matter) and nuclei on the '
      'T1w, in native space. Colours: seg-brainstem_dseg.tsv.'),
@@ -307,8 +307,9 @@ def _methods(results: dict) -> str:
     if cer:
         method = cer.get('Method', {})
         lib = cer.get('AtlasLibrary', {})
-        text.append(f'The cerebellum was segmented into lobules and deep nuclei '
-                    f'(protocol {_e(lib.get("Name", "?"))} [{_e(lib.get("Citation", ""))}]) '
+        protocol = cer.get('LabelProtocol') or f'protocol {lib.get("Name", "?")}'
+        text.append(f'The cerebellum was segmented following {_e(protocol)} '
+                    f'[{_e(lib.get("Citation", ""))}] '
                     f'by {_e(method.get("Name", "?"))}: {_e(method.get("Registration", ""))} '
                     f'{_e(method.get("Fusion", ""))} Networks, when used, follow DeepCERES '
                     '[cerebellum].')
