@@ -180,7 +180,7 @@ def score(pred: np.ndarray, truth: np.ndarray, truth_vol: np.ndarray, zooms,
 def lobule_overlay(path: Path, image: np.ndarray, pred: np.ndarray, truth: np.ndarray,
                    title: str) -> None:
     """Three planes through the truth's centre: the image, the truth's lobule boundaries
-    (green) and the prediction's (red). Boundaries belong on the fissures."""
+    (green) and the method's (red). Boundaries belong on the fissures."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -204,7 +204,7 @@ def lobule_overlay(path: Path, image: np.ndarray, pred: np.ndarray, truth: np.nd
             ax.imshow(np.ma.masked_where(~e, e), origin='lower', cmap=cmap, alpha=0.7,
                       interpolation='nearest')
         ax.set_axis_off()
-    fig.suptitle(title + '  (green: truth boundaries, red: cerebseg)')
+    fig.suptitle(title + '  (green: truth boundaries, red: this method)')
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -102,3 +102,19 @@ def assets_dir(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp('assets')
     build_assets(shared_data, out, libraries=('suit',))
     return out
+
+
+def write_case_bids(root: Path, label: str, case, name: str) -> Path:
+    """A one-participant BIDS dataset at ``root`` holding an exact-truth case's T1w
+    (:func:`cerebseg.utils.truth.make_case`) as ``sub-<label>``."""
+    import json
+
+    import nibabel as nib
+
+    anat = root / f'sub-{label}' / 'anat'
+    anat.mkdir(parents=True)
+    (root / 'dataset_description.json').write_text(json.dumps(
+        {'Name': name, 'BIDSVersion': '1.10.0'}))
+    nib.save(nib.Nifti1Image(np.rint(case.t1w).astype(np.int16), case.affine),
+             anat / f'sub-{label}_T1w.nii.gz')
+    return root

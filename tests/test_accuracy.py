@@ -5,6 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_case_bids
 
 from cerebseg.assets.build import leave_out_entry
 from cerebseg.bids_app.run import main
@@ -50,13 +51,7 @@ def test_exact_truth_case_end_to_end(shared_data, assets_dir, tmp_path):
     issue 9's 0.95 is not reached yet with the template left out)."""
     case = make_case(nib.load(shared_data / T1W), nib.load(shared_data / DSEG), seed=11,
                      n_labels=35)
-    bids = tmp_path / 'bids'
-    anat = bids / 'sub-truth' / 'anat'
-    anat.mkdir(parents=True)
-    (bids / 'dataset_description.json').write_text(json.dumps(
-        {'Name': 'exact truth', 'BIDSVersion': '1.10.0'}))
-    nib.save(nib.Nifti1Image(np.rint(case.t1w).astype(np.int16), case.affine),
-             anat / 'sub-truth_T1w.nii.gz')
+    bids = write_case_bids(tmp_path / 'bids', 'truth', case, 'exact truth')
     loo = leave_out_entry(assets_dir, tmp_path / 'assets', 'MNI152NLin6AsymC')
     manifest = json.loads((loo / 'manifest.json').read_text())
     assert 'MNI152NLin6AsymC' not in [e['name'] for e in manifest['libraries']['suit']['entries']]
