@@ -2,7 +2,8 @@
 (CoBrALab brain1, its image synthesised from the labels) segmented by the real command with
 ``--atlas-library cobra``, from a library without that map (the CoBra template and its mirror:
 the other manual maps' entries cost 2 min each to build, and add +0.01 lobule Dice on the
-benchmark). Scored on the native grid against the map."""
+benchmark). The map is painted at 0.5 mm (the benchmark: 0.3 mm) for CI time. Scored on the
+native grid against the map."""
 import json
 
 import nibabel as nib
@@ -30,9 +31,16 @@ def test_real_anatomy_case_end_to_end(shared_data, tmp_path):
     names = [e['name'] for e in library['entries']]
     assert names == ['MNI152NLin2009cAsym', 'MNI152NLin2009cAsymMirror']
 
-    placed = place_in_template(read_manual_map(shared_data / MAP.format(1)),
-                               nib.load(shared_data / TEMPLATE),
-                               entry_labels(shared_data, 'cobra', 'MNI152NLin2009cAsym'))
+    manual = read_manual_map(shared_data / MAP.format(1))
+    data = np.asarray(manual.dataobj)
+    assert set(np.unique(data).tolist()) == set(range(27))      # CERES indices, all present
+    assert manual.header.get_zooms()[:3] == pytest.approx((0.3, 0.3, 0.3))
+    x_left, x_right = (nib.affines.apply_affine(manual.affine, np.argwhere(data == v).mean(0))[0]
+                       for v in (5, 18))                         # left and right VI, RAS world
+    assert x_left < -10 < 10 < x_right
+    placed = place_in_template(manual, nib.load(shared_data / TEMPLATE),
+                               entry_labels(shared_data, 'cobra', 'MNI152NLin2009cAsym'),
+                               spacing=0.5)
     case, _ = manual_case(placed, seed=7, supersample=2)
     bids = write_case_bids(tmp_path / 'bids', 'brain1', case, 'real anatomy')
     out = tmp_path / 'out'
@@ -53,6 +61,6 @@ def test_real_anatomy_case_end_to_end(shared_data, tmp_path):
     assert abs(error) <= THRESHOLDS['volume'], message
 
 
-#: a little under what this case measured (24 lobules 0.727, whole 0.920, total volume +3.6 %;
+#: a little under what this case measured (24 lobules 0.728, whole 0.921, total volume +4.4 %;
 #: the benchmark's three cases with this library: 0.724-0.806, 0.924-0.937, +2.7 ... +6.5 %)
 THRESHOLDS = {'lobules': 0.70, 'whole': 0.90, 'volume': 0.07}

@@ -14,8 +14,6 @@ from cerebseg.utils.synthesis import (
 )
 from cerebseg.utils.truth import CaseSpec, make_case
 
-MANUAL = 'atlases/cerebellum/CoBrALab-manual/cerebellum/labels/brain{}_labels.mnc'
-
 
 def test_manual_values_to_ceres_indices():
     data = np.array([0, 1, 13, 101, 113, 114, 221, 7.0000001])
@@ -93,22 +91,6 @@ def test_layered_sources_read_the_finest_first():
     centre, corner = case.t1w[20, 20, 20], case.t1w[5, 5, 5]
     assert centre == pytest.approx(3 * corner, rel=0.01)
     assert case.volumes_mm3[1] == pytest.approx(10 ** 3, rel=0.01)
-
-
-@pytest.mark.integration
-def test_manual_map_reads_as_ceres_labels(shared_data):
-    from cerebseg.assets.manual import read_manual_map
-
-    img = read_manual_map(shared_data / MANUAL.format(3))
-    data = np.asarray(img.dataobj)
-    assert set(np.unique(data).tolist()) == set(range(27))       # brain3's strays gone
-    assert img.header.get_zooms()[:3] == pytest.approx((0.3, 0.3, 0.3))
-    # left lobules lie at negative x (RAS world), the volume is the map's
-    left = np.argwhere(data == 5).mean(0)
-    right = np.argwhere(data == 18).mean(0)
-    x = lambda v: (img.affine[:3, :3] @ v + img.affine[:3, 3])[0]
-    assert x(left) < -10 < 10 < x(right)
-    assert 90 < (data > 0).sum() * 0.027 / 1000 < 140
 
 
 @pytest.mark.integration
