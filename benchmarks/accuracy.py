@@ -61,7 +61,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from baselines import joint_fusion, syn_full
-from common import print_score_rows, run_cerebseg, summarise, write_scores_tsv
+from common import print_score_table, run_cerebseg, write_scores_tsv
 
 from cerebseg.assets.build import leave_out_entry
 from cerebseg.workflows import workdir
@@ -100,18 +100,29 @@ def source_labels(protocol: str) -> nib.Nifti1Image:
     return nib.Nifti1Image(relabel(np.asarray(src.dataobj), mapping), src.affine)
 
 
+def case_folders(bids: Path, truth_dir: Path, label: str,
+                 seg: str = 'seg-cerebellum') -> tuple[Path, Path] | None:
+    """The anat folder and ``seg`` truth file of case ``label``, their folders made; None when
+    the case is already written (its T1w and truth exist)."""
+    anat = bids / f'sub-{label}' / 'anat'
+    truth_file = truth_dir / f'sub-{label}_space-T1w_{seg}_dseg.nii.gz'
+    if truth_file.is_file() and (anat / f'sub-{label}_T1w.nii.gz').is_file():
+        return None
+    anat.mkdir(parents=True, exist_ok=True)
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    return anat, truth_file
+
+
 def write_case(bids: Path, truth_dir: Path, seed: int, t2w: bool, protocol: str = 'suit') -> str:
     """Make one case (skipped when already written); returns its participant label."""
     from cerebseg.utils.truth import make_case
 
     source = PROTOCOLS[protocol]
     label = f'{source["prefix"]}{seed}'
-    anat = bids / f'sub-{label}' / 'anat'
-    truth_file = truth_dir / f'sub-{label}_space-T1w_seg-cerebellum_dseg.nii.gz'
-    if truth_file.is_file() and (anat / f'sub-{label}_T1w.nii.gz').is_file():
+    todo = case_folders(bids, truth_dir, label)
+    if todo is None:
         return label
-    anat.mkdir(parents=True, exist_ok=True)
-    truth_dir.mkdir(parents=True, exist_ok=True)
+    anat, truth_file = todo
     if t2w and not source['t2w']:
         raise SystemExit(f'protocol {protocol}: no T2w template to make T1w+T2w cases from')
     case = make_case(nib.load(SHARED / source['t1w']), source_labels(protocol),
@@ -513,21 +524,18 @@ def main(argv=None) -> int:
                         f'sub-{lab}, {method}: whole Dice {s["whole_dice"]:.3f}, volume '
                         f'{s["volume_error_pct"]:+.1f} %')
             per_case.append((method, lab, s))
-    rows = summarise(per_case, keys)
     design = 'OWN TEMPLATE IN THE LIBRARY (ceiling)' if opts.keep_own_template else \
         'leave-one-template-out'
     print(f'\nExact truth, native T1w grid, {design}, {len(labels)} case(s)'
           f' ({"T1w+T2w" if opts.t2w else "T1w"}); mean (sd) over cases\n')
     spec = PROTOCOLS[opts.protocol]
     print(f'Protocol {opts.protocol}; library: ' + ', '.join(entries) + '\n')
-    print(f'| method | mean lobular Dice ({len(spec["lobular"])}) | mean Dice, all '
-          f'{spec["n_labels"] - 1} labels | whole-cerebellum Dice | total volume error % | mean '
-          f'abs lobule volume error % | mean abs {spec["other"]} volume error % (truth >= '
-          f'{MIN_TRUTH_ML} mL) | HD95 mm | volume error per case % |')
-    print('|---' * 9 + '|')
-    print_score_rows(rows, keys, dice_digits=4)
-    print('\nWall time (2 cores):', ', '.join(f'{k} {v / len(labels):.0f} s per case'
-                                             for k, v in times.items()))
+    print_score_table(per_case, keys, [
+        f'mean lobular Dice ({len(spec["lobular"])})',
+        f'mean Dice, all {spec["n_labels"] - 1} labels', 'whole-cerebellum Dice',
+        'total volume error %', 'mean abs lobule volume error %',
+        f'mean abs {spec["other"]} volume error % (truth >= {MIN_TRUTH_ML} mL)', 'HD95 mm'],
+        times, len(labels), dice_digits=4)
     if stages:
         print('\nCerebellum volume (mL) per stage')
         for (name, lab), st in stages.items():

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from accuracy import anat_file, box_to_native, hd95, save_case, write_bids_root
-from common import print_score_rows, run_cerebseg, summarise, write_scores_tsv
+from accuracy import anat_file, box_to_native, case_folders, hd95, save_case, write_bids_root
+from common import print_score_table, run_cerebseg, write_scores_tsv
 
 from cerebseg.utils.brainstem_parts import PARTS
 from cerebseg.workflows import workdir
@@ -58,12 +58,10 @@ def write_case(bids: Path, truth_dir: Path, seed: int, labels: nib.Nifti1Image,
     from cerebseg.utils.truth import make_case
 
     label = f'bs{seed}'
-    anat = bids / f'sub-{label}' / 'anat'
-    truth_file = truth_dir / f'sub-{label}_space-T1w_{SEG}_dseg.nii.gz'
-    if truth_file.is_file() and (anat / f'sub-{label}_T1w.nii.gz').is_file():
+    todo = case_folders(bids, truth_dir, label, SEG)
+    if todo is None:
         return label
-    anat.mkdir(parents=True, exist_ok=True)
-    truth_dir.mkdir(parents=True, exist_ok=True)
+    anat, truth_file = todo
     case = make_case(nib.load(SHARED / T1W), labels, seed=seed, n_labels=n_labels)
     save_case(case, anat, truth_dir, label, truth_file)
     return label
@@ -193,15 +191,11 @@ def main(argv=None) -> int:
             s = score(np.asarray(img.dataobj), np.asarray(truth.dataobj),
                       np.asarray(meta['volumes_mm3']), lut, truth.header.get_zooms()[:3])
             per_case.append((method, lab, s))
-    rows = summarise(per_case, keys)
     print(f'\nBrainstem, exact truth, native T1w grid, {len(cases)} case(s); mean (sd)\n')
-    print('| method | whole Dice | midbrain Dice | pons Dice | medulla Dice | mean nucleus Dice '
-          '| total volume error % | mean abs part volume error % | mean abs nucleus volume '
-          'error % | HD95 mm | volume error per case % |')
-    print('|---' * 11 + '|')
-    print_score_rows(rows, keys, dice_digits=3)
-    print('\nWall time (2 cores): ' + ', '.join(f'{k} {v / len(cases):.0f} s per case'
-                                            for k, v in times.items()))
+    print_score_table(per_case, keys, [
+        'whole Dice', 'midbrain Dice', 'pons Dice', 'medulla Dice', 'mean nucleus Dice',
+        'total volume error %', 'mean abs part volume error %',
+        'mean abs nucleus volume error %', 'HD95 mm'], times, len(cases), dice_digits=3)
     if opts.tsv:
         write_scores_tsv(opts.tsv, per_case, keys)
     return 0

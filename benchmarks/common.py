@@ -59,6 +59,20 @@ def print_score_rows(rows: list[tuple], keys: list[str], dice_digits: int = 4) -
               + ', '.join(f'{v:+.1f}' for v in per) + ' |')
 
 
+def print_score_table(per_case: list[tuple[str, str, dict]], keys: list[str],
+                      columns: list[str], times: dict[str, float], n_cases: int,
+                      dice_digits: int = 4) -> None:
+    """The markdown table of ``per_case`` (one column per key, named by ``columns``, between
+    the method and the volume error of each case), then the wall time of each method per
+    case."""
+    head = ['method', *columns, 'volume error per case %']
+    print('| ' + ' | '.join(head) + ' |')
+    print('|---' * len(head) + '|')
+    print_score_rows(summarise(per_case, keys), keys, dice_digits)
+    print('\nWall time (2 cores): ' + ', '.join(f'{k} {v / n_cases:.0f} s per case'
+                                            for k, v in times.items()))
+
+
 def write_scores_tsv(path: Path, per_case: list[tuple[str, str, dict]], keys: list[str]) -> None:
     """One row per method and case: the scores ``keys`` and ``volume_ml``."""
     cols = keys + ['volume_ml']

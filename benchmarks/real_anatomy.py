@@ -49,9 +49,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from accuracy import anat_file, box_to_native, hd95, overlay, save_case
+from accuracy import anat_file, box_to_native, case_folders, hd95, overlay, save_case
 from baselines import joint_fusion
-from common import print_score_rows, run_cerebseg, summarise, write_scores_tsv
+from common import print_score_table, run_cerebseg, write_scores_tsv
 
 from cerebseg.assets.build import entry_labels, leave_out_entry
 from cerebseg.workflows import workdir
@@ -104,12 +104,10 @@ def write_case(bids: Path, truth_dir: Path, cache: Path, k: int, seed: int) -> s
     from cerebseg.assets.manual import manual_case
 
     label = f'brain{k}s{seed}'
-    anat = bids / f'sub-{label}' / 'anat'
-    truth_file = truth_dir / f'sub-{label}_space-T1w_seg-cerebellum_dseg.nii.gz'
-    if truth_file.is_file() and (anat / f'sub-{label}_T1w.nii.gz').is_file():
+    todo = case_folders(bids, truth_dir, label)
+    if todo is None:
         return label
-    anat.mkdir(parents=True, exist_ok=True)
-    truth_dir.mkdir(parents=True, exist_ok=True)
+    anat, truth_file = todo
     placed = placed_map(k, cache)
     case, drawn = manual_case(placed, seed=1000 * k + seed)
     save_case(case, anat, truth_dir, label, truth_file, map=MAP.format(k), **drawn)
@@ -317,16 +315,12 @@ def main(argv=None) -> int:
                 lobule_overlay(opts.overlays / f'sub-{lab}_{slug}_lobules.png', t1,
                                to_groups(pred, group_table(lut_rows)),
                                to_groups(tru, CERES_GROUP), title)
-    rows = summarise(per_case, keys)
     print(f'\nReal anatomy (CoBrALab manual maps, synthesised T1w), native grid, leave one map '
           f'out, {len(labels)} case(s); mean (sd) over cases\n')
-    print('| method | mean Dice, 24 CERES lobules | mean Dice, 10 lobule groups | whole '
-          'cerebellum Dice | total volume error % | mean abs lobule volume error % | mean abs '
-          'group volume error % | HD95 mm | volume error per case % |')
-    print('|---' * 9 + '|')
-    print_score_rows(rows, keys, dice_digits=3)
-    print('\nWall time (2 cores):', ', '.join(f'{k} {v / len(labels):.0f} s per case'
-                                             for k, v in times.items()))
+    print_score_table(per_case, keys, [
+        'mean Dice, 24 CERES lobules', 'mean Dice, 10 lobule groups', 'whole cerebellum Dice',
+        'total volume error %', 'mean abs lobule volume error %',
+        'mean abs group volume error %', 'HD95 mm'], times, len(labels), dice_digits=3)
     if opts.tsv:
         write_scores_tsv(opts.tsv, per_case, keys)
     return 0

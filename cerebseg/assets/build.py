@@ -167,12 +167,8 @@ def build_manual_entry(entry: dict, protocol: dict, sources: Path, out: Path, gr
     The template is MNI152NLin2009cAsym, so no registration to it is needed."""
     import ants
 
-    from cerebseg.assets.manual import (
-        TEMPLATE_LEVELS,
-        detail_image,
-        place_in_template,
-        read_manual_map,
-    )
+    from cerebseg.assets.manual import (TEMPLATE_LEVELS, detail_image, place_in_template,
+                                        read_manual_map)
 
     into = next((e for e in protocol['entries'] if e['name'] == entry['into']), None)
     if into is None or 'manual' in into:
@@ -189,9 +185,9 @@ def build_manual_entry(entry: dict, protocol: dict, sources: Path, out: Path, gr
     t1 = ants.resample_image_to_target(fine, ref, 'linear').numpy()
     vox = np.indices(ref.shape).reshape(3, -1).astype(float)
     world = grid.affine[:3, :3] @ vox + grid.affine[:3, 3:4]
+    far = detail.affine[:3, :3] @ (np.array(detail.shape) - 1) + detail.affine[:3, 3]
     inside = np.all([(w >= lo) & (w <= hi) for w, lo, hi in
-                     zip(world, detail.affine[:3, 3],
-                         detail.affine[:3, 3] + 0.3 * (np.array(detail.shape) - 1))], axis=0)
+                     zip(world, detail.affine[:3, 3], far)], axis=0)
     coarse = ants.resample_image_to_target(nib_to_ants(placed.head), ref, 'linear').numpy()
     t1 = np.where(inside.reshape(ref.shape), t1, coarse)
     dseg = ants.resample_image_to_target(nib_to_ants(placed.labels), ref, 'genericLabel')

@@ -95,7 +95,8 @@ def place_in_template(labels: nib.Nifti1Image, template_head: nib.Nifti1Image,
     fixed = _smooth_mask(tpl_mask)
     man = nib_to_ants(nib.Nifti1Image((np.asarray(labels.dataobj) > 0).astype(np.float32),
                                       labels.affine))
-    moving = ants.resample_image(_smooth_mask(man, 0.5), (1.0, 1.0, 1.0), False, 0)
+    man = _smooth_mask(man, 0.5)
+    moving = ants.resample_image(man, (1.0, 1.0, 1.0), False, 0)
     with ants_seed(seed), tempfile.TemporaryDirectory() as tmp:
         sim = ants.registration(fixed, moving, type_of_transform='Similarity',
                                 aff_metric='meansquares', outprefix=f'{tmp}/sim_')
@@ -110,7 +111,7 @@ def place_in_template(labels: nib.Nifti1Image, template_head: nib.Nifti1Image,
         fine_labels = np.rint(fine.numpy()).astype(np.int16)
         # the map's outline on the template grid; the template bent onto it at 2 mm (the
         # surroundings need the shape, not the folia)
-        placed_mask = ants.apply_transforms(head, _smooth_mask(man, 0.5), sim['fwdtransforms'])
+        placed_mask = ants.apply_transforms(head, man, sim['fwdtransforms'])
         two = (2.0, 2.0, 2.0)
         syn = ants.registration(ants.resample_image(_smooth_mask(placed_mask), two, False, 0),
                                 ants.resample_image(fixed, two, False, 0),

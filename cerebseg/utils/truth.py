@@ -135,16 +135,13 @@ def _layers(source) -> list:
 def _sample_layers(layers: list, world: np.ndarray) -> np.ndarray:
     """Trilinear read of layered arrays: each point from the first layer whose grid holds it
     (0 outside the last)."""
-    out = None
+    out = np.full(world.shape[1], np.nan, np.float32)
     for i, (data, inv_affine) in enumerate(layers):
-        last = i == len(layers) - 1
-        if out is None:
-            out = _sample(data, inv_affine, world, 1, 0.0 if last else np.nan)
-            continue
         missing = np.isnan(out)
-        if missing.any():
-            out[missing] = _sample(data, inv_affine, world[:, missing], 1,
-                                   0.0 if last else np.nan)
+        if not missing.any():
+            break
+        out[missing] = _sample(data, inv_affine, world[:, missing], 1,
+                               0.0 if i == len(layers) - 1 else np.nan)
     return out
 
 
