@@ -6,7 +6,7 @@ VENV ?= .venv
 SHARED ?= ../shared/data
 ASSETS ?= .assets
 PIP = $(VENV)/bin/pip
-PYTEST_ARGS ?= --durations=30 -n 2 --dist loadfile
+PYTEST_ARGS ?= --durations=30
 export NIPYPE_NO_ET = 1
 
 .PHONY: install assets demo test clean
