@@ -82,6 +82,39 @@ def test_outside_the_box_is_background(identity_mat):
     assert labels[5, 5, 5] == 1 and labels[25, 25, 25] == 0
 
 
+def test_only_the_part_the_box_reaches_is_resampled(tmp_path):
+    """Labels of a box under an oblique affine, into a grid that it covers a small part of,
+    anisotropic and reoriented: identical to resampling every label over the whole grid."""
+    import ants
+
+    rng = np.random.default_rng(4)
+    probs = rng.random((14, 12, 10, 4)).astype(np.float32)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    box_affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    box_affine[:3, 3] = (2.0, -3.0, 1.0)
+    work = nib.Nifti1Image(probs, box_affine)
+    xfm = ants.create_ants_transform('AffineTransform', dimension=3)
+    angle = np.deg2rad(12)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
+                    [0, 0, 1]]) * 1.05
+    xfm.set_parameters(np.concatenate([rot.ravel(), [1.5, -0.5, 2.0]]))
+    path = str(tmp_path / 'oblique.mat')
+    ants.write_transform(xfm, path)
+    native = np.array([[0.0, 0.0, -1.2, 20.0], [0.9, 0.0, 0.0, -15.0], [0.0, 1.1, 0.0, -12.0],
+                       [0, 0, 0, 1]])
+    ref = nib_to_ants(nib.Nifti1Image(np.zeros((30, 40, 36), np.float32), native))
+    for foreground_first in (False, True):
+        labels = probabilities_to_native(work, ref, path, foreground_first=foreground_first)
+        full = [ants.apply_transforms(ref, nib_to_ants(nib.Nifti1Image(probs[..., k],
+                                                                       box_affine)),
+                                      [path], interpolator='linear', whichtoinvert=[True],
+                                      defaultvalue=1.0 if k == 0 else 0.0).numpy()
+                for k in range(4)]
+        expected = decide_labels(np.stack(full), foreground_first=foreground_first)
+        assert 0 < (expected > 0).sum() < expected.size // 10
+        np.testing.assert_array_equal(labels, expected)
+
+
 def test_volumes_and_table():
     labels = np.zeros((10, 10, 10), np.int16)
     labels[:2] = 1

@@ -18,6 +18,11 @@ from cerebseg.utils.truth import CaseSpec, make_case
 def test_manual_values_to_ceres_indices():
     data = np.array([0, 1, 13, 101, 113, 114, 221, 7.0000001])
     assert ceres_from_manual(data).tolist() == [0, 1, 13, 14, 26, 0, 0, 7]
+    # the integers a MINC2 map is read as (uint8, uint16): same indices, no float copy
+    for dtype in (np.uint8, np.uint16):
+        assert ceres_from_manual(np.array([0, 1, 13, 101, 113, 114, 221, 7], dtype)).tolist() \
+            == [0, 1, 13, 14, 26, 0, 0, 7]
+    assert ceres_from_manual(np.array([-3.0, 255.0])).tolist() == [0, 0]
 
 
 def _two_lobules():

@@ -55,20 +55,45 @@ def read_manual_map(path: str | Path, margin_mm: float = 6.0) -> nib.Nifti1Image
     """A manual map (MINC2 or NIfTI) as CERES indices (int16), cropped to its labels plus
     ``margin_mm``."""
     img = nib.load(str(path))
-    data = ceres_from_manual(np.asarray(img.dataobj))
-    nz = np.argwhere(data > 0)
-    if not len(nz):
+    data = ceres_from_manual(_voxel_values(img, path))
+    labelled = data > 0
+    if not labelled.any():
         raise ValueError(f'{path}: no lobule labels (values 1-13, 101-113)')
+    # bounds per axis from projections (an index array of the 0.3 mm map costs seconds)
+    spans = [np.flatnonzero(labelled.any(axis=tuple(a for a in range(3) if a != ax)))
+             for ax in range(3)]
     zooms = np.asarray(img.header.get_zooms()[:3], float)
     pad = np.ceil(margin_mm / zooms).astype(int)
-    lo = np.maximum(nz.min(0) - pad, 0)
-    hi = np.minimum(nz.max(0) + pad + 1, data.shape)
+    lo = np.maximum(np.array([s[0] for s in spans]) - pad, 0)
+    hi = np.minimum(np.array([s[-1] for s in spans]) + pad + 1, data.shape)
     crop = data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     affine = img.affine.copy()
     affine[:3, 3] = img.affine[:3, :3] @ lo + img.affine[:3, 3]
     out = nib.Nifti1Image(np.ascontiguousarray(crop), affine)
     out.header.set_data_dtype(np.int16)
     return out
+
+
+def _voxel_values(img, path) -> np.ndarray:
+    """The image's values. A MINC2 file of integers whose one scaling is the identity (the
+    manual maps: uint8, valid range and image range both 0-255) is read as its integers by
+    h5py, in the axis order nibabel gives and its affine describes: nibabel scales it to float64
+    slice by slice (10-60 s and 1.4 GB for a 0.3 mm map, against 0.3 s)."""
+    if isinstance(img, nib.minc2.Minc2Image):
+        import h5py
+
+        with h5py.File(path, 'r') as f:
+            group = f['minc-2.0/image/0']
+            image = group['image']
+            kind = image.dtype.kind
+            if kind in 'iu' and image.shape == img.shape and {'image-min', 'image-max'} \
+                    <= set(group):
+                info = np.iinfo(image.dtype)
+                valid = image.attrs.get('valid_range', (info.min, info.max))
+                scaling = (group['image-min'][()], group['image-max'][()])
+                if all(np.ndim(v) == 0 for v in scaling) and np.allclose(scaling, valid):
+                    return image[()]
+    return np.asarray(img.dataobj)
 
 
 def _smooth_mask(aimg, sigma_mm: float = 1.0):

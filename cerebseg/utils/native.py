@@ -15,6 +15,11 @@ def probabilities_to_native(probseg, reference, transform: str, *,
     ``foreground_first``: the decision of :func:`decide_labels` (the structure's outline first),
     for label sets that split one structure into many labels (the brainstem).
 
+    Only the part of the native grid that the working box reaches is resampled: one linear
+    resampling of the box's support finds it (a native voxel outside it gets the default
+    values, background 1), and every label is resampled on that crop of the grid (the
+    cerebellum's box covers about a tenth of a whole-head T1w).
+
     Returns the native label array (int16) on ``reference``'s grid.
     """
     import ants
@@ -28,24 +33,37 @@ def probabilities_to_native(probseg, reference, transform: str, *,
     else:
         raw, slope, inter = np.asarray(proxy), 1.0, 0.0
     n_labels = probseg.shape[3]
-    best = background = foreground = labels = None
+    shape = tuple(reference.shape)
+    labels = np.zeros(shape, np.int16)
+    support = ants.apply_transforms(
+        reference, nib_to_ants(nib.Nifti1Image(np.ones(probseg.shape[:3], np.float32),
+                                               probseg.affine)),
+        [transform], interpolator='linear', whichtoinvert=[True], defaultvalue=0.0).numpy()
+    inside = np.argwhere(support > 0)
+    if not len(inside):
+        return labels
+    lo = np.maximum(inside.min(0) - 1, 0)
+    hi = np.minimum(inside.max(0) + 1, np.array(shape) - 1)
+    crop = ants.crop_indices(reference, lo.tolist(), (hi + 1).tolist())
+    best = background = foreground = sub = None
     for lab in range(n_labels):
         vol = raw[..., lab].astype(np.float32) * np.float32(slope) + np.float32(inter)
         moving = nib_to_ants(nib.Nifti1Image(vol, probseg.affine))
-        res = ants.apply_transforms(reference, moving, [transform], interpolator='linear',
+        res = ants.apply_transforms(crop, moving, [transform], interpolator='linear',
                                     whichtoinvert=[True], defaultvalue=1.0 if lab == 0 else 0.0)
         prob = res.numpy()
         if best is None:
             background, foreground = prob, np.zeros_like(prob)
             best = prob if not foreground_first else np.full_like(prob, -1.0)
-            labels = np.zeros(prob.shape, np.int16)
+            sub = np.zeros(prob.shape, np.int16)
             continue
         foreground += prob
         better = prob > best
         best = np.where(better, prob, best)
-        labels[better] = lab
+        sub[better] = lab
     if foreground_first:
-        labels[foreground <= background] = 0
+        sub[foreground <= background] = 0
+    labels[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = sub
     return labels
 
 

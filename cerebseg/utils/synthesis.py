@@ -44,11 +44,15 @@ class TissueLevels:
 def ceres_from_manual(data: np.ndarray) -> np.ndarray:
     """Manual map values -> CERES indices (int16); anything else (a few stray voxels of other
     values in brain3) becomes 0."""
-    values = np.rint(np.asarray(data)).astype(np.int64)
+    data = np.asarray(data)
+    if data.dtype.kind == 'u':   # integers as read: no float or int64 copy of a 0.3 mm map
+        values = data
+    else:
+        values = np.clip(np.rint(data), 0, None).astype(np.int64)
     table = np.zeros(max(int(values.max(initial=0)), 113) + 1, np.int16)
     for src, dst in MANUAL_TO_CERES.items():
         table[src] = dst
-    return table[np.clip(values, 0, None)]
+    return table[values]
 
 
 def envelope(labelled: np.ndarray, zooms, closing_mm: float = 2.0) -> np.ndarray:
