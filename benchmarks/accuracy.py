@@ -24,6 +24,9 @@ Methods (rows), all on the same cases and library:
 
 * ``cerebseg (default)``: ``cerebseg BIDS OUT participant`` as shipped;
 * ``--models none``: the multi-atlas labels, no networks;
+* ``--fusion-search 1``: non-local weighted voting (each entry's best patch within one voxel)
+  instead of the default local one, no networks (same work folder: only the fusion and what
+  follows run again);
 * ``--models ensemble``: the DeepCeres cascade (only when it is not the default);
 * ``--registration ants --models none``: ANTs affine + SyN per entry, same fusion;
 * ``ANTs SyN, one atlas (NAME)``: one entry of that ANTs run, unfused, resampled to native
@@ -393,7 +396,8 @@ def main(argv=None) -> int:
                              'MNI152NLin6AsymC; cobra (CERES protocol): MNI152NLin2009cAsym + '
                              'CoBra, a benchmark-built library without it')
     parser.add_argument('--methods', nargs='+', default=['default', 'none', 'ants', 'syn', 'jlf'],
-                        choices=['default', 'none', 'ensemble', 'ants', 'syn', 'synfull', 'jlf'])
+                        choices=['default', 'none', 'search', 'ensemble', 'ants', 'syn',
+                                 'synfull', 'jlf'])
     parser.add_argument('--entries', nargs='+', default=None,
                         help='single-atlas rows (syn, synfull) only for these entries')
     parser.add_argument('--stages', action='store_true', help='print per-stage volumes')
@@ -432,6 +436,8 @@ def main(argv=None) -> int:
 
     runs = {'default': ('cerebseg (default)', [], 'work-torch'),
             'none': ('--models none', ['--models', 'none'], 'work-torch'),
+            'search': ('--fusion-search 1 --models none',
+                       ['--fusion-search', '1', '--models', 'none'], 'work-torch'),
             'ensemble': ('--models ensemble', ['--models', 'ensemble'], 'work-torch'),
             'ants': ('--registration ants --models none',
                      ['--registration', 'ants', '--models', 'none'], 'work-ants')}

@@ -20,7 +20,9 @@ always left out:
 * ``manual``: that plus the other two manual maps and their mirrors (real anatomy);
 * ``suit``: the default SUIT library (scored on the lobule groups only).
 
-Methods (rows): the real ``cerebseg`` command with each library; antsJointFusion (patch radius
+Methods (rows): the real ``cerebseg`` command with each library; ``template-search`` and
+``manual-search``: the same runs with ``--fusion-search 1`` (non-local voting; same work folder,
+so only the fusion and what follows run again); antsJointFusion (patch radius
 2, search radius 1) of the ANTs-registered entries of the ``manual`` library (``--registration
 ants`` run of the same library), as in ``accuracy.py``.
 
@@ -33,7 +35,8 @@ HD95 of the whole cerebellum.
 Usage::
 
     python benchmarks/real_anatomy.py --assets-dir ASSETS --out BENCH/real \\
-        [--maps 1 2 3] [--seeds 1] [--methods template manual suit jlf] [--overlays DIR]
+        [--maps 1 2 3] [--seeds 1] [--methods template manual suit jlf template-search
+        manual-search] [--overlays DIR]
 
 ``ASSETS`` must hold the ``cobra`` library with its manual entries (``cerebseg-assets build
 --library suit --library cobra``). Re-running with the same ``--out`` reuses the placed maps,
@@ -220,8 +223,10 @@ def main(argv=None) -> int:
     parser.add_argument('--out', type=Path, required=True)
     parser.add_argument('--maps', type=int, nargs='+', default=[1, 2, 3], choices=[1, 2, 3])
     parser.add_argument('--seeds', type=int, nargs='+', default=[1])
-    parser.add_argument('--methods', nargs='+', default=['template', 'manual', 'suit', 'jlf'],
-                        choices=['template', 'manual', 'suit', 'jlf'])
+    parser.add_argument('--methods', nargs='+', default=['template', 'manual', 'suit', 'jlf',
+                                                         'template-search', 'manual-search'],
+                        choices=['template', 'manual', 'suit', 'jlf', 'template-search',
+                                 'manual-search'])
     parser.add_argument('--tsv', type=Path, default=None)
     parser.add_argument('--overlays', type=Path, default=None)
     opts = parser.parse_args(argv)
@@ -250,15 +255,21 @@ def main(argv=None) -> int:
                        ['--atlas-library', 'cobra']),
             'suit': ('cerebseg (default SUIT library)', []),
             'jlf': ('ANTs SyN + antsJointFusion, template + other manual maps',
-                    ['--atlas-library', 'cobra', '--registration', 'ants'])}
+                    ['--atlas-library', 'cobra', '--registration', 'ants']),
+            'template-search': ('cerebseg --atlas-library cobra --fusion-search 1, template '
+                                'library (CoBra)', ['--atlas-library', 'cobra',
+                                                    '--fusion-search', '1']),
+            'manual-search': ('cerebseg --atlas-library cobra --fusion-search 1, template + '
+                              'other manual maps', ['--atlas-library', 'cobra',
+                                                    '--fusion-search', '1'])}
     results, times = {}, {}
     for key in [m for m in runs if m in opts.methods]:
         name, extra = runs[key]
         for k, fold_labels in folds.items():
-            lib_dir = template_only if key in ('template', 'suit') else leave_out_entry(
-                assets, out / f'assets-lomo{k}', entry_name(k))
+            lib_dir = template_only if key in ('template', 'suit', 'template-search') \
+                else leave_out_entry(assets, out / f'assets-lomo{k}', entry_name(k))
             dst = out / f'out-{key}'
-            work = out / f'work-{key}'
+            work = out / f'work-{key.removesuffix("-search")}'
             times[name] = times.get(name, 0.0) + run_cerebseg(
                 bids, dst, work, lib_dir, ['--participant-label', *fold_labels, '--t1-only',
                                            '--skip-brainstem', '--models', 'none', *extra],

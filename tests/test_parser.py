@@ -18,6 +18,9 @@ def test_defaults_and_label_prefix(bids, tmp_path):
     opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant',
                        '--participant-label', '01', '--session-label', 'ses-a'])
     assert opts.participant_label == ['01'] and opts.session_label == ['a']
+    assert opts.fusion_search == 0
+    opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant', '--fusion-search', '1'])
+    assert opts.fusion_search == 1
 
 
 @pytest.mark.parametrize('args', [
@@ -28,6 +31,7 @@ def test_defaults_and_label_prefix(bids, tmp_path):
     ['{bids}', '{tmp}/out', 'participant', '--nprocs', '0'],
     ['{bids}', '{tmp}/out', 'participant', '--nprocs', '1', '--omp-nthreads', '2'],
     ['{bids}', '{tmp}/out', 'participant', '--device', 'tpu'],
+    ['{bids}', '{tmp}/out', 'participant', '--fusion-search', '3'],
     ['{bids}', '{tmp}/out', 'participant', '--bids-filter-file', '{tmp}/nofile.json'],
 ])
 def test_usage_errors_exit_2(bids, tmp_path, args, capsys):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cerebseg.kernels.wmv import (LabelFusion, compiled_kernel, local_weights,
+from cerebseg.kernels.wmv import (LabelFusion, compiled_kernel, local_weights, undecided,
                                   weighted_majority_vote, weighted_majority_vote_numpy)
 
 needs_kernel = pytest.mark.skipif(compiled_kernel() is None,
@@ -249,7 +249,7 @@ def test_kernel_equals_twin_on_real_library(assets_dir):
 
     lib = assets_dir / 'suit'
     names = ['SUIT', 'MNI152NLin6AsymC', 'MNI152NLin2009cSymC']
-    crop = (slice(60, 190), slice(20, 150), slice(40, 150))
+    crop = (slice(85, 165), slice(45, 125), slice(55, 125))   # all 35 labels, 72k disagreeing
     labels = np.stack([np.asarray(nib.load(lib / f'entry-{n}_dseg.nii.gz').dataobj)[crop]
                        for n in names]).astype(np.int16)
     images = np.stack([np.asarray(nib.load(lib / f'entry-{n}_T1w.nii.gz').dataobj)[crop]
@@ -310,3 +310,110 @@ def test_fuse_labels_interface(tmp_path):
     nib.save(old, tmp_path / 'old.nii.gz')
     old = nib.load(tmp_path / 'old.nii.gz')
     np.testing.assert_array_equal(probseg.dataobj.get_unscaled(), old.dataobj.get_unscaled())
+    # search=1: the non-local vote
+    res = FuseLabels(target_t1=str(tmp_path / 't1.nii.gz'), target_t2=str(tmp_path / 't2.nii.gz'),
+                     warped_t1=[str(tmp_path / f'w{k}_t1.nii.gz') for k in range(3)],
+                     warped_t2=[str(tmp_path / 'w0_t2.nii.gz'), '', ''],
+                     warped_dseg=[str(tmp_path / f'w{k}_dseg.nii.gz') for k in range(3)],
+                     n_labels=5, search=1, num_threads=2).run(cwd=str(tmp_path))
+    ref_fused, _ = weighted_majority_vote_numpy(labels, images, target, 5, available, search=1)
+    np.testing.assert_array_equal(np.asarray(nib.load(res.outputs.dseg).dataobj), ref_fused)
+
+
+def _brute_force_search(labels, images, target, n_labels, radius, search, beta=1.0, eps=1e-3):
+    """Voxel-by-voxel evaluation of the non-local vote (the module docstring's formula)."""
+    k_atlas = labels.shape[0]
+    shape = target.shape
+    rng = range(-search, search + 1)
+    shifts = [(0, 0, 0)] + [(a, b, c) for a in rng for b in rng for c in rng
+                            if (a, b, c) != (0, 0, 0)]
+
+    def at(volume, point):
+        return volume[tuple(min(max(p, 0), n - 1) for p, n in zip(point, shape))]
+
+    cube = [(a, b, c) for a in range(-radius, radius + 1) for b in range(-radius, radius + 1)
+            for c in range(-radius, radius + 1)]
+    probs = np.zeros((n_labels,) + shape)
+    for x in np.ndindex(shape):
+        votes = []
+        for k in range(k_atlas):
+            best = None
+            for d in shifts:
+                msd = np.mean([
+                    (at(target, np.add(x, o)) - at(images[k], np.add(np.clip(
+                        np.add(x, o), 0, np.subtract(shape, 1)), d))) ** 2 for o in cube])
+                if best is None or msd < best[0]:
+                    best = (msd, at(labels[k], np.add(x, d)))
+            votes.append(((best[0] + eps) ** -beta, best[1]))
+        total = sum(w for w, _ in votes)
+        for w, lab in votes:
+            probs[(lab,) + x] += w / total
+    return probs
+
+
+SEARCH_IMPLEMENTATIONS = [pytest.param(weighted_majority_vote_numpy, id='numpy'),
+                          pytest.param(_dense(True), id='compiled', marks=needs_kernel)]
+
+
+@pytest.mark.parametrize('wmv', SEARCH_IMPLEMENTATIONS)
+def test_search_matches_brute_force_formula(wmv):
+    """The non-local vote: each atlas's best patch within one voxel, border clamped."""
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 4, size=(3, 6, 5, 5)).astype(np.int16)
+    images = rng.random((3, 6, 5, 5)).astype(np.float32)
+    target = rng.random((6, 5, 5)).astype(np.float32)
+    fused, probs = wmv(labels, images, target, 4, radius=1, search=1)
+    ref = _brute_force_search(labels, images, target, 4, radius=1, search=1)
+    np.testing.assert_allclose(probs, ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(fused, np.argmax(ref, axis=0))
+
+
+@pytest.mark.parametrize('use_compiled', [pytest.param(True, marks=needs_kernel), False])
+def test_search_follows_the_subjects_boundary(use_compiled):
+    """Atlases whose anatomy (image and labels together) lies one voxel off the subject's, in
+    different directions: local voting keeps their misplaced boundaries, the search puts the
+    boundary where the subject's image has it (exactly, away from the border)."""
+    rng = np.random.default_rng(3)
+    shape = (20, 18, 16)
+    truth = np.zeros(shape, np.int16)
+    truth[4:16, 4:14, 3:13] = 1
+    truth[4:16, 4:14, 8:13] = 2      # a boundary across z
+    truth[10:16, 4:14, 3:13] = 3     # and one across x
+    image = truth * 1.0 + 0.3 * np.sin(np.arange(shape[1]))[None, :, None]
+    target = (image + 0.01 * rng.standard_normal(shape)).astype(np.float32)
+    offsets = [(1, 0, 0), (0, 0, -1), (-1, 0, 1)]
+    labels = np.stack([np.roll(truth, d, axis=(0, 1, 2)) for d in offsets])
+    images = np.stack([np.roll(image, d, axis=(0, 1, 2)) for d in offsets]).astype(np.float32)
+    local = weighted_majority_vote(labels, images, target, 4, use_compiled=use_compiled)
+    found = weighted_majority_vote(labels, images, target, 4, search=1,
+                                   use_compiled=use_compiled)
+    inner = (slice(2, -2),) * 3
+    assert (local.fused[inner] != truth[inner]).sum() > 100
+    np.testing.assert_array_equal(found.fused[inner], truth[inner])
+    # voxels whose candidates all agree are left out of the compact result, with P = 1
+    assert found.index.size < truth.size // 2
+    np.testing.assert_array_equal(np.sort(found.index), found.index)
+
+
+@needs_kernel
+@pytest.mark.parametrize('seed,radius,search,beta', [(0, 2, 1, 1.0), (1, 1, 2, 2.0),
+                                                    (2, 3, 1, 0.5)])
+def test_search_kernel_equals_twin(seed, radius, search, beta):
+    """Random labels in a box touching the volume border, two channels with a missing one, an
+    x-gap of agreeing planes, any thread count."""
+    rng = np.random.default_rng(seed)
+    shape = (21, 15, 17)
+    labels = np.zeros((4,) + shape, np.int16)
+    labels[:, 2:18, 3:15, 0:12] = rng.integers(0, 6, size=(4, 16, 12, 12))
+    labels[:, 9:13] = 2
+    images = rng.random((4, 2) + shape).astype(np.float32)
+    target = rng.random((2,) + shape).astype(np.float32)
+    available = np.ones((4, 2), bool)
+    available[2, 1] = False
+    ref_fused, ref_probs = weighted_majority_vote_numpy(labels, images, target, 6, available,
+                                                        radius, beta, search=search)
+    for threads in (1, 2, 5):
+        res = weighted_majority_vote(labels, images, target, 6, available, radius, beta,
+                                     use_compiled=True, num_threads=threads, search=search)
+        _assert_matches_twin(res, ref_fused, ref_probs)
+        np.testing.assert_array_equal(res.index, np.flatnonzero(undecided(labels, search)))

@@ -31,6 +31,7 @@ class RunConfig:
     device: str = 'auto'
     atlas_library: str = 'suit'
     registration: str = 'torch'
+    fusion_search: int = 0
     models: str = 'none'
     skip_brainstem: bool = False
     skip_cerebellum: bool = False

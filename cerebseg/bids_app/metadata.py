@@ -28,6 +28,17 @@ REGISTRATION_TEXT['both'] = ('Every library entry registered twice, and all warp
                              + REGISTRATION_TEXT['ants'])
 
 
+def fusion_text(search: int) -> str:
+    """The fusion, in words, for the dseg sidecar."""
+    weight = ('weight = 1/(mean squared intensity difference over a 5x5x5 patch + 1e-3), '
+              'averaged over T1w and T2w where the entry has both')
+    if not search:
+        return f'locally weighted voting: {weight}.'
+    return (f'non-local weighted voting: each entry votes the label of its 5x5x5 patch that best '
+            f'matches the subject\'s among those shifted by up to {search} voxel'
+            f'{"s" if search > 1 else ""} (0.5 mm each) in every direction; {weight}.')
+
+
 def select_cnn(run, cfg) -> dict | None:
     """The network weights of one run (None with --models none); CheckpointError if missing."""
     from cerebseg.models.checkpoint import select_weights
@@ -88,16 +99,15 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
         'Sources': sources,
         'Mode': 'T1w+T2w' if run.t2w else 'T1w',
         'Method': {
-            'Name': 'multi-atlas registration and locally weighted majority voting',
+            'Name': 'multi-atlas registration and '
+                    + ('non-local' if cfg.fusion_search else 'locally') + ' weighted majority voting',
             'Preprocessing': 'N4 bias correction and non-local means denoising (ANTs) in native '
                              'space; affine registration to MNI152NLin2009cAsym; T2w rigidly to '
                              'T1w; 0.5 mm box around cerebellum and brainstem; N4 in the box; '
                              'intensities scaled so that the 2nd/98th foreground percentiles '
                              'are 0/1.',
             'Registration': REGISTRATION_TEXT[cfg.registration],
-            'Fusion': 'locally weighted voting: weight = 1/(mean squared intensity difference '
-                      'over a 5x5x5 patch + 1e-3), averaged over T1w and T2w where the entry '
-                      'has both.',
+            'Fusion': fusion_text(cfg.fusion_search),
             'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
                            'affine, then the most probable label.',
         },

@@ -96,6 +96,14 @@ def _build_parser() -> argparse.ArgumentParser:
                              '(diffeomorphic, all entries in one batch, on --device; default), '
                              'ants (affine + SyN per entry) or both (each entry both ways, all '
                              'fused; slowest, used for silver-standard training labels)')
+    method.add_argument('--fusion-search', type=int, choices=[0, 1, 2], default=0,
+                        metavar='{0,1,2}',
+                        help='each library entry votes, at each voxel, the label of its patch '
+                             'that best matches the subject\'s within this many 0.5 mm voxels '
+                             '(0, default: the patch at the same voxel, local weighted voting; '
+                             '1: better lobule boundaries on real anatomy with --atlas-library '
+                             'cobra, but a larger cerebellum with the suit library, see the '
+                             'README)')
     method.add_argument('--models', choices=['ensemble', 'unet', 'dpn', 'none'],
                         default='none',
                         help='DeepCeres lobule networks: none (default: the multi-atlas labels '

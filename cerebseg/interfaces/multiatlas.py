@@ -78,6 +78,9 @@ class _FuseInputSpec(BaseInterfaceInputSpec):
     warped_dseg = InputMultiObject(File(exists=True), mandatory=True, desc='warped labels')
     n_labels = traits.Int(mandatory=True, desc='number of labels including background')
     radius = traits.Int(2, usedefault=True, desc='patch radius (voxels) of the local similarity')
+    search = traits.Int(0, usedefault=True,
+                        desc='half-width (voxels) of the cube of shifts where each entry '
+                             'searches its best-matching patch (0: local voting)')
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='OpenMP threads')
 
 
@@ -87,7 +90,7 @@ class _FuseOutputSpec(TraitedSpec):
 
 
 class FuseLabels(CerebsegInterface):
-    """Locally weighted voting (:func:`cerebseg.kernels.wmv.weighted_majority_vote`).
+    """Weighted voting, local or non-local (:func:`cerebseg.kernels.wmv.weighted_majority_vote`).
 
     Runs the compiled OpenMP kernel when it is built (``num_threads`` threads), else the NumPy
     twin.
@@ -121,6 +124,7 @@ class FuseLabels(CerebsegInterface):
                            for p in self.inputs.warped_dseg])
         fusion = weighted_majority_vote(labels, images, np.stack(target), self.inputs.n_labels,
                                         available=available, radius=self.inputs.radius,
+                                        search=self.inputs.search,
                                         num_threads=self.inputs.num_threads)
         self._results['dseg'] = os.path.join(runtime.cwd, 'fused_dseg.nii.gz')
         atomic_save(to_label_image(fusion.fused, ref.affine), self._results['dseg'])

@@ -304,3 +304,222 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
         free(rows)
         free(box)
     free(inv_used)
+
+
+cdef inline Py_ssize_t _shift_part(Py_ssize_t s, Py_ssize_t search) noexcept nogil:
+    """Shift number s of the (2 search + 1)^3 search cube, as (dx, dy, dz) packed in base
+    2 search + 1; shift 0 is (0, 0, 0), the others follow in C order."""
+    cdef Py_ssize_t n = 2 * search + 1
+    cdef Py_ssize_t centre = (n * n * n) // 2
+    if s == 0:
+        return centre
+    if s <= centre:
+        return s - 1
+    return s
+
+
+def wmv_fuse_search(const short[:, :, :, ::1] labels,
+                    const float[:, :, :, :, ::1] atlas,
+                    const float[:, :, :, ::1] target,
+                    const unsigned char[:, ::1] available,
+                    short[:, :, ::1] fused,
+                    const long long[::1] offset, const int[:, ::1] bbox,
+                    long long[::1] index, float[:, ::1] probs,
+                    int radius, int search, double beta, double eps, int num_threads):
+    """Non-local weighted voting at the voxels marked -1 in ``fused``.
+
+    Atlas k votes, at voxel x, the label of the voxel x + s whose patch best matches the
+    subject's patch at x, over the shifts s of the cube |s|_inf <= ``search``:
+    MSD_k(x, s) is the mean over the (2r+1)^3 cube around x (indices clamped at the border) and
+    over the channels atlas k has of (I_c(p) - A_kc(clamp(p + s)))^2; the smallest wins (the
+    unshifted patch on ties, then the first shift in C order), and its label
+    L_k(clamp(x + s)) gets the weight (MSD + eps)^-beta. Same arguments as :func:`wmv_fuse`;
+    the marked voxels are those where the K (2 search + 1)^3 candidate labels are not all
+    the same (the caller marks them).
+
+    Per chunk of x-planes, atlas and shift, the x-window sums of the squared differences are
+    slid along x over the chunk's y/z box (as in :func:`wmv_fuse`); the best MSD and its label
+    per marked voxel and atlas are kept until the chunk's voxels are fused.
+    """
+    cdef Py_ssize_t n_atlas = labels.shape[0]
+    cdef Py_ssize_t nx = labels.shape[1], ny = labels.shape[2], nz = labels.shape[3]
+    cdef Py_ssize_t n_chan = target.shape[0]
+    cdef Py_ssize_t n_labels = probs.shape[1]
+    cdef Py_ssize_t side = 2 * search + 1
+    cdef Py_ssize_t n_shift = side * side * side
+    cdef Py_ssize_t first = 0, last = nx, n_chunks, chunk
+    cdef Py_ssize_t ca, cb, ya, yb, za, zb, wy, wz, area, max_area, n_rows, r0
+    cdef Py_ssize_t sx, sy, sz, s, code
+    cdef Py_ssize_t span[4]
+    cdef Py_ssize_t *box
+    cdef Py_ssize_t i, ii, iis, ds, j, l, k, c, d, e, idx, row, lab, best_lab, prev
+    cdef double acc, total, best, w, diff_a, diff_b, msd, cube
+    cdef const float *t_in
+    cdef const float *a_in
+    cdef const float *t_out
+    cdef const float *a_out
+    cdef double inv_cube = 1.0 / ((2 * radius + 1) * (2 * radius + 1) * (2 * radius + 1))
+    cdef double *xs
+    cdef double *wk
+    cdef double *best_msd
+    cdef short *best_label
+    cdef Py_ssize_t *rows
+    cdef Py_ssize_t *zmap
+    cdef Py_ssize_t last_l
+    cdef double *inv_used
+    cdef float *pr
+    cdef int n_used
+    if n_atlas == 0 or ny * nz == 0:
+        return
+    while first < nx and offset[first + 1] == offset[first]:
+        first = first + 1
+    while last > first and offset[last] == offset[last - 1]:
+        last = last - 1
+    if first >= last:
+        return
+    n_chunks = max(1, min(max(16, 4 * <Py_ssize_t> num_threads), (last - first) // 8))
+    _union_box(offset, bbox, first, last, ny, nz, span)
+    ya, yb, za, zb = span[0], span[1], span[2], span[3]
+    max_area = (min(yb + radius, ny) - max(ya - radius, 0)) * (min(zb + radius, nz)
+                                                               - max(za - radius, 0))
+    inv_used = <double *> malloc(n_atlas * sizeof(double))
+    for k in range(n_atlas):
+        n_used = 0
+        for c in range(n_chan):
+            n_used = n_used + (available[k, c] != 0)
+        inv_used[k] = inv_cube / n_used
+    with nogil, parallel(num_threads=num_threads):
+        wk = <double *> malloc(n_atlas * sizeof(double))
+        xs = <double *> malloc(max_area * sizeof(double))
+        rows = <Py_ssize_t *> malloc((2 * radius + 1) * sizeof(Py_ssize_t))
+        zmap = <Py_ssize_t *> malloc(nz * sizeof(Py_ssize_t))
+        box = <Py_ssize_t *> malloc(4 * sizeof(Py_ssize_t))
+        for chunk in prange(n_chunks, schedule='dynamic', chunksize=1):
+            ca = first + chunk * (last - first) // n_chunks
+            cb = first + (chunk + 1) * (last - first) // n_chunks
+            r0 = offset[ca]
+            n_rows = offset[cb] - r0
+            if n_rows == 0:
+                continue
+            best_msd = <double *> malloc(n_rows * n_atlas * sizeof(double))
+            best_label = <short *> malloc(n_rows * n_atlas * sizeof(short))
+            _union_box(offset, bbox, ca, cb, ny, nz, box)
+            ya = max(box[0] - radius, 0)
+            yb = min(box[1] + radius, ny)
+            za = max(box[2] - radius, 0)
+            zb = min(box[3] + radius, nz)
+            wy = yb - ya
+            wz = zb - za
+            area = wy * wz
+            for k in range(n_atlas):
+                for s in range(n_shift):
+                    code = _shift_part(s, search)
+                    sx = code // (side * side) - search
+                    sy = (code // side) % side - search
+                    sz = code % side - search
+                    for l in range(za, zb):
+                        zmap[l] = _clamp(l + sz, 0, nz)
+                    prev = -2
+                    for i in range(ca, cb):
+                        if offset[i + 1] == offset[i]:
+                            continue
+                        # x-window sums over the box of (I(p) - A(clamp(p + s)))^2
+                        if prev != i - 1:
+                            for idx in range(area):
+                                xs[idx] = 0.0
+                        for c in range(n_chan):
+                            if not available[k, c]:
+                                continue
+                            if prev == i - 1:
+                                ii = _clamp(i + radius, 0, nx)
+                                d = _clamp(i - radius - 1, 0, nx)
+                                iis = _clamp(ii + sx, 0, nx)
+                                ds = _clamp(d + sx, 0, nx)
+                                for j in range(wy):
+                                    t_in = &target[c, ii, ya + j, 0]
+                                    a_in = &atlas[k, c, iis, _clamp(ya + j + sy, 0, ny), 0]
+                                    t_out = &target[c, d, ya + j, 0]
+                                    a_out = &atlas[k, c, ds, _clamp(ya + j + sy, 0, ny), 0]
+                                    for l in range(za, zb):
+                                        diff_a = t_in[l] - a_in[zmap[l]]
+                                        diff_b = t_out[l] - a_out[zmap[l]]
+                                        xs[j * wz + l - za] += diff_a * diff_a - diff_b * diff_b
+                            else:
+                                for e in range(-radius, radius + 1):
+                                    ii = _clamp(i + e, 0, nx)
+                                    iis = _clamp(ii + sx, 0, nx)
+                                    for j in range(wy):
+                                        t_in = &target[c, ii, ya + j, 0]
+                                        a_in = &atlas[k, c, iis, _clamp(ya + j + sy, 0, ny), 0]
+                                        for l in range(za, zb):
+                                            diff_a = t_in[l] - a_in[zmap[l]]
+                                            xs[j * wz + l - za] += diff_a * diff_a
+                        prev = i
+                        row = offset[i] - r0
+                        for j in range(bbox[i, 0], bbox[i, 1]):
+                            last_l = -2
+                            for l in range(bbox[i, 2], bbox[i, 3]):
+                                if fused[i, j, l] >= 0:
+                                    continue
+                                if l == last_l + 1:
+                                    ii = _clamp(l + radius, 0, nz) - za
+                                    e = _clamp(l - radius - 1, 0, nz) - za
+                                    acc = 0.0
+                                    for d in range(2 * radius + 1):
+                                        acc = acc + xs[rows[d] + ii] - xs[rows[d] + e]
+                                    cube = cube + acc
+                                else:
+                                    for d in range(2 * radius + 1):
+                                        rows[d] = (_clamp(j + d - radius, 0, ny) - ya) * wz
+                                    acc = 0.0
+                                    for d in range(2 * radius + 1):
+                                        for e in range(-radius, radius + 1):
+                                            acc = acc + xs[rows[d] + _clamp(l + e, 0, nz) - za]
+                                    cube = acc
+                                last_l = l
+                                msd = cube * inv_used[k]
+                                lab = labels[k, _clamp(i + sx, 0, nx), _clamp(j + sy, 0, ny),
+                                             _clamp(l + sz, 0, nz)]
+                                if s == 0 or msd < best_msd[row * n_atlas + k]:
+                                    best_msd[row * n_atlas + k] = msd
+                                    best_label[row * n_atlas + k] = <short> lab
+                                row = row + 1
+            # the chunk's voxels: weights of the best patches, probabilities, labels
+            for i in range(ca, cb):
+                row = offset[i]
+                for j in range(bbox[i, 0], bbox[i, 1]):
+                    for l in range(bbox[i, 2], bbox[i, 3]):
+                        if fused[i, j, l] >= 0:
+                            continue
+                        idx = (row - r0) * n_atlas
+                        total = 0.0
+                        for k in range(n_atlas):
+                            if beta == 1.0:
+                                w = 1.0 / (best_msd[idx + k] + eps)
+                            else:
+                                w = pow(best_msd[idx + k] + eps, -beta)
+                            wk[k] = w
+                            total = total + w
+                        pr = &probs[row, 0]
+                        for lab in range(n_labels):
+                            pr[lab] = 0.0
+                        for k in range(n_atlas):
+                            pr[best_label[idx + k]] += <float> (wk[k] / total)
+                        best = -1.0
+                        best_lab = 0
+                        for k in range(n_atlas):
+                            lab = best_label[idx + k]
+                            if pr[lab] > best or (pr[lab] == best and lab < best_lab):
+                                best = pr[lab]
+                                best_lab = lab
+                        fused[i, j, l] = <short> best_lab
+                        index[row] = (i * ny + j) * nz + l
+                        row = row + 1
+            free(best_msd)
+            free(best_label)
+        free(xs)
+        free(wk)
+        free(rows)
+        free(zmap)
+        free(box)
+    free(inv_used)

@@ -8,7 +8,17 @@ Method (Artaechevarria et al. 2009, "local weighted voting"): for atlas ``k`` at
     P_l(x)   = sum_k w_k(x) [L_k(x) == l] / sum_k w_k(x)
 
 and the fused label is the ``l`` with the largest ``P_l``; ties go to the smallest label index
-(``numpy.argmax`` keeps the first maximum). Intensities must be normalised alike (cerebseg maps
+(``numpy.argmax`` keeps the first maximum).
+
+With ``search = s > 0`` the vote is non-local (in the manner of Coupé et al. 2011's patch-based
+segmentation, one patch per atlas): atlas ``k`` compares the subject's patch at ``x`` with its
+own patches at ``x + d`` for every shift ``|d|_inf <= s``, keeps the best one (smallest MSD; the
+unshifted patch on ties, then the first shift in C order) and votes that patch's centre label
+``L_k(x + d)`` with the weight of that MSD. An atlas whose fissure lies a voxel off the
+subject's thus votes where the subject's fissure is. Indices are clamped at the volume border
+(the shifted atlas is extended by its nearest voxel).
+
+Intensities must be normalised alike (cerebseg maps
 the 2nd and 98th foreground percentiles to 0 and 1). The cube mean at the volume border uses the
 nearest-voxel extension (``scipy.ndimage.uniform_filter``'s ``mode='nearest'``).
 
@@ -78,10 +88,9 @@ class LabelFusion(NamedTuple):
         return out
 
     @classmethod
-    def from_dense(cls, labels, fused, probs):
+    def from_dense(cls, labels, fused, probs, search: int = 0):
         """Compact form of a dense (L, X, Y, Z) result for the labels (K, X, Y, Z) voted."""
-        labels = np.asarray(labels)
-        index = np.flatnonzero((labels != labels[:1]).any(axis=0))
+        index = np.flatnonzero(undecided(labels, search))
         flat = probs.reshape(probs.shape[0], -1)
         return cls(fused, index, np.ascontiguousarray(flat[:, index].T))
 
@@ -90,6 +99,54 @@ def _scatter(out, fused, index, values, one):
     flat = out.reshape(-1, out.shape[-1])
     flat[np.arange(fused.size), fused.reshape(-1)] = one
     flat[index] = values
+
+
+def undecided(labels, search: int = 0) -> np.ndarray:
+    """(X, Y, Z) bool: the voxels where the candidate votes are not all the same label.
+
+    Without search, where the K atlases do not all vote one label. With ``search = s``, where
+    the K labels over the cube of shifts ``|d|_inf <= s`` around the voxel are not all one label:
+    a disagreement within s voxels, or a label boundary of the (agreeing) atlases within s.
+    Everywhere else the fused label is that one label, with probability 1.
+    """
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    differ = (labels != labels[:1]).any(axis=0)
+    if search <= 0:
+        return differ
+    size = 2 * int(search) + 1
+    cube = np.ones((3, 3, 3), bool)
+    near = ndimage.binary_dilation(differ, cube, iterations=int(search))
+    edge = (ndimage.maximum_filter(labels[0], size, mode='nearest')
+            != ndimage.minimum_filter(labels[0], size, mode='nearest'))
+    return near | edge
+
+
+def _shifts(search: int) -> list[tuple[int, int, int]]:
+    """The shifts of the search cube: (0, 0, 0) first, then the others in C order."""
+    rng = range(-search, search + 1)
+    return [(0, 0, 0)] + [(a, b, c) for a in rng for b in rng for c in rng
+                          if (a, b, c) != (0, 0, 0)]
+
+
+def _shifted(volume, shift):
+    """``volume[clamp(x + shift)]`` over the last three axes."""
+    index = [np.clip(np.arange(n) + d, 0, n - 1) for n, d in zip(volume.shape[-3:], shift)]
+    return volume[..., index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
+
+
+def _plane_boxes(mask):
+    """Per x-plane count of ``mask`` and (ylo, yhi, zlo, zhi) box, as :func:`wmv_scan` gives."""
+    count = mask.sum(axis=(1, 2)).astype(np.int64)
+    bbox = np.zeros((mask.shape[0], 4), np.int32)
+    rows, cols = mask.any(axis=2), mask.any(axis=1)
+    ny, nz = mask.shape[1:]
+    for i in np.flatnonzero(count):
+        y, z = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        bbox[i] = (y[0], y[-1] + 1, z[0], z[-1] + 1)
+    bbox[count == 0] = (ny, 0, nz, 0)
+    return count, bbox
 
 
 def _check(labels, atlas_images, target, available, n_labels=None):
@@ -151,7 +208,8 @@ def _vote_box(labels, radius):
 
 def weighted_majority_vote(labels, atlas_images, target, n_labels: int, available=None,
                            radius: int = 2, beta: float = 1.0, eps: float = 1e-3,
-                           num_threads: int = 1, use_compiled: bool | None = None) -> LabelFusion:
+                           num_threads: int = 1, use_compiled: bool | None = None,
+                           search: int = 0) -> LabelFusion:
     """Fuse ``K`` warped label maps (compiled kernel when built, else the NumPy twin).
 
     Same parameters as :func:`weighted_majority_vote_numpy`, plus ``num_threads`` (OpenMP
@@ -164,8 +222,8 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
         if use_compiled:
             raise ImportError('cerebseg.kernels._wmv is not built')
         fused, probs = weighted_majority_vote_numpy(labels, atlas_images, target, n_labels,
-                                                    available, radius, beta, eps)
-        return LabelFusion.from_dense(labels, fused, probs)
+                                                    available, radius, beta, eps, search)
+        return LabelFusion.from_dense(labels, fused, probs, search)
     labels = np.asarray(labels)
     # the kernel checks the range of int16 labels itself; other types must fit int16 first
     labels, atlas_images, target, available = _check(
@@ -184,10 +242,22 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
     if bad.any():
         raise ValueError(f'labels must lie in [0, {n_labels}); found '
                          f'[{labels.min()}, {labels.max()}]')
+    search = int(search)
+    if search > 0:
+        mask = undecided(labels, search)
+        fused[mask] = -1
+        count, bbox = _plane_boxes(mask)
     offset = np.zeros(shape[0] + 1, np.int64)
     np.cumsum(count, out=offset[1:])
     index = np.empty(int(offset[-1]), np.int64)
     probs = np.empty((index.size, n_labels), np.float32)
+    if search > 0:
+        wmv.wmv_fuse_search(
+            labels, np.ascontiguousarray(atlas_images, dtype=np.float32),
+            np.ascontiguousarray(target, dtype=np.float32),
+            np.ascontiguousarray(available, dtype=np.uint8), fused, offset, bbox, index, probs,
+            int(radius), search, float(beta), float(eps), threads)
+        return LabelFusion(fused, index, probs)
     wmv.wmv_fuse(labels, np.ascontiguousarray(atlas_images, dtype=np.float32),
                  np.ascontiguousarray(target, dtype=np.float32),
                  np.ascontiguousarray(available, dtype=np.uint8), fused, offset, bbox, index,
@@ -196,7 +266,8 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
 
 
 def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, available=None,
-                                 radius: int = 2, beta: float = 1.0, eps: float = 1e-3):
+                                 radius: int = 2, beta: float = 1.0, eps: float = 1e-3,
+                                 search: int = 0):
     """Fuse ``K`` warped label maps (NumPy reference implementation).
 
     Parameters
@@ -211,6 +282,8 @@ def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, av
         Number of labels including background.
     available : (K, C) bool, optional
         Which channels each atlas has (an atlas without T2w votes on T1w alone).
+    search : int
+        Half-width (voxels) of the cube of patch shifts each atlas searches (0: local voting).
 
     Returns
     -------
@@ -225,9 +298,13 @@ def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, av
     probs[0] = 1.0
     # Where every atlas says background the answer is background whatever the weights: compute
     # only inside the bounding box of the votes, grown by the patch radius.
-    box = _vote_box(labels, radius)
+    search = int(search)
+    box = _vote_box(labels, radius + search)
     if box is None:
         return fused, probs
+    if search > 0:
+        return _search_vote(labels, atlas_images, target, n_labels, available, radius, beta,
+                            eps, search, box, fused, probs)
     weights = local_weights(atlas_images[(slice(None), slice(None)) + box],
                             target[(slice(None),) + box], available, radius, beta, eps)
     total = weights.sum(axis=0)
@@ -239,6 +316,39 @@ def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, av
         flat_sub[labels[k][box].reshape(-1).astype(np.int64) * total.size + index] += \
             weights[k].reshape(-1)
     sub /= total[None]
+    probs[(slice(None),) + box] = sub
+    fused[box] = np.argmax(sub, axis=0)
+    return fused, probs
+
+
+def _search_vote(labels, atlas_images, target, n_labels, available, radius, beta, eps, search,
+                 box, fused, probs):
+    """The non-local vote of :func:`weighted_majority_vote_numpy` inside ``box``."""
+    from scipy.ndimage import uniform_filter
+
+    sub_target = target[(slice(None),) + box]
+    shape = sub_target.shape[1:]
+    sub = np.zeros((n_labels,) + shape, dtype=np.float32)
+    total = np.zeros(shape, np.float64)
+    for k in range(labels.shape[0]):
+        chans = np.flatnonzero(available[k])
+        best = np.full(shape, np.inf)
+        label = np.zeros(shape, np.int64)
+        for shift in _shifts(search):
+            msd = np.zeros(shape, np.float64)
+            moved = _shifted(atlas_images[k], shift)[(slice(None),) + box]
+            for c in chans:
+                diff = (sub_target[c] - moved[c]).astype(np.float64)
+                msd += uniform_filter(diff * diff, size=2 * radius + 1, mode='nearest')
+            msd /= len(chans)
+            better = msd < best
+            best[better] = msd[better]
+            label[better] = _shifted(labels[k], shift)[box][better]
+        weight = (best + eps) ** (-beta)
+        total += weight
+        np.put_along_axis(sub, label[None], np.take_along_axis(sub, label[None], 0)
+                          + weight[None].astype(np.float32), 0)
+    sub /= total[None].astype(np.float32)
     probs[(slice(None),) + box] = sub
     fused[box] = np.argmax(sub, axis=0)
     return fused, probs

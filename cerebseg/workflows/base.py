@@ -18,7 +18,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            seed: int, reg_spacing: float = 1.0,
                            reg_iterations: tuple[int, ...] = (40, 20, 0),
                            registration: str = 'torch', device: str = 'cpu',
-                           use_gpu: bool = False, regnet: str = '', cnn: dict | None = None,
+                           use_gpu: bool = False, regnet: str = '', fusion_search: int = 0,
+                           cnn: dict | None = None,
                            brainstem: dict | None = None, brainstem_meta: dict | None = None,
                            cerebellum: bool = True, name: str = 'single_subject_wf'):
     """Segment the cerebellum (and the brainstem) of one T1w (with its T2w when given) and
@@ -34,7 +35,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         ``entries`` (absolute paths), ``n_labels``, ``lut`` (absolute path), ``name``.
     dseg_meta : dict
         Static part of the dseg sidecars (sources, method, mode, version).
-    registration, device, use_gpu, regnet
+    registration, device, use_gpu, regnet, fusion_search
         See :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`.
     cnn : dict or None
         The DeepCeres weights (:func:`cerebseg.models.checkpoint.select_weights`); None: the
@@ -94,7 +95,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     multiatlas_wf = init_multiatlas_wf(
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=reg_spacing,
         reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed,
-        registration=registration, device=device, use_gpu=use_gpu, regnet=regnet)
+        registration=registration, device=device, use_gpu=use_gpu, regnet=regnet,
+        fusion_search=fusion_search)
     native_wf = init_native_wf(lut=library['lut'], template_icv_ml=templates['icv_ml'],
                                omp_nthreads=omp_nthreads)
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w),
@@ -158,7 +160,8 @@ def _gather(t1_box, t2_box, probseg_box, t1_to_mni):
 
 def init_prior_wf(*, t1w: str, t2w: str | None, templates: dict, grid: dict, library: dict,
                   omp_nthreads: int, seed: int, registration: str = 'torch', device: str = 'cpu',
-                  use_gpu: bool = False, name: str = 'single_subject_wf'):
+                  use_gpu: bool = False, fusion_search: int = 0,
+                  name: str = 'single_subject_wf'):
     """Working-grid images and multi-atlas prior of one T1w (training data, no derivatives).
 
     Built from the same sub-workflows, with the same names, as
@@ -183,7 +186,7 @@ def init_prior_wf(*, t1w: str, t2w: str | None, templates: dict, grid: dict, lib
     multiatlas_wf = init_multiatlas_wf(
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=1.0,
         reg_iterations=[40, 20, 0], omp_nthreads=omp_nthreads, seed=seed,
-        registration=registration, device=device, use_gpu=use_gpu)
+        registration=registration, device=device, use_gpu=use_gpu, fusion_search=fusion_search)
     wf.connect(inputnode, 't1w', preproc_wf, 'inputnode.t1w')
     if t2w:
         wf.connect(inputnode, 't2w', preproc_wf, 'inputnode.t2w')

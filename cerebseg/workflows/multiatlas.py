@@ -12,7 +12,7 @@ from cerebseg.workflows.workdir import FUSE, MULTIATLAS_WF, REGISTER
 def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float,
                        reg_iterations: list[int], omp_nthreads: int, seed: int,
                        registration: str = 'torch', device: str = 'cpu', use_gpu: bool = False,
-                       regnet: str = '', name: str = MULTIATLAS_WF):
+                       regnet: str = '', fusion_search: int = 0, name: str = MULTIATLAS_WF):
     """Register each library entry to the subject, fuse by local weighted voting.
 
     Parameters
@@ -25,6 +25,9 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
         from, or empty); ``ants``: one ANTs affine + SyN per entry (``reg_spacing``,
         ``reg_iterations``); ``both``: each entry registered both ways and all ``2K`` warped
         entries fused (the slowest setting, used for silver-standard training labels).
+    fusion_search : int
+        Each entry votes the label of its best-matching patch within this many voxels
+        (:func:`cerebseg.kernels.wmv.weighted_majority_vote`'s ``search``; 0: local voting).
 
     Inputs
     ------
@@ -62,7 +65,8 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
         register.inputs.entry_t2 = [e.get('t2w', '') for e in entries]
         register.inputs.entry_dseg = [e['dseg'] for e in entries]
         wf.connect(inputnode, 't1_box', register, 'target_t1')
-    fuse = pe.Node(FuseLabels(n_labels=n_labels, num_threads=omp_nthreads), name=FUSE,
+    fuse = pe.Node(FuseLabels(n_labels=n_labels, search=fusion_search,
+                              num_threads=omp_nthreads), name=FUSE,
                    n_procs=omp_nthreads, mem_gb=4)
     wf.connect([
         (inputnode, fuse, [('t1_box', 'target_t1'), ('t2_box', 'target_t2')]),

@@ -50,7 +50,7 @@ PREPROC_META = {'Description': 'The T1w as the networks and the atlas fusion see
                                'percentiles scaled to 0/1.'}
 #: which keys of the QC files go into the preprocessed T1w's sidecar, under which name
 PREPROC_QC_KEYS = {'InputSkullStripped': 'SkullStripped'}
-PRIOR_META = {'Description': 'Multi-atlas labels (locally weighted voting of the registered '
+PRIOR_META = {'Description': 'Multi-atlas labels (weighted voting of the registered '
                              'atlas library), the prior given to the networks; the main dseg is '
                              'the networks\' result.'}
 UNCERTAINTY_META = {'Description': 'Voxelwise disagreement of the lobule networks: total-'
