@@ -39,6 +39,34 @@ cdef inline Py_ssize_t _clamp(Py_ssize_t v, Py_ssize_t lo, Py_ssize_t hi) noexce
     return v
 
 
+cdef inline short _vote(const double *msd, const short *votes, Py_ssize_t n_atlas,
+                        Py_ssize_t n_labels, double beta, double eps, double *wk,
+                        float *pr) noexcept nogil:
+    """One voxel: atlas k's weight (msd[k] + eps)^-beta on its label votes[k]; the label
+    probabilities in ``pr`` (n_labels, float32 sums); returns the best voted label (only voted
+    labels can win; ties go to the smallest label). ``wk``: n_atlas doubles of scratch."""
+    cdef Py_ssize_t k, lab
+    cdef double total = 0.0, w, best = -1.0
+    cdef short best_lab = 0
+    for k in range(n_atlas):
+        if beta == 1.0:
+            w = 1.0 / (msd[k] + eps)
+        else:
+            w = pow(msd[k] + eps, -beta)
+        wk[k] = w
+        total = total + w
+    for lab in range(n_labels):
+        pr[lab] = 0.0
+    for k in range(n_atlas):
+        pr[votes[k]] += <float> (wk[k] / total)
+    for k in range(n_atlas):
+        lab = votes[k]
+        if pr[lab] > best or (pr[lab] == best and lab < best_lab):
+            best = pr[lab]
+            best_lab = <short> lab
+    return best_lab
+
+
 def wmv_scan(const short[:, :, :, ::1] labels, short[:, :, ::1] fused,
              long long[::1] count, int[:, ::1] bbox, unsigned char[::1] bad,
              int n_labels, int num_threads):
@@ -147,8 +175,8 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
     cdef Py_ssize_t ca, cb, ya, yb, za, zb, wy, wz, area, max_area
     cdef Py_ssize_t span[4]
     cdef Py_ssize_t *box
-    cdef Py_ssize_t i, ii, j, l, k, c, d, e, idx, row, lab, best_lab, prev
-    cdef double acc, total, best, w, diff_a, diff_b
+    cdef Py_ssize_t i, ii, j, l, k, c, d, e, idx, row, prev
+    cdef double acc, diff_a, diff_b
     cdef const float *t_in
     cdef const float *a_in
     cdef const float *t_out
@@ -157,11 +185,12 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
     cdef double *xsum
     cdef double *wk
     cdef double *cube
+    cdef double *msdk
+    cdef short *votes
     cdef Py_ssize_t *rows
     cdef Py_ssize_t last_l
     cdef double *inv_used
     cdef double *xs
-    cdef float *pr
     cdef int n_used
     if n_atlas == 0 or ny * nz == 0:
         return
@@ -188,6 +217,8 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
         wk = <double *> malloc(n_atlas * sizeof(double))
         xsum = <double *> malloc(n_atlas * max_area * sizeof(double))
         cube = <double *> malloc(n_atlas * sizeof(double))
+        msdk = <double *> malloc(n_atlas * sizeof(double))
+        votes = <short *> malloc(n_atlas * sizeof(short))
         rows = <Py_ssize_t *> malloc((2 * radius + 1) * sizeof(Py_ssize_t))
         box = <Py_ssize_t *> malloc(4 * sizeof(Py_ssize_t))
         for chunk in prange(n_chunks, schedule='dynamic', chunksize=1):
@@ -274,33 +305,18 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
                                             acc = acc + xs[rows[d] + _clamp(l + e, 0, nz) - za]
                                 cube[k] = acc
                         last_l = l
-                        total = 0.0
                         for k in range(n_atlas):
-                            if beta == 1.0:
-                                w = 1.0 / (cube[k] * inv_used[k] + eps)
-                            else:
-                                w = pow(cube[k] * inv_used[k] + eps, -beta)
-                            wk[k] = w
-                            total = total + w
-                        pr = &probs[row, 0]
-                        for lab in range(n_labels):
-                            pr[lab] = 0.0
-                        for k in range(n_atlas):
-                            pr[labels[k, i, j, l]] += <float> (wk[k] / total)
-                        # only voted labels can win; ties go to the smallest label
-                        best = -1.0
-                        best_lab = 0
-                        for k in range(n_atlas):
-                            lab = labels[k, i, j, l]
-                            if pr[lab] > best or (pr[lab] == best and lab < best_lab):
-                                best = pr[lab]
-                                best_lab = lab
-                        fused[i, j, l] = <short> best_lab
+                            msdk[k] = cube[k] * inv_used[k]
+                            votes[k] = labels[k, i, j, l]
+                        fused[i, j, l] = _vote(msdk, votes, n_atlas, n_labels, beta, eps, wk,
+                                               &probs[row, 0])
                         index[row] = (i * ny + j) * nz + l
                         row = row + 1
         free(xsum)
         free(wk)
         free(cube)
+        free(msdk)
+        free(votes)
         free(rows)
         free(box)
     free(inv_used)
@@ -352,8 +368,8 @@ def wmv_fuse_search(const short[:, :, :, ::1] labels,
     cdef Py_ssize_t sx, sy, sz, s, code
     cdef Py_ssize_t span[4]
     cdef Py_ssize_t *box
-    cdef Py_ssize_t i, ii, iis, ds, j, l, k, c, d, e, idx, row, lab, best_lab, prev
-    cdef double acc, total, best, w, diff_a, diff_b, msd, cube
+    cdef Py_ssize_t i, ii, iis, ds, j, l, k, c, d, e, idx, row, lab, prev
+    cdef double acc, diff_a, diff_b, msd, cube
     cdef const float *t_in
     cdef const float *a_in
     cdef const float *t_out
@@ -367,7 +383,6 @@ def wmv_fuse_search(const short[:, :, :, ::1] labels,
     cdef Py_ssize_t *zmap
     cdef Py_ssize_t last_l
     cdef double *inv_used
-    cdef float *pr
     cdef int n_used
     if n_atlas == 0 or ny * nz == 0:
         return
@@ -458,6 +473,7 @@ def wmv_fuse_search(const short[:, :, :, ::1] labels,
                         row = offset[i] - r0
                         for j in range(bbox[i, 0], bbox[i, 1]):
                             last_l = -2
+                            cube = 0.0
                             for l in range(bbox[i, 2], bbox[i, 3]):
                                 if fused[i, j, l] >= 0:
                                     continue
@@ -492,27 +508,8 @@ def wmv_fuse_search(const short[:, :, :, ::1] labels,
                         if fused[i, j, l] >= 0:
                             continue
                         idx = (row - r0) * n_atlas
-                        total = 0.0
-                        for k in range(n_atlas):
-                            if beta == 1.0:
-                                w = 1.0 / (best_msd[idx + k] + eps)
-                            else:
-                                w = pow(best_msd[idx + k] + eps, -beta)
-                            wk[k] = w
-                            total = total + w
-                        pr = &probs[row, 0]
-                        for lab in range(n_labels):
-                            pr[lab] = 0.0
-                        for k in range(n_atlas):
-                            pr[best_label[idx + k]] += <float> (wk[k] / total)
-                        best = -1.0
-                        best_lab = 0
-                        for k in range(n_atlas):
-                            lab = best_label[idx + k]
-                            if pr[lab] > best or (pr[lab] == best and lab < best_lab):
-                                best = pr[lab]
-                                best_lab = lab
-                        fused[i, j, l] = <short> best_lab
+                        fused[i, j, l] = _vote(best_msd + idx, best_label + idx, n_atlas,
+                                               n_labels, beta, eps, wk, &probs[row, 0])
                         index[row] = (i * ny + j) * nz + l
                         row = row + 1
             free(best_msd)
