@@ -104,6 +104,34 @@ def assets_dir(shared_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope='session')
+def ds002748_2mm(shared_data, tmp_path_factory):
+    """ds002748 sub-01, 02 and 03 with their T1w resampled to 2 mm (linear), for the tests of
+    scheduling and concurrency (SLURM, two commands), which test how participants are run, not
+    their labels: a brainstem-only run on one thread takes about 50 s instead of 90 s."""
+    import shutil
+
+    import nibabel as nib
+    from nibabel.processing import resample_to_output
+
+    src = shared_data / 'bids/ds002748'
+    root = tmp_path_factory.mktemp('ds002748-2mm')
+    shutil.copyfile(src / 'dataset_description.json', root / 'dataset_description.json')
+    rows = (src / 'participants.tsv').read_text().splitlines()
+    labels = ('01', '02', '03')
+    (root / 'participants.tsv').write_text('\n'.join(
+        [rows[0]] + [r for r in rows[1:] if r.split('\t')[0] in {f'sub-{x}' for x in labels}])
+        + '\n')
+    for label in labels:
+        img = resample_to_output(nib.load(src / f'sub-{label}/anat/sub-{label}_T1w.nii.gz'),
+                                 voxel_sizes=(2.0, 2.0, 2.0), order=1)
+        anat = root / f'sub-{label}' / 'anat'
+        anat.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine),
+                 anat / f'sub-{label}_T1w.nii.gz')
+    return root
+
+
 def write_case_bids(root: Path, label: str, case, name: str) -> Path:
     """A one-participant BIDS dataset at ``root`` holding an exact-truth case's T1w
     (:func:`cerebseg.utils.truth.make_case`) as ``sub-<label>``."""

@@ -501,10 +501,10 @@ BRAINSTEM_ONE_THREAD = ['--skip-cerebellum', '--omp-nthreads', '1', '--nprocs', 
 
 
 @pytest.fixture(scope='module')
-def two_commands(shared_data, assets_dir, tmp_path_factory):
-    """Two ``cerebseg`` processes writing participants 01 and 02 (brainstem, one thread) into
-    one output and work folder at the same time."""
-    bids = shared_data / 'bids/ds002748'
+def two_commands(ds002748_2mm, assets_dir, tmp_path_factory):
+    """Two ``cerebseg`` processes writing participants 01 and 02 (at 2 mm, brainstem, one
+    thread) into one output and work folder at the same time."""
+    bids = ds002748_2mm
     root = tmp_path_factory.mktemp('two')
     out, work = root / 'out', root / 'work'
     base = [sys.executable, '-m', 'cerebseg.bids_app.run', str(bids), str(out), 'participant',

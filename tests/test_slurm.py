@@ -77,9 +77,9 @@ def _group_rows(out: Path, seg: str = 'brainstem') -> list[str]:
 
 
 @pytest.fixture(scope='module')
-def plugin_run(slurm, shared_data, assets_dir, tmp_path_factory):
-    """ds002748 01 and 02 (brainstem, one thread) through ``--plugin SLURM``."""
-    bids = shared_data / 'bids/ds002748'
+def plugin_run(slurm, ds002748_2mm, assets_dir, tmp_path_factory):
+    """ds002748 01 and 02 at 2 mm (brainstem, one thread) through ``--plugin SLURM``."""
+    bids = ds002748_2mm
     root = tmp_path_factory.mktemp('slurm-plugin')
     out, work = root / 'out', root / 'work'
     proc = subprocess.run(_command(bids, out, 'participant', '--participant-label', '01', '02',
@@ -114,14 +114,14 @@ def test_slurm_plugin_runs_participants_and_group(slurm, plugin_run, tmp_path):
 
 
 @pytest.mark.integration
-def test_slurm_graph_plugin_reports_a_failed_participant(slurm, shared_data, assets_dir,
-                                                          tmp_path):
+def test_slurm_graph_plugin_reports_a_failed_participant(slurm, shared_data, ds002748_2mm,
+                                                          assets_dir, tmp_path):
     """``--plugin SLURMGraph`` submits the whole graph at once; cerebseg waits for its jobs,
     cancels those whose dependencies failed (this cluster does not set kill_invalid_depend),
     and ends as with MultiProc: the brain is done, the non-brain phantom fails with exit 65,
     its crash file in its log folder, nothing left in the queue."""
     root = make_bids(tmp_path / 'ds', {})
-    for label, src in (('01', shared_data / 'bids/ds002748/sub-01/anat/sub-01_T1w.nii.gz'),
+    for label, src in (('01', ds002748_2mm / 'sub-01/anat/sub-01_T1w.nii.gz'),
                        ('ph', shared_data / 'subjects/nonbrain_phantom/sub-ge01_T1w.nii.gz')):
         (root / f'sub-{label}/anat').mkdir(parents=True)
         shutil.copyfile(src, root / f'sub-{label}/anat/sub-{label}_T1w.nii.gz')
@@ -143,12 +143,12 @@ def test_slurm_graph_plugin_reports_a_failed_participant(slurm, shared_data, ass
 
 
 @pytest.mark.integration
-def test_job_array_script_runs_participants_then_group(slurm, plugin_run, shared_data,
+def test_job_array_script_runs_participants_then_group(slurm, plugin_run, ds002748_2mm,
                                                        assets_dir, tmp_path):
     """``scripts/slurm-array.sh``: one array task per participant (its CPUs and memory passed
     on to cerebseg, which runs there as on a workstation), then the group job after them.
     Participant 02's outputs are those of the ``--plugin SLURM`` run, byte for byte."""
-    bids = shared_data / 'bids/ds002748'
+    bids = ds002748_2mm
     out, work = tmp_path / 'out', tmp_path / 'work'
     env = dict(os.environ, PARTICIPANTS='sub-02 03', WORK_DIR=str(work),
                CEREBSEG=' '.join([sys.executable, '-m', 'cerebseg.bids_app.run']),
