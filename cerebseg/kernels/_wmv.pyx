@@ -151,6 +151,39 @@ cdef inline void _union_box(const long long[::1] offset, const int[:, ::1] bbox,
             box[3] = max(box[3], <Py_ssize_t> bbox[i, 3])
 
 
+cdef Py_ssize_t _plan(const long long[::1] offset, const int[:, ::1] bbox,
+                     const unsigned char[:, ::1] available, Py_ssize_t nx, Py_ssize_t ny,
+                     Py_ssize_t nz, int radius, int num_threads, Py_ssize_t *plan,
+                     double *inv_used):
+    """What both fusion kernels share before their parallel loop: ``plan`` gets the first and
+    last (half-open) x-planes with voxels to fuse, the number of chunks (small chunks: tighter
+    y/z boxes and balanced threads, for one x-window restart each) and the area of the largest
+    chunk box grown by the radius (it bounds the per-thread buffers); ``inv_used[k]`` is
+    1 / (cube size x channels atlas k has). Returns 0 when there is nothing to fuse."""
+    cdef Py_ssize_t first = 0, last = nx, k, c
+    cdef Py_ssize_t span[4]
+    cdef int n_used
+    cdef double inv_cube = 1.0 / ((2 * radius + 1) * (2 * radius + 1) * (2 * radius + 1))
+    while first < nx and offset[first + 1] == offset[first]:
+        first = first + 1
+    while last > first and offset[last] == offset[last - 1]:
+        last = last - 1
+    if first >= last:
+        return 0
+    plan[0] = first
+    plan[1] = last
+    plan[2] = max(1, min(max(16, 4 * <Py_ssize_t> num_threads), (last - first) // 8))
+    _union_box(offset, bbox, first, last, ny, nz, span)
+    plan[3] = (min(span[1] + radius, ny) - max(span[0] - radius, 0)) * (
+        min(span[3] + radius, nz) - max(span[2] - radius, 0))
+    for k in range(available.shape[0]):
+        n_used = 0
+        for c in range(available.shape[1]):
+            n_used = n_used + (available[k, c] != 0)
+        inv_used[k] = inv_cube / n_used
+    return 1
+
+
 def wmv_fuse(const short[:, :, :, ::1] labels,
              const float[:, :, :, :, ::1] atlas,
              const float[:, :, :, ::1] target,
@@ -181,7 +214,6 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
     cdef const float *a_in
     cdef const float *t_out
     cdef const float *a_out
-    cdef double inv_cube = 1.0 / ((2 * radius + 1) * (2 * radius + 1) * (2 * radius + 1))
     cdef double *xsum
     cdef double *wk
     cdef double *cube
@@ -191,28 +223,13 @@ def wmv_fuse(const short[:, :, :, ::1] labels,
     cdef Py_ssize_t last_l
     cdef double *inv_used
     cdef double *xs
-    cdef int n_used
     if n_atlas == 0 or ny * nz == 0:
         return
-    while first < nx and offset[first + 1] == offset[first]:
-        first = first + 1
-    while last > first and offset[last] == offset[last - 1]:
-        last = last - 1
-    if first >= last:
-        return
-    # small chunks: tighter y/z boxes and balanced threads, for one x-window restart each
-    n_chunks = max(1, min(max(16, 4 * <Py_ssize_t> num_threads), (last - first) // 8))
-    # the largest chunk box bounds the per-thread buffer
-    _union_box(offset, bbox, first, last, ny, nz, span)
-    ya, yb, za, zb = span[0], span[1], span[2], span[3]
-    max_area = (min(yb + radius, ny) - max(ya - radius, 0)) * (min(zb + radius, nz)
-                                                               - max(za - radius, 0))
     inv_used = <double *> malloc(n_atlas * sizeof(double))
-    for k in range(n_atlas):
-        n_used = 0
-        for c in range(n_chan):
-            n_used = n_used + (available[k, c] != 0)
-        inv_used[k] = inv_cube / n_used
+    if not _plan(offset, bbox, available, nx, ny, nz, radius, num_threads, span, inv_used):
+        free(inv_used)
+        return
+    first, last, n_chunks, max_area = span[0], span[1], span[2], span[3]
     with nogil, parallel(num_threads=num_threads):
         wk = <double *> malloc(n_atlas * sizeof(double))
         xsum = <double *> malloc(n_atlas * max_area * sizeof(double))
@@ -374,7 +391,6 @@ def wmv_fuse_search(const short[:, :, :, ::1] labels,
     cdef const float *a_in
     cdef const float *t_out
     cdef const float *a_out
-    cdef double inv_cube = 1.0 / ((2 * radius + 1) * (2 * radius + 1) * (2 * radius + 1))
     cdef double *xs
     cdef double *wk
     cdef double *best_msd
@@ -383,26 +399,13 @@ def wmv_fuse_search(const short[:, :, :, ::1] labels,
     cdef Py_ssize_t *zmap
     cdef Py_ssize_t last_l
     cdef double *inv_used
-    cdef int n_used
     if n_atlas == 0 or ny * nz == 0:
         return
-    while first < nx and offset[first + 1] == offset[first]:
-        first = first + 1
-    while last > first and offset[last] == offset[last - 1]:
-        last = last - 1
-    if first >= last:
-        return
-    n_chunks = max(1, min(max(16, 4 * <Py_ssize_t> num_threads), (last - first) // 8))
-    _union_box(offset, bbox, first, last, ny, nz, span)
-    ya, yb, za, zb = span[0], span[1], span[2], span[3]
-    max_area = (min(yb + radius, ny) - max(ya - radius, 0)) * (min(zb + radius, nz)
-                                                               - max(za - radius, 0))
     inv_used = <double *> malloc(n_atlas * sizeof(double))
-    for k in range(n_atlas):
-        n_used = 0
-        for c in range(n_chan):
-            n_used = n_used + (available[k, c] != 0)
-        inv_used[k] = inv_cube / n_used
+    if not _plan(offset, bbox, available, nx, ny, nz, radius, num_threads, span, inv_used):
+        free(inv_used)
+        return
+    first, last, n_chunks, max_area = span[0], span[1], span[2], span[3]
     with nogil, parallel(num_threads=num_threads):
         wk = <double *> malloc(n_atlas * sizeof(double))
         xs = <double *> malloc(max_area * sizeof(double))
