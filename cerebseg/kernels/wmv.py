@@ -101,18 +101,20 @@ def _scatter(out, fused, index, values, one):
     flat[index] = values
 
 
-def undecided(labels, search: int = 0) -> np.ndarray:
+def undecided(labels, search: int = 0, differ=None) -> np.ndarray:
     """(X, Y, Z) bool: the voxels where the candidate votes are not all the same label.
 
     Without search, where the K atlases do not all vote one label. With ``search = s``, where
     the K labels over the cube of shifts ``|d|_inf <= s`` around the voxel are not all one label:
     a disagreement within s voxels, or a label boundary of the (agreeing) atlases within s.
-    Everywhere else the fused label is that one label, with probability 1.
+    Everywhere else the fused label is that one label, with probability 1. ``differ``: where
+    the K atlases disagree, when the caller has it already (the kernel's scan).
     """
     from scipy import ndimage
 
     labels = np.asarray(labels)
-    differ = (labels != labels[:1]).any(axis=0)
+    if differ is None:
+        differ = (labels != labels[:1]).any(axis=0)
     if search <= 0:
         return differ
     size = 2 * int(search) + 1
@@ -244,7 +246,7 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
                          f'[{labels.min()}, {labels.max()}]')
     search = int(search)
     if search > 0:
-        mask = undecided(labels, search)
+        mask = undecided(labels, search, differ=fused < 0)
         fused[mask] = -1
         count, bbox = _plane_boxes(mask)
     offset = np.zeros(shape[0] + 1, np.int64)
