@@ -102,6 +102,23 @@ def placed_map(k: int, cache: Path):
                   similarity=meta['similarity'], scale=meta['scale'])
 
 
+def networks_saw(manifest: Path) -> set[int]:
+    """The maps (1-3) whose cases trained or validated the lobule networks of a weights
+    manifest (from the checkpoints' training metadata: labels ``brain<k>...``)."""
+    from cerebseg.models.checkpoint import read_cascade_checkpoint
+
+    spec = json.loads(manifest.read_text())
+    seen = set()
+    for variant in spec['variants'].values():
+        for entry in variant['lobules']:
+            training = read_cascade_checkpoint(manifest.parent / entry['file'])['training'] or {}
+            for label in training.get('train', []) + training.get('validation', []):
+                label = label.removeprefix('sub-')
+                if label.startswith('brain') and label[5:6].isdigit():
+                    seen.add(int(label[5]))
+    return seen
+
+
 def write_case(bids: Path, truth_dir: Path, cache: Path, k: int, seed: int) -> str:
     """One synthesised case of map ``k`` (skipped when written); returns its label."""
     from cerebseg.assets.manual import manual_case
@@ -226,7 +243,12 @@ def main(argv=None) -> int:
     parser.add_argument('--methods', nargs='+', default=['template', 'manual', 'suit', 'jlf',
                                                          'template-search', 'manual-search'],
                         choices=['template', 'manual', 'suit', 'jlf', 'template-search',
-                                 'manual-search'])
+                                 'manual-search', 'manual-search-cnn'])
+    parser.add_argument('--cnn-weights', type=Path, default=None,
+                        help='manifest of CERES-protocol networks for manual-search-cnn '
+                             '(scripts/train_ceres.py; the case\'s map unseen by them)')
+    parser.add_argument('--models', default='unet', choices=['unet', 'dpn', 'ensemble'],
+                        help='the lobule networks of manual-search-cnn')
     parser.add_argument('--tsv', type=Path, default=None)
     parser.add_argument('--overlays', type=Path, default=None)
     opts = parser.parse_args(argv)
@@ -262,6 +284,19 @@ def main(argv=None) -> int:
             'manual-search': ('cerebseg --atlas-library cobra --fusion-search 1, template + '
                               'other manual maps', ['--atlas-library', 'cobra',
                                                     '--fusion-search', '1'])}
+    if 'manual-search-cnn' in opts.methods:
+        if opts.cnn_weights is None:
+            parser.error('manual-search-cnn needs --cnn-weights')
+        runs['manual-search-cnn'] = (
+            f'cerebseg --atlas-library cobra --fusion-search 1 --models {opts.models} '
+            f'({opts.cnn_weights.parent.name}), template + other manual maps',
+            ['--atlas-library', 'cobra', '--fusion-search', '1', '--models', opts.models,
+             '--cnn-weights', str(opts.cnn_weights.resolve())])
+        seen = networks_saw(opts.cnn_weights)
+        if seen & set(opts.maps):
+            parser.error(f'the networks of {opts.cnn_weights} were trained or validated on '
+                         f'cases of map(s) {sorted(seen & set(opts.maps))}: score only the '
+                         'maps they did not see (--maps)')
     results, times = {}, {}
     for key in [m for m in runs if m in opts.methods]:
         name, extra = runs[key]
@@ -269,7 +304,7 @@ def main(argv=None) -> int:
             lib_dir = template_only if key in ('template', 'suit', 'template-search') \
                 else leave_out_entry(assets, out / f'assets-lomo{k}', entry_name(k))
             dst = out / f'out-{key}'
-            work = out / f'work-{key.removesuffix("-search")}'
+            work = out / f'work-{key.removesuffix("-cnn").removesuffix("-search")}'
             times[name] = times.get(name, 0.0) + run_cerebseg(
                 bids, dst, work, lib_dir, ['--participant-label', *fold_labels, '--t1-only',
                                            '--skip-brainstem', '--models', 'none', *extra],

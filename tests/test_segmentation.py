@@ -77,6 +77,12 @@ def test_checkpoint_refuses_other_inputs_and_foreign_files(tmp_path):
     with pytest.raises(cpt.CheckpointError, match='cobra'):
         cpt.load_cascade_net(path, protocol='cobra')
     assert cpt.CheckpointError.exit_code == 126
+    # a hemisphere network (background / left / right) serves every protocol
+    hemi = cpt.save_cascade_net(tmp_path / 'h.pt', seg.build_model('dpn', 3, 3, features=[8, 4]),
+                                architecture='dpn', inputs=['T1w', 'prior'],
+                                stage='hemisphere', labels=[[0, 'bg'], [1, 'Left'], [2, 'Right']],
+                                spacing=1.0, protocol='suit')
+    assert cpt.load_cascade_net(hemi, stage='hemisphere', protocol='cobra')[1]['protocol'] == 'suit'
     # strict keys: a renamed weight is refused
     ckpt = torch.load(path, weights_only=True)
     ckpt['state_dict']['extra.weight'] = ckpt['state_dict'].pop('head.weight')
@@ -349,3 +355,41 @@ def test_lean_inference_gives_the_same_probabilities(arch, monkeypatch):
     assert lean.shape == (5, 36, 24, 20)
     assert torch.allclose(lean, plain, atol=1e-6)
     assert torch.equal(lean.argmax(0), plain.argmax(0))
+
+
+def test_prepared_training_data_keeps_each_cases_own_prior(tmp_path, monkeypatch):
+    """The cached training data record which library entries made the prior: another library
+    prepares it again, unless ``prepared`` (each case's own leave-one-out library, prepared one
+    by one, then trained on together); ``prepared`` without cached data is an error."""
+    from types import SimpleNamespace
+
+    from cerebseg.errors import BadDataError
+    from cerebseg.training import data
+
+    label_file = tmp_path / 'sub-a_dseg.nii.gz'
+    label_file.write_bytes(b'labels')
+    run = SimpleNamespace(label='sub-a', t1w='/x/sub-a_T1w.nii.gz', t2w=None)
+    own = {'name': 'cobra', 'entry_info': [{'name': 'MNI'}, {'name': 'brain3'}]}
+    other = {'name': 'cobra', 'entry_info': [{'name': 'MNI'}, {'name': 'brain2'}]}
+    with pytest.raises(BadDataError, match='No prepared training data for sub-a'):
+        data.prepare_subject(run, label_file, None, own, tmp_path, prepared=True)
+    key = (f'{data.CACHE_VERSION}|{label_file.resolve()}|{label_file.stat().st_mtime_ns}|'
+           f'{run.t1w}|{run.t2w}|MNI,brain3')
+    cache = tmp_path / 'segmentation_data' / 'sub-a_cobra_search1.npz'
+    cache.parent.mkdir()
+    t1 = np.ones((4, 4, 4), np.float32)
+    np.savez(cache, key=key, t1=t1, classes=np.zeros((4, 4, 4), np.uint8),
+             x_mm=np.arange(4.0), t2=np.zeros(0, np.float32),
+             prior=np.zeros((2, 4, 4, 4), np.uint8))
+    for library, prepared in ((own, False), (other, True)):
+        got = data.prepare_subject(run, label_file, None, library, tmp_path, fusion_search=1,
+                                   prepared=prepared)
+        assert got.name == 'sub-a' and got.t2 is None and np.array_equal(got.t1, t1)
+    with pytest.raises(BadDataError, match='No prepared'):   # another fusion: other data
+        data.prepare_subject(run, label_file, None, other, tmp_path, prepared=True)
+    def computed(*args):
+        raise RuntimeError('prior computed')
+
+    monkeypatch.setattr(data, '_prior_outputs', computed)
+    with pytest.raises(RuntimeError, match='prior computed'):   # another library: again
+        data.prepare_subject(run, label_file, None, other, tmp_path, fusion_search=1)

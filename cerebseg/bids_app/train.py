@@ -83,6 +83,13 @@ def _add_segmentation_parser(sub) -> None:
                      help='cerebseg assets (default: $CEREBSEG_ASSETS, then the user cache)')
     cmd.add_argument('--atlas-library', default='suit',
                      help='label protocol of the labels (and library of the prior)')
+    cmd.add_argument('--prepared', action='store_true',
+                     help='train on the data --prepare-only cached in --work-dir as it was '
+                          'prepared, whatever library made each prior (e.g. each case\'s own '
+                          'leave-one-out library); a participant without it is an error')
+    cmd.add_argument('--fusion-search', type=int, choices=(0, 1, 2), default=0,
+                     help='the prior\'s label fusion, as cerebseg --fusion-search (0: local '
+                          'voting; 1-2: non-local, patch search of that many voxels)')
     cmd.add_argument('--participant-label', nargs='+', default=None,
                      help='participants to train on (default: all but validation/excluded)')
     cmd.add_argument('--exclude-label', nargs='+', default=[],

@@ -69,7 +69,9 @@ def run(opts) -> int:
     def prepare(run_list):
         return [prepare_subject(r, find_label_file(opts.labels, r), assets, library,
                                 opts.work_dir, omp_nthreads=opts.nthreads,
-                                seed=opts.random_seed) for r in run_list]
+                                seed=opts.random_seed, fusion_search=opts.fusion_search,
+                                prepared=opts.prepared)
+                for r in run_list]
 
     if opts.prepare_only:
         subjects = prepare(train_runs + val_runs)
@@ -129,6 +131,7 @@ def run(opts) -> int:
                 'patch_size': patch, 'batch_size': opts.batch_size,
                 'learning_rate': opts.learning_rate, 'steps_per_epoch': opts.steps_per_epoch,
                 'seed': opts.random_seed, 'device': device.type,
+                'fusion_search': opts.fusion_search,
                 'init': opts.init.name if opts.init else None,
                 'torch_version': str(torch.__version__)}
 

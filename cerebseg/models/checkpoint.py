@@ -13,7 +13,8 @@ Three families of networks, one file format each, all self-describing and loaded
 The weights that ship with cerebseg lie in :data:`WEIGHTS_DIR`; :data:`WEIGHTS_MANIFEST`
 (``manifest.json``) lists the sha256 of every file there, and every shipped file is checked
 against it before it is read (:func:`verify_shipped`). The default weights of each family:
-:data:`DEFAULT_CASCADE` (``deepceres.json``: per input set, the hemisphere and lobule
+:data:`DEFAULT_CASCADE` and :data:`CASCADE_MANIFESTS` (per label protocol, ``deepceres.json``
+for SUIT and ``deepceres_cobra.json`` for CERES: per input set, the hemisphere and lobule
 checkpoints, chosen by :func:`select_weights`), :data:`DEFAULT_BRAINSTEM`,
 :data:`DEFAULT_REGNET` (not shipped: used when a user puts one there).
 
@@ -44,6 +45,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / 'data' / 'weights'
 WEIGHTS_MANIFEST = WEIGHTS_DIR / 'manifest.json'
 #: default weights of each family (see the model cards beside them)
 DEFAULT_CASCADE = WEIGHTS_DIR / 'deepceres.json'
+#: the default cascade manifest of each label protocol (``--atlas-library``), beside
+#: :data:`DEFAULT_CASCADE` (the SUIT protocol's)
+CASCADE_MANIFESTS = {'suit': 'deepceres.json', 'cobra': 'deepceres_cobra.json'}
 DEFAULT_BRAINSTEM = WEIGHTS_DIR / 'brainstem_ndeconet_T1w.pt'
 DEFAULT_REGNET = WEIGHTS_DIR / 'regnet.pt'
 #: the lobule networks a run may use (--models)
@@ -150,7 +154,9 @@ def load_cascade_net(path, *, inputs=None, stage: str | None = None, protocol: s
             '(--t1-only, --no-atlas-prior).')
     if stage is not None and meta['stage'] != stage:
         raise CheckpointError(f'{path} is a {meta["stage"]} network, not a {stage} network')
-    if protocol is not None and meta['protocol'] != protocol:
+    # a hemisphere network's classes (background, left, right) and its prior channels (left and
+    # right cerebellum) are the same for every protocol
+    if protocol is not None and meta['protocol'] != protocol and meta['stage'] != 'hemisphere':
         raise CheckpointError(f'{path} segments the {meta["protocol"]} label protocol, not '
                               f'{protocol}; use --atlas-library {meta["protocol"]} or weights '
                               f'trained on {protocol} labels')
@@ -275,7 +281,8 @@ def select_weights(manifest=None, *, t2w: bool, prior: bool, models: str = 'ense
     all of them (the ensemble). Raises :class:`CheckpointError` (exit 126) with the fix when
     something is missing.
     """
-    manifest = Path(manifest) if manifest else DEFAULT_CASCADE
+    manifest = Path(manifest) if manifest else \
+        DEFAULT_CASCADE.with_name(CASCADE_MANIFESTS.get(protocol, DEFAULT_CASCADE.name))
     if not manifest.is_file():
         raise CheckpointError(f'segmentation weights manifest not found: {manifest}. Reinstall '
                               'cerebseg, or pass --cnn-weights with a manifest of weights '

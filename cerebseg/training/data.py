@@ -19,7 +19,7 @@ from cerebseg.errors import BadDataError
 
 LOGGER = logging.getLogger('cerebseg.train')
 GRID_SPACE = 'space-MNI152NLin2009cAsym_res-05'
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: the library's entries in the key
 #: crop margin around the cerebellum (voxels of 0.5 mm): the cascade's 12 mm region margin
 CROP_MARGIN = 24
 
@@ -74,14 +74,16 @@ def labels_on_grid(label_path, t1w_path, grid, t1_to_mni: str) -> np.ndarray:
     return np.rint(out.numpy()).astype(np.int16)
 
 
-def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int, seed: int):
+def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int, seed: int,
+                   fusion_search: int = 0):
     """Run (or reuse) the preprocessing and prior of one T1w; its output file paths."""
     from cerebseg.workflows.workdir import participant_work_dir, workflow_name
     from cerebseg.workflows.base import init_prior_wf
 
     wf = init_prior_wf(t1w=run.t1w, t2w=run.t2w, templates=assets.template_paths(),
                        grid=assets.manifest['grid'], library=library,
-                       omp_nthreads=omp_nthreads, seed=seed, name=workflow_name(run.label))
+                       omp_nthreads=omp_nthreads, seed=seed, fusion_search=fusion_search,
+                       name=workflow_name(run.label))
     wf.base_dir = str(participant_work_dir(work_dir))   # where `cerebseg` puts this run
     wf.config['execution'].update({'crashdump_dir': str(work_dir / 'crash'),
                                    'crashfile_format': 'txt', 'stop_on_first_crash': True,
@@ -92,8 +94,13 @@ def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int
 
 
 def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nthreads: int = 1,
-                    seed: int = 0):
-    """A :class:`~cerebseg.training.cascade.Subject` of one T1w, cached in ``work_dir``."""
+                    seed: int = 0, fusion_search: int = 0, prepared: bool = False):
+    """A :class:`~cerebseg.training.cascade.Subject` of one T1w, cached in ``work_dir``
+    (``fusion_search``: the prior's label fusion, :func:`cerebseg.kernels.wmv.fuse_labels`).
+
+    ``prepared``: take the cached data whatever library made its prior (e.g. each case's own
+    leave-one-out library, prepared one by one), and raise :class:`BadDataError` where there is
+    none instead of computing it."""
     import nibabel as nib
 
     from cerebseg.training.cascade import Subject, crop_subject
@@ -102,17 +109,27 @@ def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nth
     from cerebseg.utils.labels import class_index, read_lut
 
     work_dir = Path(work_dir)
-    cache = work_dir / 'segmentation_data' / f'{run.label}_{library["name"]}.npz'
-    key = f'{CACHE_VERSION}|{Path(label_file).resolve()}|{Path(label_file).stat().st_mtime_ns}|' \
-          f'{run.t1w}|{run.t2w}'
+    search = f'_search{fusion_search}' if fusion_search else ''
+    cache = work_dir / 'segmentation_data' / f'{run.label}_{library["name"]}{search}.npz'
+    inputs = f'{CACHE_VERSION}|{Path(label_file).resolve()}|' \
+             f'{Path(label_file).stat().st_mtime_ns}|{run.t1w}|{run.t2w}|'
+    key = inputs + ','.join(e['name'] for e in library['entry_info'])
     if cache.is_file():
         with np.load(cache) as data:
-            if str(data['key']) == key:
+            found = str(data['key'])
+            if found == key or (prepared and found.startswith(inputs)):
+                if found != key:
+                    LOGGER.info('%s: prior from the library entries %s', run.label,
+                                found[len(inputs):])
                 return Subject(run.label, data['t1'], data['x_mm'],
                                data['t2'] if data['t2'].size else None, data['prior'],
                                classes=data['classes'])
+    if prepared:
+        raise BadDataError(f'No prepared training data for {run.label} (labels {label_file}) '
+                           f'in {cache.parent}; prepare it first (--prepare-only) or leave '
+                           'out --prepared.')
     LOGGER.info('Preparing %s (preprocessing and prior; labels from %s)', run.label, label_file)
-    out = _prior_outputs(run, assets, library, work_dir, omp_nthreads, seed)
+    out = _prior_outputs(run, assets, library, work_dir, omp_nthreads, seed, fusion_search)
     grid = BoxGrid.from_dict(assets.manifest['grid'])
     t1 = np.asarray(nib.load(out.t1_box).dataobj, np.float32)
     t2 = np.asarray(nib.load(out.t2_box).dataobj, np.float32) if out.t2_box else None

@@ -1,0 +1,181 @@
+"""Train the CERES-protocol lobule network (``--atlas-library cobra``) on images synthesised
+from the CoBrALab manual lobule maps, leaving one map out (issue 22, item 3).
+
+Every step is resumable: run the same command again and it continues where it stopped (cases
+and priors are cached, training resumes from ``OUT/<name>.pt.state.pt``).
+
+1. **Cases**: for each training map (every map but ``--held-out``), ``--seeds`` whole-head T1w
+   images synthesised from its labels as in ``benchmarks/real_anatomy.py`` (map placed in
+   MNI152NLin2009cAsym's posterior fossa, tissue levels, cortical thickness and fissure CSF
+   drawn per case, random affine and smooth displacement, anisotropic reoriented grid, bias,
+   contrast, Rician noise; ``--supersample``^3 sub-samples per voxel), written as BIDS, with
+   their exact labels on the native grid as the reference.
+2. **Priors**: each case's preprocessing and multi-atlas prior, computed by the pipeline itself
+   (``cerebseg-train segmentation --prepare-only``, ``--fusion-search`` as the run will use)
+   from a library that holds neither the held-out map nor the case's own map (nor their
+   mirrors): the prior the pipeline gives a person it has no atlas of.
+3. **Training**: ``cerebseg-train segmentation --stage lobules`` on every case but one,
+   validated after each epoch on the last case of the last training map; the best checkpoint
+   by validation Dice is kept.
+
+Usage::
+
+    python scripts/train_ceres.py --assets-dir ASSETS --out OUT [--held-out 1]
+        [--seeds 11 12 13 14] [--epochs 15] [--architecture unet] [--features 8 16 32 64 64]
+
+``ASSETS``: ``cerebseg-assets build --library suit --library cobra`` (the cobra library with
+its manual entries). The held-out map's case is then scored end to end by
+``benchmarks/real_anatomy.py --cnn-weights OUT/deepceres_cobra.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'benchmarks'))
+os.environ.setdefault('NIPYPE_NO_ET', '1')
+
+
+def write_training_case(bids: Path, truth_dir: Path, cache: Path, k: int, seed: int,
+                        supersample: int) -> str:
+    """One synthesised case of map ``k`` (skipped when written); returns its label."""
+    from accuracy import case_folders, save_case
+    from real_anatomy import MAP, placed_map
+
+    from cerebseg.assets.manual import manual_case
+
+    label = f'brain{k}t{seed}'
+    todo = case_folders(bids, truth_dir, label)
+    if todo is None:
+        return label
+    anat, truth_file = todo
+    case, drawn = manual_case(placed_map(k, cache), seed=1000 * k + seed,
+                              supersample=supersample)
+    save_case(case, anat, truth_dir, label, truth_file, map=MAP.format(k), **drawn)
+    return label
+
+
+def labels_folder(truth_dir: Path, out: Path, labels: list[str]) -> Path:
+    """The truth maps as a derivatives folder (``sub-X/anat/sub-X_space-T1w_dseg.nii.gz``,
+    links) as ``cerebseg-train`` reads it."""
+    for label in labels:
+        anat = out / f'sub-{label}' / 'anat'
+        anat.mkdir(parents=True, exist_ok=True)
+        link = anat / f'sub-{label}_space-T1w_dseg.nii.gz'
+        if not link.exists():
+            link.symlink_to(truth_dir / f'sub-{label}_space-T1w_seg-cerebellum_dseg.nii.gz')
+    return out
+
+
+def main(argv=None) -> int:
+    from real_anatomy import entry_name, write_bids_root
+
+    from cerebseg.assets.build import leave_out_entry
+
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--assets-dir', type=Path, required=True)
+    parser.add_argument('--out', type=Path, required=True)
+    parser.add_argument('--held-out', type=int, default=1, choices=[1, 2, 3],
+                        help='the map no case, library entry or weight has seen')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[11, 12, 13, 14],
+                        help='cases per training map (the last case of the last map validates)')
+    parser.add_argument('--supersample', type=int, default=2)
+    parser.add_argument('--anatomy-cache', type=Path, default=None,
+                        help='placed maps (default OUT/anatomy; real_anatomy.py\'s can be '
+                             'shared)')
+    parser.add_argument('--fusion-search', type=int, default=1, choices=[0, 1, 2])
+    parser.add_argument('--architecture', default='unet')
+    parser.add_argument('--features', type=int, nargs='+', default=[8, 16, 32, 64, 64])
+    parser.add_argument('--patch-size', type=int, default=64)
+    parser.add_argument('--batch-size', type=int, default=2)
+    parser.add_argument('--epochs', type=int, default=15)
+    parser.add_argument('--steps-per-epoch', type=int, default=200)
+    parser.add_argument('--learning-rate', type=float, default=1e-3)
+    parser.add_argument('--nthreads', type=int, default=os.cpu_count() or 1)
+    parser.add_argument('--prepare-only', action='store_true')
+    opts = parser.parse_args(argv)
+    if len(opts.seeds) < 2:
+        parser.error('--seeds needs at least two seeds (the last one validates)')
+    out = opts.out.resolve()
+    bids, truth_dir = out / 'bids', out / 'truth'
+    cache = (opts.anatomy_cache or out / 'anatomy').resolve()
+    assets = opts.assets_dir.resolve()
+    maps = [k for k in (1, 2, 3) if k != opts.held_out]
+    cases = {}
+    for k in maps:
+        for seed in opts.seeds:
+            tic = time.perf_counter()
+            cases.setdefault(k, []).append(
+                write_training_case(bids, truth_dir, cache, k, seed, opts.supersample))
+            print(f'case sub-{cases[k][-1]}: {time.perf_counter() - tic:.0f} s', flush=True)
+    labels = [lab for k in maps for lab in cases[k]]
+    write_bids_root(bids, labels)
+    deriv = labels_folder(truth_dir, out / 'labels', labels)
+    validation = [cases[maps[-1]][-1]]   # one case: a whole-volume inference per epoch
+    train = [lab for lab in labels if lab not in validation]
+    work = out / 'work'
+    common = [sys.executable, '-m', 'cerebseg.bids_app.train', 'segmentation', str(bids),
+              '--labels', str(deriv), '--atlas-library', 'cobra', '--work-dir', str(work),
+              '--fusion-search', str(opts.fusion_search), '--nthreads', str(opts.nthreads)]
+    for k in maps:   # the prior of a case of map k: neither the held-out map nor map k
+        lib = leave_out_entry(assets, out / f'assets-no{opts.held_out}{k}',
+                              [entry_name(opts.held_out), entry_name(k)])
+        tic = time.perf_counter()
+        subprocess.run(common + ['--assets-dir', str(lib), '--prepare-only',
+                                 '--participant-label', *cases[k]], check=True)
+        print(f'priors of map {k}: {time.perf_counter() - tic:.0f} s', flush=True)
+    if opts.prepare_only:
+        return 0
+    name = f'lobules_{opts.architecture}_cobra_T1w-prior'
+    ckpt = out / f'{name}.pt'
+    # each case's prior as prepared above, from its own library (--prepared); the assets given
+    # here only name the protocol
+    lib = out / f'assets-no{opts.held_out}{maps[0]}'
+    cmd = common + ['--assets-dir', str(lib), '--out', str(ckpt), '--resume', '--prepared',
+                    '--stage', 'lobules', '--architecture', opts.architecture,
+                    '--features', *map(str, opts.features), '--inputs', 'T1w', 'prior',
+                    '--patch-size', str(opts.patch_size), '--batch-size', str(opts.batch_size),
+                    '--epochs', str(opts.epochs), '--steps-per-epoch', str(opts.steps_per_epoch),
+                    '--learning-rate', str(opts.learning_rate),
+                    '--participant-label', *train, '--validation-label', *validation]
+    (out / 'training_command.json').write_text(json.dumps(cmd[1:], indent=1))
+    subprocess.run(cmd, check=True)
+    print(f'weights manifest: {write_manifest(out, [ckpt])}', flush=True)
+    return 0
+
+
+def write_manifest(out: Path, lobules: list[Path]) -> Path:
+    """``OUT/deepceres_cobra.json``: the T1w+prior cascade of the CERES protocol, the shipped
+    hemisphere network (its classes, background / left / right, are every protocol's; copied
+    beside it) and the lobule networks trained here."""
+    import shutil
+
+    from cerebseg.models.checkpoint import DEFAULT_CASCADE, read_cascade_checkpoint
+    from cerebseg.utils.images import sha256sum
+
+    shipped = json.loads(DEFAULT_CASCADE.read_text())['variants']['T1w+prior']['hemisphere']
+    hemisphere = []
+    for entry in shipped:
+        shutil.copyfile(DEFAULT_CASCADE.parent / entry['file'], out / entry['file'])
+        hemisphere.append(dict(entry, sha256=sha256sum(out / entry['file'])))
+    nets = []
+    for path in lobules:
+        meta = read_cascade_checkpoint(path)
+        nets.append({'file': path.name, 'architecture': meta['architecture'],
+                     'inputs': meta['inputs'], 'sha256': sha256sum(path)})
+    manifest = out / 'deepceres_cobra.json'
+    manifest.write_text(json.dumps({'protocol': 'cobra', 'model_card': 'MODEL_CARD_cobra.md',
+                                    'variants': {'T1w+prior': {'hemisphere': hemisphere,
+                                                               'lobules': nets}}},
+                                   indent=2) + '\n')
+    return manifest
+
+
+if __name__ == '__main__':
+    sys.exit(main())
