@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     parser.add_argument('--steps-per-epoch', type=int, default=200)
     parser.add_argument('--learning-rate', type=float, default=1e-3)
     parser.add_argument('--nthreads', type=int, default=os.cpu_count() or 1)
+    parser.add_argument('--simulated-prior', type=float, default=0.0,
+                        help='share of patches whose prior is simulated from their labels')
+    parser.add_argument('--tag', default='', help='suffix of the checkpoint and manifest names')
     parser.add_argument('--prepare-only', action='store_true')
     opts = parser.parse_args(argv)
     if len(opts.seeds) < 2:
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
         print(f'priors of map {k}: {time.perf_counter() - tic:.0f} s', flush=True)
     if opts.prepare_only:
         return 0
-    name = f'lobules_{opts.architecture}_cobra_T1w-prior'
+    name = f'lobules_{opts.architecture}_cobra_T1w-prior{opts.tag}'
     ckpt = out / f'{name}.pt'
     # each case's prior as prepared above, from its own library (--prepared); the assets given
     # here only name the protocol
@@ -143,14 +146,15 @@ def main(argv=None) -> int:
                     '--patch-size', str(opts.patch_size), '--batch-size', str(opts.batch_size),
                     '--epochs', str(opts.epochs), '--steps-per-epoch', str(opts.steps_per_epoch),
                     '--learning-rate', str(opts.learning_rate),
+                    '--simulated-prior', str(opts.simulated_prior),
                     '--participant-label', *train, '--validation-label', *validation]
-    (out / 'training_command.json').write_text(json.dumps(cmd[1:], indent=1))
+    (out / f'training_command{opts.tag}.json').write_text(json.dumps(cmd[1:], indent=1))
     subprocess.run(cmd, check=True)
-    print(f'weights manifest: {write_manifest(out, [ckpt])}', flush=True)
+    print(f'weights manifest: {write_manifest(out, [ckpt], opts.tag)}', flush=True)
     return 0
 
 
-def write_manifest(out: Path, lobules: list[Path]) -> Path:
+def write_manifest(out: Path, lobules: list[Path], tag: str = '') -> Path:
     """``OUT/deepceres_cobra.json``: the T1w+prior cascade of the CERES protocol, the shipped
     hemisphere network (its classes, background / left / right, are every protocol's; copied
     beside it) and the lobule networks trained here."""
@@ -169,7 +173,7 @@ def write_manifest(out: Path, lobules: list[Path]) -> Path:
         meta = read_cascade_checkpoint(path)
         nets.append({'file': path.name, 'architecture': meta['architecture'],
                      'inputs': meta['inputs'], 'sha256': sha256sum(path)})
-    manifest = out / 'deepceres_cobra.json'
+    manifest = out / f'deepceres_cobra{tag}.json'
     manifest.write_text(json.dumps({'protocol': 'cobra', 'model_card': 'MODEL_CARD_cobra.md',
                                     'variants': {'T1w+prior': {'hemisphere': hemisphere,
                                                                'lobules': nets}}},

@@ -1,4 +1,6 @@
 """DeepCeres networks, checkpoints, losses, label tables, training and cascade (tiny arrays)."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -393,3 +395,31 @@ def test_prepared_training_data_keeps_each_cases_own_prior(tmp_path, monkeypatch
     monkeypatch.setattr(data, '_prior_outputs', computed)
     with pytest.raises(RuntimeError, match='prior computed'):   # another library: again
         data.prepare_subject(run, label_file, None, other, tmp_path, fusion_search=1)
+
+
+def test_simulated_prior_is_the_labels_moved_and_blurred():
+    """The simulated prior: probabilities of the foreground classes, close to the labels (a
+    few mm off at most, blurred), different for each draw; a patch's prior channels are
+    replaced only at the probability asked for."""
+    from cerebseg.training.augment import Augment, augment_patch, simulate_prior
+    from cerebseg.utils.evaluation import dice_per_label
+
+    target = np.zeros((40, 40, 40), np.uint8)
+    target[8:32, 8:20, 8:32] = 1
+    target[8:32, 20:32, 8:32] = 2
+    aug = Augment.patches(simulated_prior=1.0, prior_mm=(2.0, 2.0))
+    rng = np.random.default_rng(0)
+    a, b = (simulate_prior(target, 3, rng, aug) for _ in range(2))
+    assert a.shape == (2, 40, 40, 40) and a.min() >= 0 and a.sum(0).max() <= 1 + 1e-5
+    assert not np.allclose(a, b)
+    labels = np.where(a.max(0) > 1 - a.sum(0), a.argmax(0) + 1, 0)
+    dice = dice_per_label(labels, target, [1, 2])
+    assert min(dice) > 0.8 and max(dice) < 0.999, dice
+    image = np.concatenate([np.random.default_rng(1).random((1, 40, 40, 40), np.float32),
+                            np.zeros((2, 40, 40, 40), np.float32)])
+    perm = np.array([0, 1, 2])
+    out, _ = augment_patch(image, target, rng, dataclasses.replace(aug, flip=0, elastic=0),
+                           perm, 1)
+    assert out[1:].sum() > 0, 'the prior channels were replaced'
+    out, _ = augment_patch(image, target, rng, Augment.patches(flip=0, elastic=0), perm, 1)
+    assert out[1:].sum() == 0, 'the default keeps the computed prior'

@@ -83,6 +83,10 @@ def _add_segmentation_parser(sub) -> None:
                      help='cerebseg assets (default: $CEREBSEG_ASSETS, then the user cache)')
     cmd.add_argument('--atlas-library', default='suit',
                      help='label protocol of the labels (and library of the prior)')
+    cmd.add_argument('--simulated-prior', type=float, default=0.0, metavar='P',
+                     help='probability that a patch\'s prior channels are replaced by its own '
+                          'labels, randomly deformed (1-4 mm) and blurred (training.augment.'
+                          'simulate_prior); default 0: the computed prior only')
     cmd.add_argument('--prepared', action='store_true',
                      help='train on the data --prepare-only cached in --work-dir as it was '
                           'prepared, whatever library made each prior (e.g. each case\'s own '

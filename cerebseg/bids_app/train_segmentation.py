@@ -62,6 +62,10 @@ def run(opts) -> int:
         if missing:
             raise UsageError(f'--inputs has T2w but {missing} have no T2w; leave them out '
                              '(--exclude-label) or drop T2w from --inputs.')
+    if not 0 <= opts.simulated_prior <= 1:
+        raise UsageError(f'--simulated-prior is a probability, not {opts.simulated_prior}')
+    if opts.simulated_prior and 'prior' not in inputs:
+        raise UsageError('--simulated-prior needs the prior among --inputs')
     if not train_runs:
         raise UsageError(f'No T1w to train on in {opts.bids_dir} with the participant '
                          'selection given.')
@@ -131,7 +135,7 @@ def run(opts) -> int:
                 'patch_size': patch, 'batch_size': opts.batch_size,
                 'learning_rate': opts.learning_rate, 'steps_per_epoch': opts.steps_per_epoch,
                 'seed': opts.random_seed, 'device': device.type,
-                'fusion_search': opts.fusion_search,
+                'fusion_search': opts.fusion_search, 'simulated_prior': opts.simulated_prior,
                 'init': opts.init.name if opts.init else None,
                 'torch_version': str(torch.__version__)}
 
@@ -157,5 +161,6 @@ def run(opts) -> int:
         n_mr=sum(c != 'prior' for c in inputs), epochs=opts.epochs,
         steps_per_epoch=opts.steps_per_epoch, patch=patch, batch=opts.batch_size,
         lr=opts.learning_rate, loss=opts.loss, seed=opts.random_seed, device=device,
-        augment=Augment.patches(spacing=spacing), bf16=opts.bf16, state=state, on_epoch=on_epoch)
+        augment=Augment.patches(spacing=spacing, simulated_prior=opts.simulated_prior),
+        bf16=opts.bf16, state=state, on_epoch=on_epoch)
     return 0

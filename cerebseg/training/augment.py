@@ -34,12 +34,18 @@ class Augment:
     Intensity (both): gamma on the clipped intensities, then a gain (``contrast``), an offset
     (up to +-``offset``) and Gaussian noise (standard deviation up to ``noise``); left-right
     flips with probability ``flip`` (0: off). 3D patches: an elastic deformation with
-    probability ``elastic``, of up to ``elastic_mm`` on a grid of ``spacing`` mm. 2D slices: with
+    probability ``elastic``, of up to ``elastic_mm`` on a grid of ``spacing`` mm; with
+    probability ``simulated_prior``, the prior channels replaced by the patch's own labels moved
+    by a random smooth deformation of ``prior_mm`` at most and blurred by ``prior_blur_mm``
+    (:func:`simulate_prior`). 2D slices: with
     probability ``p_spatial``, a rotation (+-``rotate`` degrees), an isotropic zoom and a
     translation (+-``translate`` of the side).
     """
 
     flip: float = 0.5
+    simulated_prior: float = 0.0
+    prior_mm: tuple[float, float] = (1.0, 4.0)
+    prior_blur_mm: tuple[float, float] = (0.5, 1.5)
     gamma: tuple[float, float] = (0.7, 1.5)
     contrast: tuple[float, float] = (0.9, 1.1)
     offset: float = 0.1
@@ -81,6 +87,8 @@ def augment_patch(image, target, rng: np.random.Generator, aug: Augment, perm, n
     if rng.random() < aug.flip:
         image, target = flip_lr(image, target, perm, n_mr)
     image = image.copy()
+    if image.shape[0] > n_mr and rng.random() < aug.simulated_prior:
+        image[n_mr:] = simulate_prior(target, image.shape[0] - n_mr + 1, rng, aug)
     for c in range(n_mr):
         ch = np.clip(image[c], 0, None) ** rng.uniform(*aug.gamma)
         ch = ch * rng.uniform(*aug.contrast) + rng.uniform(-aug.offset, aug.offset)
@@ -91,6 +99,27 @@ def augment_patch(image, target, rng: np.random.Generator, aug: Augment, perm, n
         image = random_deformation(image, v, aug.spacing)
         target = random_deformation(target[None], v, aug.spacing, order=0)[0]
     return image.astype(np.float32), target
+
+
+def simulate_prior(target: np.ndarray, n_classes: int, rng: np.random.Generator,
+                   aug: Augment) -> np.ndarray:
+    """A multi-atlas-like prior made from the labels themselves: the one-hot ``target`` (class
+    indices ``(X, Y, Z)``) warped by a random smooth diffeomorphism whose largest displacement
+    is drawn from ``aug.prior_mm`` (control points 6-12 mm apart), blurred by a Gaussian of
+    ``aug.prior_blur_mm`` (sigma), renormalised. Returns the foreground classes' probabilities
+    ``(n_classes - 1, X, Y, Z)`` in [0, 1], as the prior channels of a patch: errors of the kind
+    registration makes, placed at random rather than where the library's anatomies put them."""
+    from scipy import ndimage
+
+    onehot = np.eye(n_classes, dtype=np.float32)[target].transpose(3, 0, 1, 2)
+    v = random_velocity(target.shape, aug.spacing, seed=int(rng.integers(1 << 30)),
+                        max_mm=float(rng.uniform(*aug.prior_mm)),
+                        control_mm=float(rng.uniform(6.0, 12.0)))
+    probs = random_deformation(onehot, v, aug.spacing)
+    sigma = float(rng.uniform(*aug.prior_blur_mm)) / aug.spacing
+    probs = np.stack([ndimage.gaussian_filter(c, sigma, mode='nearest') for c in probs])
+    probs /= np.maximum(probs.sum(0), 1e-6)
+    return np.clip(probs[1:], 0, 1)
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, size: int, rng: np.random.Generator,
