@@ -261,9 +261,14 @@ def cobra_assets(assets: Path, out: Path, seed: int = 0, method: str = 'cerebseg
     from cerebseg.utils.labels import swap_classes
     from cerebseg.utils.registration import ants_seed, identity_transform
 
+    manifest = json.loads((assets / MANIFEST).read_text())
+    for key in ('t1w', 'dseg', 'lut'):   # the brainstem label set, as in the source assets
+        rel = (manifest.get('brainstem') or {}).get(key)
+        if rel and (assets / rel).is_file() and not (out / rel).exists():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).symlink_to((assets / rel).resolve())
     if (out / MANIFEST).is_file():
         return out
-    manifest = json.loads((assets / MANIFEST).read_text())
     protocol = package_json('protocols/cobra.json')
     lut, mapping = read_lut(SHARED, protocol)
     src = nib.load(SHARED / protocol['entries'][0]['dseg'])

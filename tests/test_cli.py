@@ -31,6 +31,26 @@ def test_missing_assets_exit_126(tmp_path, caplog):
     assert 'cerebseg-assets build' in caplog.text
 
 
+def test_missing_brainstem_asset_file_exit_126(tmp_path):
+    """An assets folder whose manifest lists a brainstem label set without its files stops the
+    command with exit 126 naming the file, not a traceback when the lookup table is copied."""
+    from types import SimpleNamespace
+
+    from cerebseg.assets.locate import Assets
+    from cerebseg.bids_app.metadata import brainstem_paths
+    from cerebseg.errors import MissingAssetError
+
+    make_nifti(tmp_path / 'bs' / 't1.nii.gz')
+    make_nifti(tmp_path / 'bs' / 'dseg.nii.gz')
+    assets = Assets(tmp_path, {'brainstem': {'t1w': 'bs/t1.nii.gz', 'dseg': 'bs/dseg.nii.gz',
+                                             'lut': 'bs/lut.tsv'}})
+    cfg = SimpleNamespace(skip_brainstem=False, brainstem_method='atlas')
+    with pytest.raises(MissingAssetError, match=r'bs/lut\.tsv is missing.*--skip-brainstem') \
+            as err:
+        brainstem_paths(assets, cfg)
+    assert err.value.exit_code == 126
+
+
 def test_corrupt_asset_exit_126(tmp_path, caplog):
     root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
     assets = tmp_path / 'assets'

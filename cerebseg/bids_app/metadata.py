@@ -146,6 +146,12 @@ def brainstem_paths(assets, cfg) -> dict | None:
                        'licence forbids sharing the assets or anything derived from them; keep '
                        'this run\'s brainstem outputs within your organisation.',
                        section.get('navigator'))
+    for key in ('t1w', 'dseg', 'lut'):
+        if not assets.path(section[key]).is_file():
+            raise MissingAssetError(
+                f'{assets.path(section[key])} is missing: the manifest of the assets in '
+                f'{assets.root} lists a brainstem label set but its {key} file is not there. '
+                'Build the assets again (cerebseg-assets build), or pass --skip-brainstem.')
     out = {'t1w': str(assets.path(section['t1w'])), 'dseg': str(assets.path(section['dseg'])),
            'lut': str(assets.path(section['lut'])), 'n_labels': section['n_labels'],
            'grid': section['grid'], 'description': section['description'],
