@@ -24,6 +24,14 @@ import numpy as np
 from common import run_cerebseg, split_options
 
 LARGE = ('CrusI', 'CrusII', 'VI', 'VIIb', 'VIIIa', 'VIIIb', 'IX', 'I_IV', 'V')
+#: the same lobules in the CERES protocol's names (``..._Lobule_<stem>``; I-IV is split there)
+CERES_LARGE = ('Crus_I', 'Crus_II', 'VI', 'VIIB', 'VIIIA', 'VIIIB', 'IX', 'V')
+
+
+def is_large(name: str) -> bool:
+    if '_Lobule_' in name:
+        return name.rsplit('_Lobule_', 1)[-1] in CERES_LARGE
+    return name.split('_', 1)[-1] in LARGE
 
 
 def x_axis(affine: np.ndarray) -> int:
@@ -63,7 +71,7 @@ def main(argv=None) -> int:
     lut = read_lut_tsv(result / 'seg-cerebellum_dseg.tsv')
     swap = swap_classes([[r['index'], r['name']] for r in lut])
     names = [r['name'] for r in lut[1:]]
-    large = [i for i, n in enumerate(names) if n.split('_', 1)[-1] in LARGE]
+    large = [i for i, n in enumerate(names) if is_large(n)]
     print(f'options: {" ".join(extra) or "(defaults)"}\n')
     print('| T1w | mean Dice over labels | large lobules | whole cerebellum | '
           'L / R volume mL (orig) | L / R volume mL (mirror) |')
