@@ -74,6 +74,20 @@ def test_missing_files_are_refused(shipped_copy):
         cpt.select_weights(t2w=True, prior=True)
 
 
+def test_each_protocol_has_its_default_weights(shipped_copy):
+    """The default networks are chosen by label protocol; a protocol without shipped
+    networks says so and how to run (exit 126)."""
+    assert cpt.select_weights(t2w=False, prior=True, protocol='suit')['manifest'] == \
+        str(shipped_copy / 'deepceres.json')
+    with pytest.raises(CheckpointError, match=r'no networks for the cobra label protocol ship '
+                       r'with cerebseg \(deepceres_cobra\.json\); run with --models none'):
+        cpt.select_weights(t2w=False, prior=True, protocol='cobra')
+    (shipped_copy / 'deepceres_cobra.json').write_text(
+        (shipped_copy / 'deepceres.json').read_text().replace('"suit"', '"cobra"'))
+    chosen = cpt.select_weights(t2w=False, prior=True, protocol='cobra')
+    assert chosen['manifest'] == str(shipped_copy / 'deepceres_cobra.json')
+
+
 def test_user_manifests_may_carry_checksums(tmp_path):
     """Weights a user trained (--cnn-weights): not checked against the shipped manifest, but
     against the sha256 their own manifest gives, where it gives one."""

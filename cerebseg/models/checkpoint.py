@@ -281,8 +281,13 @@ def select_weights(manifest=None, *, t2w: bool, prior: bool, models: str = 'ense
     all of them (the ensemble). Raises :class:`CheckpointError` (exit 126) with the fix when
     something is missing.
     """
-    manifest = Path(manifest) if manifest else \
-        DEFAULT_CASCADE.with_name(CASCADE_MANIFESTS.get(protocol, DEFAULT_CASCADE.name))
+    default = DEFAULT_CASCADE.with_name(CASCADE_MANIFESTS.get(protocol, DEFAULT_CASCADE.name))
+    if not manifest and protocol != 'suit' and not default.is_file():
+        raise CheckpointError(f'no networks for the {protocol} label protocol ship with '
+                              f'cerebseg ({default.name}); run with --models none, or pass '
+                              '--cnn-weights with a manifest of weights trained by '
+                              f'`cerebseg-train segmentation --atlas-library {protocol}`.')
+    manifest = Path(manifest) if manifest else default
     if not manifest.is_file():
         raise CheckpointError(f'segmentation weights manifest not found: {manifest}. Reinstall '
                               'cerebseg, or pass --cnn-weights with a manifest of weights '
