@@ -119,17 +119,20 @@ def networks_saw(manifest: Path) -> set[int]:
     return seen
 
 
-def write_case(bids: Path, truth_dir: Path, cache: Path, k: int, seed: int) -> str:
-    """One synthesised case of map ``k`` (skipped when written); returns its label."""
+def write_case(bids: Path, truth_dir: Path, cache: Path, k: int, seed: int, *,
+               tag: str = 's', supersample: int = 3) -> str:
+    """One synthesised case of map ``k`` (skipped when written), labelled
+    ``brain<k><tag><seed>``, painted with ``supersample``^3 sub-samples per voxel; returns its
+    label."""
     from cerebseg.assets.manual import manual_case
 
-    label = f'brain{k}s{seed}'
+    label = f'brain{k}{tag}{seed}'
     todo = case_folders(bids, truth_dir, label)
     if todo is None:
         return label
     anat, truth_file = todo
     placed = placed_map(k, cache)
-    case, drawn = manual_case(placed, seed=1000 * k + seed)
+    case, drawn = manual_case(placed, seed=1000 * k + seed, supersample=supersample)
     save_case(case, anat, truth_dir, label, truth_file, map=MAP.format(k), **drawn)
     return label
 
@@ -288,8 +291,8 @@ def main(argv=None) -> int:
         if opts.cnn_weights is None:
             parser.error('manual-search-cnn needs --cnn-weights')
         runs['manual-search-cnn'] = (
-            f'cerebseg --atlas-library cobra --fusion-search 1 --models {opts.models} '
-            f'({opts.cnn_weights.parent.name}), template + other manual maps',
+            (f'cerebseg --atlas-library cobra --fusion-search 1 --models {opts.models} '
+             f'({opts.cnn_weights.parent.name}), template + other manual maps'),
             ['--atlas-library', 'cobra', '--fusion-search', '1', '--models', opts.models,
              '--cnn-weights', str(opts.cnn_weights.resolve())])
         seen = networks_saw(opts.cnn_weights)

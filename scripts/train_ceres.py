@@ -42,25 +42,6 @@ sys.path.insert(0, str(REPO / 'benchmarks'))
 os.environ.setdefault('NIPYPE_NO_ET', '1')
 
 
-def write_training_case(bids: Path, truth_dir: Path, cache: Path, k: int, seed: int,
-                        supersample: int) -> str:
-    """One synthesised case of map ``k`` (skipped when written); returns its label."""
-    from accuracy import case_folders, save_case
-    from real_anatomy import MAP, placed_map
-
-    from cerebseg.assets.manual import manual_case
-
-    label = f'brain{k}t{seed}'
-    todo = case_folders(bids, truth_dir, label)
-    if todo is None:
-        return label
-    anat, truth_file = todo
-    case, drawn = manual_case(placed_map(k, cache), seed=1000 * k + seed,
-                              supersample=supersample)
-    save_case(case, anat, truth_dir, label, truth_file, map=MAP.format(k), **drawn)
-    return label
-
-
 def labels_folder(truth_dir: Path, out: Path, labels: list[str]) -> Path:
     """The truth maps as a derivatives folder (``sub-X/anat/sub-X_space-T1w_dseg.nii.gz``,
     links) as ``cerebseg-train`` reads it."""
@@ -74,7 +55,7 @@ def labels_folder(truth_dir: Path, out: Path, labels: list[str]) -> Path:
 
 
 def main(argv=None) -> int:
-    from real_anatomy import entry_name, write_bids_root
+    from real_anatomy import entry_name, write_bids_root, write_case
 
     from cerebseg.assets.build import leave_out_entry
 
@@ -92,7 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument('--fusion-search', type=int, default=1, choices=[0, 1, 2])
     parser.add_argument('--architecture', default='unet')
     parser.add_argument('--features', type=int, nargs='+', default=[8, 16, 32, 64, 64])
-    parser.add_argument('--patch-size', type=int, default=64)
+    parser.add_argument('--patch-size', type=int, default=48)
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--epochs', type=int, default=15)
     parser.add_argument('--steps-per-epoch', type=int, default=200)
@@ -114,8 +95,9 @@ def main(argv=None) -> int:
     for k in maps:
         for seed in opts.seeds:
             tic = time.perf_counter()
-            cases.setdefault(k, []).append(
-                write_training_case(bids, truth_dir, cache, k, seed, opts.supersample))
+            label = write_case(bids, truth_dir, cache, k, seed, tag='t',
+                               supersample=opts.supersample)
+            cases.setdefault(k, []).append(label)
             print(f'case sub-{cases[k][-1]}: {time.perf_counter() - tic:.0f} s', flush=True)
     labels = [lab for k in maps for lab in cases[k]]
     write_bids_root(bids, labels)
@@ -174,7 +156,7 @@ def write_manifest(out: Path, lobules: list[Path], tag: str = '') -> Path:
         nets.append({'file': path.name, 'architecture': meta['architecture'],
                      'inputs': meta['inputs'], 'sha256': sha256sum(path)})
     manifest = out / f'deepceres_cobra{tag}.json'
-    manifest.write_text(json.dumps({'protocol': 'cobra', 'model_card': 'MODEL_CARD_cobra.md',
+    manifest.write_text(json.dumps({'protocol': 'cobra',
                                     'variants': {'T1w+prior': {'hemisphere': hemisphere,
                                                                'lobules': nets}}},
                                    indent=2) + '\n')

@@ -146,14 +146,14 @@ def brainstem_paths(assets, cfg) -> dict | None:
                        'licence forbids sharing the assets or anything derived from them; keep '
                        'this run\'s brainstem outputs within your organisation.',
                        section.get('navigator'))
-    for key in ('t1w', 'dseg', 'lut'):
-        if not assets.path(section[key]).is_file():
+    files = {key: assets.path(section[key]) for key in ('t1w', 'dseg', 'lut')}
+    for key, path in files.items():
+        if not path.is_file():
             raise MissingAssetError(
-                f'{assets.path(section[key])} is missing: the manifest of the assets in '
-                f'{assets.root} lists a brainstem label set but its {key} file is not there. '
-                'Build the assets again (cerebseg-assets build), or pass --skip-brainstem.')
-    out = {'t1w': str(assets.path(section['t1w'])), 'dseg': str(assets.path(section['dseg'])),
-           'lut': str(assets.path(section['lut'])), 'n_labels': section['n_labels'],
+                f'{path} is missing: the manifest of the assets in {assets.root} lists a '
+                f'brainstem label set but its {key} file is not there. Build the assets again '
+                '(cerebseg-assets build), or pass --skip-brainstem.')
+    out = {**{key: str(path) for key, path in files.items()}, 'n_labels': section['n_labels'],
            'grid': section['grid'], 'description': section['description'],
            'citation': section['citation'], 'licence': section['licence'],
            'restricted': bool(section.get('restricted')), 'method': cfg.brainstem_method}
