@@ -36,11 +36,12 @@ Usage::
 
     python benchmarks/real_anatomy.py --assets-dir ASSETS --out BENCH/real \\
         [--maps 1 2 3] [--seeds 1] [--methods template manual suit jlf template-search
-        manual-search] [--overlays DIR]
+        manual-search] [--outline fused] [--overlays DIR]
 
 ``ASSETS`` must hold the ``cobra`` library with its manual entries (``cerebseg-assets build
 --library suit --library cobra``). Re-running with the same ``--out`` reuses the placed maps,
-the cases and the cerebseg work folders.
+the cases and the cerebseg work folders. ``--outline fused`` scores the cerebseg rows with the
+outline as the fusion draws it (before the T1w trims it; ``cerebseg --outline``).
 """
 from __future__ import annotations
 
@@ -254,6 +255,9 @@ def main(argv=None) -> int:
                         help='the lobule networks of manual-search-cnn')
     parser.add_argument('--tsv', type=Path, default=None)
     parser.add_argument('--overlays', type=Path, default=None)
+    parser.add_argument('--outline', choices=['auto', 'trimmed', 'fused'], default='auto',
+                        help='cerebseg --outline of every cerebseg run (not auto: the method '
+                             'names and output folders say it; the work folders are shared)')
     opts = parser.parse_args(argv)
     os.environ.setdefault('NIPYPE_NO_ET', '1')
     out = opts.out.resolve()
@@ -303,10 +307,14 @@ def main(argv=None) -> int:
     results, times = {}, {}
     for key in [m for m in runs if m in opts.methods]:
         name, extra = runs[key]
+        suffix = ''
+        if opts.outline != 'auto':
+            name, suffix = f'{name}, --outline {opts.outline}', f'-{opts.outline}'
+        extra = [*extra, '--outline', opts.outline]
         for k, fold_labels in folds.items():
             lib_dir = template_only if key in ('template', 'suit', 'template-search') \
                 else leave_out_entry(assets, out / f'assets-lomo{k}', entry_name(k))
-            dst = out / f'out-{key}'
+            dst = out / f'out-{key}{suffix}'
             work = out / f'work-{key.removesuffix("-cnn").removesuffix("-search")}'
             times[name] = times.get(name, 0.0) + run_cerebseg(
                 bids, dst, work, lib_dir, ['--participant-label', *fold_labels, '--t1-only',

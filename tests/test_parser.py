@@ -23,6 +23,21 @@ def test_defaults_and_label_prefix(bids, tmp_path):
     assert opts.fusion_search == 1
 
 
+@pytest.mark.parametrize('argv,library,trimmed', [
+    ([], 'cobra', True),            # auto: the CERES maps label tissue only
+    ([], 'suit', False),            # auto: the SUIT atlas labels its partial-volume shell
+    (['--outline', 'fused'], 'cobra', False),
+    (['--outline', 'trimmed'], 'suit', True),
+])
+def test_outline_follows_the_protocol_unless_asked(bids, tmp_path, argv, library, trimmed):
+    from cerebseg.bids_app.config import RunConfig
+    from cerebseg.bids_app.metadata import outline_trimmed
+
+    opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant', *argv])
+    cfg = RunConfig.from_namespace(opts)
+    assert outline_trimmed(cfg, {'name': library}) is trimmed
+
+
 @pytest.mark.parametrize('args', [
     ['{bids}', '{bids}', 'participant'],
     ['{bids}', '{bids}/out', 'participant'],
@@ -32,6 +47,7 @@ def test_defaults_and_label_prefix(bids, tmp_path):
     ['{bids}', '{tmp}/out', 'participant', '--nprocs', '1', '--omp-nthreads', '2'],
     ['{bids}', '{tmp}/out', 'participant', '--device', 'tpu'],
     ['{bids}', '{tmp}/out', 'participant', '--fusion-search', '3'],
+    ['{bids}', '{tmp}/out', 'participant', '--outline', 'tight'],
     ['{bids}', '{tmp}/out', 'participant', '--bids-filter-file', '{tmp}/nofile.json'],
 ])
 def test_usage_errors_exit_2(bids, tmp_path, args, capsys):

@@ -237,3 +237,15 @@ def test_participant_report_in_chromium(tmp_path):
     assert (tmp_path / 'shot.png').stat().st_size > 10_000
     (out / 'sub-01/figures/sub-01_seg-brainstem_dseg.svg').write_text('not an svg')
     assert not all(i['ok'] for i in check_page(page)['images'])
+
+
+def test_methods_say_whether_the_outline_was_trimmed():
+    from cerebseg.bids_app.metadata import OUTLINE_TEXT
+    from cerebseg.bids_app.reports import _methods
+
+    method = {'Name': 'multi-atlas', 'Registration': 'r.', 'Fusion': 'f.'}
+    trimmed = _methods({'cerebellum': {'meta': {'Method': dict(method, Outline=OUTLINE_TEXT)}}})
+    assert 'more CSF than tissue' in trimmed
+    fused = _methods({'cerebellum': {'meta': {'Method': dict(
+        method, Outline='as fused (not trimmed by the image).')}}})
+    assert 'CSF' not in fused and 'as fused' not in fused

@@ -107,6 +107,26 @@ def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
     assert not (tmp_path / 'out').exists(), 'building a graph must not write outputs'
 
 
+@pytest.mark.parametrize('trim', [False, True])
+def test_outline_trimming_node(tmp_path, fake_assets, trim):
+    """--outline: the native labels pass through trim_outline, which reads the bias-corrected
+    T1w, before the volumes are counted and the labels written; its report goes to the
+    sidecar. Without it the graph is as before."""
+    wf = _subject_graph(tmp_path, fake_assets, False, trim_outline=trim)
+    graph = generate_expanded_graph(wf._create_flat_graph())
+    by_name = {n.fullname.split('.')[-1]: n for n in graph.nodes()}
+    assert ('trim_outline' in by_name) == trim
+    feeds = {(u.fullname.split('.')[-1], v.fullname.split('.')[-1]) for u, v in graph.edges()}
+    first = 'trim_outline' if trim else 'to_native'
+    assert (first, 'volumes') in feeds and (first, 'ds_dseg_native') in feeds
+    assert (first, 'cerebellum_rpt') in feeds
+    if trim:
+        assert ('to_native', 'trim_outline') in feeds
+        assert ('t1_correct', 'trim_outline') in feeds
+        assert ('trim_outline', 'qc_files') in feeds
+        assert ('to_native', 'volumes') not in feeds
+
+
 def test_brainstem_graph(tmp_path, fake_assets):
     """The brainstem branch: its own box from the shared affine, atlas, native, outputs."""
     from cerebseg.utils.grid import BRAINSTEM_GRID

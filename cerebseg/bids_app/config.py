@@ -32,6 +32,7 @@ class RunConfig:
     atlas_library: str = 'suit'
     registration: str = 'torch'
     fusion_search: int = 0
+    outline: str = 'auto'
     models: str = 'none'
     skip_brainstem: bool = False
     skip_cerebellum: bool = False

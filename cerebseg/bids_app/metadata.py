@@ -84,6 +84,25 @@ def protocol_summary(name: str) -> str:
         return f'label protocol {name}'
 
 
+def outline_trimmed(cfg, library: dict) -> bool:
+    """Whether the native cerebellum's outline is trimmed by the T1w (``--outline``; ``auto``:
+    what the library's label protocol says, its ``outline`` key)."""
+    if cfg.outline != 'auto':
+        return cfg.outline == 'trimmed'
+    from cerebseg.assets import package_json
+
+    try:
+        return package_json(f'protocols/{library["name"]}.json').get('outline') == 'tissue'
+    except FileNotFoundError:
+        return False
+
+
+OUTLINE_TEXT = ('outline voxels (a face on the background) whose bias-corrected T1w intensity is '
+                'below the midpoint between the CSF level (the darker of two intensity classes '
+                'within 3 voxels outside the labels) and the median of the labelled tissue are '
+                'background (more CSF than tissue).')
+
+
 def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) -> dict:
     """The sidecar of the cerebellum label map of one run."""
     from cerebseg import __version__
@@ -110,6 +129,8 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
             'Fusion': fusion_text(cfg.fusion_search),
             'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
                            'affine, then the most probable label.',
+            'Outline': OUTLINE_TEXT if outline_trimmed(cfg, library) else
+            'as fused (not trimmed by the image).',
         },
         'LabelProtocol': protocol_summary(library['name']),
         'AtlasLibrary': {'Name': library['name'], 'Citation': library['citation'],

@@ -104,6 +104,13 @@ def _build_parser() -> argparse.ArgumentParser:
                              '1: better lobule boundaries on real anatomy with --atlas-library '
                              'cobra, but a larger cerebellum with the suit library, see the '
                              'README)')
+    method.add_argument('--outline', choices=['auto', 'trimmed', 'fused'], default='auto',
+                        help='the cerebellum\'s outline on the native grid: trimmed (the outline '
+                             'voxels that the bias-corrected T1w shows to be more CSF than '
+                             'tissue are background), fused (as the label fusion draws it), or '
+                             'auto (default: what the label protocol defines; trimmed for '
+                             'cobra, whose manual maps label tissue only, fused for suit, whose '
+                             'atlas labels the partial-volume shell; see the README)')
     method.add_argument('--models', choices=['ensemble', 'unet', 'dpn', 'none'],
                         default='none',
                         help='DeepCeres lobule networks: none (default: the multi-atlas labels '

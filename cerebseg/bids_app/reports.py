@@ -313,6 +313,9 @@ def _methods(results: dict) -> str:
                     f'by {_e(method.get("Name", "?"))}: {_e(method.get("Registration", ""))} '
                     f'{_e(method.get("Fusion", ""))} Networks, when used, follow DeepCERES '
                     '[cerebellum].')
+        outline = method.get('Outline', '')
+        if outline and not outline.startswith('as fused'):
+            text.append('On the T1w grid, the cerebellum\'s ' + _e(outline))
     if bs:
         method = bs.get('Method', {})
         text.append(f'The brainstem was segmented into its parts and nuclei by '

@@ -47,6 +47,52 @@ class ProbsToNative(CerebsegInterface):
         return runtime
 
 
+class _TrimInputSpec(BaseInterfaceInputSpec):
+    dseg = File(exists=True, mandatory=True, desc='native-space labels')
+    t1w = File(exists=True, mandatory=True,
+               desc='the bias-corrected T1w on the same grid (the intensities judged)')
+
+
+class _TrimOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc='labels without the outline voxels that are mostly CSF')
+    report = File(exists=True, desc='JSON (for the sidecar, key OutlineTrimming): the CSF '
+                                    'and tissue levels, the voxels removed')
+
+
+class TrimOutline(CerebsegInterface):
+    """:func:`cerebseg.utils.outline.trim_outline` of native labels by the subject's T1w."""
+
+    input_spec = _TrimInputSpec
+    output_spec = _TrimOutputSpec
+
+    def _run_interface(self, runtime):
+        import logging
+
+        import nibabel as nib
+        import numpy as np
+
+        from cerebseg.utils.images import atomic_save, atomic_write_text, to_label_image
+        from cerebseg.utils.outline import trim_outline
+
+        seg = nib.load(self.inputs.dseg)
+        t1w = nib.load(self.inputs.t1w)
+        # the corrected T1w is the input's voxel array corrected voxel by voxel: same indices
+        # (its header went through ITK, which may spell an oblique affine differently)
+        labels, info = trim_outline(np.asarray(seg.dataobj),
+                                    np.asarray(t1w.dataobj, dtype=np.float32))
+        if 'skipped' in info:
+            logging.getLogger('cerebseg').warning(
+                'Outline left as fused (%s): %s', info['skipped'], self.inputs.t1w)
+        voxel_ml = float(np.prod(seg.header.get_zooms()[:3])) / 1000.0
+        info['removed_ml'] = round(info['removed_voxels'] * voxel_ml, 3)
+        self._results['out_file'] = os.path.join(runtime.cwd, 'trimmed_dseg.nii.gz')
+        atomic_save(to_label_image(labels, seg.affine), self._results['out_file'])
+        self._results['report'] = os.path.join(runtime.cwd, 'outline.json')
+        atomic_write_text(self._results['report'], json.dumps({'OutlineTrimming': info},
+                                                              indent=1))
+        return runtime
+
+
 class _VolumesInputSpec(BaseInterfaceInputSpec):
     dseg = File(exists=True, mandatory=True, desc='native-space labels')
     lut = File(exists=True, mandatory=True, desc='lookup table TSV')

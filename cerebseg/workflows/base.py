@@ -19,7 +19,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            reg_iterations: tuple[int, ...] = (40, 20, 0),
                            registration: str = 'torch', device: str = 'cpu',
                            use_gpu: bool = False, regnet: str = '', fusion_search: int = 0,
-                           cnn: dict | None = None,
+                           trim_outline: bool = False, cnn: dict | None = None,
                            brainstem: dict | None = None, brainstem_meta: dict | None = None,
                            cerebellum: bool = True, name: str = 'single_subject_wf'):
     """Segment the cerebellum (and the brainstem) of one T1w (with its T2w when given) and
@@ -37,6 +37,9 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         Static part of the dseg sidecars (sources, method, mode, version).
     registration, device, use_gpu, regnet, fusion_search
         See :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`.
+    trim_outline : bool
+        The native cerebellum's outline voxels that the bias-corrected T1w shows to be mostly
+        CSF become background (see :func:`~cerebseg.workflows.native.init_native_wf`).
     cnn : dict or None
         The DeepCeres weights (:func:`cerebseg.models.checkpoint.select_weights`); None: the
         multi-atlas labels are the result.
@@ -98,10 +101,10 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         registration=registration, device=device, use_gpu=use_gpu, regnet=regnet,
         fusion_search=fusion_search)
     native_wf = init_native_wf(lut=library['lut'], template_icv_ml=templates['icv_ml'],
-                               omp_nthreads=omp_nthreads)
+                               omp_nthreads=omp_nthreads, trim_outline=trim_outline)
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w),
                        with_cnn=bool(cnn))
-    qc_files = pe.Node(niu.Merge(3), name='qc_files', run_without_submitting=True)
+    qc_files = pe.Node(niu.Merge(4), name='qc_files', run_without_submitting=True)
     if t2w:
         wf.connect(inputnode, 't2w', preproc_wf, 'inputnode.t2w')
     wf.connect([
@@ -109,7 +112,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                                      ('outputnode.t2_box', 'inputnode.t2_box')]),
         (inputnode, native_wf, [('t1w', 'inputnode.t1w')]),
         (preproc_wf, native_wf, [('outputnode.t1_to_mni', 'inputnode.t1_to_mni'),
-                                 ('outputnode.brain_to_mni', 'inputnode.brain_to_mni')]),
+                                 ('outputnode.brain_to_mni', 'inputnode.brain_to_mni'),
+                                 ('outputnode.t1_corrected', 'inputnode.t1_corrected')]),
         (inputnode, ds_wf, [('t1w', 'inputnode.source_file')]),
         (preproc_wf, ds_wf, [('outputnode.t1_box', 'inputnode.t1_box'),
                              ('outputnode.t1_to_mni', 'inputnode.t1_to_mni')]),
@@ -120,6 +124,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         (native_wf, qc_files, [('outputnode.icv', 'in2')]),
         (qc_files, ds_wf, [('out', 'inputnode.qc_files')]),
     ])
+    if trim_outline:
+        wf.connect(native_wf, 'outputnode.outline', qc_files, 'in4')
     if cnn:
         deepceres_wf = init_deepceres_wf(weights=cnn, lut=library['lut'],
                                          protocol=library['name'], omp_nthreads=omp_nthreads,

@@ -4,17 +4,20 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from cerebseg.interfaces.native import LabelVolumes, ProbsToNative
+from cerebseg.interfaces.native import LabelVolumes, ProbsToNative, TrimOutline
 
 
 def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
-                   parts: bool = False, name: str = 'native_wf'):
+                   parts: bool = False, trim_outline: bool = False,
+                   name: str = 'native_wf'):
     """Resample the label probabilities to the input T1w's grid and measure each label.
 
     Inputs
     ------
     t1w
         The raw input T1w (defines the native grid).
+    t1_corrected
+        The bias-corrected T1w on that grid (only with ``trim_outline``).
     t1_to_mni
         T1w -> MNI affine (ANTs) of the working grid.
     brain_to_mni
@@ -26,20 +29,25 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
 
     ``parts``: the brainstem: the volume table also sums its parts (lookup table column
     ``part``), and the native labels decide the outline first
-    (:func:`cerebseg.utils.native.decide_labels`).
+    (:func:`cerebseg.utils.native.decide_labels`). ``trim_outline``: the outline voxels that
+    the corrected T1w shows to be mostly CSF become background
+    (:func:`cerebseg.utils.outline.trim_outline`).
 
     Outputs
     -------
     dseg_native, morph, icv
         Labels on the T1w grid, volume table (TSV), intracranial volume estimate (JSON).
+    outline
+        JSON of the outline's trimming (levels, voxels removed); '' without ``trim_outline``.
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=['t1w', 't1_to_mni', 'brain_to_mni', 'probseg_box', 'label_uncertainty']),
+        fields=['t1w', 't1_corrected', 't1_to_mni', 'brain_to_mni', 'probseg_box',
+                'label_uncertainty']),
         name='inputnode')
     inputnode.inputs.label_uncertainty = ''
-    outputnode = pe.Node(niu.IdentityInterface(fields=['dseg_native', 'morph', 'icv']),
-                         name='outputnode')
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=['dseg_native', 'morph', 'icv', 'outline']), name='outputnode')
     to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads, foreground_first=parts),
                         name='to_native', n_procs=omp_nthreads, mem_gb=2)
     volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml, parts=parts),
@@ -47,10 +55,22 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
     wf.connect([
         (inputnode, to_native, [('t1w', 'reference'), ('t1_to_mni', 't1_to_mni'),
                                 ('probseg_box', 'probseg')]),
-        (to_native, volumes, [('out_file', 'dseg')]),
         (inputnode, volumes, [('brain_to_mni', 't1_to_mni'),
                               ('label_uncertainty', 'uncertainty')]),
-        (to_native, outputnode, [('out_file', 'dseg_native')]),
         (volumes, outputnode, [('out_file', 'morph'), ('icv_file', 'icv')]),
+    ])
+    final = to_native
+    if trim_outline:
+        final = pe.Node(TrimOutline(), name='trim_outline', mem_gb=1)
+        wf.connect([
+            (to_native, final, [('out_file', 'dseg')]),
+            (inputnode, final, [('t1_corrected', 't1w')]),
+            (final, outputnode, [('report', 'outline')]),
+        ])
+    else:
+        outputnode.inputs.outline = ''
+    wf.connect([
+        (final, volumes, [('out_file', 'dseg')]),
+        (final, outputnode, [('out_file', 'dseg_native')]),
     ])
     return wf

@@ -54,6 +54,8 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
         Normalised images on the working grid (``t2_box`` is '' without T2w).
     bs_t1_box
         The normalised T1w on the brainstem box (with ``brainstem_grid`` only).
+    t1_corrected
+        The bias-corrected T1w on its own grid.
     mni_qc
         JSON file with the fit quality.
     """
@@ -61,7 +63,7 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
     inputnode = pe.Node(niu.IdentityInterface(fields=['t1w', 't2w']), name='inputnode')
     outputnode = pe.Node(niu.IdentityInterface(fields=['t1_to_mni', 'brain_to_mni', 't2_to_t1',
                                                        't1_box', 't2_box', 'mni_qc', 't2_qc',
-                                                       'bs_t1_box']),
+                                                       'bs_t1_box', 't1_corrected']),
                          name='outputnode')
     t1_correct = pe.Node(ValidateAndCorrect(role='T1w', num_threads=omp_nthreads),
                          name='t1_correct', n_procs=omp_nthreads)
@@ -89,6 +91,7 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
         (mni_affine, box_affine, [('transform', 'initial')]),
         (box_affine, outputnode, [('transform', 't1_to_mni')]),
         (mni_affine, outputnode, [('transform', 'brain_to_mni'), ('qc_file', 'mni_qc')]),
+        (t1_correct, outputnode, [('out_file', 't1_corrected')]),
     ])
     if working_box:
         wf.connect([

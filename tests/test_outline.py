@@ -1,0 +1,92 @@
+"""The native outline trimmed by the image (:mod:`cerebseg.utils.outline`)."""
+import numpy as np
+import pytest
+
+from cerebseg.utils.outline import outline_levels, trim_outline
+
+CSF, GREY, WHITE = 300.0, 1000.0, 1400.0
+
+
+def _phantom(radius=9.3, shape=(32, 32, 32), sub=4):
+    """A ball of grey matter with a white core in CSF, with partial volume: the image is the
+    mean of ``sub``^3 sub-samples per voxel; the truth is the voxels more than half inside."""
+    grid = (np.indices((shape[0] * sub,) * 3) + 0.5) / sub - shape[0] / 2
+    r = np.sqrt((grid ** 2).sum(0))
+    fine = np.where(r < radius, np.where(r < radius / 2, WHITE, GREY), CSF)
+    image = fine.reshape(shape[0], sub, shape[1], sub, shape[2], sub).mean((1, 3, 5))
+    inside = (r < radius).reshape(shape[0], sub, shape[1], sub, shape[2], sub).mean((1, 3, 5))
+    return image, inside > 0.5, inside.sum()
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_levels_find_csf_and_tissue():
+    image, truth, _ = _phantom()
+    csf, tissue = outline_levels(image, truth)
+    assert csf == pytest.approx(CSF, abs=60)
+    assert GREY - 50 < tissue < WHITE
+
+
+def test_a_generous_outline_is_trimmed_to_the_partial_volume_midpoint():
+    """Labels one voxel too large all round (as fusion of smooth templates draws them): the
+    trimmed labels match the truth's volume within 3 % and overlap it better."""
+    from scipy import ndimage as ndi
+
+    image, truth, exact = _phantom()
+    fused = ndi.binary_dilation(truth).astype(np.int16) * 3
+    assert fused.sum() / 3 / exact > 1.25
+    out, info = trim_outline(fused, image)
+    assert 'skipped' not in info and info['removed_voxels'] > 0
+    assert abs((out > 0).sum() / exact - 1) < 0.03
+    assert _dice(out > 0, truth) > _dice(fused > 0, truth) + 0.05
+    assert set(np.unique(out)) == {0, 3}                 # labels are kept, never invented
+    assert not (out > 0)[~(fused > 0)].any()             # nothing is added
+
+
+def test_only_the_outer_layer_is_judged():
+    """Dark voxels inside (a fissure the labels cover) keep their labels; a second layer of
+    CSF under a generous outline is left: one voxel is the partial-volume layer."""
+    from scipy import ndimage as ndi
+
+    image, truth, _ = _phantom()
+    image[16, 16, 16] = CSF                               # an interior dark voxel
+    fused = ndi.binary_dilation(truth, iterations=2).astype(np.int16)
+    out, _ = trim_outline(fused, image)
+    assert out[16, 16, 16] == 1
+    assert ((out > 0) & ~truth).sum() > 0                # the second layer stays
+
+
+def test_a_boundary_with_other_tissue_is_kept():
+    """Half of a block of uniform tissue labelled (as the cerebellum borders the brainstem):
+    nothing changes at the cut; the block's faces on CSF are trimmed only where dark."""
+    image = np.full((20, 20, 20), CSF, np.float32)
+    image[4:16, 4:16, 4:16] = GREY
+    labels = np.zeros(image.shape, np.int16)
+    labels[4:10, 4:16, 4:16] = 2
+    out, info = trim_outline(labels, image)
+    assert info['removed_voxels'] == 0
+    assert np.array_equal(out, labels)
+
+
+def test_no_contrast_no_change_and_shape_checked():
+    rng = np.random.default_rng(0)
+    image = 1000 + rng.normal(0, 5, (16, 16, 16)).astype(np.float32)
+    labels = np.zeros(image.shape, np.int16)
+    labels[4:12, 4:12, 4:12] = 1
+    out, info = trim_outline(labels, image)
+    assert 'skipped' in info and np.array_equal(out, labels)
+    empty, info = trim_outline(np.zeros_like(labels), image)
+    assert info['skipped'] == 'no labels'
+    with pytest.raises(ValueError, match='differ in shape'):
+        trim_outline(labels, image[1:])
+
+
+def test_skull_stripped_zeros_do_not_set_the_csf_level():
+    """Zeros outside a brain mask are not CSF: the level comes from the non-zero shell."""
+    image, truth, _ = _phantom()
+    stripped = image.copy()
+    stripped[:, :, :5] = 0
+    assert outline_levels(stripped, truth) == pytest.approx(outline_levels(image, truth),
+                                                            rel=0.02)
