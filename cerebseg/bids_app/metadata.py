@@ -17,7 +17,8 @@ REGISTRATION_TEXT = {
             'mm) of every library entry to the subject, masked to the entry field of view; '
             'labels carried with genericLabel interpolation.',
     'torch': 'cerebseg torch registration of all library entries in one batch: affine, then a '
-             'diffeomorphic stationary velocity field (scaling and squaring) at 4 and 2 mm, '
+             'diffeomorphic stationary velocity field (scaling and squaring; control grid '
+             '4 mm) at 4, 2 and 1 mm, '
              'squared local normalised cross-correlation measured in each entry\'s own space '
              'over the voxels where it has data (the subject read into the entry), plus '
              'diffusion regularisation, Adam; the entry brought onto the subject by the '
