@@ -38,6 +38,14 @@ def test_outline_follows_the_protocol_unless_asked(bids, tmp_path, argv, library
     assert outline_trimmed(cfg, {'name': library}) is trimmed
 
 
+def test_registration_control_grid_follows_the_protocol():
+    from cerebseg.bids_app.metadata import registration_control_mm
+
+    assert registration_control_mm({'name': 'cobra'}) == 2.0
+    assert registration_control_mm({'name': 'suit'}) == 4.0
+    assert registration_control_mm({'name': 'no-such-protocol'}) == 4.0
+
+
 @pytest.mark.parametrize('args', [
     ['{bids}', '{bids}', 'participant'],
     ['{bids}', '{bids}/out', 'participant'],

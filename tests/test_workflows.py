@@ -112,7 +112,8 @@ def test_outline_trimming_node(tmp_path, fake_assets, trim):
     """--outline: the native labels pass through trim_outline, which reads the bias-corrected
     T1w, before the volumes are counted and the labels written; its report goes to the
     sidecar. Without it the graph is as before."""
-    wf = _subject_graph(tmp_path, fake_assets, False, trim_outline=trim)
+    wf = _subject_graph(tmp_path, fake_assets, False, trim_outline=trim,
+                        **({'reg_control_mm': 2.0} if trim else {}))
     graph = generate_expanded_graph(wf._create_flat_graph())
     by_name = {n.fullname.split('.')[-1]: n for n in graph.nodes()}
     assert ('trim_outline' in by_name) == trim
@@ -120,6 +121,8 @@ def test_outline_trimming_node(tmp_path, fake_assets, trim):
     first = 'trim_outline' if trim else 'to_native'
     assert (first, 'volumes') in feeds and (first, 'ds_dseg_native') in feeds
     assert (first, 'cerebellum_rpt') in feeds
+    register = next(n for n in graph.nodes() if n.fullname.endswith('.register'))
+    assert register.inputs.control_mm == (2.0 if trim else 4.0)   # the protocol's grid
     if trim:
         assert ('to_native', 'trim_outline') in feeds
         assert ('t1_correct', 'trim_outline') in feeds

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cerebseg.bids_app.logs import IMPORTANT, LOGGER
-from cerebseg.bids_app.metadata import brainstem_meta, dseg_meta, outline_trimmed, select_cnn
+from cerebseg.bids_app.metadata import (brainstem_meta, dseg_meta, outline_trimmed,
+                                        registration_control_mm, select_cnn)
 from cerebseg.bids_app.outcome import (crash_staging_dir, nearest_existing, publish_crashes,
                                        run_log_dir, run_outcome, send_crashes_to,
                                        unfinished_outcome)
@@ -81,6 +82,7 @@ def build_participant_wf(run, cfg, assets, library: dict, device=None,
         dseg_meta=dseg_meta(run, library, Path(cfg.bids_dir), cfg, cnn),
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
         fusion_search=cfg.fusion_search, trim_outline=outline_trimmed(cfg, library),
+        reg_control_mm=registration_control_mm(library),
         device=str(device or 'cpu'), use_gpu=device is not None and device.type != 'cpu',
         regnet=str(DEFAULT_REGNET) if DEFAULT_REGNET.is_file() else '',
         brainstem=brainstem, cerebellum=not cfg.skip_cerebellum,

@@ -85,17 +85,28 @@ def protocol_summary(name: str) -> str:
         return f'label protocol {name}'
 
 
+def protocol_setting(library: dict, key: str, default):
+    """A setting of the library's label protocol (``cerebseg/data/protocols/NAME.json``)."""
+    from cerebseg.assets import package_json
+
+    try:
+        return package_json(f'protocols/{library["name"]}.json').get(key, default)
+    except FileNotFoundError:
+        return default
+
+
 def outline_trimmed(cfg, library: dict) -> bool:
     """Whether the native cerebellum's outline is trimmed by the T1w (``--outline``; ``auto``:
     what the library's label protocol says, its ``outline`` key)."""
     if cfg.outline != 'auto':
         return cfg.outline == 'trimmed'
-    from cerebseg.assets import package_json
+    return protocol_setting(library, 'outline', 'atlas') == 'tissue'
 
-    try:
-        return package_json(f'protocols/{library["name"]}.json').get('outline') == 'tissue'
-    except FileNotFoundError:
-        return False
+
+def registration_control_mm(library: dict) -> float:
+    """Control grid (mm) of the torch registration's velocity field for this library's
+    protocol (its ``registration_control_mm``; 4 mm by default)."""
+    return float(protocol_setting(library, 'registration_control_mm', 4.0))
 
 
 OUTLINE_TEXT = ('outline voxels (a face on the background) whose bias-corrected T1w intensity is '
@@ -126,7 +137,8 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
                              'T1w; 0.5 mm box around cerebellum and brainstem; N4 in the box; '
                              'intensities scaled so that the 2nd/98th foreground percentiles '
                              'are 0/1.',
-            'Registration': REGISTRATION_TEXT[cfg.registration],
+            'Registration': REGISTRATION_TEXT[cfg.registration].replace(
+                'control grid 4 mm', f'control grid {registration_control_mm(library):g} mm'),
             'Fusion': fusion_text(cfg.fusion_search),
             'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
                            'affine, then the most probable label.',

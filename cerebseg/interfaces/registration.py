@@ -20,6 +20,9 @@ class _TorchRegisterInputSpec(BaseInterfaceInputSpec):
     regnet = traits.Str('', usedefault=True,
                         desc='registration network checkpoint to initialise with (empty: none)')
     seed = traits.Int(0, usedefault=True, desc='torch random seed')
+    control_mm = traits.Float(4.0, usedefault=True,
+                              desc='control grid of the velocity field (mm; the label protocol '
+                                   'chooses it)')
     settings = traits.Str('', usedefault=True,
                           desc='cerebseg version and registration settings '
                                '(cerebseg.models.registration.settings_fingerprint): hashed, so '
@@ -62,7 +65,7 @@ class TorchRegisterEntries(CerebsegInterface):
         fixed = np.asarray(ref.dataobj, np.float32)
         moving = np.stack([np.asarray(nib.load(p).dataobj, np.float32)
                            for p in self.inputs.entry_t1])
-        init_velocity, config = None, reg.SVFConfig()
+        init_velocity, config = None, reg.SVFConfig(control_mm=self.inputs.control_mm)
         if self.inputs.regnet:
             from cerebseg.models.checkpoint import load_regnet
             from cerebseg.models.regnet import predict_velocity

@@ -19,7 +19,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            reg_iterations: tuple[int, ...] = (40, 20, 0),
                            registration: str = 'torch', device: str = 'cpu',
                            use_gpu: bool = False, regnet: str = '', fusion_search: int = 0,
-                           trim_outline: bool = False, cnn: dict | None = None,
+                           trim_outline: bool = False, reg_control_mm: float = 4.0,
+                           cnn: dict | None = None,
                            brainstem: dict | None = None, brainstem_meta: dict | None = None,
                            cerebellum: bool = True, name: str = 'single_subject_wf'):
     """Segment the cerebellum (and the brainstem) of one T1w (with its T2w when given) and
@@ -37,6 +38,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         Static part of the dseg sidecars (sources, method, mode, version).
     registration, device, use_gpu, regnet, fusion_search
         See :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`.
+    reg_control_mm : float
+        Control grid (mm) of the torch registration's velocity field (the protocol's choice).
     trim_outline : bool
         The native cerebellum's outline voxels that the bias-corrected T1w shows to be mostly
         CSF become background (see :func:`~cerebseg.workflows.native.init_native_wf`).
@@ -99,7 +102,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=reg_spacing,
         reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed,
         registration=registration, device=device, use_gpu=use_gpu, regnet=regnet,
-        fusion_search=fusion_search)
+        fusion_search=fusion_search, control_mm=reg_control_mm)
     native_wf = init_native_wf(lut=library['lut'], template_icv_ml=templates['icv_ml'],
                                omp_nthreads=omp_nthreads, trim_outline=trim_outline)
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w),

@@ -12,7 +12,8 @@ from cerebseg.workflows.workdir import FUSE, MULTIATLAS_WF, REGISTER
 def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float,
                        reg_iterations: list[int], omp_nthreads: int, seed: int,
                        registration: str = 'torch', device: str = 'cpu', use_gpu: bool = False,
-                       regnet: str = '', fusion_search: int = 0, name: str = MULTIATLAS_WF):
+                       regnet: str = '', fusion_search: int = 0, control_mm: float = 4.0,
+                       name: str = MULTIATLAS_WF):
     """Register each library entry to the subject, fuse by local weighted voting.
 
     Parameters
@@ -28,6 +29,8 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
     fusion_search : int
         Each entry votes the label of its best-matching patch within this many voxels
         (:func:`cerebseg.kernels.wmv.weighted_majority_vote`'s ``search``; 0: local voting).
+    control_mm : float
+        Control grid of the torch registration's velocity field (mm).
 
     Inputs
     ------
@@ -51,7 +54,8 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
 
         registers.append(pe.Node(
             TorchRegisterEntries(seed=seed, device=device, use_gpu=use_gpu, regnet=regnet,
-                                 num_threads=omp_nthreads, settings=settings_fingerprint()),
+                                 num_threads=omp_nthreads, settings=settings_fingerprint(),
+                                 control_mm=control_mm),
             name=REGISTER, n_procs=omp_nthreads, mem_gb=1 + 0.5 * len(entries)))
     if registration in ('ants', 'both'):
         registers.append(pe.MapNode(
