@@ -39,7 +39,7 @@ def test_outline_follows_the_protocol_unless_asked(bids, tmp_path, argv, library
 
 
 def test_registration_control_grid_follows_the_protocol():
-    from cerebseg.bids_app.metadata import registration_control_mm
+    from cerebseg.assets import registration_control_mm
 
     assert registration_control_mm({'name': 'cobra'}) == 2.0
     assert registration_control_mm({'name': 'suit'}) == 4.0

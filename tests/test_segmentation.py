@@ -375,8 +375,8 @@ def test_prepared_training_data_keeps_each_cases_own_prior(tmp_path, monkeypatch
     other = {'name': 'cobra', 'entry_info': [{'name': 'MNI'}, {'name': 'brain2'}]}
     with pytest.raises(BadDataError, match='No prepared training data for sub-a'):
         data.prepare_subject(run, label_file, None, own, tmp_path, prepared=True)
-    key = (f'{data.CACHE_VERSION}|{label_file.resolve()}|{label_file.stat().st_mtime_ns}|'
-           f'{run.t1w}|{run.t2w}|MNI,brain3')
+    key = (f'{data.CACHE_VERSION}|2|{label_file.resolve()}|{label_file.stat().st_mtime_ns}|'
+           f'{run.t1w}|{run.t2w}|MNI,brain3')           # 2: cobra's registration control grid
     cache = tmp_path / 'segmentation_data' / 'sub-a_cobra_search1.npz'
     cache.parent.mkdir()
     t1 = np.ones((4, 4, 4), np.float32)

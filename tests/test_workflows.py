@@ -301,9 +301,11 @@ def test_prior_graph_feeds_the_t1w(tmp_path, fake_assets):
     subject_t1w = str(tmp_path / 'subject' / 'ds' / 'sub-01/anat/sub-01_T1w.nii.gz')
     for wf, expected in ((init_prior_wf(t1w=t1w, t2w=None, templates=templates,
                                         grid=WORKING_GRID.to_dict(), library=library,
-                                        omp_nthreads=1, seed=0), t1w),
-                         (_subject_graph(tmp_path / 'subject', fake_assets, False),
-                          subject_t1w)):
+                                        omp_nthreads=1, seed=0, reg_control_mm=2.0), t1w),
+                         (_subject_graph(tmp_path / 'subject', fake_assets, False,
+                                         reg_control_mm=2.0), subject_t1w)):
         graph = generate_expanded_graph(wf._create_flat_graph())
         correct = next(n for n in graph.nodes() if n.fullname.endswith('.t1_correct'))
         assert correct.inputs.in_file == expected
+        register = next(n for n in graph.nodes() if n.fullname.endswith('.register'))
+        assert register.inputs.control_mm == 2.0     # training priors as the runs make them

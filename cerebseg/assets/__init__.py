@@ -44,6 +44,21 @@ def package_json(name: str) -> dict:
     return json.loads(resources.files('cerebseg').joinpath('data', name).read_text())
 
 
+def protocol_setting(library: dict, key: str, default):
+    """A setting of a library's label protocol (``cerebseg/data/protocols/NAME.json``, NAME the
+    library's ``name``); ``default`` where the protocol or the key is missing."""
+    try:
+        return package_json(f'protocols/{library["name"]}.json').get(key, default)
+    except FileNotFoundError:
+        return default
+
+
+def registration_control_mm(library: dict) -> float:
+    """Control grid (mm) of the torch registration's velocity field for this library's protocol
+    (its ``registration_control_mm``; 4 mm by default)."""
+    return float(protocol_setting(library, 'registration_control_mm', 4.0))
+
+
 def available_protocols() -> list[str]:
     """The atlas libraries (protocols with template entries; not the brainstem label set)."""
     folder = resources.files('cerebseg').joinpath('data', 'protocols')

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cerebseg.bids_app.logs import IMPORTANT, LOGGER
-from cerebseg.bids_app.metadata import (brainstem_meta, dseg_meta, outline_trimmed,
-                                        registration_control_mm, select_cnn)
+from cerebseg.assets import registration_control_mm
+from cerebseg.bids_app.metadata import brainstem_meta, dseg_meta, outline_trimmed, select_cnn
 from cerebseg.bids_app.outcome import (crash_staging_dir, nearest_existing, publish_crashes,
                                        run_log_dir, run_outcome, send_crashes_to,
                                        unfinished_outcome)

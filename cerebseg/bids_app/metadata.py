@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cerebseg.assets import registration_control_mm
 from cerebseg.bids_app.logs import LOGGER
 
 #: the sidecar's ``Method.Registration`` for each ``--registration``
@@ -85,28 +86,14 @@ def protocol_summary(name: str) -> str:
         return f'label protocol {name}'
 
 
-def protocol_setting(library: dict, key: str, default):
-    """A setting of the library's label protocol (``cerebseg/data/protocols/NAME.json``)."""
-    from cerebseg.assets import package_json
-
-    try:
-        return package_json(f'protocols/{library["name"]}.json').get(key, default)
-    except FileNotFoundError:
-        return default
-
-
 def outline_trimmed(cfg, library: dict) -> bool:
     """Whether the native cerebellum's outline is trimmed by the T1w (``--outline``; ``auto``:
     what the library's label protocol says, its ``outline`` key)."""
     if cfg.outline != 'auto':
         return cfg.outline == 'trimmed'
+    from cerebseg.assets import protocol_setting
+
     return protocol_setting(library, 'outline', 'atlas') == 'tissue'
-
-
-def registration_control_mm(library: dict) -> float:
-    """Control grid (mm) of the torch registration's velocity field for this library's
-    protocol (its ``registration_control_mm``; 4 mm by default)."""
-    return float(protocol_setting(library, 'registration_control_mm', 4.0))
 
 
 OUTLINE_TEXT = ('outline voxels (a face on the background) whose bias-corrected T1w intensity is '

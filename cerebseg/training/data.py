@@ -19,7 +19,7 @@ from cerebseg.errors import BadDataError
 
 LOGGER = logging.getLogger('cerebseg.train')
 GRID_SPACE = 'space-MNI152NLin2009cAsym_res-05'
-CACHE_VERSION = 2   # 2: the library's entries in the key
+CACHE_VERSION = 3   # 2: the library's entries in the key; 3: the registration control grid
 #: crop margin around the cerebellum (voxels of 0.5 mm): the cascade's 12 mm region margin
 CROP_MARGIN = 24
 
@@ -77,12 +77,14 @@ def labels_on_grid(label_path, t1w_path, grid, t1_to_mni: str) -> np.ndarray:
 def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int, seed: int,
                    fusion_search: int = 0):
     """Run (or reuse) the preprocessing and prior of one T1w; its output file paths."""
-    from cerebseg.workflows.workdir import participant_work_dir, workflow_name
+    from cerebseg.assets import registration_control_mm
     from cerebseg.workflows.base import init_prior_wf
+    from cerebseg.workflows.workdir import participant_work_dir, workflow_name
 
     wf = init_prior_wf(t1w=run.t1w, t2w=run.t2w, templates=assets.template_paths(),
                        grid=assets.manifest['grid'], library=library,
                        omp_nthreads=omp_nthreads, seed=seed, fusion_search=fusion_search,
+                       reg_control_mm=registration_control_mm(library),
                        name=workflow_name(run.label))
     wf.base_dir = str(participant_work_dir(work_dir))   # where `cerebseg` puts this run
     wf.config['execution'].update({'crashdump_dir': str(work_dir / 'crash'),
@@ -103,6 +105,7 @@ def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nth
     none instead of computing it."""
     import nibabel as nib
 
+    from cerebseg.assets import registration_control_mm
     from cerebseg.training.cascade import Subject, crop_subject
     from cerebseg.utils.grid import BoxGrid
     from cerebseg.utils.images import read_probseg
@@ -111,7 +114,8 @@ def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nth
     work_dir = Path(work_dir)
     search = f'_search{fusion_search}' if fusion_search else ''
     cache = work_dir / 'segmentation_data' / f'{run.label}_{library["name"]}{search}.npz'
-    inputs = f'{CACHE_VERSION}|{Path(label_file).resolve()}|' \
+    control = registration_control_mm(library)
+    inputs = f'{CACHE_VERSION}|{control:g}|{Path(label_file).resolve()}|' \
              f'{Path(label_file).stat().st_mtime_ns}|{run.t1w}|{run.t2w}|'
     key = inputs + ','.join(e['name'] for e in library['entry_info'])
     if cache.is_file():
