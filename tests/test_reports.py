@@ -240,12 +240,12 @@ def test_participant_report_in_chromium(tmp_path):
 
 
 def test_methods_say_whether_the_outline_was_trimmed():
-    from cerebseg.bids_app.metadata import OUTLINE_TEXT
+    from cerebseg.bids_app.metadata import FUSED_OUTLINE_TEXT, OUTLINE_TEXT
     from cerebseg.bids_app.reports import _methods
 
     method = {'Name': 'multi-atlas', 'Registration': 'r.', 'Fusion': 'f.'}
     trimmed = _methods({'cerebellum': {'meta': {'Method': dict(method, Outline=OUTLINE_TEXT)}}})
     assert 'more CSF than tissue' in trimmed
     fused = _methods({'cerebellum': {'meta': {'Method': dict(
-        method, Outline='as fused (not trimmed by the image).')}}})
+        method, Outline=FUSED_OUTLINE_TEXT)}}})
     assert 'CSF' not in fused and 'as fused' not in fused

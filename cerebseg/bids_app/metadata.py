@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cerebseg.assets import registration_control_mm
+from cerebseg.assets import protocol_setting, registration_control_mm
 from cerebseg.bids_app.logs import LOGGER
 
-#: the sidecar's ``Method.Registration`` for each ``--registration``
+#: the sidecar's ``Method.Registration`` for each ``--registration`` (``control_mm``: the
+#: torch registration's control grid, :func:`cerebseg.assets.registration_control_mm`)
 REGISTRATION_TEXT = {
     'ants': 'ANTs affine (2 mm) + SyN (Mattes mutual information, 40x20x0 iterations at 4/2/1 '
             'mm) of every library entry to the subject, masked to the entry field of view; '
             'labels carried with genericLabel interpolation.',
     'torch': 'cerebseg torch registration of all library entries in one batch: affine, then a '
              'diffeomorphic stationary velocity field (scaling and squaring; control grid '
-             '4 mm) at 4, 2 and 1 mm, '
+             '{control_mm:g} mm) at 4, 2 and 1 mm, '
              'squared local normalised cross-correlation measured in each entry\'s own space '
              'over the voxels where it has data (the subject read into the entry), plus '
              'diffusion regularisation, Adam; the entry brought onto the subject by the '
@@ -78,12 +79,7 @@ def cnn_meta(cnn: dict) -> dict:
 def protocol_summary(name: str) -> str:
     """What a label protocol labels, in words (its ``summary``; the name for a protocol
     unknown to this version)."""
-    from cerebseg.assets import package_json
-
-    try:
-        return package_json(f'protocols/{name}.json')['summary']
-    except (FileNotFoundError, KeyError):
-        return f'label protocol {name}'
+    return protocol_setting({'name': name}, 'summary', f'label protocol {name}')
 
 
 def outline_trimmed(cfg, library: dict) -> bool:
@@ -91,8 +87,6 @@ def outline_trimmed(cfg, library: dict) -> bool:
     what the library's label protocol says, its ``outline`` key)."""
     if cfg.outline != 'auto':
         return cfg.outline == 'trimmed'
-    from cerebseg.assets import protocol_setting
-
     return protocol_setting(library, 'outline', 'atlas') == 'tissue'
 
 
@@ -100,6 +94,8 @@ OUTLINE_TEXT = ('outline voxels (a face on the background) whose bias-corrected 
                 'below the midpoint between the CSF level (the darker of two intensity classes '
                 'within 3 voxels outside the labels) and the median of the labelled tissue are '
                 'background (more CSF than tissue).')
+#: ``Method.Outline`` when the outline is left as the fusion draws it
+FUSED_OUTLINE_TEXT = 'as fused (not trimmed by the image).'
 
 
 def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) -> dict:
@@ -124,13 +120,12 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
                              'T1w; 0.5 mm box around cerebellum and brainstem; N4 in the box; '
                              'intensities scaled so that the 2nd/98th foreground percentiles '
                              'are 0/1.',
-            'Registration': REGISTRATION_TEXT[cfg.registration].replace(
-                'control grid 4 mm', f'control grid {registration_control_mm(library):g} mm'),
+            'Registration': REGISTRATION_TEXT[cfg.registration].format(
+                control_mm=registration_control_mm(library)),
             'Fusion': fusion_text(cfg.fusion_search),
             'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
                            'affine, then the most probable label.',
-            'Outline': OUTLINE_TEXT if outline_trimmed(cfg, library) else
-            'as fused (not trimmed by the image).',
+            'Outline': OUTLINE_TEXT if outline_trimmed(cfg, library) else FUSED_OUTLINE_TEXT,
         },
         'LabelProtocol': protocol_summary(library['name']),
         'AtlasLibrary': {'Name': library['name'], 'Citation': library['citation'],

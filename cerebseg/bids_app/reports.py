@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cerebseg import __version__
+from cerebseg.bids_app.metadata import FUSED_OUTLINE_TEXT
 from cerebseg.utils.images import atomic_write_text
 
 LOGGER = logging.getLogger('cerebseg.reports')
@@ -314,7 +315,7 @@ def _methods(results: dict) -> str:
                     f'{_e(method.get("Fusion", ""))} Networks, when used, follow DeepCERES '
                     '[cerebellum].')
         outline = method.get('Outline', '')
-        if outline and not outline.startswith('as fused'):
+        if outline and outline != FUSED_OUTLINE_TEXT:
             text.append('On the T1w grid, the cerebellum\'s ' + _e(outline))
     if bs:
         method = bs.get('Method', {})

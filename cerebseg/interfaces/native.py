@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, TraitedSpec, traits
 
 from cerebseg.interfaces.base import CerebsegInterface
+
+LOGGER = logging.getLogger('cerebseg.interfaces.native')
 
 
 class _NativeInputSpec(BaseInterfaceInputSpec):
@@ -66,8 +69,6 @@ class TrimOutline(CerebsegInterface):
     output_spec = _TrimOutputSpec
 
     def _run_interface(self, runtime):
-        import logging
-
         import nibabel as nib
         import numpy as np
 
@@ -81,7 +82,7 @@ class TrimOutline(CerebsegInterface):
         labels, info = trim_outline(np.asarray(seg.dataobj),
                                     np.asarray(t1w.dataobj, dtype=np.float32))
         if 'skipped' in info:
-            logging.getLogger('cerebseg').warning(
+            LOGGER.warning(
                 'Outline left as fused (%s): %s', info['skipped'], self.inputs.t1w)
         voxel_ml = float(np.prod(seg.header.get_zooms()[:3])) / 1000.0
         info['removed_ml'] = round(info['removed_voxels'] * voxel_ml, 3)
