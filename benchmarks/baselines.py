@@ -12,13 +12,16 @@ import numpy as np
 from cerebseg.workflows import workdir
 
 
-def joint_fusion(reg_dir: Path, t1_box: Path, n_entries: int, margin_mm: float = 4.0):
-    """antsJointFusion of the ANTs-warped entries (MapNode folders ``_register<k>``)."""
+def joint_fusion(reg_dir: Path, t1_box: Path, n_entries: int, margin_mm: float = 4.0,
+                 keep=None):
+    """antsJointFusion of the ANTs-warped entries (MapNode folders ``_register<k>``; ``keep``:
+    the indices of the entries to fuse, all by default)."""
     import ants
     from scipy import ndimage
 
     target = nib.load(t1_box)
-    folders = [reg_dir / 'mapflow' / f'_{workdir.REGISTER}{k}' for k in range(n_entries)]
+    folders = [reg_dir / 'mapflow' / f'_{workdir.REGISTER}{k}'
+               for k in (range(n_entries) if keep is None else keep)]
     images = [np.asarray(nib.load(f / 'warped_T1w.nii.gz').dataobj, np.float32)
               for f in folders]
     labels = [np.asarray(nib.load(f / 'warped_dseg.nii.gz').dataobj) for f in folders]

@@ -18,13 +18,20 @@ always left out:
 
 * ``template``: MNI152NLin2009cAsym with the CoBra atlas and its mirror (today's CERES library);
 * ``manual``: that plus the other two manual maps and their mirrors (real anatomy);
+* ``maps``: the other two manual maps and their mirrors only, without the CoBra atlas;
 * ``suit``: the default SUIT library (scored on the lobule groups only).
 
-Methods (rows): the real ``cerebseg`` command with each library; ``template-search`` and
-``manual-search``: the same runs with ``--fusion-search 1`` (non-local voting; same work folder,
-so only the fusion and what follows run again); antsJointFusion (patch radius
-2, search radius 1) of the ANTs-registered entries of the ``manual`` library (``--registration
-ants`` run of the same library), as in ``accuracy.py``.
+The CoBra atlas is the maximum-probability map of the five CoBrALab manual maps (CAT12's
+``CoBra.txt``), brain1-brain3 among them: every library that holds it has seen 1/5 of the case's
+own map, so the ``template`` and ``manual`` rows are optimistic. ``maps`` (and ``maps-search``)
+is the only library here that has not seen the case's map in any form.
+
+Methods (rows): the real ``cerebseg`` command with each library; ``template-search``,
+``manual-search`` and ``maps-search``: the same runs with ``--fusion-search 1`` (non-local
+voting; same work folder, so only the fusion and what follows run again); antsJointFusion
+(patch radius 2, search radius 1) of the ANTs-registered entries of the ``manual`` library
+(``--registration ants`` run of the same library), as in ``accuracy.py``; ``jlf-maps``: the
+same registrations, the CoBra entries left out of the fusion.
 
 Scores on the native T1w grid: mean Dice over the 24 CERES lobules; mean Dice over the 10
 lobule groups with sides and vermis merged (I-IV, V, VI, Crus I, Crus II, VIIB, VIIIA, VIIIB, IX,
@@ -36,7 +43,7 @@ Usage::
 
     python benchmarks/real_anatomy.py --assets-dir ASSETS --out BENCH/real \\
         [--maps 1 2 3] [--seeds 1] [--methods template manual suit jlf template-search
-        manual-search] [--outline fused] [--overlays DIR]
+        manual-search maps maps-search jlf-maps] [--outline fused] [--overlays DIR]
 
 ``ASSETS`` must hold the ``cobra`` library with its manual entries (``cerebseg-assets build
 --library suit --library cobra``). Re-running with the same ``--out`` reuses the placed maps,
@@ -245,9 +252,11 @@ def main(argv=None) -> int:
     parser.add_argument('--maps', type=int, nargs='+', default=[1, 2, 3], choices=[1, 2, 3])
     parser.add_argument('--seeds', type=int, nargs='+', default=[1])
     parser.add_argument('--methods', nargs='+', default=['template', 'manual', 'suit', 'jlf',
-                                                         'template-search', 'manual-search'],
+                                                         'template-search', 'manual-search',
+                                                         'maps', 'maps-search'],
                         choices=['template', 'manual', 'suit', 'jlf', 'template-search',
-                                 'manual-search', 'manual-search-cnn'])
+                                 'manual-search', 'maps', 'maps-search', 'jlf-maps',
+                                 'manual-search-cnn'])
     parser.add_argument('--cnn-weights', type=Path, default=None,
                         help='manifest of CERES-protocol networks for manual-search-cnn '
                              '(scripts/train_ceres.py; the case\'s map unseen by them)')
@@ -290,7 +299,14 @@ def main(argv=None) -> int:
                                                     '--fusion-search', '1']),
             'manual-search': ('cerebseg --atlas-library cobra --fusion-search 1, template + '
                               'other manual maps', ['--atlas-library', 'cobra',
-                                                    '--fusion-search', '1'])}
+                                                    '--fusion-search', '1']),
+            'jlf-maps': ('ANTs SyN + antsJointFusion, other manual maps only (no CoBra)',
+                         ['--atlas-library', 'cobra', '--registration', 'ants']),
+            'maps': ('cerebseg --atlas-library cobra, other manual maps only (no CoBra)',
+                     ['--atlas-library', 'cobra']),
+            'maps-search': ('cerebseg --atlas-library cobra --fusion-search 1, other manual maps '
+                            'only (no CoBra)', ['--atlas-library', 'cobra',
+                                                '--fusion-search', '1'])}
     if 'manual-search-cnn' in opts.methods:
         if opts.cnn_weights is None:
             parser.error('manual-search-cnn needs --cnn-weights')
@@ -312,27 +328,37 @@ def main(argv=None) -> int:
             name, suffix = f'{name}, --outline {opts.outline}', f'-{opts.outline}'
         extra = [*extra, '--outline', opts.outline]
         for k, fold_labels in folds.items():
-            lib_dir = template_only if key in ('template', 'suit', 'template-search') \
-                else leave_out_entry(assets, out / f'assets-lomo{k}', entry_name(k))
+            if key in ('template', 'suit', 'template-search'):
+                lib_dir = template_only
+            elif key.startswith('maps'):
+                lib_dir = leave_out_entry(assets, out / f'assets-maps{k}',
+                                          [entry_name(k), TEMPLATE_ENTRY])
+            else:
+                lib_dir = leave_out_entry(assets, out / f'assets-lomo{k}', entry_name(k))
             dst = out / f'out-{key}{suffix}'
             work = out / f'work-{key.removesuffix("-cnn").removesuffix("-search")}'
+            if key == 'jlf-maps':  # the jlf run's registrations, the CoBra entries not fused
+                work = out / 'work-jlf'
             times[name] = times.get(name, 0.0) + run_cerebseg(
                 bids, dst, work, lib_dir, ['--participant-label', *fold_labels, '--t1-only',
                                            '--skip-brainstem', '--models', 'none', *extra],
                 out / f'{dst.name}.log')
             for lab in fold_labels:
-                if key != 'jlf':
+                if not key.startswith('jlf'):
                     results.setdefault(name, {})[lab] = (
                         nib.load(anat_file(dst, lab, 'space-T1w_seg-cerebellum_dseg.nii.gz')),
                         read_lut_rows(dst / 'seg-cerebellum_dseg.tsv'))
                     continue
-                cached = out / 'jlf' / f'sub-{lab}_space-T1w_dseg.nii.gz'
+                cached = out / key / f'sub-{lab}_space-T1w_dseg.nii.gz'
                 if not cached.is_file():
                     wf = workdir.run_folder(work, f'sub-{lab}')
-                    n = len(json.loads((lib_dir / 'manifest.json').read_text())
-                            ['libraries']['cobra']['entries'])
+                    entries = json.loads((lib_dir / 'manifest.json').read_text())[
+                        'libraries']['cobra']['entries']
+                    keep = [i for i, e in enumerate(entries) if key == 'jlf' or TEMPLATE_ENTRY
+                            not in (e['name'], e.get('mirror_of'))]
                     tic = time.perf_counter()
-                    fused, aff = joint_fusion(wf / workdir.REGISTER_DIR, wf / workdir.T1_BOX, n)
+                    fused, aff = joint_fusion(wf / workdir.REGISTER_DIR, wf / workdir.T1_BOX,
+                                              len(entries), keep=keep)
                     times['antsJointFusion (fusion only)'] = times.get(
                         'antsJointFusion (fusion only)', 0.0) + time.perf_counter() - tic
                     native_ref = nib.load(bids / f'sub-{lab}' / 'anat' / f'sub-{lab}_T1w.nii.gz')

@@ -1,9 +1,10 @@
 """End to end on real individual anatomy (issue 22): a case made from a manual lobule map
 (CoBrALab brain1, its image synthesised from the labels) segmented by the real command with
-``--atlas-library cobra``, from a library without that map (the CoBra template and its mirror:
-the other manual maps' entries cost 2 min each to build, and add +0.01 lobule Dice on the
-benchmark). The map is painted at 0.5 mm (the benchmark: 0.3 mm) for CI time. Scored on the
-native grid against the map; the run's sidecar says how the outline was trimmed."""
+``--atlas-library cobra``, from a library that has not seen that map in any form: the other two
+manual maps and their mirrors, without the CoBra atlas (the maximum-probability map of the five
+CoBrALab maps, brain1 among them). The map is painted at 0.5 mm (the benchmark: 0.3 mm) for CI
+time. Scored on the native grid against the map; the run's sidecar says how the outline was
+trimmed."""
 import json
 
 import nibabel as nib
@@ -26,10 +27,11 @@ def test_real_anatomy_case_end_to_end(shared_data, tmp_path):
 
     assets = tmp_path / 'assets'
     build_assets(shared_data, assets, libraries=('cobra',), brainstem=False,
-                 skip_entries=[f'CoBrALab-brain{k}' for k in (1, 2, 3)])
+                 skip_entries=['CoBrALab-brain1', 'MNI152NLin2009cAsym'])
     library = json.loads((assets / 'manifest.json').read_text())['libraries']['cobra']
     names = [e['name'] for e in library['entries']]
-    assert names == ['MNI152NLin2009cAsym', 'MNI152NLin2009cAsymMirror']
+    assert names == ['CoBrALab-brain2', 'CoBrALab-brain3', 'CoBrALab-brain2Mirror',
+                     'CoBrALab-brain3Mirror']
 
     manual = read_manual_map(shared_data / MAP.format(1))
     data = np.asarray(manual.dataobj)
@@ -65,7 +67,9 @@ def test_real_anatomy_case_end_to_end(shared_data, tmp_path):
     assert sidecar['OutlineTrimming']['removed_voxels'] > 0
 
 
-#: a little under what this case measures (24 lobules 0.744, whole 0.932, total volume -0.3 %:
-#: the outline trimmed by the T1w and the 2 mm registration control grid, as cobra runs); the
-#: code before both (outline as fused, 4 mm grid): 0.730, 0.921, +4.3 %, which fails each of them
-THRESHOLDS = {'lobules': 0.735, 'whole': 0.925, 'volume': 0.03}
+#: a little under what this case measures with the strict library (24 lobules 0.736, whole 0.941,
+#: total volume -3.0 %: the outline trimmed by the T1w, 2 mm registration control grid, as cobra
+#: runs); with the outline as fused (``--outline fused``) it measures 0.725, 0.929, +1.1 %, which
+#: fails the first two. Without CoBra the fused outline is smaller than with it, so the trimmed one
+#: is at the issue's 3 % bound here (the benchmark's strict rows: -1.9 and -3.3 % on average)
+THRESHOLDS = {'lobules': 0.730, 'whole': 0.935, 'volume': 0.035}
