@@ -43,7 +43,13 @@ Usage::
 
     python benchmarks/real_anatomy.py --assets-dir ASSETS --out BENCH/real \\
         [--maps 1 2 3] [--seeds 1] [--methods template manual suit jlf template-search
-        manual-search maps maps-search jlf-maps] [--outline fused] [--overlays DIR]
+        manual-search maps maps-search jlf-maps] [--t2w] [--outline fused] [--overlays DIR]
+
+``--t2w`` makes each case with a T2w as well (labelled ``brain<k>m<seed>``; its T1w is that of
+``brain<k>s<seed>``; the T2w painted with T2w levels over the template head remapped to a T2w
+contrast, :func:`cerebseg.assets.manual.t2w_head`, on its own grid) and runs cerebseg on both.
+Only the SUIT library has a T2w (its MNI152NLin6Asym entry): the CERES library's entries have
+none, so the fusion of a cobra run has no second channel to use.
 
 ``ASSETS`` must hold the ``cobra`` library with its manual entries (``cerebseg-assets build
 --library suit --library cobra``). Re-running with the same ``--out`` reuses the placed maps,
@@ -128,10 +134,10 @@ def networks_saw(manifest: Path) -> set[int]:
 
 
 def write_case(bids: Path, truth_dir: Path, cache: Path, k: int, seed: int, *,
-               tag: str = 's', supersample: int = 3) -> str:
+               tag: str = 's', supersample: int = 3, t2w: bool = False) -> str:
     """One synthesised case of map ``k`` (skipped when written), labelled
-    ``brain<k><tag><seed>``, painted with ``supersample``^3 sub-samples per voxel; returns its
-    label."""
+    ``brain<k><tag><seed>``, painted with ``supersample``^3 sub-samples per voxel, with a T2w
+    when ``t2w``; returns its label."""
     from cerebseg.assets.manual import manual_case
 
     label = f'brain{k}{tag}{seed}'
@@ -140,7 +146,7 @@ def write_case(bids: Path, truth_dir: Path, cache: Path, k: int, seed: int, *,
         return label
     anat, truth_file = todo
     placed = placed_map(k, cache)
-    case, drawn = manual_case(placed, seed=1000 * k + seed, supersample=supersample)
+    case, drawn = manual_case(placed, seed=1000 * k + seed, supersample=supersample, t2w=t2w)
     save_case(case, anat, truth_dir, label, truth_file, map=MAP.format(k), **drawn)
     return label
 
@@ -150,8 +156,10 @@ def write_bids_root(bids: Path, labels: list[str]) -> None:
     (bids / 'dataset_description.json').write_text(json.dumps(
         {'Name': 'cerebseg real-anatomy cases (CoBrALab manual maps, synthesised images)',
          'BIDSVersion': '1.10.0'}))
+    # every case written so far (T1w-only and T1w+T2w cases share the folder)
+    every = sorted({*labels, *(p.name[4:] for p in bids.glob('sub-*') if p.is_dir())})
     (bids / 'participants.tsv').write_text('participant_id\n' + ''.join(
-        f'sub-{lab}\n' for lab in labels))
+        f'sub-{lab}\n' for lab in every))
 
 
 def group_table(lut_rows: list[tuple[int, str]]) -> dict[int, int]:
@@ -264,6 +272,9 @@ def main(argv=None) -> int:
                         help='the lobule networks of manual-search-cnn')
     parser.add_argument('--tsv', type=Path, default=None)
     parser.add_argument('--overlays', type=Path, default=None)
+    parser.add_argument('--t2w', action='store_true',
+                        help='cases with a T2w as well (labelled brain<k>m<seed>: the same T1w '
+                             'as brain<k>s<seed>), run without --t1-only')
     parser.add_argument('--outline', choices=['auto', 'trimmed', 'fused'], default='auto',
                         help='cerebseg --outline of every cerebseg run (not auto: the method '
                              'names and output folders say it; the work folders are shared)')
@@ -281,7 +292,9 @@ def main(argv=None) -> int:
     for k in opts.maps:
         for seed in opts.seeds:
             tic = time.perf_counter()
-            folds.setdefault(k, []).append(write_case(bids, truth_dir, cache, k, seed))
+            folds.setdefault(k, []).append(write_case(bids, truth_dir, cache, k, seed,
+                                                      tag='m' if opts.t2w else 's',
+                                                      t2w=opts.t2w))
             print(f'case sub-{folds[k][-1]}: {time.perf_counter() - tic:.0f} s', flush=True)
     labels = [lab for k in folds for lab in folds[k]]
     write_bids_root(bids, labels)
@@ -327,6 +340,10 @@ def main(argv=None) -> int:
         if opts.outline != 'auto':
             name, suffix = f'{name}, --outline {opts.outline}', f'-{opts.outline}'
         extra = [*extra, '--outline', opts.outline]
+        if opts.t2w:
+            name = f'{name}, T1w+T2w'
+        else:
+            extra.append('--t1-only')
         for k, fold_labels in folds.items():
             if key in ('template', 'suit', 'template-search'):
                 lib_dir = template_only
@@ -340,7 +357,7 @@ def main(argv=None) -> int:
             if key == 'jlf-maps':  # the jlf run's registrations, the CoBra entries not fused
                 work = out / 'work-jlf'
             times[name] = times.get(name, 0.0) + run_cerebseg(
-                bids, dst, work, lib_dir, ['--participant-label', *fold_labels, '--t1-only',
+                bids, dst, work, lib_dir, ['--participant-label', *fold_labels,
                                            '--skip-brainstem', '--models', 'none', *extra],
                 out / f'{dst.name}.log')
             for lab in fold_labels:

@@ -10,6 +10,7 @@ from cerebseg.utils.synthesis import (
     lobule_interfaces,
     paint,
     random_levels,
+    remap_contrast,
     tissue_fractions,
 )
 from cerebseg.utils.truth import CaseSpec, make_case
@@ -73,6 +74,21 @@ def test_random_levels_keep_the_tissue_order():
     for _ in range(100):
         lv = random_levels(rng, ref, spread=0.3)
         assert lv.csf < lv.gm < lv.wm
+
+
+def test_remap_contrast_maps_levels_and_their_mixes():
+    """A T1w-like image to a T2w-like one: each tissue level to its target, a mix of two
+    neighbouring levels to the same mix of theirs, zero to zero; equal levels refused."""
+    t1 = TissueLevels(gm=700, wm=1000, csf=300)
+    t2 = TissueLevels(gm=560, wm=400, csf=1000)
+    image = np.array([0, 300, 700, 1000, 0.5 * 300 + 0.5 * 700, 0.25 * 700 + 0.75 * 1000,
+                      1500], np.float32)
+    out = remap_contrast(image, t1, t2)
+    assert out.dtype == np.float32
+    assert out.tolist() == pytest.approx([0, 1000, 560, 400, 0.5 * 1000 + 0.5 * 560,
+                                          0.25 * 560 + 0.75 * 400, 400])
+    with pytest.raises(ValueError, match='levels must differ'):
+        remap_contrast(image, TissueLevels(gm=700, wm=700, csf=300), t2)
 
 
 def test_layered_sources_read_the_finest_first():

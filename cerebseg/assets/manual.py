@@ -27,7 +27,13 @@ import nibabel as nib
 import numpy as np
 
 from cerebseg.utils.images import ants_to_nib, nib_to_ants
-from cerebseg.utils.synthesis import TissueLevels, ceres_from_manual, paint, tissue_fractions
+from cerebseg.utils.synthesis import (
+    TissueLevels,
+    ceres_from_manual,
+    paint,
+    remap_contrast,
+    tissue_fractions,
+)
 
 LOGGER = logging.getLogger('cerebseg.assets.manual')
 
@@ -35,6 +41,11 @@ LOGGER = logging.getLogger('cerebseg.assets.manual')
 #: brain mask: CSF 306, GM 716, WM 996; the corpus medullare of CoBra reads 1044): the painted
 #: cerebellum of a library entry matches the template around it
 TEMPLATE_LEVELS = TissueLevels(gm=716.0, wm=1040.0, csf=250.0)
+#: the same head's three-class medians (what :func:`t2w_head` maps from)
+HEAD_LEVELS = TissueLevels(gm=716.0, wm=996.0, csf=306.0)
+#: T2w levels of the synthesised cases (CSF brightest, grey above white matter; relative, as in
+#: a 3 T turbo spin echo) on the T1w's scale
+T2W_LEVELS = TissueLevels(gm=560.0, wm=400.0, csf=1000.0)
 DETAIL_SPACING = 0.3
 DETAIL_MARGIN_MM = 8.0
 
@@ -202,12 +213,22 @@ def detail_image(placed: Placed, levels: TissueLevels = TEMPLATE_LEVELS,
     return nib.Nifti1Image(img, placed.labels.affine)
 
 
-def manual_case(placed: Placed, seed: int, supersample: int = 3):
+def t2w_head(placed: Placed, levels: TissueLevels) -> nib.Nifti1Image:
+    """The bent template head in a T2w-like contrast (:func:`remap_contrast` of its T1w from
+    :data:`HEAD_LEVELS` to ``levels``): MNI152NLin2009cAsym comes without a T2w."""
+    data = np.asarray(placed.head.dataobj, np.float32)
+    return nib.Nifti1Image(remap_contrast(data, HEAD_LEVELS, levels), placed.head.affine)
+
+
+def manual_case(placed: Placed, seed: int, supersample: int = 3, t2w: bool = False):
     """An exact-truth case of real anatomy (:func:`cerebseg.utils.truth.make_case`) from a
     placed manual map: its cerebellum painted with tissue levels drawn around the template's
     (10 %), a cortical thickness of 0.8-1.3 mm and a CSF share of 0.2-0.8 in the fissures the
     labels leave no gap in, scaled back to the map's own size (x 0.9-1.1), then the case's
-    random transform, grid, bias, contrast and noise. Returns the case and what was drawn."""
+    random transform, grid, bias, contrast and noise. ``t2w``: a T2w of the same anatomy too
+    (levels drawn around :data:`T2W_LEVELS`, the head around the cerebellum by
+    :func:`t2w_head`, its own native grid, bias and noise); the T1w is the same as without it.
+    Returns the case and what was drawn."""
     from cerebseg.utils.synthesis import random_levels
     from cerebseg.utils.truth import CaseSpec, make_case
 
@@ -217,8 +238,16 @@ def manual_case(placed: Placed, seed: int, supersample: int = 3):
     detail = detail_image(placed, levels, cortex_mm=cortex_mm, fissure_csf=fissure_csf)
     spec = CaseSpec(scale_range=(0.9 / placed.scale, 1.1 / placed.scale),
                     supersample=supersample)
-    case = make_case([detail, placed.head], placed.labels, seed=seed,
-                     n_labels=int(np.asarray(placed.labels.dataobj).max()) + 1, spec=spec)
     drawn = {'levels': [levels.gm, levels.wm, levels.csf], 'cortex_mm': cortex_mm,
              'fissure_csf': fissure_csf, 'scale_to_template': placed.scale}
+    t2_sources = None
+    if t2w:
+        levels2 = random_levels(np.random.default_rng([seed, 22, 2]), T2W_LEVELS)
+        head2 = t2w_head(placed, levels2)
+        t2_sources = [detail_image(placed, levels2, cortex_mm=cortex_mm,
+                                   fissure_csf=fissure_csf, base=head2), head2]
+        drawn['t2w_levels'] = [levels2.gm, levels2.wm, levels2.csf]
+    case = make_case([detail, placed.head], placed.labels, seed=seed,
+                     n_labels=int(np.asarray(placed.labels.dataobj).max()) + 1, spec=spec,
+                     t2w=t2_sources)
     return case, drawn

@@ -121,6 +121,20 @@ def paint(fractions: np.ndarray, inside: np.ndarray, levels: TissueLevels) -> np
     return img
 
 
+def remap_contrast(image: np.ndarray, source: TissueLevels, target: TissueLevels) -> np.ndarray:
+    """Another contrast of the same anatomy, SynthSeg-style: the intensities piecewise linear
+    through zero and the three tissue levels (``source`` -> ``target``), so that a voxel at a
+    tissue's level gets the target's level of it and a mix of two neighbouring levels the mix
+    of theirs; above the brightest source level the target of that level is kept (the
+    template's fat and vessels are not modelled). Zero stays zero."""
+    src = np.array([0.0, source.csf, source.gm, source.wm])
+    dst = np.array([0.0, target.csf, target.gm, target.wm])
+    order = np.argsort(src, kind='stable')
+    if np.any(np.diff(src[order]) <= 0):
+        raise ValueError(f'source levels must differ and be positive: {source}')
+    return np.interp(np.asarray(image, np.float32), src[order], dst[order]).astype(np.float32)
+
+
 def random_levels(rng, reference: TissueLevels, spread: float = 0.1) -> TissueLevels:
     """Levels drawn around ``reference``: each scaled by a factor in 1 +/- ``spread``, with the
     reference's order of grey matter between white matter and CSF kept."""
