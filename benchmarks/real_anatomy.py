@@ -48,8 +48,8 @@ Usage::
 ``--t2w`` makes each case with a T2w as well (labelled ``brain<k>m<seed>``; its T1w is that of
 ``brain<k>s<seed>``; the T2w painted with T2w levels over the template head remapped to a T2w
 contrast, :func:`cerebseg.assets.manual.t2w_head`, on its own grid) and runs cerebseg on both.
-Only the SUIT library has a T2w (its MNI152NLin6Asym entry): the CERES library's entries have
-none, so the fusion of a cobra run has no second channel to use.
+Only the SUIT library has a T2w (its MNI152NLin6AsymC entry and that entry's mirror): the CERES
+library's entries have none, so the fusion of a cobra run has no second channel to use.
 
 ``ASSETS`` must hold the ``cobra`` library with its manual entries (``cerebseg-assets build
 --library suit --library cobra``). Re-running with the same ``--out`` reuses the placed maps,

@@ -37,12 +37,13 @@ from cerebseg.utils.synthesis import (
 
 LOGGER = logging.getLogger('cerebseg.assets.manual')
 
-#: tissue levels of the MNI152NLin2009cAsym head as shipped (three-class medians inside its
-#: brain mask: CSF 306, GM 716, WM 996; the corpus medullare of CoBra reads 1044): the painted
-#: cerebellum of a library entry matches the template around it
-TEMPLATE_LEVELS = TissueLevels(gm=716.0, wm=1040.0, csf=250.0)
-#: the same head's three-class medians (what :func:`t2w_head` maps from)
+#: the MNI152NLin2009cAsym head as shipped: three-class medians inside its brain mask (what
+#: :func:`t2w_head` maps from)
 HEAD_LEVELS = TissueLevels(gm=716.0, wm=996.0, csf=306.0)
+#: tissue levels that paint a cerebellum like that head's (:data:`HEAD_LEVELS`; the corpus
+#: medullare of CoBra reads 1044): the painted cerebellum of a library entry matches the
+#: template around it
+TEMPLATE_LEVELS = TissueLevels(gm=716.0, wm=1040.0, csf=250.0)
 #: T2w levels of the synthesised cases (CSF brightest, grey above white matter; relative, as in
 #: a 3 T turbo spin echo) on the T1w's scale
 T2W_LEVELS = TissueLevels(gm=560.0, wm=400.0, csf=1000.0)
