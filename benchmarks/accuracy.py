@@ -401,8 +401,9 @@ def main(argv=None) -> int:
                              'MNI152NLin6AsymC; cobra (CERES protocol): MNI152NLin2009cAsym + '
                              'CoBra, a benchmark-built library without it')
     parser.add_argument('--methods', nargs='+', default=['default', 'none', 'ants', 'syn', 'jlf'],
-                        choices=['default', 'none', 'search', 'ensemble', 'ants', 'syn',
-                                 'synfull', 'jlf'])
+                        choices=['default', 'none', 'search', 'ensemble', 'branches', 'ants',
+                                 'syn', 'synfull', 'jlf'],
+                        help='branches: --lobule-borders branches (--protocol cobra only)')
     parser.add_argument('--entries', nargs='+', default=None,
                         help='single-atlas rows (syn, synfull) only for these entries')
     parser.add_argument('--stages', action='store_true', help='print per-stage volumes')
@@ -444,6 +445,8 @@ def main(argv=None) -> int:
             'search': ('--fusion-search 1 --models none',
                        ['--fusion-search', '1', '--models', 'none'], 'work-torch'),
             'ensemble': ('--models ensemble', ['--models', 'ensemble'], 'work-torch'),
+            'branches': ('--lobule-borders branches',
+                         ['--lobule-borders', 'branches'], 'work-torch'),
             'ants': ('--registration ants --models none',
                      ['--registration', 'ants', '--models', 'none'], 'work-ants')}
     need_ants = any(m in opts.methods for m in ('ants', 'syn', 'jlf'))

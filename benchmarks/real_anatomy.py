@@ -43,7 +43,8 @@ Usage::
 
     python benchmarks/real_anatomy.py --assets-dir ASSETS --out BENCH/real \\
         [--maps 1 2 3] [--seeds 1] [--methods template manual suit jlf template-search
-        manual-search maps maps-search jlf-maps] [--t2w] [--outline fused] [--overlays DIR]
+        manual-search maps maps-search jlf-maps] [--t2w] [--outline fused]
+        [--lobule-borders fused] [--overlays DIR]
 
 ``--t2w`` makes each case with a T2w as well (labelled ``brain<k>m<seed>``; its T1w is that of
 ``brain<k>s<seed>``; the T2w painted with T2w levels over the template head remapped to a T2w
@@ -54,7 +55,9 @@ library's entries have none, so the fusion of a cobra run has no second channel 
 ``ASSETS`` must hold the ``cobra`` library with its manual entries (``cerebseg-assets build
 --library suit --library cobra``). Re-running with the same ``--out`` reuses the placed maps,
 the cases and the cerebseg work folders. ``--outline fused`` scores the cerebseg rows with the
-outline as the fusion draws it (before the T1w trims it; ``cerebseg --outline``).
+outline as the fusion draws it (before the T1w trims it; ``cerebseg --outline``);
+``--lobule-borders branches`` runs the cobra rows with the lobule borders moved onto the
+white-matter branches (``cerebseg --lobule-borders``; the suit row is left as it is).
 """
 from __future__ import annotations
 
@@ -278,6 +281,10 @@ def main(argv=None) -> int:
     parser.add_argument('--outline', choices=['auto', 'trimmed', 'fused'], default='auto',
                         help='cerebseg --outline of every cerebseg run (not auto: the method '
                              'names and output folders say it; the work folders are shared)')
+    parser.add_argument('--lobule-borders', choices=['auto', 'branches', 'fused'],
+                        default='auto',
+                        help='cerebseg --lobule-borders of the cerebseg runs of the cobra '
+                             'library (not auto: the method names and output folders say it)')
     opts = parser.parse_args(argv)
     os.environ.setdefault('NIPYPE_NO_ET', '1')
     out = opts.out.resolve()
@@ -340,6 +347,10 @@ def main(argv=None) -> int:
         if opts.outline != 'auto':
             name, suffix = f'{name}, --outline {opts.outline}', f'-{opts.outline}'
         extra = [*extra, '--outline', opts.outline]
+        if opts.lobule_borders != 'auto' and 'cobra' in extra:
+            name = f'{name}, --lobule-borders {opts.lobule_borders}'
+            suffix = f'{suffix}-{opts.lobule_borders}'
+            extra = [*extra, '--lobule-borders', opts.lobule_borders]
         if opts.t2w:
             name = f'{name}, T1w+T2w'
         else:

@@ -38,6 +38,35 @@ def test_outline_follows_the_protocol_unless_asked(bids, tmp_path, argv, library
     assert outline_trimmed(cfg, {'name': library}) is trimmed
 
 
+@pytest.mark.parametrize('argv,library,moved', [
+    ([], 'cobra', False),           # auto: opt-in for now (mirror agreement, see the README)
+    ([], 'suit', False),
+    (['--lobule-borders', 'branches'], 'cobra', True),
+    (['--lobule-borders', 'fused'], 'cobra', False),
+])
+def test_lobule_borders_follow_the_protocol_unless_asked(bids, tmp_path, argv, library, moved):
+    from cerebseg.bids_app.config import RunConfig
+    from cerebseg.bids_app.metadata import lobule_branches
+
+    opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant', *argv])
+    branches = lobule_branches(RunConfig.from_namespace(opts), {'name': library})
+    assert (branches is not None) is moved
+    if moved:   # background first, then the 26 CERES labels; the corpus medullare is unit 0
+        assert len(branches['units']) == len(branches['sides']) == 27
+        assert branches['units'][13] == branches['units'][26] == 0
+        assert branches['units'][1:4] == [1, 1, 1] and set(branches['sides'][1:14]) == {1}
+
+
+def test_branches_need_a_protocol_that_labels_the_corpus_medullare(bids, tmp_path):
+    from cerebseg.bids_app.config import RunConfig
+    from cerebseg.bids_app.metadata import lobule_branches
+
+    opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant',
+                       '--lobule-borders', 'branches'])
+    with pytest.raises(ValueError, match='--atlas-library cobra or --lobule-borders fused'):
+        lobule_branches(RunConfig.from_namespace(opts), {'name': 'suit'})
+
+
 def test_registration_control_grid_follows_the_protocol():
     from cerebseg.assets import registration_control_mm
 

@@ -249,3 +249,16 @@ def test_methods_say_whether_the_outline_was_trimmed():
     fused = _methods({'cerebellum': {'meta': {'Method': dict(
         method, Outline=FUSED_OUTLINE_TEXT)}}})
     assert 'CSF' not in fused and 'as fused' not in fused
+
+
+def test_methods_say_whether_the_lobule_borders_moved():
+    from cerebseg.bids_app.metadata import BRANCHES_TEXT, FUSED_BORDERS_TEXT
+    from cerebseg.bids_app.reports import _methods
+
+    method = {'Name': 'multi-atlas', 'Registration': 'r.', 'Fusion': 'f.'}
+    moved = _methods({'cerebellum': {'meta': {'Method': dict(method,
+                                                             LobuleBorders=BRANCHES_TEXT)}}})
+    assert 'white-matter branches' in moved and 'corpus medullare' in moved
+    fused = _methods({'cerebellum': {'meta': {'Method': dict(
+        method, LobuleBorders=FUSED_BORDERS_TEXT)}}})
+    assert 'branches' not in fused

@@ -130,6 +130,26 @@ def test_outline_trimming_node(tmp_path, fake_assets, trim):
         assert ('to_native', 'volumes') not in feeds
 
 
+@pytest.mark.parametrize('moved', [False, True])
+def test_branch_borders_node(tmp_path, fake_assets, moved):
+    """--lobule-borders branches: the fused labels and probabilities pass through
+    branch_borders, which reads the working-grid T1w, before the native labels and the
+    box derivative; its report goes to the sidecar. Without it the graph is as before."""
+    branches = {'units': [0, 1, 2, 0], 'sides': [0, 1, 1, 1]} if moved else None
+    wf = _subject_graph(tmp_path, fake_assets, False, branches=branches)
+    graph = generate_expanded_graph(wf._create_flat_graph())
+    by_name = {n.fullname.split('.')[-1]: n for n in graph.nodes()}
+    assert ('branch_borders' in by_name) == moved
+    feeds = {(u.fullname.split('.')[-1], v.fullname.split('.')[-1]) for u, v in graph.edges()}
+    last = 'branch_borders' if moved else 'fuse'
+    assert (last, 'to_native') in feeds and (last, 'ds_dseg_box') in feeds
+    if moved:
+        assert by_name['branch_borders'].inputs.units == [0, 1, 2, 0]
+        assert {('fuse', 'branch_borders'), ('to_grid', 'branch_borders'),
+                ('branch_borders', 'qc_files')} <= feeds
+        assert ('fuse', 'to_native') not in feeds
+
+
 def test_brainstem_graph(tmp_path, fake_assets):
     """The brainstem branch: its own box from the shared affine, atlas, native, outputs."""
     from cerebseg.utils.grid import BRAINSTEM_GRID

@@ -33,6 +33,7 @@ class RunConfig:
     registration: str = 'torch'
     fusion_search: int = 0
     outline: str = 'auto'
+    lobule_borders: str = 'auto'
     models: str = 'none'
     skip_brainstem: bool = False
     skip_cerebellum: bool = False

@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 from cerebseg.bids_app.logs import IMPORTANT, LOGGER
 from cerebseg.assets import registration_control_mm
-from cerebseg.bids_app.metadata import brainstem_meta, dseg_meta, outline_trimmed, select_cnn
+from cerebseg.bids_app.metadata import (brainstem_meta, dseg_meta, lobule_branches,
+                                        outline_trimmed, select_cnn)
 from cerebseg.bids_app.outcome import (crash_staging_dir, nearest_existing, publish_crashes,
                                        run_log_dir, run_outcome, send_crashes_to,
                                        unfinished_outcome)
@@ -53,6 +54,11 @@ def prepare(cfg) -> Plan:
     if cfg.skip_cerebellum and brainstem is None:
         raise MissingAssetError(f'--skip-cerebellum: the assets in {assets.root} have no '
                                 'brainstem label set; rebuild them (cerebseg-assets build).')
+    if not cfg.skip_cerebellum:
+        try:
+            lobule_branches(cfg, library)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     if cfg.models == 'none' and cfg.no_atlas_prior:
         raise UsageError('--no-atlas-prior needs the networks; it cannot be combined with '
                          '--models none (the multi-atlas labels are the prior).')
@@ -82,7 +88,7 @@ def build_participant_wf(run, cfg, assets, library: dict, device=None,
         dseg_meta=dseg_meta(run, library, Path(cfg.bids_dir), cfg, cnn),
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
         fusion_search=cfg.fusion_search, trim_outline=outline_trimmed(cfg, library),
-        reg_control_mm=registration_control_mm(library),
+        reg_control_mm=registration_control_mm(library), branches=lobule_branches(cfg, library),
         device=str(device or 'cpu'), use_gpu=device is not None and device.type != 'cpu',
         regnet=str(DEFAULT_REGNET) if DEFAULT_REGNET.is_file() else '',
         brainstem=brainstem, cerebellum=not cfg.skip_cerebellum,

@@ -90,6 +90,34 @@ def outline_trimmed(cfg, library: dict) -> bool:
     return protocol_setting(library, 'outline', 'atlas') == 'tissue'
 
 
+def lobule_branches(cfg, library: dict) -> dict | None:
+    """The ``units`` and ``sides`` of each label value when the lobule borders move onto the
+    white-matter branches (``--lobule-borders``; ``auto``: the protocol's ``lobule_borders``
+    key), else None. A protocol without ``branch_units`` cannot: ``branches`` is refused."""
+    choice = cfg.lobule_borders
+    if choice == 'auto':
+        choice = protocol_setting(library, 'lobule_borders', 'fused')
+    if choice != 'branches':
+        return None
+    units = protocol_setting(library, 'branch_units', None)
+    sides = protocol_setting(library, 'branch_sides', None)
+    if not units or not sides:
+        raise ValueError(f'--lobule-borders branches needs a label protocol with a labelled '
+                         f'corpus medullare (cobra); the {library["name"]!r} library has none. '
+                         f'Use --atlas-library cobra or --lobule-borders fused.')
+    return {'units': [0, *units], 'sides': [0, *sides]}
+
+
+BRANCHES_TEXT = ('each white-matter branch of the bias-corrected T1w in the working box (the '
+                 'labelled lobules brighter than a level between their grey matter and the '
+                 'corpus medullare, the corpus medullare and 1 mm around it left out; split at '
+                 'rising levels) takes the lobule, sides merged, that most of it carries (at '
+                 'least 60 %, its parts agreeing), and the labelled voxels within 2 mm take the '
+                 'lobule of the nearest branch voxel (side kept); outline and corpus medullare '
+                 'unchanged.')
+#: ``Method.LobuleBorders`` when the borders are left as the fusion draws them
+FUSED_BORDERS_TEXT = 'as fused (not moved onto the white-matter branches).'
+
 OUTLINE_TEXT = ('outline voxels (a face on the background) whose bias-corrected T1w intensity is '
                 'below the midpoint between the CSF level (the darker of two intensity classes '
                 'within 3 voxels outside the labels) and the median of the labelled tissue are '
@@ -126,6 +154,8 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
             'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
                            'affine, then the most probable label.',
             'Outline': OUTLINE_TEXT if outline_trimmed(cfg, library) else FUSED_OUTLINE_TEXT,
+            'LobuleBorders': BRANCHES_TEXT if lobule_branches(cfg, library)
+            else FUSED_BORDERS_TEXT,
         },
         'LabelProtocol': protocol_summary(library['name']),
         'AtlasLibrary': {'Name': library['name'], 'Citation': library['citation'],

@@ -111,6 +111,15 @@ def _build_parser() -> argparse.ArgumentParser:
                              'auto (default: what the label protocol defines; trimmed for '
                              'cobra, whose manual maps label tissue only, fused for suit, whose '
                              'atlas labels the partial-volume shell; see the README)')
+    method.add_argument('--lobule-borders', choices=['auto', 'branches', 'fused'],
+                        default='auto',
+                        help='the lobule borders: branches (each white-matter branch that '
+                             'the bias-corrected T1w shows in the working box takes the lobule '
+                             'that most of it carries, with the folia around it: borders on the '
+                             'subject\'s fissures), fused (as the label fusion draws them), or '
+                             'auto (default: what the label protocol defines; fused for both '
+                             'protocols for now; branches needs the cobra library, whose corpus '
+                             'medullare is labelled; see the README)')
     method.add_argument('--models', choices=['ensemble', 'unet', 'dpn', 'none'],
                         default='none',
                         help='DeepCeres lobule networks: none (default: the multi-atlas labels '

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cerebseg import __version__
-from cerebseg.bids_app.metadata import FUSED_OUTLINE_TEXT
+from cerebseg.bids_app.metadata import FUSED_BORDERS_TEXT, FUSED_OUTLINE_TEXT
 from cerebseg.utils.images import atomic_write_text
 
 LOGGER = logging.getLogger('cerebseg.reports')
@@ -314,6 +314,10 @@ def _methods(results: dict) -> str:
                     f'by {_e(method.get("Name", "?"))}: {_e(method.get("Registration", ""))} '
                     f'{_e(method.get("Fusion", ""))} Networks, when used, follow DeepCERES '
                     '[cerebellum].')
+        borders = method.get('LobuleBorders', '')
+        if borders and borders != FUSED_BORDERS_TEXT:
+            text.append('The lobule borders were then moved onto the subject\'s white-matter '
+                        'branches: ' + _e(borders))
         outline = method.get('Outline', '')
         if outline and outline != FUSED_OUTLINE_TEXT:
             text.append('On the T1w grid, the cerebellum\'s ' + _e(outline))

@@ -1,12 +1,16 @@
-"""Multi-atlas interfaces: register a library entry to the subject, fuse the warped labels."""
+"""Multi-atlas interfaces: register a library entry to the subject, fuse the warped labels,
+move the lobule borders onto the subject's white-matter branches."""
 from __future__ import annotations
 
+import logging
 import os
 
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
                                     TraitedSpec, traits)
 
 from cerebseg.interfaces.base import CerebsegInterface
+
+LOGGER = logging.getLogger('cerebseg.interfaces.multiatlas')
 
 
 class _RegisterInputSpec(BaseInterfaceInputSpec):
@@ -132,4 +136,61 @@ class FuseLabels(CerebsegInterface):
         self._results['probseg'] = os.path.join(runtime.cwd, 'fused_probseg.nii.gz')
         atomic_save(to_probseg_image(fusion.probseg_uint8(), ref.affine),
                     self._results['probseg'])
+        return runtime
+
+
+class _BranchInputSpec(BaseInterfaceInputSpec):
+    t1_box = File(exists=True, mandatory=True, desc='bias-corrected T1w on the working grid')
+    dseg = File(exists=True, mandatory=True, desc='fused labels on the working grid')
+    probseg = File(exists=True, mandatory=True, desc='fused probabilities (same grid)')
+    units = traits.List(traits.Int, mandatory=True,
+                        desc='unit of each label value (0: background, corpus medullare)')
+    sides = traits.List(traits.Int, mandatory=True, desc='side of each label value')
+
+
+class _BranchOutputSpec(TraitedSpec):
+    dseg = File(exists=True, desc='labels whose lobule borders follow the branches')
+    probseg = File(exists=True, desc='probabilities with the new labels most probable')
+    report = File(exists=True, desc='JSON (for the sidecar, key LobuleBorders)')
+
+
+class BranchBorders(CerebsegInterface):
+    """:func:`cerebseg.utils.branches.relabel_by_branches` of fused labels by the subject's
+    T1w; the probabilities follow (:func:`~cerebseg.utils.branches.swap_probabilities`)."""
+
+    input_spec = _BranchInputSpec
+    output_spec = _BranchOutputSpec
+
+    def _run_interface(self, runtime):
+        import json
+
+        import nibabel as nib
+        import numpy as np
+
+        from cerebseg.utils.branches import relabel_by_branches, swap_probabilities
+        from cerebseg.utils.images import (atomic_save, atomic_write_text, read_probseg,
+                                           to_label_image, to_probseg_image)
+
+        seg = nib.load(self.inputs.dseg)
+        before = np.asarray(seg.dataobj, np.int16)
+        image = np.asarray(nib.load(self.inputs.t1_box).dataobj, np.float32)
+        probs = read_probseg(self.inputs.probseg)
+        agreement = probs.max(0) / 255.0
+        after, info = relabel_by_branches(image, before, self.inputs.units, self.inputs.sides,
+                                          zooms=seg.header.get_zooms()[:3],
+                                          agreement=agreement)
+        if 'skipped' in info:
+            LOGGER.warning('Lobule borders left as fused (%s): %s', info['skipped'],
+                           self.inputs.t1_box)
+        voxel_ml = float(np.prod(seg.header.get_zooms()[:3])) / 1000.0
+        info['changed_ml'] = round(info['changed_voxels'] * voxel_ml, 3)
+        probs = swap_probabilities(probs, before, after)
+        self._results['dseg'] = os.path.join(runtime.cwd, 'branch_dseg.nii.gz')
+        atomic_save(to_label_image(after, seg.affine), self._results['dseg'])
+        self._results['probseg'] = os.path.join(runtime.cwd, 'branch_probseg.nii.gz')
+        atomic_save(to_probseg_image(np.moveaxis(probs, 0, -1), seg.affine),
+                    self._results['probseg'])
+        self._results['report'] = os.path.join(runtime.cwd, 'lobule_borders.json')
+        atomic_write_text(self._results['report'], json.dumps({'LobuleBorders': info},
+                                                              indent=1))
         return runtime

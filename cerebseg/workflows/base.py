@@ -20,7 +20,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            registration: str = 'torch', device: str = 'cpu',
                            use_gpu: bool = False, regnet: str = '', fusion_search: int = 0,
                            trim_outline: bool = False, reg_control_mm: float = 4.0,
-                           cnn: dict | None = None,
+                           branches: dict | None = None, cnn: dict | None = None,
                            brainstem: dict | None = None, brainstem_meta: dict | None = None,
                            cerebellum: bool = True, name: str = 'single_subject_wf'):
     """Segment the cerebellum (and the brainstem) of one T1w (with its T2w when given) and
@@ -43,6 +43,9 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     trim_outline : bool
         The native cerebellum's outline voxels that the bias-corrected T1w shows to be mostly
         CSF become background (see :func:`~cerebseg.workflows.native.init_native_wf`).
+    branches : dict or None
+        Lobule borders moved onto the T1w's white-matter branches (see
+        :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`); None: as fused.
     cnn : dict or None
         The DeepCeres weights (:func:`cerebseg.models.checkpoint.select_weights`); None: the
         multi-atlas labels are the result.
@@ -102,12 +105,12 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=reg_spacing,
         reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed,
         registration=registration, device=device, use_gpu=use_gpu, regnet=regnet,
-        fusion_search=fusion_search, control_mm=reg_control_mm)
+        fusion_search=fusion_search, control_mm=reg_control_mm, branches=branches)
     native_wf = init_native_wf(lut=library['lut'], template_icv_ml=templates['icv_ml'],
                                omp_nthreads=omp_nthreads, trim_outline=trim_outline)
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w),
                        with_cnn=bool(cnn))
-    qc_files = pe.Node(niu.Merge(4), name='qc_files', run_without_submitting=True)
+    qc_files = pe.Node(niu.Merge(5), name='qc_files', run_without_submitting=True)
     if t2w:
         wf.connect(inputnode, 't2w', preproc_wf, 'inputnode.t2w')
     wf.connect([
@@ -129,6 +132,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
     ])
     if trim_outline:
         wf.connect(native_wf, 'outputnode.outline', qc_files, 'in4')
+    if branches:
+        wf.connect(multiatlas_wf, 'outputnode.borders', qc_files, 'in5')
     if cnn:
         deepceres_wf = init_deepceres_wf(weights=cnn, lut=library['lut'],
                                          protocol=library['name'], omp_nthreads=omp_nthreads,

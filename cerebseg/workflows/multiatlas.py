@@ -4,17 +4,18 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from cerebseg.interfaces.multiatlas import FuseLabels, RegisterEntry
+from cerebseg.interfaces.multiatlas import BranchBorders, FuseLabels, RegisterEntry
 from cerebseg.interfaces.registration import TorchRegisterEntries
-from cerebseg.workflows.workdir import FUSE, MULTIATLAS_WF, REGISTER
+from cerebseg.workflows.workdir import BRANCH_BORDERS, FUSE, MULTIATLAS_WF, REGISTER
 
 
 def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float,
                        reg_iterations: list[int], omp_nthreads: int, seed: int,
                        registration: str = 'torch', device: str = 'cpu', use_gpu: bool = False,
                        regnet: str = '', fusion_search: int = 0, control_mm: float = 4.0,
-                       name: str = MULTIATLAS_WF):
-    """Register each library entry to the subject, fuse by local weighted voting.
+                       branches: dict | None = None, name: str = MULTIATLAS_WF):
+    """Register each library entry to the subject, fuse by local weighted voting (and move
+    the lobule borders onto the subject's white-matter branches).
 
     Parameters
     ----------
@@ -31,6 +32,10 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
         (:func:`cerebseg.kernels.wmv.weighted_majority_vote`'s ``search``; 0: local voting).
     control_mm : float
         Control grid of the torch registration's velocity field (mm).
+    branches : dict or None
+        ``units`` and ``sides`` of each label value
+        (:func:`cerebseg.utils.branches.relabel_by_branches`): the fused lobule borders move
+        onto the T1w's white-matter branches; None: the labels as fused.
 
     Inputs
     ------
@@ -41,10 +46,12 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
     -------
     dseg_box, probseg_box
         Fused labels and probabilities on the working grid.
+    borders
+        JSON of the border move (levels, voxels changed); '' without ``branches``.
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=['t1_box', 't2_box']), name='inputnode')
-    outputnode = pe.Node(niu.IdentityInterface(fields=['dseg_box', 'probseg_box']),
+    outputnode = pe.Node(niu.IdentityInterface(fields=['dseg_box', 'probseg_box', 'borders']),
                          name='outputnode')
     if registration not in ('torch', 'ants', 'both'):
         raise ValueError(f"registration must be 'torch', 'ants' or 'both', not {registration!r}")
@@ -72,10 +79,22 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
     fuse = pe.Node(FuseLabels(n_labels=n_labels, search=fusion_search,
                               num_threads=omp_nthreads), name=FUSE,
                    n_procs=omp_nthreads, mem_gb=4)
-    wf.connect([
-        (inputnode, fuse, [('t1_box', 'target_t1'), ('t2_box', 'target_t2')]),
-        (fuse, outputnode, [('dseg', 'dseg_box'), ('probseg', 'probseg_box')]),
-    ])
+    wf.connect(inputnode, 't1_box', fuse, 'target_t1')
+    wf.connect(inputnode, 't2_box', fuse, 'target_t2')
+    if branches:
+        borders = pe.Node(BranchBorders(units=list(branches['units']),
+                                        sides=list(branches['sides'])),
+                          name=BRANCH_BORDERS, mem_gb=3)
+        wf.connect([
+            (inputnode, borders, [('t1_box', 't1_box')]),
+            (fuse, borders, [('dseg', 'dseg'), ('probseg', 'probseg')]),
+            (borders, outputnode, [('dseg', 'dseg_box'), ('probseg', 'probseg_box'),
+                                   ('report', 'borders')]),
+        ])
+    else:
+        outputnode.inputs.borders = ''
+        wf.connect(fuse, 'dseg', outputnode, 'dseg_box')
+        wf.connect(fuse, 'probseg', outputnode, 'probseg_box')
     warped = ('warped_t1', 'warped_t2', 'warped_dseg')
     if len(registers) == 1:
         wf.connect([(registers[0], fuse, [(w, w) for w in warped])])

@@ -28,6 +28,7 @@ TO_BS_GRID = 'to_bs_grid'      # preproc_wf: the T1w on the 1 mm brainstem box
 BOX_AFFINE = 'box_affine'      # preproc_wf: the T1w-to-MNI affine refined on the boxes
 REGISTER = 'register'          # multiatlas_wf: the library entries warped onto the subject
 FUSE = 'fuse'                  # multiatlas_wf: the fused multi-atlas labels (the prior)
+BRANCH_BORDERS = 'branch_borders'  # multiatlas_wf: lobule borders moved onto the branches
 BRAINSTEM_ATLAS = 'atlas'      # brainstem_wf: the brainstem label set registered (atlas method)
 
 #: node outputs, relative to :func:`run_folder` (the file names are the interfaces')
