@@ -107,6 +107,14 @@ def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
     assert not (tmp_path / 'out').exists(), 'building a graph must not write outputs'
 
 
+def _nodes_and_feeds(wf):
+    """The expanded graph's nodes by short name, and its edges as (from, to) short names."""
+    graph = generate_expanded_graph(wf._create_flat_graph())
+    by_name = {n.fullname.split('.')[-1]: n for n in graph.nodes()}
+    feeds = {(u.fullname.split('.')[-1], v.fullname.split('.')[-1]) for u, v in graph.edges()}
+    return by_name, feeds
+
+
 @pytest.mark.parametrize('trim', [False, True])
 def test_outline_trimming_node(tmp_path, fake_assets, trim):
     """--outline: the native labels pass through trim_outline, which reads the bias-corrected
@@ -114,15 +122,12 @@ def test_outline_trimming_node(tmp_path, fake_assets, trim):
     sidecar. Without it the graph is as before."""
     wf = _subject_graph(tmp_path, fake_assets, False, trim_outline=trim,
                         **({'reg_control_mm': 2.0} if trim else {}))
-    graph = generate_expanded_graph(wf._create_flat_graph())
-    by_name = {n.fullname.split('.')[-1]: n for n in graph.nodes()}
+    by_name, feeds = _nodes_and_feeds(wf)
     assert ('trim_outline' in by_name) == trim
-    feeds = {(u.fullname.split('.')[-1], v.fullname.split('.')[-1]) for u, v in graph.edges()}
     first = 'trim_outline' if trim else 'to_native'
     assert (first, 'volumes') in feeds and (first, 'ds_dseg_native') in feeds
     assert (first, 'cerebellum_rpt') in feeds
-    register = next(n for n in graph.nodes() if n.fullname.endswith('.register'))
-    assert register.inputs.control_mm == (2.0 if trim else 4.0)   # the protocol's grid
+    assert by_name['register'].inputs.control_mm == (2.0 if trim else 4.0)  # protocol's grid
     if trim:
         assert ('to_native', 'trim_outline') in feeds
         assert ('t1_correct', 'trim_outline') in feeds
@@ -137,10 +142,8 @@ def test_branch_borders_node(tmp_path, fake_assets, moved):
     box derivative; its report goes to the sidecar. Without it the graph is as before."""
     branches = {'units': [0, 1, 2, 0], 'sides': [0, 1, 1, 1]} if moved else None
     wf = _subject_graph(tmp_path, fake_assets, False, branches=branches)
-    graph = generate_expanded_graph(wf._create_flat_graph())
-    by_name = {n.fullname.split('.')[-1]: n for n in graph.nodes()}
+    by_name, feeds = _nodes_and_feeds(wf)
     assert ('branch_borders' in by_name) == moved
-    feeds = {(u.fullname.split('.')[-1], v.fullname.split('.')[-1]) for u, v in graph.edges()}
     last = 'branch_borders' if moved else 'fuse'
     assert (last, 'to_native') in feeds and (last, 'ds_dseg_box') in feeds
     if moved:

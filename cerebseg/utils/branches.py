@@ -77,7 +77,8 @@ def branch_levels(image: np.ndarray, lobules: np.ndarray,
 
 def _component_units(image, unit, branches, levels, grey, white, purity, minor, min_voxels,
                      n_units):
-    """Unit (0: undecided) of every branch voxel from the component tree of the levels."""
+    """Unit (0: undecided or not a branch) of every voxel from the component tree of the
+    levels (every level's components lie within ``branches``)."""
     comps, majority, sizes, shares, parents = [], [], [], [], []
     for i, fraction in enumerate(levels):
         mask = branches & (image > grey + fraction * (white - grey))
@@ -119,7 +120,7 @@ def _component_units(image, unit, branches, levels, grey, white, purity, minor, 
     for i in range(last, -1, -1):   # the largest decided component containing a voxel wins
         value = decided[i][comps[i]]
         out = np.where(value > 0, value, out)
-    return np.where(branches, out, 0)
+    return out
 
 
 def relabel_by_branches(image: np.ndarray, labels: np.ndarray, units, sides, zooms=(1, 1, 1),
@@ -178,8 +179,8 @@ def relabel_by_branches(image: np.ndarray, labels: np.ndarray, units, sides, zoo
     decided = _component_units(image, unit, branches, levels, grey, white, purity, minor,
                                min_voxels, int(units.max()))
     white_branches = branches & (image > grey + WHITE_LEVEL * (white - grey))
-    decided = np.where(white_branches, decided, 0)
-    decided = np.where(white_branches & (decided == 0), unit, decided)
+    # undecided white branch voxels keep their unit; grey matter is decided by its neighbours
+    decided = np.where(white_branches, np.where(decided > 0, decided, unit), 0)
     distance, nearest = ndi.distance_transform_edt(decided == 0, sampling=zooms,
                                                    return_indices=True)
     new_unit = decided[tuple(nearest)]
