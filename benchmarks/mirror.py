@@ -7,6 +7,10 @@ labels are mirrored back (axis reversed, left and right labels swapped) and comp
 original's: Dice per label (mean over labels, and over the large lobules), whole-cerebellum Dice,
 and the left/right volumes of both runs.
 
+Re-running with the same ``--out`` and other options reuses the work folder (the inputs are
+written once): ``-- --lobule-borders fused`` after ``-- --lobule-borders branches`` only runs
+what follows the fusion again.
+
 Usage::
 
     python benchmarks/mirror.py --assets-dir .assets --out MIRROR \\
@@ -63,7 +67,8 @@ def main(argv=None) -> int:
             lab = f'm{i}{tag}'
             dst = bids / f'sub-{lab}' / 'anat' / f'sub-{lab}_T1w.nii.gz'
             dst.parent.mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), img.affine, img.header), dst)
+            if not dst.is_file():   # rewritten, the work folder's nodes would all run again
+                nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), img.affine, img.header), dst)
             labels.append(lab)
     result = out / 'out'
     run_cerebseg(bids, result, out / 'work', opts.assets_dir,

@@ -36,10 +36,33 @@ def phantom(border_y: int):
     return image, truth, prior
 
 
+def fused_probabilities(prior, band: int = 8, hesitation: float = 0.45):
+    """(7, X, Y, Z) probabilities as a fusion gives them: near the prior's border between A
+    and B the entries hesitate, the other lobule of the same side getting ``hesitation`` at
+    the border and less with the distance (none from ``band`` voxels along y); elsewhere
+    they agree."""
+    probs = np.zeros((len(UNITS),) + prior.shape, np.float32)
+    np.put_along_axis(probs, prior[None].astype(np.int64), 1.0, 0)
+    b = np.isin(prior, (2, 5))
+    border = np.where(b.any(1), b.argmax(1), prior.shape[1])[:, None, :] - 0.5
+    distance = np.abs(np.arange(prior.shape[1])[None, :, None] - border) - 0.5
+    other = hesitation * np.clip(1 - distance / band, 0, 1)
+    for own, alt in ((1, 2), (2, 1), (4, 5), (5, 4)):
+        where = prior == own
+        probs[own][where] = 1 - other[where]
+        probs[alt][where] = other[where]
+    return probs
+
+
+def relabel(image, prior, probs=None, units=UNITS, sides=SIDES):
+    probs = fused_probabilities(prior) if probs is None else probs
+    return relabel_by_branches(image, prior, probs, units, sides, zooms=(0.5, 0.5, 0.5))
+
+
 def test_a_branch_takes_back_its_folium():
-    image, truth, prior = phantom(border_y=28)   # A reaches 5 voxels into B
+    image, truth, prior = phantom(border_y=27)   # A reaches 4 voxels (2 mm) into B
     assert (prior != truth).sum() > 0
-    out, info = relabel_by_branches(image, prior, UNITS, SIDES, zooms=(0.5, 0.5, 0.5))
+    out, info = relabel(image, prior)
     assert out.dtype == np.int16
     np.testing.assert_array_equal(out, truth)
     assert info['changed_voxels'] == int((prior != truth).sum())
@@ -48,7 +71,7 @@ def test_a_branch_takes_back_its_folium():
 
 def test_outline_corpus_medullare_and_sides_never_change():
     image, truth, prior = phantom(border_y=28)
-    out, _ = relabel_by_branches(image, prior, UNITS, SIDES, zooms=(0.5, 0.5, 0.5))
+    out, _ = relabel(image, prior)
     np.testing.assert_array_equal(out > 0, prior > 0)
     np.testing.assert_array_equal(np.isin(out, (3, 6)), np.isin(prior, (3, 6)))
     side = np.asarray(SIDES)
@@ -56,49 +79,89 @@ def test_outline_corpus_medullare_and_sides_never_change():
 
 
 def test_labels_the_library_agreed_on_stay():
+    # where every entry voted for the voxel's label no other lobule has a probability to win
     image, truth, prior = phantom(border_y=28)
-    agreement = np.full(prior.shape, 0.6, np.float32)
+    probs = fused_probabilities(prior)
     agreed = np.zeros(prior.shape, bool)
-    agreed[:, :, 20:] = True                     # the upper half: every entry voted the same
-    agreement[agreed] = 1.0
-    out, _ = relabel_by_branches(image, prior, UNITS, SIDES, zooms=(0.5, 0.5, 0.5),
-                                 agreement=agreement)
+    agreed[:, :, 20:] = True
+    probs[:, agreed] = 0.0
+    np.put_along_axis(probs, np.where(agreed, prior, 0)[None].astype(np.int64), 1.0, 0)
+    probs[0][~agreed & (prior > 0)] = 0.0
+    out, _ = relabel(image, prior, probs)
     np.testing.assert_array_equal(out[agreed], prior[agreed])
     np.testing.assert_array_equal(out[~agreed], truth[~agreed])
     assert (prior[~agreed] != truth[~agreed]).any()
 
 
 def test_an_even_split_branch_is_left_alone():
-    # the prior cuts branch B in half: no majority of 60 %, nothing to follow
+    # the prior cuts branch B in half: its shares are even, the probabilities decide
     image, _, prior = phantom(border_y=31)
-    out, info = relabel_by_branches(image, prior, UNITS, SIDES, zooms=(0.5, 0.5, 0.5))
+    out, info = relabel(image, prior)
     np.testing.assert_array_equal(out, prior)
     assert info['changed_voxels'] == 0
+
+
+def test_the_borders_move_with_the_prior_a_row_at_a_time():
+    # a hard rule (a branch takes its majority lobule from 60 %) moves the output by the 8
+    # hesitant rows at once when the prior's border crosses 60 % of branch B; weighed by the
+    # shares, one row of the prior moves the output by 3 rows at most (measured: 0 to 3)
+    image, _, _ = phantom(border_y=28)
+    row = 40 * 23   # voxels of one y row of lobule tissue (x by z)
+    outs = [relabel(image, phantom(border_y=y)[2])[0] for y in range(26, 33)]
+    moved = [int((a != b).sum()) for a, b in zip(outs, outs[1:])]
+    assert max(moved) <= 3 * row, moved
+    assert sum(moved) > 0
+
+
+def test_no_lobule_is_given_where_no_entry_proposed_it():
+    image, truth, prior = phantom(border_y=28)
+    probs = fused_probabilities(prior)
+    probs[2][prior == 1] = 0.0              # no entry voted B where the prior says A (left)
+    probs[1][prior == 1] = 1.0
+    out, _ = relabel(image, prior, probs)
+    left = np.zeros(prior.shape, bool)
+    left[:20] = True
+    np.testing.assert_array_equal(out[left], prior[left])
+    assert (out[~left] != prior[~left]).any()      # the right side's entries hesitated
 
 
 def test_no_white_matter_contrast_changes_nothing():
     image, _, prior = phantom(border_y=28)
     flat = np.where(prior > 0, GM, CSF).astype(np.float32)
-    out, info = relabel_by_branches(flat, prior, UNITS, SIDES, zooms=(0.5, 0.5, 0.5))
+    out, info = relabel(flat, prior)
     np.testing.assert_array_equal(out, prior)
     assert 'skipped' in info
 
 
 def test_a_unit_of_several_labels_takes_the_nearest_one():
     # B is two labels (2 near A, 7 far from it) of one unit: a voxel that becomes B takes 2
-    image, truth, prior = phantom(border_y=28)
+    image, truth, prior = phantom(border_y=27)
     units, sides = [*UNITS, 2], [*SIDES, 1]
+    probs = fused_probabilities(prior)
     far = (np.arange(prior.shape[1]) >= 34)[None, :, None] & (prior == 2)
     prior = np.where(far, 7, prior).astype(np.int16)
     truth = np.where(far, 7, truth).astype(np.int16)
-    out, _ = relabel_by_branches(image, prior, units, sides, zooms=(0.5, 0.5, 0.5))
+    probs = np.concatenate([probs, np.where(far, probs[2], 0)[None]])
+    probs[2][far] = 0.0
+    out, _ = relabel(image, prior, probs, units, sides)
     np.testing.assert_array_equal(out, truth)
 
 
-def test_labels_without_a_unit_are_refused():
+def test_labels_without_a_unit_or_probabilities_that_do_not_fit_are_refused():
     image, _, prior = phantom(border_y=28)
+    probs = fused_probabilities(prior)
     with pytest.raises(ValueError, match='Label 6 has no unit'):
-        relabel_by_branches(image, prior, UNITS[:5], SIDES[:5])
+        relabel_by_branches(image, prior, probs[:5], UNITS[:5], SIDES[:5])
+    with pytest.raises(ValueError, match='do not fit'):
+        relabel_by_branches(image, prior, probs[:, 1:], UNITS, SIDES)
+
+
+def test_uint8_probabilities_give_the_same_labels():
+    image, _, prior = phantom(border_y=28)
+    probs = fused_probabilities(prior)
+    as_bytes = np.rint(probs * 255).astype(np.uint8)
+    np.testing.assert_array_equal(relabel(image, prior, as_bytes)[0],
+                                  relabel(image, prior, probs)[0])
 
 
 def test_swapped_probabilities_keep_the_background():

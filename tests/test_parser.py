@@ -39,7 +39,7 @@ def test_outline_follows_the_protocol_unless_asked(bids, tmp_path, argv, library
 
 
 @pytest.mark.parametrize('argv,library,moved', [
-    ([], 'cobra', False),           # auto: opt-in for now (mirror agreement, see the README)
+    ([], 'cobra', True),            # auto: the protocol's choice
     ([], 'suit', False),
     (['--lobule-borders', 'branches'], 'cobra', True),
     (['--lobule-borders', 'fused'], 'cobra', False),

@@ -111,10 +111,10 @@ def lobule_branches(cfg, library: dict) -> dict | None:
 BRANCHES_TEXT = ('each white-matter branch of the bias-corrected T1w in the working box (the '
                  'labelled lobules brighter than a level between their grey matter and the '
                  'corpus medullare, the corpus medullare and 1 mm around it left out; split at '
-                 'rising levels) takes the lobule, sides merged, that most of it carries (at '
-                 'least 60 %, its parts agreeing), and the labelled voxels within 2 mm take the '
-                 'lobule of the nearest branch voxel (side kept); outline and corpus medullare '
-                 'unchanged.')
+                 'rising levels) weighs the lobules, sides merged, by the share of its fused '
+                 'probability each carries, and every labelled voxel within 2 mm takes the '
+                 'lobule that maximises its own fused probability times the square of the '
+                 'nearest branch\'s share (side kept); outline and corpus medullare unchanged.')
 #: ``Method.LobuleBorders`` when the borders are left as the fusion draws them
 FUSED_BORDERS_TEXT = 'as fused (not moved onto the white-matter branches).'
 

@@ -114,12 +114,12 @@ def _build_parser() -> argparse.ArgumentParser:
     method.add_argument('--lobule-borders', choices=['auto', 'branches', 'fused'],
                         default='auto',
                         help='the lobule borders: branches (each white-matter branch that '
-                             'the bias-corrected T1w shows in the working box takes the lobule '
-                             'that most of it carries, with the folia around it: borders on the '
-                             'subject\'s fissures), fused (as the label fusion draws them), or '
-                             'auto (default: what the label protocol defines; fused for both '
-                             'protocols for now; branches needs the cobra library, whose corpus '
-                             'medullare is labelled; see the README)')
+                             'the bias-corrected T1w shows in the working box weighs the fused '
+                             'probabilities of the voxels around it by the share of each lobule '
+                             'it carries: borders on the subject\'s fissures), fused (as the '
+                             'label fusion draws them), or auto (default: what the label '
+                             'protocol defines; branches for cobra, fused for suit, which '
+                             'labels no corpus medullare; see the README)')
     method.add_argument('--models', choices=['ensemble', 'unet', 'dpn', 'none'],
                         default='none',
                         help='DeepCeres lobule networks: none (default: the multi-atlas labels '

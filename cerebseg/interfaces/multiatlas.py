@@ -175,10 +175,8 @@ class BranchBorders(CerebsegInterface):
         before = np.asarray(seg.dataobj, np.int16)
         image = np.asarray(nib.load(self.inputs.t1_box).dataobj, np.float32)
         probs = read_probseg(self.inputs.probseg)
-        agreement = probs.max(0) / 255.0
-        after, info = relabel_by_branches(image, before, self.inputs.units, self.inputs.sides,
-                                          zooms=seg.header.get_zooms()[:3],
-                                          agreement=agreement)
+        after, info = relabel_by_branches(image, before, probs, self.inputs.units,
+                                          self.inputs.sides, zooms=seg.header.get_zooms()[:3])
         if 'skipped' in info:
             LOGGER.warning('Lobule borders left as fused (%s): %s', info['skipped'],
                            self.inputs.t1_box)
