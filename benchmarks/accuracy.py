@@ -401,9 +401,10 @@ def main(argv=None) -> int:
                              'MNI152NLin6AsymC; cobra (CERES protocol): MNI152NLin2009cAsym + '
                              'CoBra, a benchmark-built library without it')
     parser.add_argument('--methods', nargs='+', default=['default', 'none', 'ants', 'syn', 'jlf'],
-                        choices=['default', 'none', 'search', 'ensemble', 'branches', 'ants',
-                                 'syn', 'synfull', 'jlf'],
-                        help='branches: --lobule-borders branches (--protocol cobra only)')
+                        choices=['default', 'none', 'search', 'ensemble', 'branches', 'fused',
+                                 'ants', 'syn', 'synfull', 'jlf'],
+                        help='branches / fused: --lobule-borders branches (--protocol cobra '
+                             'only; its default) / fused')
     parser.add_argument('--entries', nargs='+', default=None,
                         help='single-atlas rows (syn, synfull) only for these entries')
     parser.add_argument('--stages', action='store_true', help='print per-stage volumes')
@@ -447,6 +448,7 @@ def main(argv=None) -> int:
             'ensemble': ('--models ensemble', ['--models', 'ensemble'], 'work-torch'),
             'branches': ('--lobule-borders branches',
                          ['--lobule-borders', 'branches'], 'work-torch'),
+            'fused': ('--lobule-borders fused', ['--lobule-borders', 'fused'], 'work-torch'),
             'ants': ('--registration ants --models none',
                      ['--registration', 'ants', '--models', 'none'], 'work-ants')}
     need_ants = any(m in opts.methods for m in ('ants', 'syn', 'jlf'))

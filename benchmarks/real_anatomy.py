@@ -55,9 +55,11 @@ library's entries have none, so the fusion of a cobra run has no second channel 
 ``ASSETS`` must hold the ``cobra`` library with its manual entries (``cerebseg-assets build
 --library suit --library cobra``). Re-running with the same ``--out`` reuses the placed maps,
 the cases and the cerebseg work folders. ``--outline fused`` scores the cerebseg rows with the
-outline as the fusion draws it (before the T1w trims it; ``cerebseg --outline``);
-``--lobule-borders branches`` runs the cobra rows with the lobule borders moved onto the
-white-matter branches (``cerebseg --lobule-borders``; the suit row is left as it is).
+outline as the fusion draws it (before the T1w trims it; ``cerebseg --outline``).
+The cobra rows run with cerebseg's default lobule borders (moved onto the white-matter
+branches); ``--lobule-borders fused`` runs them with the borders as fused, ``branches`` names
+the default in the rows and folders (``cerebseg --lobule-borders``; the suit row is left as it
+is).
 """
 from __future__ import annotations
 
