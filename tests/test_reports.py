@@ -254,11 +254,13 @@ def test_methods_say_whether_the_outline_was_trimmed():
 def test_methods_say_whether_the_lobule_borders_moved():
     from cerebseg.bids_app.metadata import BRANCHES_TEXT, FUSED_BORDERS_TEXT
     from cerebseg.bids_app.reports import _methods
+    from cerebseg.utils.branches import SHARPNESS
 
     method = {'Name': 'multi-atlas', 'Registration': 'r.', 'Fusion': 'f.'}
     moved = _methods({'cerebellum': {'meta': {'Method': dict(method,
                                                              LobuleBorders=BRANCHES_TEXT)}}})
     assert 'white-matter branches' in moved and 'corpus medullare' in moved
+    assert f'to the power {SHARPNESS:g} ' in BRANCHES_TEXT   # the text says the exponent used
     fused = _methods({'cerebellum': {'meta': {'Method': dict(
         method, LobuleBorders=FUSED_BORDERS_TEXT)}}})
     assert 'branches' not in fused

@@ -108,13 +108,16 @@ def lobule_branches(cfg, library: dict) -> dict | None:
     return {'units': [0, *units], 'sides': [0, *sides]}
 
 
+#: ``Method.LobuleBorders`` with the branches (its exponent is cerebseg.utils.branches.SHARPNESS,
+#: not imported here: the command's start-up imports no NumPy)
 BRANCHES_TEXT = ('each white-matter branch of the bias-corrected T1w in the working box (the '
                  'labelled lobules brighter than a level between their grey matter and the '
                  'corpus medullare, the corpus medullare and 1 mm around it left out; split at '
                  'rising levels) weighs the lobules, sides merged, by the share of its fused '
                  'probability each carries, and every labelled voxel within 2 mm takes the '
-                 'lobule that maximises its own fused probability times the square of the '
-                 'nearest branch\'s share (side kept); outline and corpus medullare unchanged.')
+                 'lobule that maximises its own fused probability times the nearest '
+                 'branch\'s share to the power 1.5 (side kept); outline and corpus medullare '
+                 'unchanged.')
 #: ``Method.LobuleBorders`` when the borders are left as the fusion draws them
 FUSED_BORDERS_TEXT = 'as fused (not moved onto the white-matter branches).'
 
