@@ -108,9 +108,10 @@ def _final_shares(image, unit, unit_probs, branches, levels, grey, white, purity
         counts = np.zeros((n + 1, n_units + 1), np.int64)
         np.add.at(counts, (where, unit[mask]), 1)
         votes = counts[:, 1:]
+        in_mask = unit_probs[:, mask[branches]]
         soft = np.zeros((n + 1, n_units + 1))
         for u in range(1, n_units + 1):
-            soft[:, u] = np.bincount(where, unit_probs[u][mask[branches]], minlength=n + 1)
+            soft[:, u] = np.bincount(where, in_mask[u], minlength=n + 1)
         vectors.append(soft / np.maximum(soft.sum(1, keepdims=True), 1e-12))
         comps.append(comp)
         majority.append(votes.argmax(1) + 1)
@@ -143,7 +144,7 @@ def _final_shares(image, unit, unit_probs, branches, levels, grey, white, purity
             final[i][j] = True
     offsets = np.cumsum([0] + [len(v) for v in vectors])
     rows = np.full(image.shape, -1, np.int64)
-    for i in range(last, -1, -1):   # the largest final component containing a voxel wins
+    for i in range(len(levels)):    # final components never nest: one row per voxel
         hit = final[i][comps[i]] & (comps[i] > 0)
         rows[hit] = offsets[i] + comps[i][hit]
     return rows, np.concatenate(vectors)
