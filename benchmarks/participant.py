@@ -4,7 +4,9 @@ Usage::
 
     python benchmarks/participant.py --assets-dir .assets \
         --dataset ../shared/data/bids/multimodal --participant ixi002 \
-        --dataset ../shared/data/bids/ds002748 --participant 01
+        --dataset ../shared/data/bids/ds002748 --participant 01 [-- --atlas-library cobra]
+
+Options after ``--`` go to every ``cerebseg`` command as they are.
 
 Prints one table per participant (stage, node, seconds, peak memory in GB as sampled by
 nipype's resource monitor) and the end-to-end wall time of ``cerebseg ... participant``.
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument('--dataset', action='append', required=True)
     parser.add_argument('--participant', action='append', required=True)
     parser.add_argument('--nprocs', type=int, default=os.cpu_count())
+    parser.add_argument('cerebseg_options', nargs='*',
+                        help='after --: options for every cerebseg command')
     opts = parser.parse_args(argv)
     if len(opts.dataset) != len(opts.participant):
         parser.error('give one --participant per --dataset')
@@ -71,13 +75,14 @@ def main(argv=None) -> int:
                 code = cerebseg([str(Path(cwd, dataset)), str(out), 'participant',
                                  '--participant-label', sub,
                                  '--assets-dir', str(Path(cwd, opts.assets_dir)),
-                                 '-w', str(work), '--nprocs', str(opts.nprocs)])
+                                 '-w', str(work), '--nprocs', str(opts.nprocs),
+                                 *opts.cerebseg_options])
                 wall = time.perf_counter() - t0
             finally:
                 os.chdir(cwd)
             rows = node_table(work)
         print(f'\n## sub-{sub} ({Path(dataset).name}), exit code {code}, '
-              f'{opts.nprocs} processes')
+              f'{opts.nprocs} processes', *opts.cerebseg_options)
         print(f'| {"stage":<14} | {"node":<16} | {"time (s)":>8} | {"peak mem (GB)":>13} |')
         print(f'|{"-" * 16}|{"-" * 18}|{"-" * 10}|{"-" * 15}|')
         for stage, name, secs, mem in rows:

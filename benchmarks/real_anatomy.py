@@ -43,7 +43,7 @@ Usage::
 
     python benchmarks/real_anatomy.py --assets-dir ASSETS --out BENCH/real \\
         [--maps 1 2 3] [--seeds 1] [--methods template manual suit jlf template-search
-        manual-search maps maps-search jlf-maps] [--t2w] [--outline fused]
+        manual-search maps maps-search jlf-maps] [--t2w] [--outline fused|trimmed]
         [--lobule-borders fused] [--overlays DIR]
 
 ``--t2w`` makes each case with a T2w as well (labelled ``brain<k>m<seed>``; its T1w is that of
@@ -55,7 +55,8 @@ library's entries have none, so the fusion of a cobra run has no second channel 
 ``ASSETS`` must hold the ``cobra`` library with its manual entries (``cerebseg-assets build
 --library suit --library cobra``). Re-running with the same ``--out`` reuses the placed maps,
 the cases and the cerebseg work folders. ``--outline fused`` scores the cerebseg rows with the
-outline as the fusion draws it (before the T1w trims it; ``cerebseg --outline``).
+outline as the fusion draws it (before the T1w trims and grows it; ``cerebseg --outline``),
+``--outline trimmed`` with the outline trimmed only.
 The cobra rows run with cerebseg's default lobule borders (moved onto the white-matter
 branches); ``--lobule-borders fused`` runs them with the borders as fused, ``branches`` names
 the default in the rows and folders (``cerebseg --lobule-borders``; the suit row is left as it
@@ -280,7 +281,8 @@ def main(argv=None) -> int:
     parser.add_argument('--t2w', action='store_true',
                         help='cases with a T2w as well (labelled brain<k>m<seed>: the same T1w '
                              'as brain<k>s<seed>), run without --t1-only')
-    parser.add_argument('--outline', choices=['auto', 'trimmed', 'fused'], default='auto',
+    parser.add_argument('--outline', choices=['auto', 'tissue', 'trimmed', 'fused'],
+                        default='auto',
                         help='cerebseg --outline of every cerebseg run (not auto: the method '
                              'names and output folders say it; the work folders are shared)')
     parser.add_argument('--lobule-borders', choices=['auto', 'branches', 'fused'],

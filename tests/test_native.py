@@ -1,4 +1,7 @@
 """Working grid -> native space, volumes, lookup tables, relabelling."""
+import json
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -113,6 +116,11 @@ def test_only_the_part_the_box_reaches_is_resampled(tmp_path):
         expected = decide_labels(np.stack(full), foreground_first=foreground_first)
         assert 0 < (expected > 0).sum() < expected.size // 10
         np.testing.assert_array_equal(labels, expected)
+    # the structure's probability (labels 1-3 together) comes with them when asked, 0 outside
+    labels, whole = probabilities_to_native(work, ref, path, with_foreground=True)
+    np.testing.assert_array_equal(labels, decide_labels(np.stack(full)))
+    np.testing.assert_allclose(whole, np.clip(full[1] + full[2] + full[3], 0, 1), atol=1e-5)
+    assert whole.shape == labels.shape and whole[labels > 0].min() > 0.2
 
 
 def test_volumes_and_table():
@@ -137,3 +145,49 @@ def test_relabel_and_lut():
     tsv = lut_to_tsv([{'index': 0, 'name': 'background', 'abbreviation': 'BG',
                        'color': '#000000'}])
     assert tsv.startswith('index\tname\tabbreviation\tcolor\n0\tbackground')
+
+
+def test_native_interfaces_carry_the_structure_probability(tmp_path, identity_mat,
+                                                          monkeypatch):
+    """ProbsToNative(foreground=True) writes the structure's probability beside the labels,
+    and TrimOutline given it grows the outline as well as trimming it (its report says how
+    much); without it, the outline is only trimmed."""
+    from cerebseg.interfaces.native import ProbsToNative, TrimOutline
+    from cerebseg.utils.images import to_probseg_image
+
+    shape = (24, 24, 24)
+    r = np.sqrt(((np.indices(shape) - 11.5) ** 2).sum(0))
+    fg = np.clip(8.5 - r, 0, 1)                              # 1 inside r 7.5, 0 beyond 8.5
+    fg[(r > 8.5) & (r < 9.5)] = 0.3                          # some entries went one voxel wider
+    probs = np.stack([1 - fg, fg], -1) * 255
+    box = tmp_path / 'probseg.nii.gz'
+    nib.save(to_probseg_image(np.rint(probs), np.eye(4)), box)
+    t1w = tmp_path / 't1w.nii.gz'
+    nib.save(nib.Nifti1Image(np.where(r < 9.5, 1000.0, 200.0).astype(np.float32), np.eye(4)),
+             t1w)
+    def run(interface, folder):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        return interface.run().outputs
+
+    res = run(ProbsToNative(probseg=str(box), reference=str(t1w), t1_to_mni=identity_mat,
+                        foreground=True), 'native')
+    whole = np.asarray(nib.load(res.foreground).dataobj)
+    assert whole[11, 11, 11] == pytest.approx(1.0) and whole[11, 11, 20] == pytest.approx(0.3,
+                                                                                         abs=0.01)
+    plain = run(ProbsToNative(probseg=str(box), reference=str(t1w), t1_to_mni=identity_mat),
+                'plain')
+    assert not isinstance(plain.foreground, str)              # not asked: not written
+    labels = np.asarray(nib.load(res.out_file).dataobj)
+    grown = run(TrimOutline(dseg=res.out_file, t1w=str(t1w), foreground=res.foreground), 'grown')
+    trimmed = run(TrimOutline(dseg=res.out_file, t1w=str(t1w)), 'trimmed')
+    report = json.loads(Path(grown.report).read_text())['OutlineTrimming']
+    assert report['added_voxels'] > 0 and report['added_ml'] == pytest.approx(
+        report['added_voxels'] / 1000)
+    assert 'added_voxels' not in json.loads(Path(trimmed.report).read_text())[
+        'OutlineTrimming']
+    out = np.asarray(nib.load(grown.out_file).dataobj)
+    assert (out > 0).sum() - (labels > 0).sum() == report['added_voxels'] - report[
+        'removed_voxels']
+    assert np.array_equal(np.asarray(nib.load(trimmed.out_file).dataobj) > 0,
+                          labels > 0)                        # nothing was dark inside r 8.5

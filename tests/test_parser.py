@@ -23,19 +23,21 @@ def test_defaults_and_label_prefix(bids, tmp_path):
     assert opts.fusion_search == 1
 
 
-@pytest.mark.parametrize('argv,library,trimmed', [
-    ([], 'cobra', True),            # auto: the CERES maps label tissue only
-    ([], 'suit', False),            # auto: the SUIT atlas labels its partial-volume shell
-    (['--outline', 'fused'], 'cobra', False),
-    (['--outline', 'trimmed'], 'suit', True),
+@pytest.mark.parametrize('argv,library,mode', [
+    ([], 'cobra', 'tissue'),        # auto: the CERES maps label tissue only
+    ([], 'suit', 'fused'),          # auto: the SUIT atlas labels its partial-volume shell
+    (['--outline', 'fused'], 'cobra', 'fused'),
+    (['--outline', 'trimmed'], 'suit', 'trimmed'),
+    (['--outline', 'trimmed'], 'cobra', 'trimmed'),
+    (['--outline', 'tissue'], 'suit', 'tissue'),
 ])
-def test_outline_follows_the_protocol_unless_asked(bids, tmp_path, argv, library, trimmed):
+def test_outline_follows_the_protocol_unless_asked(bids, tmp_path, argv, library, mode):
     from cerebseg.bids_app.config import RunConfig
-    from cerebseg.bids_app.metadata import outline_trimmed
+    from cerebseg.bids_app.metadata import outline_mode
 
     opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant', *argv])
     cfg = RunConfig.from_namespace(opts)
-    assert outline_trimmed(cfg, {'name': library}) is trimmed
+    assert outline_mode(cfg, {'name': library}) == mode
 
 
 @pytest.mark.parametrize('argv,library,moved', [

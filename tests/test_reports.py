@@ -240,12 +240,17 @@ def test_participant_report_in_chromium(tmp_path):
 
 
 def test_methods_say_whether_the_outline_was_trimmed():
-    from cerebseg.bids_app.metadata import FUSED_OUTLINE_TEXT, OUTLINE_TEXT
+    from cerebseg.bids_app.metadata import FUSED_OUTLINE_TEXT, OUTLINE_TEXT, TISSUE_OUTLINE_TEXT
     from cerebseg.bids_app.reports import _methods
+    from cerebseg.utils.outline import SUPPORT
 
     method = {'Name': 'multi-atlas', 'Registration': 'r.', 'Fusion': 'f.'}
     trimmed = _methods({'cerebellum': {'meta': {'Method': dict(method, Outline=OUTLINE_TEXT)}}})
-    assert 'more CSF than tissue' in trimmed
+    assert 'more CSF than tissue' in trimmed and 'more tissue than CSF' not in trimmed
+    grown = _methods({'cerebellum': {'meta': {'Method': dict(method,
+                                                             Outline=TISSUE_OUTLINE_TEXT)}}})
+    assert 'more CSF than tissue' in grown and 'more tissue than CSF' in grown
+    assert f'at least {SUPPORT:g},' in TISSUE_OUTLINE_TEXT   # the text says the support used
     fused = _methods({'cerebellum': {'meta': {'Method': dict(
         method, Outline=FUSED_OUTLINE_TEXT)}}})
     assert 'CSF' not in fused and 'as fused' not in fused

@@ -115,12 +115,14 @@ def _nodes_and_feeds(wf):
     return by_name, feeds
 
 
-@pytest.mark.parametrize('trim', [False, True])
-def test_outline_trimming_node(tmp_path, fake_assets, trim):
+@pytest.mark.parametrize('outline', ['fused', 'trimmed', 'tissue'])
+def test_outline_trimming_node(tmp_path, fake_assets, outline):
     """--outline: the native labels pass through trim_outline, which reads the bias-corrected
-    T1w, before the volumes are counted and the labels written; its report goes to the
-    sidecar. Without it the graph is as before."""
-    wf = _subject_graph(tmp_path, fake_assets, False, trim_outline=trim,
+    T1w (and, to grow the outline, the structure's native probability from to_native), before
+    the volumes are counted and the labels written; its report goes to the sidecar. Without
+    it the graph is as before."""
+    trim = outline != 'fused'
+    wf = _subject_graph(tmp_path, fake_assets, False, outline=outline,
                         **({'reg_control_mm': 2.0} if trim else {}))
     by_name, feeds = _nodes_and_feeds(wf)
     assert ('trim_outline' in by_name) == trim
@@ -128,11 +130,18 @@ def test_outline_trimming_node(tmp_path, fake_assets, trim):
     assert (first, 'volumes') in feeds and (first, 'ds_dseg_native') in feeds
     assert (first, 'cerebellum_rpt') in feeds
     assert by_name['register'].inputs.control_mm == (2.0 if trim else 4.0)  # protocol's grid
+    assert by_name['to_native'].inputs.foreground is (outline == 'tissue')
     if trim:
         assert ('to_native', 'trim_outline') in feeds
         assert ('t1_correct', 'trim_outline') in feeds
         assert ('trim_outline', 'qc_files') in feeds
         assert ('to_native', 'volumes') not in feeds
+        native_wf = wf.get_node('native_wf')
+        fields = native_wf._graph.get_edge_data(native_wf.get_node('to_native'),
+                                                native_wf.get_node('trim_outline'))['connect']
+        assert (('foreground', 'foreground') in fields) == (outline == 'tissue')
+    with pytest.raises(ValueError, match='fused, trimmed or tissue'):
+        _subject_graph(tmp_path / 'bad', fake_assets, False, outline='grown')
 
 
 @pytest.mark.parametrize('moved', [False, True])

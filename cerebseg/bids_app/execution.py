@@ -15,7 +15,7 @@ from typing import NamedTuple
 from cerebseg.bids_app.logs import IMPORTANT, LOGGER
 from cerebseg.assets import registration_control_mm
 from cerebseg.bids_app.metadata import (brainstem_meta, dseg_meta, lobule_branches,
-                                        outline_trimmed, select_cnn)
+                                        outline_mode, select_cnn)
 from cerebseg.bids_app.outcome import (crash_staging_dir, nearest_existing, publish_crashes,
                                        run_log_dir, run_outcome, send_crashes_to,
                                        unfinished_outcome)
@@ -87,7 +87,7 @@ def build_participant_wf(run, cfg, assets, library: dict, device=None,
         grid=assets.manifest['grid'], library=library, cnn=cnn,
         dseg_meta=dseg_meta(run, library, Path(cfg.bids_dir), cfg, cnn),
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
-        fusion_search=cfg.fusion_search, trim_outline=outline_trimmed(cfg, library),
+        fusion_search=cfg.fusion_search, outline=outline_mode(cfg, library),
         reg_control_mm=registration_control_mm(library), branches=lobule_branches(cfg, library),
         device=str(device or 'cpu'), use_gpu=device is not None and device.type != 'cpu',
         regnet=str(DEFAULT_REGNET) if DEFAULT_REGNET.is_file() else '',

@@ -82,12 +82,14 @@ def protocol_summary(name: str) -> str:
     return protocol_setting({'name': name}, 'summary', f'label protocol {name}')
 
 
-def outline_trimmed(cfg, library: dict) -> bool:
-    """Whether the native cerebellum's outline is trimmed by the T1w (``--outline``; ``auto``:
-    what the library's label protocol says, its ``outline`` key)."""
+def outline_mode(cfg, library: dict) -> str:
+    """How the native cerebellum's outline is decided (``--outline``): ``fused``, ``trimmed``
+    (by the T1w) or ``tissue`` (trimmed and grown by the T1w); ``auto``: what the library's
+    label protocol says, its ``outline`` key (``tissue`` for a protocol that labels tissue
+    only, ``fused`` for one whose atlas labels its template's partial-volume shell)."""
     if cfg.outline != 'auto':
-        return cfg.outline == 'trimmed'
-    return protocol_setting(library, 'outline', 'atlas') == 'tissue'
+        return cfg.outline
+    return 'tissue' if protocol_setting(library, 'outline', 'atlas') == 'tissue' else 'fused'
 
 
 def lobule_branches(cfg, library: dict) -> dict | None:
@@ -125,8 +127,15 @@ OUTLINE_TEXT = ('outline voxels (a face on the background) whose bias-corrected 
                 'below the midpoint between the CSF level (the darker of two intensity classes '
                 'within 3 voxels outside the labels) and the median of the labelled tissue are '
                 'background (more CSF than tissue).')
+#: ``Method.Outline`` of ``--outline tissue`` (cerebseg.utils.outline.SUPPORT, not imported here:
+#: the command's start-up imports no NumPy)
+TISSUE_OUTLINE_TEXT = (OUTLINE_TEXT + ' Then the voxels just outside the labels at or above '
+                       'that midpoint, with a face neighbour outside the labels below it '
+                       '(between the labels and CSF, not other tissue), where the fused '
+                       'probability of the cerebellum is at least 0.25, take the nearest label '
+                       '(more tissue than CSF; one layer).')
 #: ``Method.Outline`` when the outline is left as the fusion draws it
-FUSED_OUTLINE_TEXT = 'as fused (not trimmed by the image).'
+FUSED_OUTLINE_TEXT = 'as fused (not trimmed or grown by the image).'
 
 
 def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) -> dict:
@@ -156,7 +165,8 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
             'Fusion': fusion_text(cfg.fusion_search),
             'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
                            'affine, then the most probable label.',
-            'Outline': OUTLINE_TEXT if outline_trimmed(cfg, library) else FUSED_OUTLINE_TEXT,
+            'Outline': {'trimmed': OUTLINE_TEXT, 'tissue': TISSUE_OUTLINE_TEXT,
+                        'fused': FUSED_OUTLINE_TEXT}[outline_mode(cfg, library)],
             'LobuleBorders': BRANCHES_TEXT if lobule_branches(cfg, library)
             else FUSED_BORDERS_TEXT,
         },

@@ -104,13 +104,17 @@ def _build_parser() -> argparse.ArgumentParser:
                              '1: better lobule boundaries on real anatomy with --atlas-library '
                              'cobra, but a larger cerebellum with the suit library, see the '
                              'README)')
-    method.add_argument('--outline', choices=['auto', 'trimmed', 'fused'], default='auto',
-                        help='the cerebellum\'s outline on the native grid: trimmed (the outline '
-                             'voxels that the bias-corrected T1w shows to be more CSF than '
-                             'tissue are background), fused (as the label fusion draws it), or '
-                             'auto (default: what the label protocol defines; trimmed for '
-                             'cobra, whose manual maps label tissue only, fused for suit, whose '
-                             'atlas labels the partial-volume shell; see the README)')
+    method.add_argument('--outline', choices=['auto', 'tissue', 'trimmed', 'fused'],
+                        default='auto',
+                        help='the cerebellum\'s outline on the native grid: tissue (decided by '
+                             'the bias-corrected T1w on both sides: the outline voxels that are '
+                             'more CSF than tissue are background, and the voxels just outside '
+                             'that are more tissue than CSF, facing CSF, where the fusion gives '
+                             'the cerebellum a probability of 0.25 or more, are added), trimmed '
+                             '(only the first half of that), fused (as the label fusion draws '
+                             'it), or auto (default: what the label protocol defines; tissue '
+                             'for cobra, whose manual maps label tissue only, fused for suit, '
+                             'whose atlas labels the partial-volume shell; see the README)')
     method.add_argument('--lobule-borders', choices=['auto', 'branches', 'fused'],
                         default='auto',
                         help='the lobule borders: branches (each white-matter branch that '

@@ -5,7 +5,8 @@ import json
 import logging
 import os
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, TraitedSpec, traits
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, TraitedSpec, isdefined,
+                                    traits)
 
 from cerebseg.interfaces.base import CerebsegInterface
 
@@ -19,10 +20,14 @@ class _NativeInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='ITK/ANTs threads')
     foreground_first = traits.Bool(False, usedefault=True,
                                    desc='decide the outline first (one structure, many labels)')
+    foreground = traits.Bool(False, usedefault=True,
+                             desc='also write the probability of the structure (all labels)')
 
 
 class _NativeOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc='labels on the exact grid of the input T1w')
+    foreground = File(desc='probability of the structure on that grid (uint8 in 1/255 steps); '
+                           'only with the input foreground')
 
 
 class ProbsToNative(CerebsegInterface):
@@ -35,18 +40,25 @@ class ProbsToNative(CerebsegInterface):
         import nibabel as nib
         import numpy as np
 
-        from cerebseg.utils.images import atomic_save, nib_to_ants, to_label_image
+        from cerebseg.utils.images import (atomic_save, nib_to_ants, to_label_image,
+                                           to_probseg_image)
         from cerebseg.utils.native import probabilities_to_native
         from cerebseg.utils.registration import set_threads
 
         set_threads(self.inputs.num_threads)
         ref = nib.load(self.inputs.reference)
         ref3d = nib.Nifti1Image(np.zeros(ref.shape[:3], np.float32), ref.affine)
-        labels = probabilities_to_native(nib.load(self.inputs.probseg), nib_to_ants(ref3d),
+        result = probabilities_to_native(nib.load(self.inputs.probseg), nib_to_ants(ref3d),
                                          self.inputs.t1_to_mni,
-                                         foreground_first=self.inputs.foreground_first)
+                                         foreground_first=self.inputs.foreground_first,
+                                         with_foreground=self.inputs.foreground)
+        labels, whole = result if self.inputs.foreground else (result, None)
         self._results['out_file'] = os.path.join(runtime.cwd, 'native_dseg.nii.gz')
         atomic_save(to_label_image(labels, ref.affine), self._results['out_file'])
+        if whole is not None:
+            self._results['foreground'] = os.path.join(runtime.cwd, 'native_foreground.nii.gz')
+            atomic_save(to_probseg_image(np.rint(whole * 255), ref.affine),
+                        self._results['foreground'])
         return runtime
 
 
@@ -54,6 +66,8 @@ class _TrimInputSpec(BaseInterfaceInputSpec):
     dseg = File(exists=True, mandatory=True, desc='native-space labels')
     t1w = File(exists=True, mandatory=True,
                desc='the bias-corrected T1w on the same grid (the intensities judged)')
+    foreground = File(exists=True, desc='the fused probability of the structure on the same '
+                                        'grid: when given, the outline is grown too')
 
 
 class _TrimOutputSpec(TraitedSpec):
@@ -63,7 +77,8 @@ class _TrimOutputSpec(TraitedSpec):
 
 
 class TrimOutline(CerebsegInterface):
-    """:func:`cerebseg.utils.outline.trim_outline` of native labels by the subject's T1w."""
+    """:func:`cerebseg.utils.outline.trim_outline` of native labels by the subject's T1w, or
+    with ``foreground`` :func:`cerebseg.utils.outline.tissue_outline` (trimmed and grown)."""
 
     input_spec = _TrimInputSpec
     output_spec = _TrimOutputSpec
@@ -73,19 +88,25 @@ class TrimOutline(CerebsegInterface):
         import numpy as np
 
         from cerebseg.utils.images import atomic_save, atomic_write_text, to_label_image
-        from cerebseg.utils.outline import trim_outline
+        from cerebseg.utils.outline import tissue_outline, trim_outline
 
         seg = nib.load(self.inputs.dseg)
         t1w = nib.load(self.inputs.t1w)
         # the corrected T1w is the input's voxel array corrected voxel by voxel: same indices
         # (its header went through ITK, which may spell an oblique affine differently)
-        labels, info = trim_outline(np.asarray(seg.dataobj),
-                                    np.asarray(t1w.dataobj, dtype=np.float32))
+        image = np.asarray(t1w.dataobj, dtype=np.float32)
+        if isdefined(self.inputs.foreground):
+            foreground = np.asarray(nib.load(self.inputs.foreground).dataobj, np.float32)
+            labels, info = tissue_outline(np.asarray(seg.dataobj), image, foreground)
+        else:
+            labels, info = trim_outline(np.asarray(seg.dataobj), image)
         if 'skipped' in info:
             LOGGER.warning(
                 'Outline left as fused (%s): %s', info['skipped'], self.inputs.t1w)
         voxel_ml = float(np.prod(seg.header.get_zooms()[:3])) / 1000.0
         info['removed_ml'] = round(info['removed_voxels'] * voxel_ml, 3)
+        if 'added_voxels' in info:
+            info['added_ml'] = round(info['added_voxels'] * voxel_ml, 3)
         self._results['out_file'] = os.path.join(runtime.cwd, 'trimmed_dseg.nii.gz')
         atomic_save(to_label_image(labels, seg.affine), self._results['out_file'])
         self._results['report'] = os.path.join(runtime.cwd, 'outline.json')

@@ -5,7 +5,7 @@ import numpy as np
 
 
 def probabilities_to_native(probseg, reference, transform: str, *,
-                            foreground_first: bool = False):
+                            foreground_first: bool = False, with_foreground: bool = False):
     """Resample per-label probabilities (nibabel 4D, labels last) into ``reference``'s grid.
 
     Each label's probability is resampled with linear interpolation through the inverse of
@@ -20,7 +20,9 @@ def probabilities_to_native(probseg, reference, transform: str, *,
     values, background 1), and every label is resampled on that crop of the grid (the
     cerebellum's box covers about a tenth of a whole-head T1w).
 
-    Returns the native label array (int16) on ``reference``'s grid.
+    Returns the native label array (int16) on ``reference``'s grid; with ``with_foreground``
+    also the probability of the structure (the labels 1 .. L-1 together, float32, 0 outside
+    the box).
     """
     import ants
     import nibabel as nib
@@ -35,13 +37,14 @@ def probabilities_to_native(probseg, reference, transform: str, *,
     n_labels = probseg.shape[3]
     shape = tuple(reference.shape)
     labels = np.zeros(shape, np.int16)
+    whole = np.zeros(shape, np.float32) if with_foreground else None
     support = ants.apply_transforms(
         reference, nib_to_ants(nib.Nifti1Image(np.ones(probseg.shape[:3], np.float32),
                                                probseg.affine)),
         [transform], interpolator='linear', whichtoinvert=[True], defaultvalue=0.0).numpy()
     inside = np.argwhere(support > 0)
     if not len(inside):
-        return labels
+        return (labels, whole) if with_foreground else labels
     lo = np.maximum(inside.min(0) - 1, 0)
     hi = np.minimum(inside.max(0) + 1, np.array(shape) - 1)
     crop = ants.crop_indices(reference, lo.tolist(), (hi + 1).tolist())
@@ -63,7 +66,11 @@ def probabilities_to_native(probseg, reference, transform: str, *,
         sub[better] = lab
     if foreground_first:
         sub[foreground <= background] = 0
-    labels[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = sub
+    box = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
+    labels[box] = sub
+    if with_foreground:
+        whole[box] = np.clip(foreground, 0.0, 1.0)
+        return labels, whole
     return labels
 
 

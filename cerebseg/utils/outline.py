@@ -10,6 +10,15 @@ lies below the midpoint between the subject's CSF and its labelled tissue holds 
 tissue, so it is background. Only the one-voxel outer layer is judged; interior voxels and the
 boundary with other tissue (the peduncles, which border the brainstem at tissue intensity) keep
 their labels; nothing is added.
+
+The fusion also leaves out voxels of the partial-volume layer that hold more tissue than CSF:
+on those cases, after trimming, the cerebellum was 0.6-4.2 % too small (most of the missing
+voxels within 1 mm inside the true outline, their T1w 0.55-0.8 of the way from CSF to tissue,
+where some entries but not most put the cerebellum). :func:`grow_outline` adds them: a voxel
+just outside the labels, brighter than the same midpoint, facing CSF (a face neighbour outside
+the labels below the midpoint), where the fused probability of the structure is at least
+``SUPPORT``. One layer only, and never across a boundary with other tissue: a voxel between the
+labels and the brainstem has no dark neighbour. :func:`tissue_outline` does both.
 """
 from __future__ import annotations
 
@@ -22,6 +31,9 @@ TISSUE_FRACTION = 0.5
 MIN_CONTRAST = 0.2
 #: width of the shell outside the labels where the CSF level is measured (voxels)
 RING_VOXELS = 3
+#: the least fused probability of the structure (all its labels together) at a voxel that
+#: :func:`grow_outline` may add: the entries must have proposed it there
+SUPPORT = 0.25
 
 
 def outline_levels(image: np.ndarray, inside: np.ndarray,
@@ -79,3 +91,63 @@ def trim_outline(labels: np.ndarray, image: np.ndarray, *,
     info.update(threshold=round(threshold, 3), removed_voxels=int(remove.sum()),
                 outline_voxels=int(outline.sum()))
     return out, info
+
+
+def grow_outline(labels: np.ndarray, image: np.ndarray, foreground: np.ndarray, *,
+                 levels: tuple[float, float] | None = None, fraction: float = TISSUE_FRACTION,
+                 support: float = SUPPORT) -> tuple[np.ndarray, dict]:
+    """Labels with the voxels just outside them that are more tissue than CSF.
+
+    ``foreground``: the fused probability of the structure (all labels together, 0-1) on the
+    grid of ``labels``. A background voxel with a face neighbour in the labels is added when
+    its intensity is at least ``csf + fraction * (tissue - csf)``, it has a face neighbour
+    outside the labels below that level (it lies between the labels and CSF, not between
+    them and other tissue), and ``foreground >= support``. It takes the label of the nearest
+    labelled voxel. ``levels``: (csf, tissue) to use (default: :func:`outline_levels` of
+    ``labels``). Returns the new labels and what was done (``added_voxels``; ``skipped``
+    names the reason when nothing could be judged).
+    """
+    if not labels.shape == image.shape == foreground.shape:
+        raise ValueError(f'labels {labels.shape}, image {image.shape} and foreground '
+                         f'{foreground.shape} differ in shape')
+    inside = labels > 0
+    info = {'support': support, 'added_voxels': 0}
+    if not inside.any():
+        return labels, dict(info, skipped='no labels')
+    csf, tissue = levels if levels is not None else outline_levels(image, inside)
+    if tissue <= 0 or (tissue - csf) / tissue < MIN_CONTRAST:
+        return labels, dict(info, skipped=f'CSF ({csf:.4g}) and tissue ({tissue:.4g}) too '
+                                          'close to tell apart')
+    threshold = csf + fraction * (tissue - csf)
+    # work on the labels' bounding box, one voxel wider on each side (plus one for the
+    # dark-neighbour test)
+    lo = np.maximum(np.argwhere(inside).min(0) - 2, 0)
+    hi = np.minimum(np.argwhere(inside).max(0) + 3, inside.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    ins, img, fg = inside[box], image[box], foreground[box]
+    dark = (img < threshold) & ~ins
+    add = (~ins & ndi.binary_dilation(ins) & (img >= threshold) & (fg >= support)
+           & ndi.binary_dilation(dark))
+    out = labels.copy()
+    if add.any():
+        nearest = ndi.distance_transform_edt(~ins, return_distances=False,
+                                             return_indices=True)
+        grown = labels[box].copy()
+        grown[add] = labels[box][tuple(i[add] for i in nearest)]
+        out[box] = grown
+    return out, dict(info, added_voxels=int(add.sum()), threshold=round(threshold, 3))
+
+
+def tissue_outline(labels: np.ndarray, image: np.ndarray, foreground: np.ndarray, *,
+                   fraction: float = TISSUE_FRACTION,
+                   support: float = SUPPORT) -> tuple[np.ndarray, dict]:
+    """The outline decided by the image on both sides: :func:`trim_outline`, then
+    :func:`grow_outline` of what is left with the same CSF and tissue levels (a trimmed voxel,
+    below the midpoint, is never added back). Returns the labels and the two reports merged
+    (``removed_voxels``, ``added_voxels``)."""
+    trimmed, info = trim_outline(labels, image, fraction=fraction)
+    if 'skipped' in info:
+        return trimmed, dict(info, support=support, added_voxels=0)
+    grown, more = grow_outline(trimmed, image, foreground, fraction=fraction, support=support,
+                               levels=(info['csf_level'], info['tissue_level']))
+    return grown, dict(info, support=support, added_voxels=more['added_voxels'])

@@ -19,7 +19,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            reg_iterations: tuple[int, ...] = (40, 20, 0),
                            registration: str = 'torch', device: str = 'cpu',
                            use_gpu: bool = False, regnet: str = '', fusion_search: int = 0,
-                           trim_outline: bool = False, reg_control_mm: float = 4.0,
+                           outline: str = 'fused', reg_control_mm: float = 4.0,
                            branches: dict | None = None, cnn: dict | None = None,
                            brainstem: dict | None = None, brainstem_meta: dict | None = None,
                            cerebellum: bool = True, name: str = 'single_subject_wf'):
@@ -40,9 +40,10 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         See :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`.
     reg_control_mm : float
         Control grid (mm) of the torch registration's velocity field (the protocol's choice).
-    trim_outline : bool
-        The native cerebellum's outline voxels that the bias-corrected T1w shows to be mostly
-        CSF become background (see :func:`~cerebseg.workflows.native.init_native_wf`).
+    outline : str
+        ``fused``, ``trimmed`` (the native cerebellum's outline voxels that the bias-corrected
+        T1w shows to be mostly CSF become background) or ``tissue`` (trimmed and grown by the
+        T1w; see :func:`~cerebseg.workflows.native.init_native_wf`).
     branches : dict or None
         Lobule borders moved onto the T1w's white-matter branches (see
         :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`); None: as fused.
@@ -107,7 +108,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         registration=registration, device=device, use_gpu=use_gpu, regnet=regnet,
         fusion_search=fusion_search, control_mm=reg_control_mm, branches=branches)
     native_wf = init_native_wf(lut=library['lut'], template_icv_ml=templates['icv_ml'],
-                               omp_nthreads=omp_nthreads, trim_outline=trim_outline)
+                               omp_nthreads=omp_nthreads, outline=outline)
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w),
                        with_cnn=bool(cnn))
     qc_files = pe.Node(niu.Merge(5), name='qc_files', run_without_submitting=True)
@@ -130,7 +131,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         (native_wf, qc_files, [('outputnode.icv', 'in2')]),
         (qc_files, ds_wf, [('out', 'inputnode.qc_files')]),
     ])
-    if trim_outline:
+    if outline != 'fused':
         wf.connect(native_wf, 'outputnode.outline', qc_files, 'in4')
     if branches:
         wf.connect(multiatlas_wf, 'outputnode.borders', qc_files, 'in5')

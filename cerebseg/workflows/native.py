@@ -8,7 +8,7 @@ from cerebseg.interfaces.native import LabelVolumes, ProbsToNative, TrimOutline
 
 
 def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
-                   parts: bool = False, trim_outline: bool = False,
+                   parts: bool = False, outline: str = 'fused',
                    name: str = 'native_wf'):
     """Resample the label probabilities to the input T1w's grid and measure each label.
 
@@ -17,7 +17,7 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
     t1w
         The raw input T1w (defines the native grid).
     t1_corrected
-        The bias-corrected T1w on that grid (only with ``trim_outline``).
+        The bias-corrected T1w on that grid (only with ``outline`` other than ``fused``).
     t1_to_mni
         T1w -> MNI affine (ANTs) of the working grid.
     brain_to_mni
@@ -29,16 +29,19 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
 
     ``parts``: the brainstem: the volume table also sums its parts (lookup table column
     ``part``), and the native labels decide the outline first
-    (:func:`cerebseg.utils.native.decide_labels`). ``trim_outline``: the outline voxels that
-    the corrected T1w shows to be mostly CSF become background
-    (:func:`cerebseg.utils.outline.trim_outline`).
+    (:func:`cerebseg.utils.native.decide_labels`). ``outline``: ``fused`` (as the probabilities
+    give it), ``trimmed`` (the outline voxels that the corrected T1w shows to be mostly CSF
+    become background, :func:`cerebseg.utils.outline.trim_outline`) or ``tissue`` (trimmed,
+    and the voxels just outside that are mostly tissue, facing CSF, where the fusion gives the
+    structure some probability, are added: :func:`cerebseg.utils.outline.tissue_outline`).
 
     Outputs
     -------
     dseg_native, morph, icv
         Labels on the T1w grid, volume table (TSV), intracranial volume estimate (JSON).
     outline
-        JSON of the outline's trimming (levels, voxels removed); '' without ``trim_outline``.
+        JSON of the outline's trimming (levels, voxels removed and added); '' with ``outline``
+        ``fused``.
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
@@ -48,7 +51,10 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
     inputnode.inputs.label_uncertainty = ''
     outputnode = pe.Node(niu.IdentityInterface(
         fields=['dseg_native', 'morph', 'icv', 'outline']), name='outputnode')
-    to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads, foreground_first=parts),
+    if outline not in ('fused', 'trimmed', 'tissue'):
+        raise ValueError(f'outline {outline!r}: use fused, trimmed or tissue')
+    to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads, foreground_first=parts,
+                                      foreground=outline == 'tissue'),
                         name='to_native', n_procs=omp_nthreads, mem_gb=2)
     volumes = pe.Node(LabelVolumes(lut=lut, template_icv_ml=template_icv_ml, parts=parts),
                       name='volumes')
@@ -60,13 +66,15 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
         (volumes, outputnode, [('out_file', 'morph'), ('icv_file', 'icv')]),
     ])
     final = to_native
-    if trim_outline:
+    if outline != 'fused':
         final = pe.Node(TrimOutline(), name='trim_outline', mem_gb=1)
         wf.connect([
             (to_native, final, [('out_file', 'dseg')]),
             (inputnode, final, [('t1_corrected', 't1w')]),
             (final, outputnode, [('report', 'outline')]),
         ])
+        if outline == 'tissue':
+            wf.connect(to_native, 'foreground', final, 'foreground')
     else:
         outputnode.inputs.outline = ''
     wf.connect([
