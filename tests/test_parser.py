@@ -122,7 +122,7 @@ def test_plugin_and_plugin_args(bids, tmp_path, capsys):
     import json
 
     from cerebseg.bids_app.config import RunConfig
-    from cerebseg.bids_app.execution import plugin_settings
+    from cerebseg.bids_app.execution import execution_settings, plugin_settings
 
     base = [str(bids), str(tmp_path / 'out'), 'participant', '--nprocs', '2']
     opts = parse_args(base)
@@ -130,6 +130,11 @@ def test_plugin_and_plugin_args(bids, tmp_path, capsys):
     assert plugin_settings(cfg)[0] == 'MultiProc'
     assert plugin_settings(cfg)[1] == {'n_procs': 2, 'raise_insufficient': False,
                                        'mp_context': 'spawn'}
+    # the MultiProc scheduler looks at its workers often (a participant is a chain of short
+    # nodes); a batch queue is asked at Nipype's pace
+    assert execution_settings(cfg, 'MultiProc')['poll_sleep_duration'] <= 0.5
+    assert 'poll_sleep_duration' not in execution_settings(cfg, 'SLURM')
+    assert execution_settings(cfg, 'Linear')['crashfile_format'] == 'txt'
     opts = parse_args(base + ['--plugin', 'SLURM', '--plugin-args',
                               '{"sbatch_args": "--time=1:00:00", "max_jobs": 4}'])
     plugin, args = plugin_settings(RunConfig.from_namespace(opts), progress=print)

@@ -143,10 +143,8 @@ def run_workflows(cfg, workflows: dict, progress=None):
                                     'interface_level': nipype_level,
                                     'utils_level': nipype_level}})
     nlogging.update_logging(ncfg)
-    top.config['execution'].update({'crashfile_format': 'txt',
-                                    'stop_on_first_crash': bool(cfg.stop_on_first_crash),
-                                    'remove_unnecessary_outputs': False})
     plugin, plugin_args = plugin_settings(cfg, progress)
+    top.config['execution'].update(execution_settings(cfg, plugin))
     if plugin in ('SLURM', 'SLURMGraph'):
         from cerebseg.bids_app.slurm import (WaitingSLURMGraphPlugin, ensure_logname, job_tag,
                                              set_node_requests)
@@ -168,6 +166,22 @@ def run_workflows(cfg, workflows: dict, progress=None):
     finally:
         progress.close()
     return progress
+
+
+#: seconds between two looks of the MultiProc scheduler at its workers (Nipype's default: 2).
+#: A participant is a chain of about 20 nodes, most of them a few seconds long, and each waited
+#: up to a whole poll before the next started. Batch-queue plugins keep Nipype's default (each
+#: look asks the queue about every job).
+POLL_SECONDS = 0.2
+
+
+def execution_settings(cfg, plugin: str) -> dict:
+    """Nipype's ``execution`` settings of a run with ``plugin``."""
+    settings = {'crashfile_format': 'txt', 'stop_on_first_crash': bool(cfg.stop_on_first_crash),
+                'remove_unnecessary_outputs': False}
+    if plugin == 'MultiProc':
+        settings['poll_sleep_duration'] = POLL_SECONDS
+    return settings
 
 
 def plugin_settings(cfg, progress=None) -> tuple[str, dict]:
