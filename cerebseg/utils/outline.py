@@ -14,10 +14,10 @@ their labels; nothing is added by it.
 The fusion also leaves out voxels of the partial-volume layer that hold more tissue than CSF:
 with a library of the other manual maps only, the trimmed cerebellum was 3.3 % too small on
 average (up to 4.8 %; most of the missing voxels within 1 mm inside the true outline, their T1w
-0.55-0.8 of the way from CSF to tissue, where some entries but not most put the cerebellum). :func:`grow_outline` adds them: a voxel
-just outside the labels, brighter than the same midpoint, facing CSF (a face neighbour outside
-the labels below the midpoint), where the fused probability of the structure is at least
-``SUPPORT``. One layer only, and never across a boundary with other tissue: a voxel between the
+0.55-0.8 of the way from CSF to tissue, where some entries but not most put the cerebellum).
+:func:`grow_outline` adds them: a voxel just outside the labels, brighter than the same
+midpoint, facing CSF (a face neighbour outside the labels below the midpoint), where the fused
+probability of the structure is at least ``SUPPORT``. One layer only, and never across a boundary with other tissue: a voxel between the
 labels and the brainstem has no dark neighbour. :func:`tissue_outline` does both.
 """
 from __future__ import annotations
@@ -121,8 +121,9 @@ def grow_outline(labels: np.ndarray, image: np.ndarray, foreground: np.ndarray, 
     threshold = csf + fraction * (tissue - csf)
     # work on the labels' bounding box, one voxel wider on each side (plus one for the
     # dark-neighbour test)
-    lo = np.maximum(np.argwhere(inside).min(0) - 2, 0)
-    hi = np.minimum(np.argwhere(inside).max(0) + 3, inside.shape)
+    where = np.argwhere(inside)
+    lo = np.maximum(where.min(0) - 2, 0)
+    hi = np.minimum(where.max(0) + 3, inside.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     ins, img, fg = inside[box], image[box], foreground[box]
     dark = (img < threshold) & ~ins
