@@ -17,8 +17,9 @@ average (up to 4.8 %; most of the missing voxels within 1 mm inside the true out
 0.55-0.8 of the way from CSF to tissue, where some entries but not most put the cerebellum).
 :func:`grow_outline` adds them: a voxel just outside the labels, brighter than the same
 midpoint, facing CSF (a face neighbour outside the labels below the midpoint), where the fused
-probability of the structure is at least ``SUPPORT``. One layer only, and never across a boundary with other tissue: a voxel between the
-labels and the brainstem has no dark neighbour. :func:`tissue_outline` does both.
+probability of the structure is at least ``SUPPORT``. One layer only, and never across a
+boundary with other tissue: a voxel between the labels and the brainstem has no dark
+neighbour. :func:`tissue_outline` does both.
 """
 from __future__ import annotations
 
