@@ -63,15 +63,25 @@ def outline_levels(image: np.ndarray, inside: np.ndarray,
     return dark, tissue
 
 
+def _midpoint(csf: float, tissue: float, fraction: float) -> tuple[float | None, str]:
+    """The intensity ``fraction`` of the way from ``csf`` to ``tissue``, or None and the reason
+    when the image cannot tell them apart (contrast below ``MIN_CONTRAST``)."""
+    if tissue <= 0 or (tissue - csf) / tissue < MIN_CONTRAST:
+        return None, f'CSF ({csf:.4g}) and tissue ({tissue:.4g}) too close to tell apart'
+    return csf + fraction * (tissue - csf), ''
+
+
 def trim_outline(labels: np.ndarray, image: np.ndarray, *,
+                 levels: tuple[float, float] | None = None,
                  fraction: float = TISSUE_FRACTION) -> tuple[np.ndarray, dict]:
     """Labels without the voxels of their outer layer that are more CSF than tissue.
 
     ``labels``: integer label map (0 background) on the grid of ``image`` (a bias-corrected
     T1w: CSF darker than tissue). A labelled voxel with a background face neighbour whose
-    intensity is below ``csf + fraction * (tissue - csf)`` (:func:`outline_levels`) becomes
-    background. Returns the new labels and what was done: the levels, the threshold, the
-    voxels removed (``skipped`` names the reason when nothing could be judged).
+    intensity is below ``csf + fraction * (tissue - csf)`` becomes background. ``levels``:
+    (csf, tissue) to use (default: :func:`outline_levels` of ``labels``). Returns the new
+    labels and what was done: the levels, the threshold, the voxels removed (``skipped``
+    names the reason when nothing could be judged).
     """
     if labels.shape != image.shape:
         raise ValueError(f'labels {labels.shape} and image {image.shape} differ in shape')
@@ -79,12 +89,11 @@ def trim_outline(labels: np.ndarray, image: np.ndarray, *,
     info = {'fraction': fraction, 'removed_voxels': 0}
     if not inside.any():
         return labels, dict(info, skipped='no labels')
-    csf, tissue = outline_levels(image, inside)
+    csf, tissue = levels if levels is not None else outline_levels(image, inside)
     info.update(csf_level=round(csf, 3), tissue_level=round(tissue, 3))
-    if tissue <= 0 or (tissue - csf) / tissue < MIN_CONTRAST:
-        return labels, dict(info, skipped=f'CSF ({csf:.4g}) and tissue ({tissue:.4g}) too '
-                                          'close to tell apart')
-    threshold = csf + fraction * (tissue - csf)
+    threshold, why = _midpoint(csf, tissue, fraction)
+    if threshold is None:
+        return labels, dict(info, skipped=why)
     outline = inside & ndi.binary_dilation(~inside)
     remove = outline & (image < threshold)
     out = labels.copy()
@@ -116,10 +125,9 @@ def grow_outline(labels: np.ndarray, image: np.ndarray, foreground: np.ndarray, 
     if not inside.any():
         return labels, dict(info, skipped='no labels')
     csf, tissue = levels if levels is not None else outline_levels(image, inside)
-    if tissue <= 0 or (tissue - csf) / tissue < MIN_CONTRAST:
-        return labels, dict(info, skipped=f'CSF ({csf:.4g}) and tissue ({tissue:.4g}) too '
-                                          'close to tell apart')
-    threshold = csf + fraction * (tissue - csf)
+    threshold, why = _midpoint(csf, tissue, fraction)
+    if threshold is None:
+        return labels, dict(info, skipped=why)
     # work on the labels' bounding box, one voxel wider on each side (plus one for the
     # dark-neighbour test)
     where = np.argwhere(inside)
@@ -134,9 +142,7 @@ def grow_outline(labels: np.ndarray, image: np.ndarray, foreground: np.ndarray, 
     if add.any():
         nearest = ndi.distance_transform_edt(~ins, return_distances=False,
                                              return_indices=True)
-        grown = labels[box].copy()
-        grown[add] = labels[box][tuple(i[add] for i in nearest)]
-        out[box] = grown
+        out[box][add] = labels[box][tuple(i[add] for i in nearest)]
     return out, dict(info, added_voxels=int(add.sum()), threshold=round(threshold, 3))
 
 
@@ -144,12 +150,16 @@ def tissue_outline(labels: np.ndarray, image: np.ndarray, foreground: np.ndarray
                    fraction: float = TISSUE_FRACTION,
                    support: float = SUPPORT) -> tuple[np.ndarray, dict]:
     """The outline decided by the image on both sides: :func:`trim_outline`, then
-    :func:`grow_outline` of what is left with the same CSF and tissue levels (a trimmed voxel,
-    below the midpoint, is never added back). Returns the labels and the two reports merged
-    (``removed_voxels``, ``added_voxels``)."""
-    trimmed, info = trim_outline(labels, image, fraction=fraction)
+    :func:`grow_outline` of what is left, both with the CSF and tissue levels of ``labels``
+    (a trimmed voxel, below the midpoint, is never added back). Returns the labels and the two
+    reports merged (``removed_voxels``, ``added_voxels``)."""
+    if not labels.shape == image.shape == foreground.shape:
+        raise ValueError(f'labels {labels.shape}, image {image.shape} and foreground '
+                         f'{foreground.shape} differ in shape')
+    levels = outline_levels(image, labels > 0) if (labels > 0).any() else None
+    trimmed, info = trim_outline(labels, image, levels=levels, fraction=fraction)
     if 'skipped' in info:
         return trimmed, dict(info, support=support, added_voxels=0)
     grown, more = grow_outline(trimmed, image, foreground, fraction=fraction, support=support,
-                               levels=(info['csf_level'], info['tissue_level']))
+                               levels=levels)
     return grown, dict(info, support=support, added_voxels=more['added_voxels'])
