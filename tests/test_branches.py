@@ -125,6 +125,19 @@ def test_no_lobule_is_given_where_no_entry_proposed_it():
     assert (out[~left] != prior[~left]).any()      # the right side's entries hesitated
 
 
+def test_where_the_entries_agreed_nothing_moves_whatever_the_branch():
+    """Every entry put B on two rows of A's cortex (one-hot probabilities): those voxels lie
+    nearer A's branch, whose share of B is 0, so no lobule scores above 0 there; they keep B
+    (neither lobule has anything to win; B is not unit 1, which an arg-max of zeros gives)."""
+    image, truth, prior = phantom(border_y=21)
+    assert (prior != truth).sum() > 0
+    probs = np.zeros((len(UNITS),) + prior.shape, np.float32)
+    np.put_along_axis(probs, prior[None].astype(np.int64), 1.0, 0)
+    out, info = relabel(image, prior, probs)
+    np.testing.assert_array_equal(out, prior)
+    assert info['changed_voxels'] == 0
+
+
 def test_no_white_matter_contrast_changes_nothing():
     image, _, prior = phantom(border_y=28)
     flat = np.where(prior > 0, GM, CSF).astype(np.float32)

@@ -227,7 +227,12 @@ def relabel_by_branches(image: np.ndarray, labels: np.ndarray, probabilities: np
     score[0] = -1.0
     new_unit = unit.copy()
     moved = np.flatnonzero(lobules.ravel())[near]
-    new_unit.ravel()[moved] = score.argmax(0)
+    best = score.argmax(0)
+    # no unit scores above 0 (the voxel's lobules all have no share in the nearest branch):
+    # nothing to weigh, the voxel keeps its unit (an arg-max of zeros would give unit 1)
+    idle = score[best, np.arange(best.size)] <= 0
+    best[idle] = unit.ravel()[moved][idle]
+    new_unit.ravel()[moved] = best
     changed = lobules & (new_unit != unit)
     out = labels.astype(np.int16).copy()
     if changed.any():
