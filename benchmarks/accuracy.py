@@ -268,7 +268,7 @@ def cobra_assets(assets: Path, out: Path, seed: int = 0, method: str = 'cerebseg
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).symlink_to((assets / rel).resolve())
     if (out / MANIFEST).is_file():
-        return out
+        return carry_votes(assets, out)
     protocol = package_json('protocols/cobra.json')
     lut, mapping = read_lut(SHARED, protocol)
     src = nib.load(SHARED / protocol['entries'][0]['dseg'])
@@ -335,6 +335,29 @@ def cobra_assets(assets: Path, out: Path, seed: int = 0, method: str = 'cerebseg
         'lut': f'cobra/{LUT_NAME}', 'n_labels': len(lut), 'entries': entries}}
     manifest['files'] = {str(p.relative_to(out)): sha256sum(p) for p in sorted(out.rglob('*'))
                          if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+    return carry_votes(assets, out)
+
+
+def carry_votes(assets: Path, out: Path) -> Path:
+    """The source assets' CERES lobule votes (another protocol's population atlas, not the
+    cases' template: ``lobule_votes`` of protocols/cobra.json) in the benchmark-built library
+    at ``out``, as the shipped cobra library has them (files linked)."""
+    from cerebseg.assets import MANIFEST
+    from cerebseg.utils.images import atomic_write_text, sha256sum
+
+    source = json.loads((assets / MANIFEST).read_text())['libraries'].get('cobra', {})
+    votes = source.get('lobule_votes')
+    manifest = json.loads((out / MANIFEST).read_text())
+    if not votes or manifest['libraries']['cobra'].get('lobule_votes') == votes:
+        return out
+    for e in votes['entries']:
+        for rel in e['files'].values():
+            if not (out / rel).exists():
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).symlink_to((assets / rel).resolve())
+            manifest['files'][rel] = sha256sum(out / rel)
+    manifest['libraries']['cobra']['lobule_votes'] = votes
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + '\n')
     return out
 

@@ -189,3 +189,50 @@ def test_swapped_probabilities_keep_the_background():
     np.testing.assert_array_equal(np.sort(out, 0), np.sort(probs, 0))
     np.testing.assert_array_equal(out.max(0), probs.max(0))
     assert (np.take_along_axis(out, after[None], 0)[0] == probs.max(0)).all()
+
+
+def unit_votes(labels, units=UNITS, n_units=2):
+    """(n_units + 1, X, Y, Z) one-hot unit probabilities of ``labels``: an independent
+    library that votes exactly these units (sides merged)."""
+    votes = np.zeros((n_units + 1,) + labels.shape, np.float32)
+    unit = np.asarray(units)[labels]
+    np.put_along_axis(votes, unit[None].astype(np.int64), 1.0, 0)
+    votes[0] = 0.0
+    return votes
+
+
+def test_independent_votes_give_back_a_branch_the_library_gave_its_neighbour():
+    # the prior gives 7 of branch B's 10 rows to A: alone, the branch's shares favour A and
+    # pull more of B into A; a second library that puts the border on the fissure (the
+    # libraries weigh the same) gives B all its folia back
+    image, truth, prior = phantom(border_y=33)
+    probs = fused_probabilities(prior)
+    kwargs = dict(zooms=(0.5, 0.5, 0.5))
+    alone, _ = relabel_by_branches(image, prior, probs, UNITS, SIDES, **kwargs)
+    assert (alone != truth).sum() > (prior != truth).sum()
+    out, info = relabel_by_branches(image, prior, probs, UNITS, SIDES,
+                                    votes=unit_votes(truth), **kwargs)
+    np.testing.assert_array_equal(out, truth)
+    assert info['votes_weight'] == 0.5
+    # uint8 votes (as the fusion writes them) give the same labels
+    votes8 = np.rint(unit_votes(truth) * 255).astype(np.uint8)
+    out8, _ = relabel_by_branches(image, prior, probs, UNITS, SIDES, votes=votes8, **kwargs)
+    np.testing.assert_array_equal(out8, truth)
+    # weight 0, or votes with no lobule anywhere, change nothing
+    for votes, weight in ((unit_votes(truth), 0.0), (np.zeros((3,) + prior.shape), 0.5)):
+        same, _ = relabel_by_branches(image, prior, probs, UNITS, SIDES, votes=votes,
+                                      votes_weight=weight, **kwargs)
+        np.testing.assert_array_equal(same, alone)
+    # outline, corpus medullare and sides never change, whatever the votes
+    wrong, _ = relabel_by_branches(image, prior, probs, UNITS, SIDES, votes_weight=1.0,
+                                   votes=unit_votes(np.where(prior == 1, 2, prior)), **kwargs)
+    np.testing.assert_array_equal(wrong > 0, prior > 0)
+    np.testing.assert_array_equal(np.isin(wrong, (3, 6)), np.isin(prior, (3, 6)))
+    np.testing.assert_array_equal(np.asarray(SIDES)[wrong], np.asarray(SIDES)[prior])
+
+
+def test_votes_that_do_not_fit_are_refused():
+    image, truth, prior = phantom(border_y=31)
+    with pytest.raises(ValueError, match='Unit votes of shape'):
+        relabel_by_branches(image, prior, fused_probabilities(prior), UNITS, SIDES,
+                            votes=unit_votes(truth, n_units=3))

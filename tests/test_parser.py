@@ -57,6 +57,20 @@ def test_lobule_borders_follow_the_protocol_unless_asked(bids, tmp_path, argv, l
         assert len(branches['units']) == len(branches['sides']) == 27
         assert branches['units'][13] == branches['units'][26] == 0
         assert branches['units'][1:4] == [1, 1, 1] and set(branches['sides'][1:14]) == {1}
+    # the library's lobule votes (assets that have them) travel with the branches
+    votes = {'entries': [], 'names': ['x'], 'weight': 0.5, 'n_labels': 11, 'protocol': 'suit'}
+    with_votes = lobule_branches(RunConfig.from_namespace(opts),
+                                 {'name': library, 'votes': votes})
+    assert (with_votes or {}).get('votes') == (votes if moved else None)
+    off = parse_args([str(bids), str(tmp_path / 'out'), 'participant', *argv,
+                      '--lobule-votes', 'off'])
+    assert 'votes' not in (lobule_branches(RunConfig.from_namespace(off),
+                                           {'name': library, 'votes': votes}) or {})
+    if moved:   # asked for votes the library does not have
+        on = parse_args([str(bids), str(tmp_path / 'out'), 'participant', *argv,
+                         '--lobule-votes', 'on'])
+        with pytest.raises(ValueError, match='--lobule-votes off'):
+            lobule_branches(RunConfig.from_namespace(on), {'name': library})
 
 
 def test_branches_need_a_protocol_that_labels_the_corpus_medullare(bids, tmp_path):

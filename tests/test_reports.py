@@ -257,7 +257,7 @@ def test_methods_say_whether_the_outline_was_trimmed():
 
 
 def test_methods_say_whether_the_lobule_borders_moved():
-    from cerebseg.bids_app.metadata import BRANCHES_TEXT, FUSED_BORDERS_TEXT
+    from cerebseg.bids_app.metadata import BRANCHES_TEXT, FUSED_BORDERS_TEXT, borders_text
     from cerebseg.bids_app.reports import _methods
     from cerebseg.utils.branches import SHARPNESS
 
@@ -269,3 +269,10 @@ def test_methods_say_whether_the_lobule_borders_moved():
     fused = _methods({'cerebellum': {'meta': {'Method': dict(
         method, LobuleBorders=FUSED_BORDERS_TEXT)}}})
     assert 'branches' not in fused
+    # with lobule votes the text names the voting atlas, its entries and the weights
+    votes = {'protocol': 'suit', 'names': ['suit-A', 'suit-AMirror'], 'weight': 0.25}
+    text = borders_text({'units': [0], 'sides': [0], 'votes': votes})
+    assert text.startswith(BRANCHES_TEXT) and 'SUIT protocol' in text
+    assert 'suit-A, suit-AMirror' in text and 'count 0.25 against 0.75' in text
+    assert borders_text({'units': [0], 'sides': [0]}) == BRANCHES_TEXT
+    assert borders_text(None) == FUSED_BORDERS_TEXT

@@ -160,6 +160,31 @@ def test_branch_borders_node(tmp_path, fake_assets, moved):
         assert {('fuse', 'branch_borders'), ('to_grid', 'branch_borders'),
                 ('branch_borders', 'qc_files')} <= feeds
         assert ('fuse', 'to_native') not in feeds
+    assert 'register_votes' not in by_name and 'fuse_votes' not in by_name
+
+
+def test_lobule_votes_nodes(tmp_path, fake_assets):
+    """A library with lobule votes: their entries are registered and fused apart from the
+    library's (labels = units), and their probabilities reach branch_borders with the
+    weight; the library's own fusion is as before."""
+    entry = {'t1w': str(make_nifti(tmp_path / 'v_t1.nii.gz')),
+             'dseg': str(make_nifti(tmp_path / 'v_dseg.nii.gz'))}
+    votes = {'entries': [entry, entry], 'n_labels': 3, 'weight': 0.25, 'protocol': 'suit',
+             'names': ['a', 'aMirror'], 'control_mm': 4.0}
+    wf = _subject_graph(tmp_path, fake_assets, False, reg_control_mm=2.0,
+                        branches={'units': [0, 1, 2, 0], 'sides': [0, 1, 1, 1], 'votes': votes})
+    by_name, feeds = _nodes_and_feeds(wf)
+    assert {('register_votes', 'fuse_votes'), ('fuse_votes', 'branch_borders'),
+            ('fuse', 'branch_borders'), ('register', 'fuse'),
+            ('to_grid', 'register_votes')} <= feeds
+    assert ('register_votes', 'fuse') not in feeds and ('register', 'fuse_votes') not in feeds
+    assert by_name['register_votes'].inputs.entry_t1 == [entry['t1w']] * 2
+    # each library registered on its own protocol's control grid
+    assert by_name['register'].inputs.control_mm == 2.0
+    assert by_name['register_votes'].inputs.control_mm == 4.0
+    assert by_name['fuse_votes'].inputs.n_labels == 3
+    assert by_name['fuse_votes'].inputs.search == 0
+    assert by_name['branch_borders'].inputs.votes_weight == 0.25
 
 
 def test_brainstem_graph(tmp_path, fake_assets):

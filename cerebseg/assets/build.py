@@ -247,9 +247,59 @@ def build_library(protocol_name: str, sources: Path, out: Path, grid: BoxGrid,
         entries += [mirror_entry(e, lib_dir, swap, grid.affine) for e in entries]
     for e in entries:
         e['files'] = {k: f'{protocol_name}/{v}' for k, v in e['files'].items()}
-    return {'name': protocol_name, 'description': protocol['description'],
-            'citation': protocol['citation'], 'licence': protocol['licence'],
-            'lut': f'{protocol_name}/{LUT_NAME}', 'n_labels': len(lut), 'entries': entries}
+    library = {'name': protocol_name, 'description': protocol['description'],
+               'citation': protocol['citation'], 'licence': protocol['licence'],
+               'lut': f'{protocol_name}/{LUT_NAME}', 'n_labels': len(lut), 'entries': entries}
+    if protocol.get('lobule_votes'):
+        library['lobule_votes'] = build_vote_entries(protocol, sources, out, grid,
+                                                     template_head, seed, mirror, skip_entries)
+    return library
+
+
+def unit_mapping(sources: Path, votes: dict) -> tuple[dict, dict[int, int]]:
+    """The voting protocol and its source label value -> unit map (``votes['units']``: the
+    unit of each label name without its ``Left_``/``Right_``/``Vermis_`` prefix; other labels,
+    such as nuclei, 0)."""
+    protocol = package_json(f'protocols/{votes["protocol"]}.json')
+    lut, mapping = read_lut(sources, protocol)
+    names = {row['index']: row['name'] for row in lut}
+    out = {}
+    for value, index in mapping.items():
+        stem = names[index].split('_', 1)
+        stem = stem[1] if len(stem) == 2 and stem[0] in ('Left', 'Right', 'Vermis') else stem[0]
+        out[value] = int(votes['units'].get(stem, 0))
+    if sorted(set(out.values()) - {0}) != sorted(set(votes['units'].values())):
+        raise MissingAssetError(f'The {votes["protocol"]!r} lookup table does not name every '
+                                f'unit of the lobule votes ({sorted(votes["units"])}).')
+    return protocol, out
+
+
+def build_vote_entries(protocol: dict, sources: Path, out: Path, grid: BoxGrid, template_head,
+                       seed: int = 0, mirror: bool = True, skip_entries=()) -> dict:
+    """The entries of ``protocol['lobule_votes']``: another protocol's templates whose labels
+    are the lobule units (sides merged), written into the library's folder (with mirrors), for
+    :func:`cerebseg.utils.branches.relabel_by_branches`'s ``votes``."""
+    votes = protocol['lobule_votes']
+    source, mapping = unit_mapping(sources, votes)
+    lib_dir = out / protocol['name']
+    entries = []
+    for name in votes['entries']:
+        spec = next((e for e in source['entries'] if e['name'] == name), None)
+        if spec is None:
+            raise MissingAssetError(f'Protocol {votes["protocol"]!r} has no entry {name!r} '
+                                    f'(lobule votes of {protocol["name"]!r}).')
+        vote_name = f'{votes["protocol"]}-{name}'
+        if vote_name in skip_entries:
+            continue
+        entries.append(build_entry({**spec, 'name': vote_name}, mapping, sources, lib_dir,
+                                   grid, template_head, seed))
+    n_units = max(votes['units'].values()) + 1
+    if mirror:
+        entries += [mirror_entry(e, lib_dir, np.arange(n_units), grid.affine) for e in entries]
+    for e in entries:
+        e['files'] = {k: f'{protocol["name"]}/{v}' for k, v in e['files'].items()}
+    return {'protocol': votes['protocol'], 'weight': float(votes['weight']),
+            'n_labels': n_units, 'entries': entries}
 
 
 def build_assets(sources: str | Path, out: str | Path, libraries=('suit',),

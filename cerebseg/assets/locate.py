@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cerebseg.assets import ASSETS_FORMAT, MANIFEST, user_cache_dir
+from cerebseg.assets import ASSETS_FORMAT, MANIFEST, registration_control_mm, user_cache_dir
 from cerebseg.errors import MissingAssetError
 from cerebseg.utils.images import sha256sum
 
@@ -50,13 +50,24 @@ class Assets:
 
     def library_paths(self, name: str) -> dict:
         """The atlas library ``name`` as the workflows take it: every entry's files with
-        absolute paths, ``n_labels``, the lookup table, citation, licence and entry info."""
+        absolute paths, ``n_labels``, the lookup table, citation, licence and entry info;
+        ``votes`` (entries, ``n_labels``, ``weight``, and ``control_mm``, the registration
+        control grid of their own protocol) where the library has lobule votes."""
         lib = self.library(name)
         entries = [{k: str(self.path(v)) for k, v in e['files'].items()}
                    for e in lib['entries']]
-        return {'name': name, 'entries': entries, 'n_labels': lib['n_labels'],
-                'lut': str(self.path(lib['lut'])), 'citation': lib['citation'],
-                'licence': lib['licence'], 'entry_info': lib['entries']}
+        out = {'name': name, 'entries': entries, 'n_labels': lib['n_labels'],
+               'lut': str(self.path(lib['lut'])), 'citation': lib['citation'],
+               'licence': lib['licence'], 'entry_info': lib['entries']}
+        votes = lib.get('lobule_votes')
+        if votes and votes['entries']:
+            out['votes'] = {'protocol': votes['protocol'], 'weight': votes['weight'],
+                            'control_mm': registration_control_mm({'name': votes['protocol']}),
+                            'n_labels': votes['n_labels'],
+                            'entries': [{k: str(self.path(v)) for k, v in e['files'].items()}
+                                        for e in votes['entries']],
+                            'names': [e['name'] for e in votes['entries']]}
+        return out
 
     def template_paths(self) -> dict:
         """Absolute paths of the MNI template ``head``, ``brain``, ``mask``, and ``icv_ml``."""

@@ -34,6 +34,7 @@ class RunConfig:
     fusion_search: int = 0
     outline: str = 'auto'
     lobule_borders: str = 'auto'
+    lobule_votes: str = 'auto'
     models: str = 'none'
     skip_brainstem: bool = False
     skip_cerebellum: bool = False

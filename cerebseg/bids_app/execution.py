@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cerebseg.bids_app.logs import IMPORTANT, LOGGER
-from cerebseg.assets import registration_control_mm
+from cerebseg.assets import protocol_setting, registration_control_mm
 from cerebseg.bids_app.metadata import (brainstem_meta, dseg_meta, lobule_branches,
                                         outline_mode, select_cnn)
 from cerebseg.bids_app.outcome import (crash_staging_dir, nearest_existing, publish_crashes,
@@ -56,9 +56,15 @@ def prepare(cfg) -> Plan:
                                 'brainstem label set; rebuild them (cerebseg-assets build).')
     if not cfg.skip_cerebellum:
         try:
-            lobule_branches(cfg, library)
+            branches = lobule_branches(cfg, library)
         except ValueError as err:
             raise UsageError(str(err)) from err
+        if branches and cfg.lobule_votes == 'auto' and not branches.get('votes') \
+                and protocol_setting(library, 'lobule_votes', None):
+            LOGGER.warning('The %r library in %s was built without its lobule votes (an '
+                           'older cerebseg): the lobule borders follow the branches without '
+                           'them, less accurately. Rebuild the assets (cerebseg-assets build '
+                           '--library %s).', library['name'], assets.root, library['name'])
     if cfg.models == 'none' and cfg.no_atlas_prior:
         raise UsageError('--no-atlas-prior needs the networks; it cannot be combined with '
                          '--models none (the multi-atlas labels are the prior).')

@@ -95,7 +95,9 @@ def outline_mode(cfg, library: dict) -> str:
 def lobule_branches(cfg, library: dict) -> dict | None:
     """The ``units`` and ``sides`` of each label value when the lobule borders move onto the
     white-matter branches (``--lobule-borders``; ``auto``: the protocol's ``lobule_borders``
-    key), else None. A protocol without ``branch_units`` cannot: ``branches`` is refused."""
+    key), else None. A protocol without ``branch_units`` cannot: ``branches`` is refused.
+    ``votes``: the library's lobule votes (:meth:`cerebseg.assets.locate.Assets.library_paths`)
+    where it has them."""
     choice = cfg.lobule_borders
     if choice == 'auto':
         choice = protocol_setting(library, 'lobule_borders', 'fused')
@@ -107,7 +109,16 @@ def lobule_branches(cfg, library: dict) -> dict | None:
         raise ValueError(f'--lobule-borders branches needs a label protocol with a labelled '
                          f'corpus medullare (cobra); the {library["name"]!r} library has none. '
                          f'Use --atlas-library cobra or --lobule-borders fused.')
-    return {'units': [0, *units], 'sides': [0, *sides]}
+    out = {'units': [0, *units], 'sides': [0, *sides]}
+    votes = getattr(cfg, 'lobule_votes', 'auto')
+    if votes == 'on' and not library.get('votes'):
+        raise ValueError(f'--lobule-votes on: the {library["name"]!r} library has no lobule '
+                         f'votes (assets built by an older cerebseg, or a protocol without '
+                         f'them). Rebuild the assets (cerebseg-assets build --library '
+                         f'{library["name"]}) or use --lobule-votes off.')
+    if library.get('votes') and votes != 'off':
+        out['votes'] = library['votes']
+    return out
 
 
 #: ``Method.LobuleBorders`` with the branches (its exponent is cerebseg.utils.branches.SHARPNESS,
@@ -122,6 +133,24 @@ BRANCHES_TEXT = ('each white-matter branch of the bias-corrected T1w in the work
                  'unchanged.')
 #: ``Method.LobuleBorders`` when the borders are left as the fusion draws them
 FUSED_BORDERS_TEXT = 'as fused (not moved onto the white-matter branches).'
+#: added to BRANCHES_TEXT when the library has lobule votes (its weight is the library's)
+VOTES_TEXT = (' Which lobule a branch carries is also voted by an independent population atlas '
+              '({protocol} protocol, its lobules mapped onto the CERES lobules, sides merged; '
+              'entries {names}), registered and fused the same way: its lobule probabilities '
+              'count {weight:g} against {rest:g} for the fused ones, in the shares and in each '
+              'voxel\'s own probability.')
+
+
+def borders_text(branches: dict | None) -> str:
+    """``Method.LobuleBorders``: what :func:`lobule_branches` gives, in words."""
+    if not branches:
+        return FUSED_BORDERS_TEXT
+    votes = branches.get('votes')
+    if not votes:
+        return BRANCHES_TEXT
+    return BRANCHES_TEXT + VOTES_TEXT.format(protocol=votes['protocol'].upper(),
+                                             names=', '.join(votes['names']),
+                                             weight=votes['weight'], rest=1 - votes['weight'])
 
 OUTLINE_TEXT = ('outline voxels (a face on the background) whose bias-corrected T1w intensity is '
                 'below the midpoint between the CSF level (the darker of two intensity classes '
@@ -167,13 +196,14 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
                            'affine, then the most probable label.',
             'Outline': {'trimmed': OUTLINE_TEXT, 'tissue': TISSUE_OUTLINE_TEXT,
                         'fused': FUSED_OUTLINE_TEXT}[outline_mode(cfg, library)],
-            'LobuleBorders': BRANCHES_TEXT if lobule_branches(cfg, library)
-            else FUSED_BORDERS_TEXT,
+            'LobuleBorders': borders_text(lobule_branches(cfg, library)),
         },
         'LabelProtocol': protocol_summary(library['name']),
         'AtlasLibrary': {'Name': library['name'], 'Citation': library['citation'],
                          'Licence': library['licence'],
-                         'Entries': [e['name'] for e in library['entry_info']]},
+                         'Entries': [e['name'] for e in library['entry_info']],
+                         **({'LobuleVotes': library['votes']['names']}
+                            if lobule_branches(cfg, library) and library.get('votes') else {})},
         'LookupTable': 'seg-cerebellum_dseg.tsv',
         'IntracranialVolumeMethod': 'eTIV-style: volume of the MNI152NLin2009cAsym brain mask '
                                     'times the determinant of the native-to-MNI affine '

@@ -124,6 +124,13 @@ def _build_parser() -> argparse.ArgumentParser:
                              'label fusion draws them), or auto (default: what the label '
                              'protocol defines; branches for cobra, fused for suit, which '
                              'labels no corpus medullare; see the README)')
+    method.add_argument('--lobule-votes', choices=['auto', 'on', 'off'], default='auto',
+                        help='with the lobule borders on the branches: an independent '
+                             'population atlas (the SUIT atlas on MNI152NLin6AsymC and its '
+                             'mirror, its lobules mapped onto the CERES lobules) also votes on '
+                             'which lobule each branch carries (on), or not (off); auto '
+                             '(default): on where the library has the votes (cobra; see the '
+                             'README)')
     method.add_argument('--models', choices=['ensemble', 'unet', 'dpn', 'none'],
                         default='none',
                         help='DeepCeres lobule networks: none (default: the multi-atlas labels '

@@ -146,6 +146,10 @@ class _BranchInputSpec(BaseInterfaceInputSpec):
     units = traits.List(traits.Int, mandatory=True,
                         desc='unit of each label value (0: background, corpus medullare)')
     sides = traits.List(traits.Int, mandatory=True, desc='side of each label value')
+    votes_probseg = traits.Str('', usedefault=True,
+                               desc='probabilities of each unit (value u) fused from an '
+                                    'independent library (empty: none)')
+    votes_weight = traits.Float(0.5, usedefault=True, desc='weight of the unit votes')
 
 
 class _BranchOutputSpec(TraitedSpec):
@@ -175,8 +179,10 @@ class BranchBorders(CerebsegInterface):
         before = np.asarray(seg.dataobj, np.int16)
         image = np.asarray(nib.load(self.inputs.t1_box).dataobj, np.float32)
         probs = read_probseg(self.inputs.probseg)
+        votes = read_probseg(self.inputs.votes_probseg) if self.inputs.votes_probseg else None
         after, info = relabel_by_branches(image, before, probs, self.inputs.units,
-                                          self.inputs.sides, zooms=seg.header.get_zooms()[:3])
+                                          self.inputs.sides, zooms=seg.header.get_zooms()[:3],
+                                          votes=votes, votes_weight=self.inputs.votes_weight)
         if 'skipped' in info:
             LOGGER.warning('Lobule borders left as fused (%s): %s', info['skipped'],
                            self.inputs.t1_box)

@@ -27,6 +27,16 @@ probabilities by what each branch carries:
    label or, where the unit changed, from the nearest voxel labelled with that unit on that
    side.
 
+With ``votes``, a second library that has not seen the subject's anatomy either (the CERES
+library's lobule votes: the SUIT population atlas of 20 other people, its lobules mapped onto
+the units) gives its unit probabilities, and both count in the shares and in each voxel's
+own probability (``votes_weight``: half each). With two individual anatomies in the library,
+their lobule proportions decide whole branches: on the real-anatomy case brain1 the fusion
+gave most of branch after branch of the posterior lobe to the lobule above it (Crus I +19 %,
+VIIIA -24 %, VIIIB -27 %); a population atlas's proportions correct most of that. Then a
+lobule that only the votes proposed at a voxel can be given to it, never one that neither
+library proposed.
+
 The weighing is continuous: a small difference between two runs' fused probabilities (a
 head and its mirror) moves the borders a little, where a hard rule (a branch takes its
 majority lobule when that reaches 60 %) flipped whole branches: on the real-anatomy cases the
@@ -70,6 +80,9 @@ REACH_MM = 2.0
 SHARPNESS = 1.5
 #: below this contrast (corpus medullare - grey matter) / corpus medullare nothing changes
 MIN_CONTRAST = 0.05
+#: share of the unit probabilities that an independent library's votes weigh in with
+#: (``votes``): the two libraries count as much as each other
+VOTES_WEIGHT = 0.5
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
@@ -154,7 +167,8 @@ def relabel_by_branches(image: np.ndarray, labels: np.ndarray, probabilities: np
                         units, sides, zooms=(1, 1, 1), levels=LEVELS, purity: float = PURITY,
                         minor: float = MINOR, min_voxels: int = MIN_VOXELS,
                         margin_mm: float = MARGIN_MM, reach_mm: float = REACH_MM,
-                        sharpness: float = SHARPNESS) -> tuple[np.ndarray, dict]:
+                        sharpness: float = SHARPNESS, votes: np.ndarray | None = None,
+                        votes_weight: float = VOTES_WEIGHT) -> tuple[np.ndarray, dict]:
     """Labels whose lobule borders follow the image's white-matter branches (module doc).
 
     Parameters
@@ -172,6 +186,13 @@ def relabel_by_branches(image: np.ndarray, labels: np.ndarray, probabilities: np
         the corpus medullare (white matter, never changed). ``sides[l]``: its side (any
         integers); a voxel keeps its side.
     zooms : voxel size (mm).
+    votes : (U + 1, X, Y, Z) array or None
+        Probabilities of each unit (row ``u``; row 0 unused) from a second, independent
+        library (uint8 as probability * 255, or floats): a population atlas of another
+        protocol whose lobules map onto the units. Where they sum to more than 0.05 they are
+        normalised over the units and mixed into the unit probabilities, ``votes_weight``
+        of them to ``1 - votes_weight`` of the fused ones, before the shares and the scores
+        are taken; None: the fused probabilities alone.
 
     Returns
     -------
@@ -212,6 +233,17 @@ def relabel_by_branches(image: np.ndarray, labels: np.ndarray, probabilities: np
         if units[value] > 0:
             unit_probs[units[value]] += probabilities[value][lobules]
     unit_probs /= scale
+    if votes is not None:
+        if votes.shape[1:] != labels.shape or votes.shape[0] != n_units + 1:
+            raise ValueError(f'Unit votes of shape {votes.shape} do not fit {n_units} units '
+                             f'on labels of shape {labels.shape}.')
+        extra = np.stack([votes[u][lobules] for u in range(n_units + 1)]).astype(np.float32)
+        extra[0] = 0.0
+        extra /= 255.0 if votes.dtype == np.uint8 else 1.0
+        total = extra.sum(0)
+        extra = np.where(total > 0.05, extra / np.maximum(total, 1e-6), 0.0)
+        unit_probs = (1.0 - votes_weight) * unit_probs + votes_weight * extra
+        info['votes_weight'] = votes_weight
     margin = ndi.distance_transform_edt(~white_matter, sampling=zooms) <= margin_mm
     branches = lobules & ~margin
     rows, table = _final_shares(image, unit, unit_probs[:, branches[lobules]], branches,

@@ -29,6 +29,8 @@ BOX_AFFINE = 'box_affine'      # preproc_wf: the T1w-to-MNI affine refined on th
 REGISTER = 'register'          # multiatlas_wf: the library entries warped onto the subject
 FUSE = 'fuse'                  # multiatlas_wf: the fused multi-atlas labels (the prior)
 BRANCH_BORDERS = 'branch_borders'  # multiatlas_wf: lobule borders moved onto the branches
+REGISTER_VOTES = 'register_votes'  # multiatlas_wf: the lobule-vote entries (another protocol)
+FUSE_VOTES = 'fuse_votes'      # multiatlas_wf: their fused unit probabilities
 BRAINSTEM_ATLAS = 'atlas'      # brainstem_wf: the brainstem label set registered (atlas method)
 
 #: node outputs, relative to :func:`run_folder` (the file names are the interfaces')
