@@ -168,3 +168,27 @@ def test_plugin_and_plugin_args(bids, tmp_path, capsys):
             parse_args(base + ['--plugin-args', bad])
         assert info.value.code == 2
     assert '--plugin-args' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('choice', ['auto', 'off'])
+def test_sidecar_names_the_lobule_votes_only_when_they_vote(bids, tmp_path, choice):
+    """``AtlasLibrary.LobuleVotes`` and ``Method.LobuleBorders`` say what ran: the votes'
+    entries with ``auto``, nothing about them with ``--lobule-votes off`` although the library
+    has them."""
+    from types import SimpleNamespace
+
+    from cerebseg.bids_app.config import RunConfig
+    from cerebseg.bids_app.metadata import dseg_meta
+
+    opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant',
+                       '--atlas-library', 'cobra', '--lobule-votes', choice])
+    votes = {'entries': [], 'names': ['suit-A', 'suit-AMirror'], 'weight': 0.5, 'n_labels': 11,
+             'protocol': 'suit'}
+    library = {'name': 'cobra', 'citation': 'c', 'licence': 'l', 'entry_info': [{'name': 'e'}],
+               'votes': votes}
+    run = SimpleNamespace(t1w=str(bids / 'sub-01/anat/sub-01_T1w.nii.gz'), t2w=None)
+    meta = dseg_meta(run, library, bids, RunConfig.from_namespace(opts))
+    voted = choice == 'auto'
+    assert ('LobuleVotes' in meta['AtlasLibrary']) is voted
+    assert ('suit-A, suit-AMirror' in meta['Method']['LobuleBorders']) is voted
+    assert 'white-matter branch' in meta['Method']['LobuleBorders']

@@ -110,7 +110,7 @@ def lobule_branches(cfg, library: dict) -> dict | None:
                          f'corpus medullare (cobra); the {library["name"]!r} library has none. '
                          f'Use --atlas-library cobra or --lobule-borders fused.')
     out = {'units': [0, *units], 'sides': [0, *sides]}
-    votes = getattr(cfg, 'lobule_votes', 'auto')
+    votes = cfg.lobule_votes
     if votes == 'on' and not library.get('votes'):
         raise ValueError(f'--lobule-votes on: the {library["name"]!r} library has no lobule '
                          f'votes (assets built by an older cerebseg, or a protocol without '
@@ -175,6 +175,7 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
         return f'bids:raw:{Path(path).relative_to(bids_dir).as_posix()}'
 
     sources = [bids_uri(run.t1w)] + ([bids_uri(run.t2w)] if run.t2w else [])
+    branches = lobule_branches(cfg, library)
     meta = {
         'Description': f'Cerebellar labels following {protocol_summary(library["name"])} by '
                        + ('the DeepCeres CNN cascade with a multi-atlas prior.' if cnn else
@@ -196,14 +197,14 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
                            'affine, then the most probable label.',
             'Outline': {'trimmed': OUTLINE_TEXT, 'tissue': TISSUE_OUTLINE_TEXT,
                         'fused': FUSED_OUTLINE_TEXT}[outline_mode(cfg, library)],
-            'LobuleBorders': borders_text(lobule_branches(cfg, library)),
+            'LobuleBorders': borders_text(branches),
         },
         'LabelProtocol': protocol_summary(library['name']),
         'AtlasLibrary': {'Name': library['name'], 'Citation': library['citation'],
                          'Licence': library['licence'],
                          'Entries': [e['name'] for e in library['entry_info']],
-                         **({'LobuleVotes': library['votes']['names']}
-                            if lobule_branches(cfg, library) and library.get('votes') else {})},
+                         **({'LobuleVotes': branches['votes']['names']}
+                            if branches and branches.get('votes') else {})},
         'LookupTable': 'seg-cerebellum_dseg.tsv',
         'IntracranialVolumeMethod': 'eTIV-style: volume of the MNI152NLin2009cAsym brain mask '
                                     'times the determinant of the native-to-MNI affine '

@@ -237,7 +237,7 @@ def relabel_by_branches(image: np.ndarray, labels: np.ndarray, probabilities: np
         if votes.shape[1:] != labels.shape or votes.shape[0] != n_units + 1:
             raise ValueError(f'Unit votes of shape {votes.shape} do not fit {n_units} units '
                              f'on labels of shape {labels.shape}.')
-        extra = np.stack([votes[u][lobules] for u in range(n_units + 1)]).astype(np.float32)
+        extra = votes[:, lobules].astype(np.float32)
         extra[0] = 0.0
         extra /= 255.0 if votes.dtype == np.uint8 else 1.0
         total = extra.sum(0)
