@@ -425,9 +425,10 @@ def main(argv=None) -> int:
                              'CoBra, a benchmark-built library without it')
     parser.add_argument('--methods', nargs='+', default=['default', 'none', 'ants', 'syn', 'jlf'],
                         choices=['default', 'none', 'search', 'ensemble', 'branches', 'fused',
-                                 'ants', 'syn', 'synfull', 'jlf'],
+                                 'single', 'ants', 'syn', 'synfull', 'jlf'],
                         help='branches / fused: --lobule-borders branches (--protocol cobra '
-                             'only; its default) / fused')
+                             'only; its default) / fused; single: --affine-fit single (own '
+                             'work folder)')
     parser.add_argument('--entries', nargs='+', default=None,
                         help='single-atlas rows (syn, synfull) only for these entries')
     parser.add_argument('--stages', action='store_true', help='print per-stage volumes')
@@ -472,6 +473,7 @@ def main(argv=None) -> int:
             'branches': ('--lobule-borders branches',
                          ['--lobule-borders', 'branches'], 'work-torch'),
             'fused': ('--lobule-borders fused', ['--lobule-borders', 'fused'], 'work-torch'),
+            'single': ('--affine-fit single', ['--affine-fit', 'single'], 'work-single'),
             'ants': ('--registration ants --models none',
                      ['--registration', 'ants', '--models', 'none'], 'work-ants')}
     need_ants = any(m in opts.methods for m in ('ants', 'syn', 'jlf'))

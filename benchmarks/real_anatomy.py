@@ -285,6 +285,9 @@ def main(argv=None) -> int:
                         default='auto',
                         help='cerebseg --outline of every cerebseg run (not auto: the method '
                              'names and output folders say it; the work folders are shared)')
+    parser.add_argument('--affine-fit', choices=['symmetric', 'single'], default='symmetric',
+                        help='cerebseg --affine-fit of every cerebseg run (single: the method '
+                             'names, output and work folders say it)')
     parser.add_argument('--lobule-borders', choices=['auto', 'branches', 'fused'],
                         default='auto',
                         help='cerebseg --lobule-borders of the cerebseg runs of the cobra '
@@ -355,6 +358,11 @@ def main(argv=None) -> int:
             name = f'{name}, --lobule-borders {opts.lobule_borders}'
             suffix = f'{suffix}-{opts.lobule_borders}'
             extra = [*extra, '--lobule-borders', opts.lobule_borders]
+        affine = ''
+        if opts.affine_fit != 'symmetric':
+            name, affine = f'{name}, --affine-fit {opts.affine_fit}', f'-{opts.affine_fit}'
+            suffix = f'{suffix}{affine}'
+            extra = [*extra, '--affine-fit', opts.affine_fit]
         if opts.t2w:
             name = f'{name}, T1w+T2w'
         else:
@@ -368,9 +376,9 @@ def main(argv=None) -> int:
             else:
                 lib_dir = leave_out_entry(assets, out / f'assets-lomo{k}', entry_name(k))
             dst = out / f'out-{key}{suffix}'
-            work = out / f'work-{key.removesuffix("-cnn").removesuffix("-search")}'
+            work = out / f'work-{key.removesuffix("-cnn").removesuffix("-search")}{affine}'
             if key == 'jlf-maps':  # the jlf run's registrations, the CoBra entries not fused
-                work = out / 'work-jlf'
+                work = out / f'work-jlf{affine}'
             times[name] = times.get(name, 0.0) + run_cerebseg(
                 bids, dst, work, lib_dir, ['--participant-label', *fold_labels,
                                            '--skip-brainstem', '--models', 'none', *extra],

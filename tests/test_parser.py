@@ -192,3 +192,24 @@ def test_sidecar_names_the_lobule_votes_only_when_they_vote(bids, tmp_path, choi
     assert ('LobuleVotes' in meta['AtlasLibrary']) is voted
     assert ('suit-A, suit-AMirror' in meta['Method']['LobuleBorders']) is voted
     assert 'white-matter branch' in meta['Method']['LobuleBorders']
+
+
+@pytest.mark.parametrize('choice', ['symmetric', 'single'])
+def test_sidecars_say_how_the_affine_was_fitted(bids, tmp_path, choice):
+    """``--affine-fit``: the config carries it, and both sidecars' ``Method.Preprocessing`` say
+    whether the T1w's mirror was fitted too."""
+    from types import SimpleNamespace
+
+    from cerebseg.bids_app.config import RunConfig
+    from cerebseg.bids_app.metadata import affine_text, dseg_meta
+
+    cfg = RunConfig.from_namespace(parse_args([str(bids), str(tmp_path / 'out'), 'participant',
+                                               '--affine-fit', choice]))
+    assert cfg.affine_fit == choice
+    library = {'name': 'suit', 'citation': 'c', 'licence': 'l', 'entry_info': [{'name': 'e'}]}
+    run = SimpleNamespace(t1w=str(bids / 'sub-01/anat/sub-01_T1w.nii.gz'), t2w=None)
+    text = dseg_meta(run, library, bids, cfg)['Method']['Preprocessing']
+    assert affine_text(cfg) in text
+    assert ('mirror-equivariant' in text) is (choice == 'symmetric')
+    default = RunConfig.from_namespace(parse_args([str(bids), str(tmp_path / 'o'), 'participant']))
+    assert default.affine_fit == 'symmetric'

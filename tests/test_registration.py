@@ -217,3 +217,104 @@ def test_ants_helpers_leave_no_temporary_files(tmp_path, monkeypatch):
     warps = syn_to(fixed, moving, str(tmp_path / 'syn_'), iterations=(5, 0, 0), spacing=1.0)
     assert all(p.startswith(str(tmp_path)) and (tmp_path / p).is_file() for p in [kept, *warps])
     assert list(scratch.iterdir()) == []
+
+
+MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0])
+
+
+def _random_affine(rng, shift_mm=3.0):
+    matrix = np.eye(4)
+    matrix[:3, :3] += rng.normal(0, 0.05, (3, 3))
+    matrix[:3, 3] = rng.normal(0, shift_mm, 3)
+    return matrix
+
+
+def test_affine_files_hold_the_matrix_ants_applies(tmp_path):
+    """read_affine / write_affine: a 4 x 4 LPS matrix round-trips, and ANTs moves points by it,
+    also for a transform with a centre (as antsRegistration writes them)."""
+    import ants
+    import pandas as pd
+
+    from cerebseg.utils.registration import read_affine, write_affine
+
+    rng = np.random.default_rng(3)
+    matrix = _random_affine(rng)
+    path = write_affine(matrix, str(tmp_path / 'a.mat'))
+    np.testing.assert_allclose(read_affine(path), matrix, atol=1e-6)
+    centred = ants.create_ants_transform(transform_type='AffineTransform', dimension=3,
+                                         matrix=matrix[:3, :3], translation=(1.0, -2.0, 0.5),
+                                         center=(10.0, 20.0, -30.0))
+    ants.write_transform(centred, str(tmp_path / 'c.mat'))
+    points = rng.normal(0, 40, (5, 3))
+    moved = ants.apply_transforms_to_points(
+        3, pd.DataFrame(points, columns=['x', 'y', 'z']), [str(tmp_path / 'c.mat')])
+    expected = (read_affine(str(tmp_path / 'c.mat')) @ np.c_[points, np.ones(5)].T).T[:, :3]
+    np.testing.assert_allclose(moved[['x', 'y', 'z']].to_numpy(), expected, atol=1e-4)
+
+
+def test_mirror_fits_average_into_mirrored_transforms(tmp_path):
+    """combine_mirror_fits: the scan gets the mean of its fit and of its mirror's fit mirrored
+    back; the mirror (the two fits swapped) gets exactly the mirrored result. Two fits that
+    disagree are not averaged: the better one is kept, for the scan and its mirror alike."""
+    from cerebseg.utils.registration import (AffineFit, MIRROR_FIT_TOLERANCE_MM,
+                                             combine_mirror_fits, fit_distance_mm, read_affine,
+                                             write_affine)
+
+    rng = np.random.default_rng(4)
+    direct = _random_affine(rng)
+    near = MIRROR @ direct @ MIRROR
+    near[:3, 3] += (0.4, -0.3, 0.2)                 # a second fit, 0.5 mm off
+    fits = {name: AffineFit(write_affine(m, str(tmp_path / f'{name}.mat')), corr, 'Affine')
+            for name, m, corr in (('a', direct, 0.5), ('b', near, 0.45))}
+    scan = combine_mirror_fits(fits['a'], fits['b'], str(tmp_path / 'scan.mat'))
+    mirror = combine_mirror_fits(fits['b'], fits['a'], str(tmp_path / 'mirror.mat'))
+    got, got_mirror = read_affine(scan.transform), read_affine(mirror.transform)
+    np.testing.assert_allclose(got, 0.5 * (direct + MIRROR @ near @ MIRROR), atol=1e-6)
+    np.testing.assert_allclose(got_mirror, MIRROR @ got @ MIRROR, atol=1e-6)
+    assert fit_distance_mm(got, direct) > 0.1           # not the single fit
+    assert 0.4 < scan.mirror_distance_mm < MIRROR_FIT_TOLERANCE_MM
+    assert scan.correlation == pytest.approx(0.475)
+
+    far = near.copy()
+    far[:3, 3] += (0.0, 0.0, 2 * MIRROR_FIT_TOLERANCE_MM)
+    fits['b'] = AffineFit(write_affine(far, str(tmp_path / 'far.mat')), 0.3, 'Affine')
+    scan = combine_mirror_fits(fits['a'], fits['b'], str(tmp_path / 'scan2.mat'))
+    mirror = combine_mirror_fits(fits['b'], fits['a'], str(tmp_path / 'mirror2.mat'))
+    np.testing.assert_allclose(read_affine(scan.transform), direct, atol=1e-6)
+    np.testing.assert_allclose(read_affine(mirror.transform), MIRROR @ direct @ MIRROR, atol=1e-6)
+    assert scan.correlation == mirror.correlation == 0.5
+
+
+def test_mni_affine_of_a_mirrored_head_is_the_mirrored_affine(tmp_path):
+    """affine_to_template (the pipeline's MNI affine) on a phantom head and on its mirror about
+    x = 0: the two transforms are mirror images of each other, to numerical precision."""
+    import ants
+    import nibabel as nib
+
+    from cerebseg.utils.images import mirror_average, mirror_world, nib_to_ants
+    from cerebseg.utils.registration import affine_to_template, fit_distance_mm, read_affine
+
+    image, _ = phantom(seed=5, shape=(36, 40, 32))
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = -(np.array(image.shape) - 1) * 1.5
+    template = mirror_average(nib.Nifti1Image(image, affine))
+    mask = np.asarray(template.dataobj) > 0.1
+    rng = np.random.default_rng(6)
+    # the subject: the template moved by a small asymmetric affine, on its own grid
+    move = _random_affine(rng, shift_mm=2.0)
+    subject = ants.apply_transforms(nib_to_ants(template), nib_to_ants(template),
+                                    [str(_write(move, tmp_path / 'move.mat'))])
+    subject_nib = nib.Nifti1Image(subject.numpy() * (1 + 0.1 * rng.random(subject.shape)),
+                                  affine)
+    fits = [affine_to_template(nib_to_ants(img), nib_to_ants(template), nib_to_ants(template),
+                               mask, True, str(tmp_path / f'{tag}_'), spacing=6.0)
+            for tag, img in (('scan', subject_nib), ('mirror', mirror_world(subject_nib)))]
+    scan, mirror = (read_affine(f.transform) for f in fits)
+    assert fit_distance_mm(scan, MIRROR @ mirror @ MIRROR) < 1e-3
+    assert fits[0].mirror_distance_mm is not None
+
+
+def _write(matrix, path):
+    from cerebseg.utils.registration import write_affine
+
+    return write_affine(matrix, str(path))

@@ -99,6 +99,10 @@ def test_qc_flags():
     kinds = [f['kind'] for f in qc.fit_flags({'TemplateFitCorrelation': 0.3,
                                               'T2wToT1wEdgeCorrelation': 0.2})]
     assert kinds == ['template_fit', 't2w_fit']
+    # the T1w's and its mirror's fits averaged (0.8 mm apart): no flag; one kept alone: a flag
+    assert qc.fit_flags({'TemplateFitCorrelation': 0.6, 'TemplateFitMirrorDistanceMM': 0.8}) == []
+    flags = qc.fit_flags({'TemplateFitCorrelation': 0.6, 'TemplateFitMirrorDistanceMM': 12.0})
+    assert [f['kind'] for f in flags] == ['template_fit'] and '12.0 mm' in flags[0]['message']
     vols = {'Left_A': 1000.0, 'Right_A': 1300.0, 'Left_B': 50.0, 'Right_B': 10.0,
             'Left_C': 0.0, 'Right_C': 400.0, 'Vermis_D': 5.0}
     flags = qc.asymmetry_flags(vols)

@@ -366,3 +366,14 @@ def test_prior_graph_feeds_the_t1w(tmp_path, fake_assets):
         assert correct.inputs.in_file == expected
         register = next(n for n in graph.nodes() if n.fullname.endswith('.register'))
         assert register.inputs.control_mm == 2.0     # training priors as the runs make them
+
+
+@pytest.mark.parametrize('symmetric', [True, False])
+def test_affine_fit_reaches_both_affine_nodes(tmp_path, fake_assets, symmetric):
+    """``--affine-fit``: the whole-brain affine and its box refinement both fit the T1w and its
+    mirror (symmetric, the default), or neither does; each uses two cores for its two fits."""
+    wf = _subject_graph(tmp_path, fake_assets, False, device='cpu', symmetric_affine=symmetric)
+    nodes, _ = _nodes_and_feeds(wf)
+    for name in ('mni_affine', 'box_affine'):
+        assert nodes[name].inputs.symmetric is symmetric
+    assert nodes['box_affine'].n_procs == 1      # omp_nthreads=1: one fit at a time

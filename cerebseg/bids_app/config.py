@@ -30,6 +30,7 @@ class RunConfig:
     plugin_args: str = ''   # JSON
     device: str = 'auto'
     atlas_library: str = 'suit'
+    affine_fit: str = 'symmetric'
     registration: str = 'torch'
     fusion_search: int = 0
     outline: str = 'auto'

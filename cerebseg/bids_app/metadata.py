@@ -186,7 +186,8 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
             'Name': 'multi-atlas registration and '
                     + ('non-local' if cfg.fusion_search else 'locally') + ' weighted majority voting',
             'Preprocessing': 'N4 bias correction and non-local means denoising (ANTs) in native '
-                             'space; affine registration to MNI152NLin2009cAsym; T2w rigidly to '
+                             'space; affine registration to MNI152NLin2009cAsym, '
+                             + affine_text(cfg) + '; T2w rigidly to '
                              'T1w; 0.5 mm box around cerebellum and brainstem; N4 in the box; '
                              'intensities scaled so that the 2nd/98th foreground percentiles '
                              'are 0/1.',
@@ -277,6 +278,14 @@ def brainstem_network(cfg, lut: str) -> tuple[str, dict]:
                        'Weights': path.name, 'LabelSource': extra.get('label_source')}
 
 
+def affine_text(cfg) -> str:
+    """How the MNI affine was fitted (``--affine-fit``), for the sidecars' Preprocessing."""
+    if cfg.affine_fit == 'single':
+        return 'whole brain, then refined on cerebellum and brainstem, one fit each'
+    return ('whole brain, then refined on cerebellum and brainstem, each fitted to the T1w '
+            'and to its left-right mirror and the two fits averaged (mirror-equivariant)')
+
+
 def brainstem_meta(run, brainstem: dict, bids_dir: Path, cfg) -> dict:
     """The sidecar of the brainstem label map of one run."""
     from cerebseg import __version__
@@ -284,8 +293,8 @@ def brainstem_meta(run, brainstem: dict, bids_dir: Path, cfg) -> dict:
     sources = [f'bids:raw:{Path(run.t1w).relative_to(bids_dir).as_posix()}']
     method = {
         'Name': 'single-atlas registration (the brainstem label set of the assets)',
-        'Preprocessing': 'the cerebellum\'s MNI152NLin2009cAsym affine (refined on '
-                         'cerebellum and brainstem); 1 mm box around the brainstem; N4 in '
+        'Preprocessing': 'the cerebellum\'s MNI152NLin2009cAsym affine ('
+                         + affine_text(cfg) + '); 1 mm box around the brainstem; N4 in '
                          'the box; 2nd/98th foreground percentiles scaled to 0/1.',
         'Registration': 'the label-set template (MNI152NLin2009cAsym brain on the box) onto '
                         'the subject: affine, then a diffeomorphic stationary velocity field '

@@ -236,6 +236,8 @@ def _summary(label: str, status: dict, results: dict, config: dict) -> str:
         ['Cerebellum', cer.get('Description', 'not run')],
         ['Brainstem', bs.get('Description', 'not run')],
         ['Template fit (correlation)', meta.get('TemplateFitCorrelation', 'n/a')],
+        ['Template fits of the T1w and of its mirror, apart (mm)',
+         meta.get('TemplateFitMirrorDistanceMM', 'n/a')],
         ['Intracranial volume estimate (mm³)', f"{meta['IntracranialVolume_mm3']:,.0f}"
          if 'IntracranialVolume_mm3' in meta else 'n/a'],
         ['Software', meta.get('SoftwareVersion', f'cerebseg {__version__}')],
@@ -304,7 +306,11 @@ def _methods(results: dict) -> str:
             f'{_e(__version__)}, which is based on Nipype [nipype]. The T1w was corrected for '
             'intensity non-uniformity (N4 [n4]) and registered to the ICBM 152 2009c '
             'nonlinear asymmetric template [mni] by an ANTs affine [ants], refined on '
-            'the cerebellum and the brainstem.']
+            'the cerebellum and the brainstem'
+            + ('; both fits were made for the T1w and for its left-right mirror and averaged, '
+               'so that left and right were treated alike.'
+               if 'mirror-equivariant' in (cer or bs).get('Method', {}).get('Preprocessing', '')
+               else '.')]
     if cer:
         method = cer.get('Method', {})
         lib = cer.get('AtlasLibrary', {})

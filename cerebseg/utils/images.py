@@ -252,28 +252,45 @@ def read_probseg(path: str | os.PathLike) -> np.ndarray:
     return np.moveaxis(np.asarray(raw, np.uint8), -1, 0)
 
 
-def mirror_average(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
-    """The image averaged with its mirror about the world plane x = 0 (same grid, float32).
+#: the mirror about the world plane x = 0 (the same matrix in RAS and in ANTs' LPS)
+WORLD_MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0])
 
-    The affine target of cerebseg (issue 9): registering a T1w and its left-right mirror to a
-    template that is its own mirror gives mirrored transforms, so left and right are treated
-    alike from the first step. When the grid is symmetric about x = 0 (the MNI152NLin2009cAsym
-    1 mm grid is: x from -96 to 96) the mirror is a voxel flip; otherwise it is resampled
-    (trilinear).
+
+def mirror_on_grid(data: np.ndarray, affine: np.ndarray, order: int = 1) -> np.ndarray:
+    """``data`` mirrored about the world plane x = 0, on its own grid (``affine``).
+
+    When the grid is symmetric about x = 0 (the MNI152NLin2009cAsym 1 mm grid is: x from -96 to
+    96; so is cerebseg's working box) the mirror is a voxel flip; otherwise it is resampled
+    (spline ``order``, zero outside).
     """
     from scipy import ndimage
 
-    data = np.asarray(img.dataobj, np.float32)
-    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     # voxel -> voxel map of the mirror: v' = A^-1 F A v
-    vox = np.linalg.inv(img.affine) @ flip @ img.affine
+    vox = np.linalg.inv(affine) @ WORLD_MIRROR @ affine
     lin, off = vox[:3, :3], vox[:3, 3]
     axis = [i for i in range(3) if np.isclose(lin[i, i], -1.0)]
     exact = (len(axis) == 1 and np.allclose(np.abs(lin), np.eye(3), atol=1e-6)
              and np.isclose(off[axis[0]], data.shape[axis[0]] - 1, atol=1e-4)
              and np.allclose(np.delete(off, axis[0]), 0, atol=1e-4))
     if exact:
-        mirrored = np.flip(data, axis[0])
-    else:
-        mirrored = ndimage.affine_transform(data, lin, off, order=1, mode='constant')
-    return nib.Nifti1Image(0.5 * (data + mirrored), img.affine)
+        return np.flip(data, axis[0])
+    return ndimage.affine_transform(data, lin, off, order=order, mode='constant')
+
+
+def mirror_average(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+    """The image averaged with its mirror about the world plane x = 0 (same grid, float32).
+
+    The affine target of cerebseg (issue 9): registering a T1w and its left-right mirror to a
+    template that is its own mirror gives mirrored transforms, so left and right are treated
+    alike from the first step. The mirror is :func:`mirror_on_grid` (trilinear where the grid
+    is not symmetric about x = 0).
+    """
+    data = np.asarray(img.dataobj, np.float32)
+    return nib.Nifti1Image(0.5 * (data + mirror_on_grid(data, img.affine)), img.affine)
+
+
+def mirror_world(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+    """The image mirrored about the world plane x = 0 by its affine alone: the same voxels
+    (float32), the affine ``WORLD_MIRROR @ affine``. No resampling: the mirror of the mirror is
+    the image itself, voxel for voxel."""
+    return nib.Nifti1Image(np.asarray(img.dataobj, np.float32), WORLD_MIRROR @ img.affine)

@@ -6,11 +6,15 @@ group level gathers them. The bounds are named constants, documented in the READ
 from __future__ import annotations
 
 from cerebseg.utils.group_stats import asymmetry_index, pair_structures
+from cerebseg.utils.registration import MIRROR_FIT_TOLERANCE_MM
 
 #: TemplateFitCorrelation (the brain's correlation with the template after the affine) below
 #: this: a poor fit worth a look (ds002748: 0.51-0.61, IXI002 0.66; below the sidecar's
 #: TemplateFitMinimum, 0.25, a run is refused)
 POOR_TEMPLATE_FIT = 0.4
+#: TemplateFitMirrorDistanceMM (how far apart the affine fits of the T1w and of its mirror
+#: were in the posterior fossa) above this: one fit failed and the other was kept alone
+MIRROR_FIT_DISTANCE_MM = MIRROR_FIT_TOLERANCE_MM
 #: T2wToT1wEdgeCorrelation below this: a doubtful T2w -> T1w fit
 POOR_T2_FIT = 0.4
 #: |left - right| / mean above this, for structures of at least MIN_ASYMMETRY_VOLUME_MM3
@@ -33,6 +37,13 @@ def fit_flags(meta: dict) -> list[dict]:
         flags.append(_flag('template_fit', None,
                            f'poor fit to the template: correlation {fit:.2f} < '
                            f'{POOR_TEMPLATE_FIT} (check the registration figure)'))
+    mirror = meta.get('TemplateFitMirrorDistanceMM')
+    if mirror is not None and mirror > MIRROR_FIT_DISTANCE_MM:
+        flags.append(_flag('template_fit', None,
+                           f'the affine fits of the T1w and of its mirror differ by {mirror:.1f} '
+                           f'mm (> {MIRROR_FIT_DISTANCE_MM}); the better one was used alone, so '
+                           'left and right may not be treated alike (check the registration '
+                           'figure)'))
     t2 = meta.get('T2wToT1wEdgeCorrelation')
     if t2 is not None and t2 < POOR_T2_FIT:
         flags.append(_flag('t2w_fit', None, f'doubtful T2w to T1w fit: edge correlation '

@@ -22,6 +22,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            outline: str = 'fused', reg_control_mm: float = 4.0,
                            branches: dict | None = None, cnn: dict | None = None,
                            brainstem: dict | None = None, brainstem_meta: dict | None = None,
+                           symmetric_affine: bool = True,
                            cerebellum: bool = True, name: str = 'single_subject_wf'):
     """Segment the cerebellum (and the brainstem) of one T1w (with its T2w when given) and
     write the derivatives.
@@ -38,6 +39,9 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         Static part of the dseg sidecars (sources, method, mode, version).
     registration, device, use_gpu, regnet, fusion_search
         See :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`.
+    symmetric_affine : bool
+        Fit the T1w and its mirror and average (see
+        :func:`~cerebseg.workflows.preproc.init_preproc_wf`).
     reg_control_mm : float
         Control grid (mm) of the torch registration's velocity field (the protocol's choice).
     outline : str
@@ -74,7 +78,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                                  omp_nthreads=omp_nthreads, seed=seed,
                                  region_dseg=[e['dseg'] for e in library['entries']],
                                  brainstem_grid=brainstem['grid'] if brainstem else None,
-                                 working_box=cerebellum)
+                                 working_box=cerebellum, symmetric_affine=symmetric_affine)
     wf.connect(inputnode, 't1w', preproc_wf, 'inputnode.t1w')
     luts = {'cerebellum': library['lut']} if cerebellum else {}
     if brainstem:

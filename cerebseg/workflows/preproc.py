@@ -15,7 +15,8 @@ MIN_T2_EDGE_CORRELATION = 0.15
 
 def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads: int,
                     seed: int, region_dseg: list[str], brainstem_grid: dict | None = None,
-                    working_box: bool = True, name: str = PREPROC_WF):
+                    working_box: bool = True, symmetric_affine: bool = True,
+                    name: str = PREPROC_WF):
     """Bias correction and denoising (native), MNI affine (whole brain, then refined on
     cerebellum and brainstem), T2w->T1w rigid, working-grid box.
 
@@ -35,6 +36,11 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
     working_box : bool
         False: no 0.5 mm working-grid images (``--skip-cerebellum``; the affine refined on
         cerebellum and brainstem is still fitted).
+    symmetric_affine : bool
+        Fit the T1w and its world mirror, for the whole-brain affine and for its refinement,
+        and average the two (:class:`~cerebseg.interfaces.preproc.MNIAffine`): a mirrored
+        input gets exactly the mirrored transform. False: one fit each (``--affine-fit
+        single``).
 
     Inputs
     ------
@@ -68,17 +74,20 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
     t1_correct = pe.Node(ValidateAndCorrect(role='T1w', num_threads=omp_nthreads),
                          name='t1_correct', n_procs=omp_nthreads)
     # the registrations run in child processes with one ANTs thread each (reproducible run to
-    # run: cerebseg.utils.isolate); the MNI affine runs its two starts at once
+    # run: cerebseg.utils.isolate); the MNI affine and its box refinement fit the T1w and its
+    # mirror, two fits at once
     mni_affine = pe.Node(MNIAffine(template_head=templates['head'],
                                    template_brain=templates['brain'],
                                    template_mask=templates['mask'],
                                    min_correlation=MIN_TEMPLATE_CORRELATION,
-                                   num_threads=omp_nthreads, seed=seed),
+                                   num_threads=omp_nthreads, seed=seed,
+                                   symmetric=symmetric_affine),
                          name='mni_affine', n_procs=min(2, omp_nthreads))
     box_affine = pe.Node(BoxAffine(template_head=templates['head'],
                                    template_brain=templates['brain'], entry_dseg=region_dseg,
-                                   grid=grid, num_threads=omp_nthreads, seed=seed),
-                         name=BOX_AFFINE, n_procs=1)
+                                   grid=grid, num_threads=omp_nthreads, seed=seed,
+                                   symmetric=symmetric_affine),
+                         name=BOX_AFFINE, n_procs=min(2, omp_nthreads))
     to_grid = pe.Node(ToWorkingGrid(grid=grid, num_threads=omp_nthreads, seed=seed),
                       name=TO_GRID, n_procs=omp_nthreads)
     wf.connect([
