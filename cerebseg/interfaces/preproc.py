@@ -104,6 +104,19 @@ class _MNIAffineOutputSpec(TraitedSpec):
     qc_file = File(exists=True, desc='JSON with the fit quality')
 
 
+def _fit_plan(inputs):
+    """How :class:`MNIAffine` and :class:`BoxAffine` run their fits: the template (brain for a
+    skull-stripped input, else head), ANTs threads per fit, fits at once (two single-threaded
+    fits when ``reproducible``, else one with ``num_threads``), and the sides fitted (the T1w,
+    and its mirror when ``symmetric``)."""
+    template = inputs.template_brain if inputs.skull_stripped else inputs.template_head
+    if inputs.reproducible:
+        threads, workers = 1, min(2, max(inputs.num_threads, 1))
+    else:
+        threads, workers = inputs.num_threads, 1
+    return template, threads, workers, ((False, True) if inputs.symmetric else (False,))
+
+
 def _mni_affine_start(in_file: str, template: str, template_mask: str, candidate: str,
                       out_prefix: str, seed: int, mirrored: bool = False):
     """One start of the MNI affine, from files (run in a child process by :class:`MNIAffine`);
@@ -146,13 +159,7 @@ class MNIAffine(CerebsegInterface):
         from cerebseg.utils.registration import (AFFINE_STARTS, best_affine,
                                                  combine_mirror_fits)
 
-        template = self.inputs.template_brain if self.inputs.skull_stripped \
-            else self.inputs.template_head
-        if self.inputs.reproducible:
-            threads, workers = 1, min(2, max(self.inputs.num_threads, 1))
-        else:
-            threads, workers = self.inputs.num_threads, 1
-        sides = (False, True) if self.inputs.symmetric else (False,)
+        template, threads, workers, sides = _fit_plan(self.inputs)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             jobs = {mirrored: [pool.submit(
                 call_in_fresh_process, _mni_affine_start, self.inputs.in_file, template,
@@ -244,13 +251,7 @@ class BoxAffine(CerebsegInterface):
         from cerebseg.utils.isolate import call_in_fresh_process
         from cerebseg.utils.registration import MIRROR_FIT_TOLERANCE_MM, average_mirror_fits
 
-        template = self.inputs.template_brain if self.inputs.skull_stripped \
-            else self.inputs.template_head
-        if self.inputs.reproducible:
-            threads, workers = 1, min(2, max(self.inputs.num_threads, 1))
-        else:
-            threads, workers = self.inputs.num_threads, 1
-        sides = (False, True) if self.inputs.symmetric else (False,)
+        template, threads, workers, sides = _fit_plan(self.inputs)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             jobs = [pool.submit(call_in_fresh_process, _refine_box, self.inputs.in_file,
                                 template, list(self.inputs.entry_dseg), self.inputs.grid,
