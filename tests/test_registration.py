@@ -286,32 +286,50 @@ def test_mirror_fits_average_into_mirrored_transforms(tmp_path):
 
 
 def test_mni_affine_of_a_mirrored_head_is_the_mirrored_affine(tmp_path):
-    """affine_to_template (the pipeline's MNI affine) on a phantom head and on its mirror about
-    x = 0: the two transforms are mirror images of each other, to numerical precision."""
+    """MNIAffine (the pipeline's node: four single-threaded ANTs fits in child processes, so
+    reproducible whatever the thread settings of this process) on a phantom head and on its
+    mirror about x = 0: the two transforms are mirror images of each other to numerical
+    precision. With ``symmetric=False`` the two fits of this phantom differ by millimetres."""
+    import json
+
     import ants
     import nibabel as nib
 
+    from cerebseg.interfaces.preproc import MNIAffine
     from cerebseg.utils.images import mirror_average, mirror_world, nib_to_ants
-    from cerebseg.utils.registration import affine_to_template, fit_distance_mm, read_affine
+    from cerebseg.utils.registration import fit_distance_mm, read_affine
 
     image, _ = phantom(seed=5, shape=(36, 40, 32))
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     affine[:3, 3] = -(np.array(image.shape) - 1) * 1.5
     template = mirror_average(nib.Nifti1Image(image, affine))
-    mask = np.asarray(template.dataobj) > 0.1
+    nib.save(template, tmp_path / 'template.nii.gz')
+    nib.save(nib.Nifti1Image((np.asarray(template.dataobj) > 0.1).astype(np.float32), affine),
+             tmp_path / 'mask.nii.gz')
     rng = np.random.default_rng(6)
-    # the subject: the template moved by a small asymmetric affine, on its own grid
+    # the subject: the template moved by a small asymmetric affine, on its own grid, with noise
     move = _random_affine(rng, shift_mm=2.0)
     subject = ants.apply_transforms(nib_to_ants(template), nib_to_ants(template),
                                     [str(_write(move, tmp_path / 'move.mat'))])
-    subject_nib = nib.Nifti1Image(subject.numpy() * (1 + 0.1 * rng.random(subject.shape)),
-                                  affine)
-    fits = [affine_to_template(nib_to_ants(img), nib_to_ants(template), nib_to_ants(template),
-                               mask, True, str(tmp_path / f'{tag}_'), spacing=6.0)
-            for tag, img in (('scan', subject_nib), ('mirror', mirror_world(subject_nib)))]
-    scan, mirror = (read_affine(f.transform) for f in fits)
-    assert fit_distance_mm(scan, MIRROR @ mirror @ MIRROR) < 1e-3
-    assert fits[0].mirror_distance_mm is not None
+    subject = nib.Nifti1Image(subject.numpy() * (1 + 0.1 * rng.random(subject.shape)), affine)
+    nib.save(subject, tmp_path / 'scan.nii.gz')
+    nib.save(mirror_world(subject), tmp_path / 'mirror.nii.gz')
+    fits = {}
+    for tag in ('scan', 'mirror'):
+        folder = tmp_path / tag
+        folder.mkdir()
+        node = MNIAffine(in_file=str(tmp_path / f'{tag}.nii.gz'), source_file=tag,
+                         skull_stripped=True, template_head=str(tmp_path / 'template.nii.gz'),
+                         template_brain=str(tmp_path / 'template.nii.gz'),
+                         template_mask=str(tmp_path / 'mask.nii.gz'), min_correlation=0.0,
+                         num_threads=2)
+        result = node.run(cwd=str(folder))
+        fits[tag] = (read_affine(result.outputs.transform),
+                     json.loads(open(result.outputs.qc_file).read()))
+    assert fit_distance_mm(fits['scan'][0], MIRROR @ fits['mirror'][0] @ MIRROR) < 1e-3
+    # each sidecar says how far apart its two fits were: the same for the scan and its mirror
+    distances = [fits[tag][1]['TemplateFitMirrorDistanceMM'] for tag in ('scan', 'mirror')]
+    assert distances[0] == pytest.approx(distances[1], abs=1e-3)
 
 
 def _write(matrix, path):

@@ -141,7 +141,7 @@ class MNIAffine(CerebsegInterface):
     (:func:`cerebseg.utils.images.mirror_average`). With ``symmetric`` (the default) the T1w and
     its world mirror are both fitted and the two fits averaged
     (:func:`cerebseg.utils.registration.combine_mirror_fits`): a mirrored input gets exactly the
-    mirrored transform, where two single fits differed by up to 0.8 mm (issue 22). The starts of
+    mirrored transform, where two single fits differed by up to 1 mm (issue 22). The starts of
     :func:`cerebseg.utils.registration.affine_to_template` (two per image) run in child
     processes: two at once, one ANTs thread each when ``reproducible`` (the node uses
     ``min(2, num_threads)`` cores), else one after the other with ``num_threads`` threads.
