@@ -330,6 +330,15 @@ def test_mni_affine_of_a_mirrored_head_is_the_mirrored_affine(tmp_path):
     # each sidecar says how far apart its two fits were: the same for the scan and its mirror
     distances = [fits[tag][1]['TemplateFitMirrorDistanceMM'] for tag in ('scan', 'mirror')]
     assert distances[0] == pytest.approx(distances[1], abs=1e-3)
+    # --affine-fit single: one fit, so the sidecar has no distance (and the report says n/a)
+    single = MNIAffine(in_file=str(tmp_path / 'scan.nii.gz'), source_file='scan',
+                       skull_stripped=True, template_head=str(tmp_path / 'template.nii.gz'),
+                       template_brain=str(tmp_path / 'template.nii.gz'),
+                       template_mask=str(tmp_path / 'mask.nii.gz'), min_correlation=0.0,
+                       num_threads=2, symmetric=False)
+    (tmp_path / 'single').mkdir()
+    qc = json.loads(open(single.run(cwd=str(tmp_path / 'single')).outputs.qc_file).read())
+    assert 'TemplateFitMirrorDistanceMM' not in qc and qc['TemplateFitCorrelation'] > 0.5
 
 
 def _write(matrix, path):

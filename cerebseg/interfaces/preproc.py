@@ -178,9 +178,9 @@ class MNIAffine(CerebsegInterface):
         qc = {'TemplateFitCorrelation': round(fit.correlation, 4),
               'TemplateFitMinimum': self.inputs.min_correlation,
               'TemplateFitStart': fit.candidate,
-              'TemplateFitMirrorDistanceMM': (None if fit.mirror_distance_mm is None
-                                              else round(fit.mirror_distance_mm, 3)),
               'InputSkullStripped': bool(self.inputs.skull_stripped)}
+        if fit.mirror_distance_mm is not None:    # --affine-fit single: one fit, no distance
+            qc['TemplateFitMirrorDistanceMM'] = round(fit.mirror_distance_mm, 3)
         self._results['qc_file'] = os.path.join(runtime.cwd, 'mni_affine_qc.json')
         with open(self._results['qc_file'], 'w') as fobj:
             json.dump(qc, fobj, indent=2)
