@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cerebseg.utils.images import WORLD_MIRROR as _MIRROR
 from cerebseg.utils.preproc import masked_correlation
 
 LOGGER = logging.getLogger('cerebseg.utils.registration')
@@ -133,9 +134,6 @@ def best_affine(fits: list[AffineFit]) -> AffineFit:
     return max(sorted(fits, key=lambda f: order[f.candidate]), key=lambda f: f.correlation)
 
 
-#: the directions of the world x axis in ANTs' LPS and NIfTI's RAS differ by a sign, so the
-#: world mirror about x = 0 is the same matrix in both
-_MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0])
 #: corners of a box around cerebellum and brainstem in MNI152NLin2009cAsym (LPS mm), where two
 #: fits of one scan are compared
 _FOSSA_CORNERS_LPS = np.array([[-x, -y, z, 1.0] for x in (-60.0, 60.0) for y in (-100.0, -15.0)
@@ -193,6 +191,12 @@ def mirror_ants(image):
                            direction=flip @ np.asarray(image.direction))
 
 
+def _mirror_pair(direct: str, mirrored: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """A scan's affine, its mirror's affine mirrored back, and how far apart they are (mm)."""
+    a, b = read_affine(direct), mirror_conjugate(read_affine(mirrored))
+    return a, b, fit_distance_mm(a, b)
+
+
 def combine_mirror_fits(direct: AffineFit, mirrored: AffineFit, out_path: str) -> AffineFit:
     """One mirror-equivariant affine from a scan's fit (``direct``) and its world mirror's fit
     (``mirrored``, :func:`mirror_ants`), both onto a template that is its own mirror.
@@ -205,8 +209,7 @@ def combine_mirror_fits(direct: AffineFit, mirrored: AffineFit, out_path: str) -
     correlates better is kept (a warning says so). The correlation returned is the mean of the
     two fits' (or the kept one's).
     """
-    a, b = read_affine(direct.transform), mirror_conjugate(read_affine(mirrored.transform))
-    distance = fit_distance_mm(a, b)
+    a, b, distance = _mirror_pair(direct.transform, mirrored.transform)
     if distance <= MIRROR_FIT_TOLERANCE_MM:
         matrix = 0.5 * (a + b)
         corr = 0.5 * (direct.correlation + mirrored.correlation)
@@ -301,9 +304,9 @@ def average_mirror_fits(direct: str, mirrored: str, out_path: str) -> float:
     """Write the mean of a scan's affine (``direct``) and of its world mirror's affine mirrored
     back (``mirrored``) to ``out_path``; return how far apart they were (mm, posterior fossa).
     Both must be fits onto a template that is its own mirror (see :func:`combine_mirror_fits`)."""
-    a, b = read_affine(direct), mirror_conjugate(read_affine(mirrored))
+    a, b, distance = _mirror_pair(direct, mirrored)
     write_affine(0.5 * (a + b), out_path)
-    return fit_distance_mm(a, b)
+    return distance
 
 
 def rigid_to(fixed, moving, out_prefix: str, seed: int | None = 0, spacing: float = 2.0):
@@ -385,11 +388,7 @@ def affine_determinant(transform_file: str) -> float:
     ANTs stores the fixed->moving point mapping, so the determinant is the volume of one
     template mm^3 in the moving (native) image.
     """
-    import ants
-
-    tx = ants.read_transform(transform_file)
-    params = np.asarray(tx.parameters, dtype=float)
-    return float(np.linalg.det(params[:9].reshape(3, 3)))
+    return float(np.linalg.det(read_affine(transform_file)[:3, :3]))
 
 
 def crop_to_box(image, transforms: list[str], box_reference, margin_mm: float = 6.0):
