@@ -24,9 +24,9 @@ Methods (rows), all on the same cases and library:
 
 * ``cerebseg (default)``: ``cerebseg BIDS OUT participant`` as shipped;
 * ``--models none``: the multi-atlas labels, no networks;
-* ``--fusion-search 1``: non-local weighted voting (each entry's best patch within one voxel)
-  instead of the default local one, no networks (same work folder: only the fusion and what
-  follows run again);
+* ``--fusion-search 1``: non-local weighted voting alone (each entry's best patch within one
+  voxel), no networks (same work folder: only the fusion and what follows run again);
+* ``--fusion-search 0``: local weighted voting alone (the suit default; cobra's mixes the two);
 * ``--models ensemble``: the DeepCeres cascade (only when it is not the default);
 * ``--registration ants --models none``: ANTs affine + SyN per entry, same fusion;
 * ``ANTs SyN, one atlas (NAME)``: one entry of that ANTs run, unfused, resampled to native
@@ -424,7 +424,8 @@ def main(argv=None) -> int:
                              'MNI152NLin6AsymC; cobra (CERES protocol): MNI152NLin2009cAsym + '
                              'CoBra, a benchmark-built library without it')
     parser.add_argument('--methods', nargs='+', default=['default', 'none', 'ants', 'syn', 'jlf'],
-                        choices=['default', 'none', 'search', 'ensemble', 'branches', 'fused',
+                        choices=['default', 'none', 'search', 'local', 'ensemble', 'branches',
+                                 'fused',
                                  'single', 'ants', 'syn', 'synfull', 'jlf'],
                         help='branches / fused: --lobule-borders branches (--protocol cobra '
                              'only; its default) / fused; single: --affine-fit single (own '
@@ -469,6 +470,8 @@ def main(argv=None) -> int:
             'none': ('--models none', ['--models', 'none'], 'work-torch'),
             'search': ('--fusion-search 1 --models none',
                        ['--fusion-search', '1', '--models', 'none'], 'work-torch'),
+            'local': ('--fusion-search 0 --models none',
+                      ['--fusion-search', '0', '--models', 'none'], 'work-torch'),
             'ensemble': ('--models ensemble', ['--models', 'ensemble'], 'work-torch'),
             'branches': ('--lobule-borders branches',
                          ['--lobule-borders', 'branches'], 'work-torch'),

@@ -28,7 +28,9 @@ is the only library here that has not seen the case's map in any form.
 
 Methods (rows): the real ``cerebseg`` command with each library; ``template-search``,
 ``manual-search`` and ``maps-search``: the same runs with ``--fusion-search 1`` (non-local
-voting; same work folder, so only the fusion and what follows run again); antsJointFusion
+voting only), ``manual-local`` and ``maps-local`` with ``--fusion-search 0`` (local voting
+only; the cobra default mixes the two), same work folder, so only the fusion and what follows
+run again; antsJointFusion
 (patch radius 2, search radius 1) of the ANTs-registered entries of the ``manual`` library
 (``--registration ants`` run of the same library), as in ``accuracy.py``; ``jlf-maps``: the
 same registrations, the CoBra entries left out of the fusion.
@@ -270,7 +272,7 @@ def main(argv=None) -> int:
                                                          'maps', 'maps-search'],
                         choices=['template', 'manual', 'suit', 'jlf', 'template-search',
                                  'manual-search', 'maps', 'maps-search', 'jlf-maps',
-                                 'manual-search-cnn'])
+                                 'manual-local', 'maps-local', 'manual-search-cnn'])
     parser.add_argument('--cnn-weights', type=Path, default=None,
                         help='manifest of CERES-protocol networks for manual-search-cnn '
                              '(scripts/train_ceres.py; the case\'s map unseen by them)')
@@ -333,7 +335,13 @@ def main(argv=None) -> int:
                      ['--atlas-library', 'cobra']),
             'maps-search': ('cerebseg --atlas-library cobra --fusion-search 1, other manual maps '
                             'only (no CoBra)', ['--atlas-library', 'cobra',
-                                                '--fusion-search', '1'])}
+                                                '--fusion-search', '1']),
+            'manual-local': ('cerebseg --atlas-library cobra --fusion-search 0, template + '
+                             'other manual maps', ['--atlas-library', 'cobra',
+                                                   '--fusion-search', '0']),
+            'maps-local': ('cerebseg --atlas-library cobra --fusion-search 0, other manual maps '
+                           'only (no CoBra)', ['--atlas-library', 'cobra',
+                                               '--fusion-search', '0'])}
     if 'manual-search-cnn' in opts.methods:
         if opts.cnn_weights is None:
             parser.error('manual-search-cnn needs --cnn-weights')
@@ -376,7 +384,8 @@ def main(argv=None) -> int:
             else:
                 lib_dir = leave_out_entry(assets, out / f'assets-lomo{k}', entry_name(k))
             dst = out / f'out-{key}{suffix}'
-            work = out / f'work-{key.removesuffix("-cnn").removesuffix("-search")}{affine}'
+            base_key = key.removesuffix('-cnn').removesuffix('-search').removesuffix('-local')
+            work = out / f'work-{base_key}{affine}'
             if key == 'jlf-maps':  # the jlf run's registrations, the CoBra entries not fused
                 work = out / f'work-jlf{affine}'
             times[name] = times.get(name, 0.0) + run_cerebseg(

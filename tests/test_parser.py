@@ -18,9 +18,40 @@ def test_defaults_and_label_prefix(bids, tmp_path):
     opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant',
                        '--participant-label', '01', '--session-label', 'ses-a'])
     assert opts.participant_label == ['01'] and opts.session_label == ['a']
-    assert opts.fusion_search == 0
-    opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant', '--fusion-search', '1'])
-    assert opts.fusion_search == 1
+    assert opts.fusion_search == 'auto' and opts.fusion_nonlocal_weight == 'auto'
+    opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant', '--fusion-search', '1',
+                       '--fusion-nonlocal-weight', '0.25'])
+    assert opts.fusion_search == '1' and float(opts.fusion_nonlocal_weight) == 0.25
+
+
+@pytest.mark.parametrize('argv,library,search,weight,white', [
+    ([], 'cobra', 1, 0.5, [13, 26]),      # auto: local and non-local voting mixed, levels matched
+    ([], 'suit', 0, 1.0, []),
+    (['--fusion-search', '1'], 'cobra', 1, 1.0, [13, 26]),   # a number: non-local only
+    (['--fusion-search', '0'], 'cobra', 0, 1.0, [13, 26]),
+    (['--fusion-search', '1'], 'suit', 1, 1.0, []),
+    (['--fusion-nonlocal-weight', '0.25'], 'cobra', 1, 0.25, [13, 26]),
+    (['--fusion-search', '2', '--fusion-nonlocal-weight', '0.5'], 'suit', 2, 0.5, []),
+])
+def test_fusion_follows_the_protocol_unless_asked(bids, tmp_path, argv, library, search,
+                                                  weight, white):
+    from cerebseg.bids_app.config import RunConfig
+    from cerebseg.bids_app.metadata import dseg_meta, fusion_settings
+
+    opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant', *argv])
+    cfg = RunConfig.from_namespace(opts)
+    assert fusion_settings(cfg, {'name': library}) == {
+        'search': search, 'nonlocal_weight': weight, 'white_labels': white}
+    assert RunConfig.from_toml(cfg.to_toml()) == cfg
+    from types import SimpleNamespace   # the sidecar says which fusion ran
+
+    run = SimpleNamespace(t1w=str(bids / 'sub-01/anat/sub-01_T1w.nii.gz'), t2w=None)
+    method = dseg_meta(run, {'name': library, 'citation': 'c', 'licence': 'l',
+                             'entry_info': [{'name': 'e'}]}, bids, cfg)['Method']
+    kind = 'locally' if not search else 'non-local' if weight == 1.0 else 'mixed'
+    assert method['Name'].startswith(f'multi-atlas registration and {kind}')
+    assert ('grey-matter and white-matter labels' in method['Fusion']) is bool(white)
+    assert (f'{1 - weight:g} times those of local voting' in method['Fusion']) is (kind == 'mixed')
 
 
 @pytest.mark.parametrize('argv,library,mode', [
@@ -100,6 +131,8 @@ def test_registration_control_grid_follows_the_protocol():
     ['{bids}', '{tmp}/out', 'participant', '--nprocs', '1', '--omp-nthreads', '2'],
     ['{bids}', '{tmp}/out', 'participant', '--device', 'tpu'],
     ['{bids}', '{tmp}/out', 'participant', '--fusion-search', '3'],
+    ['{bids}', '{tmp}/out', 'participant', '--fusion-nonlocal-weight', '1.5'],
+    ['{bids}', '{tmp}/out', 'participant', '--fusion-nonlocal-weight', 'half'],
     ['{bids}', '{tmp}/out', 'participant', '--outline', 'tight'],
     ['{bids}', '{tmp}/out', 'participant', '--bids-filter-file', '{tmp}/nofile.json'],
 ])

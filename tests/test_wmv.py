@@ -417,3 +417,98 @@ def test_search_kernel_equals_twin(seed, radius, search, beta):
                                      use_compiled=True, num_threads=threads, search=search)
         _assert_matches_twin(res, ref_fused, ref_probs)
         np.testing.assert_array_equal(res.index, np.flatnonzero(undecided(labels, search)))
+
+
+@pytest.mark.parametrize('use_compiled', [False, pytest.param(True, marks=needs_kernel)])
+@pytest.mark.parametrize('weight', [0.0, 0.3, 0.5, 1.0])
+def test_mix_fusions_is_the_weighted_mean_of_the_dense_probabilities(use_compiled, weight):
+    """mix_fusions of the local and the non-local vote equals the dense mixture (and the
+    local / non-local vote itself at weight 0 / 1), most probable label first on ties."""
+    from cerebseg.kernels.wmv import mix_fusions
+
+    rng = np.random.default_rng(4)
+    shape = (16, 14, 13)
+    labels = np.zeros((3,) + shape, np.int16)
+    labels[:, 3:13, 2:12, 2:11] = rng.integers(0, 5, size=(3, 10, 10, 9))
+    labels[:, 6:9] = 3                       # planes where all agree: outside both indices
+    images = rng.random((3,) + shape).astype(np.float32)
+    target = rng.random(shape).astype(np.float32)
+    local = weighted_majority_vote(labels, images, target, 5, use_compiled=use_compiled)
+    nonlocal_ = weighted_majority_vote(labels, images, target, 5, search=1,
+                                       use_compiled=use_compiled)
+    mixed = mix_fusions(local, nonlocal_, weight)
+    dense = (1 - weight) * local.dense() + weight * nonlocal_.dense()
+    np.testing.assert_allclose(mixed.dense(), dense, atol=1e-6)
+    ties = np.sort(dense, axis=0)[-1] - np.sort(dense, axis=0)[-2] < 1e-5
+    np.testing.assert_array_equal(mixed.fused[~ties], dense.argmax(0)[~ties])
+    assert mixed.index.size < labels[0].size  # agreeing voxels stay compact
+    if weight in (0.0, 1.0):
+        ref = local if weight == 0.0 else nonlocal_
+        np.testing.assert_array_equal(mixed.fused[~ties], ref.fused[~ties])
+    with pytest.raises(ValueError, match='weight'):
+        mix_fusions(local, nonlocal_, 1.5)
+
+
+def test_match_levels_moves_grey_and_white_onto_the_subjects():
+    """The entry's medians over its grey and white labels become the subject's, zero stays
+    zero, the map is monotone; an entry without white labels or with an inverted contrast is
+    returned unchanged."""
+    from cerebseg.kernels.wmv import match_levels
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((20, 20, 20), np.int16)
+    labels[4:16, 4:16, 4:16] = 2               # grey
+    labels[7:13, 7:13, 7:13] = 13              # white
+    entry = np.where(labels == 13, 0.9, np.where(labels > 0, 0.5, 0.0)).astype(np.float32)
+    entry += np.where(labels > 0, rng.normal(0, 0.02, labels.shape), 0).astype(np.float32)
+    subject = np.where(labels == 13, 0.95, np.where(labels > 0, 0.8, 0.3)).astype(np.float32)
+    out = match_levels(entry, labels, subject, [13])
+    assert abs(np.median(out[labels == 2]) - 0.8) < 1e-3
+    assert abs(np.median(out[labels == 13]) - 0.95) < 1e-3
+    assert (out[labels == 0] == 0).all()
+    grid = np.linspace(0, 1.2, 50, dtype=np.float32)
+    mapped = match_levels(np.concatenate([entry.ravel(), grid]),
+                          np.concatenate([labels.ravel(), np.zeros(50, np.int16)]),
+                          np.concatenate([subject.ravel(), np.zeros(50, np.float32)]), [13])
+    assert (np.diff(mapped[-50:]) > 0).all()
+    np.testing.assert_array_equal(match_levels(entry, labels, subject, [99]), entry)
+    np.testing.assert_array_equal(match_levels(1.0 - entry, labels, subject, [13]), 1.0 - entry)
+
+
+def test_fuse_labels_interface_mixes_and_matches_levels(tmp_path):
+    """FuseLabels with ``nonlocal_weight`` and ``white_labels``: the entries' levels matched to
+    the subject's, then the local and non-local votes mixed, as the plain functions give;
+    different from the unmatched non-local vote on these inputs."""
+    import nibabel as nib
+
+    from cerebseg.interfaces.multiatlas import FuseLabels
+    from cerebseg.kernels.wmv import match_levels, mix_fusions
+
+    rng = np.random.default_rng(3)
+    shape, aff = (18, 17, 16), np.diag([0.5, 0.5, 0.5, 1.0])
+    labels = np.zeros((3,) + shape, np.int16)
+    labels[:, 3:15, 3:14, 3:13] = rng.integers(1, 3, size=(3, 12, 11, 10))
+    labels[:, 6:12, 6:11, 6:10] = 3
+    scale = np.array([0.6, 1.0, 1.4], np.float32)[:, None, None, None]
+    images = (np.where(labels == 3, 0.9, np.where(labels > 0, 0.5, 0.1)) * scale
+              + rng.normal(0, 0.05, labels.shape)).astype(np.float32)
+    target = (np.where(labels[0] == 3, 0.95, np.where(labels[0] > 0, 0.75, 0.2))
+              + rng.normal(0, 0.05, shape)).astype(np.float32)
+
+    def save(arr, name):
+        nib.save(nib.Nifti1Image(arr, aff), tmp_path / name)
+        return str(tmp_path / name)
+
+    paths = dict(target_t1=save(target, 't1.nii.gz'),
+                 warped_t1=[save(images[k], f'w{k}_t1.nii.gz') for k in range(3)],
+                 warped_t2=['', '', ''],
+                 warped_dseg=[save(labels[k], f'w{k}_dseg.nii.gz') for k in range(3)])
+    res = FuseLabels(**paths, n_labels=4, search=1, nonlocal_weight=0.5, white_labels=[3],
+                     num_threads=2).run(cwd=str(tmp_path))
+    got = np.asarray(nib.load(res.outputs.dseg).dataobj)
+    matched = np.stack([match_levels(images[k], labels[k], target, [3]) for k in range(3)])
+    ref = mix_fusions(weighted_majority_vote(labels, matched, target, 4),
+                      weighted_majority_vote(labels, matched, target, 4, search=1), 0.5)
+    np.testing.assert_array_equal(got, ref.fused)
+    plain = weighted_majority_vote(labels, images, target, 4, search=1)
+    assert (got != plain.fused).any()

@@ -377,3 +377,17 @@ def test_affine_fit_reaches_both_affine_nodes(tmp_path, fake_assets, symmetric):
     for name in ('mni_affine', 'box_affine'):
         assert nodes[name].inputs.symmetric is symmetric
     assert nodes['box_affine'].n_procs == 1      # omp_nthreads=1: one fit at a time
+
+
+def test_fusion_settings_reach_the_fuse_node(tmp_path, fake_assets):
+    """The fusion a run resolves (search, non-local share, white labels whose levels are
+    matched) is what the fuse node gets; the defaults are local voting, unmatched."""
+    wf = _subject_graph(tmp_path / 'a', fake_assets, False, device='cpu', fusion_search=1,
+                        fusion_nonlocal_weight=0.5, white_labels=[13, 26])
+    fuse = _nodes_and_feeds(wf)[0]['fuse']
+    assert (fuse.inputs.search, fuse.inputs.nonlocal_weight) == (1, 0.5)
+    assert fuse.inputs.white_labels == [13, 26]
+    fuse = _nodes_and_feeds(_subject_graph(tmp_path / 'b', fake_assets, False,
+                                           device='cpu'))[0]['fuse']
+    assert (fuse.inputs.search, fuse.inputs.nonlocal_weight, fuse.inputs.white_labels) == \
+        (0, 1.0, [])

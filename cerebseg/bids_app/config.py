@@ -32,7 +32,8 @@ class RunConfig:
     atlas_library: str = 'suit'
     affine_fit: str = 'symmetric'
     registration: str = 'torch'
-    fusion_search: int = 0
+    fusion_search: str = 'auto'
+    fusion_nonlocal_weight: str = 'auto'
     outline: str = 'auto'
     lobule_borders: str = 'auto'
     lobule_votes: str = 'auto'

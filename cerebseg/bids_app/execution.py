@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 from cerebseg.bids_app.logs import IMPORTANT, LOGGER
 from cerebseg.assets import protocol_setting, registration_control_mm
-from cerebseg.bids_app.metadata import (brainstem_meta, dseg_meta, lobule_branches,
-                                        outline_mode, select_cnn)
+from cerebseg.bids_app.metadata import (brainstem_meta, dseg_meta, fusion_settings,
+                                        lobule_branches, outline_mode, select_cnn)
 from cerebseg.bids_app.outcome import (crash_staging_dir, nearest_existing, publish_crashes,
                                        run_log_dir, run_outcome, send_crashes_to,
                                        unfinished_outcome)
@@ -76,6 +76,12 @@ def prepare(cfg) -> Plan:
     return Plan(runs, assets, library, device, brainstem)
 
 
+def _fusion_args(fusion: dict) -> dict:
+    """:func:`~cerebseg.bids_app.metadata.fusion_settings` as the workflow's arguments."""
+    return {'fusion_search': fusion['search'], 'fusion_nonlocal_weight': fusion['nonlocal_weight'],
+            'white_labels': fusion['white_labels']}
+
+
 def build_participant_wf(run, cfg, assets, library: dict, device=None,
                          brainstem: dict | None = None):
     """The workflow of one T1w, its crash files sent to the run's log folder."""
@@ -94,7 +100,7 @@ def build_participant_wf(run, cfg, assets, library: dict, device=None,
         dseg_meta=dseg_meta(run, library, Path(cfg.bids_dir), cfg, cnn),
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
         symmetric_affine=cfg.affine_fit == 'symmetric',
-        fusion_search=cfg.fusion_search, outline=outline_mode(cfg, library),
+        **_fusion_args(fusion_settings(cfg, library)), outline=outline_mode(cfg, library),
         reg_control_mm=registration_control_mm(library), branches=lobule_branches(cfg, library),
         device=str(device or 'cpu'), use_gpu=device is not None and device.type != 'cpu',
         regnet=str(DEFAULT_REGNET) if DEFAULT_REGNET.is_file() else '',

@@ -31,15 +31,54 @@ REGISTRATION_TEXT['both'] = ('Every library entry registered twice, and all warp
                              + REGISTRATION_TEXT['ants'])
 
 
-def fusion_text(search: int) -> str:
+def fusion_text(search: int, nonlocal_weight: float = 1.0, matched: bool = False) -> str:
     """The fusion, in words, for the dseg sidecar."""
     weight = ('weight = 1/(mean squared intensity difference over a 5x5x5 patch + 1e-3), '
               'averaged over T1w and T2w where the entry has both')
-    if not search:
-        return f'locally weighted voting: {weight}.'
-    return (f'non-local weighted voting: each entry votes the label of its 5x5x5 patch that best '
-            f'matches the subject\'s among those shifted by up to {search} voxel'
-            f'{"s" if search > 1 else ""} (0.5 mm each) in every direction; {weight}.')
+    levels = (' Before the vote each entry\'s T1w is mapped piecewise linearly so that its median '
+              'over its own grey-matter and white-matter labels equals the subject\'s median over '
+              'the same voxels.' if matched else '')
+    if not search or nonlocal_weight <= 0.0:
+        return f'locally weighted voting: {weight}.' + levels
+    shifted = (f'each entry votes the label of its 5x5x5 patch that best matches the '
+               f'subject\'s among those shifted by up to {search} voxel'
+               f'{"s" if search > 1 else ""} (0.5 mm each) in every direction; {weight}')
+    if nonlocal_weight >= 1.0:
+        return f'non-local weighted voting: {shifted}.' + levels
+    return (f'locally and non-locally weighted voting mixed: the probabilities are '
+            f'{1 - nonlocal_weight:g} times those of local voting plus {nonlocal_weight:g} times '
+            f'those of non-local voting ({shifted}).' + levels)
+
+
+FUSION_NAMES = {'local': 'locally', 'nonlocal': 'non-local', 'mixed': 'mixed local and non-local'}
+
+
+def _fusion_kind(fusion: dict) -> str:
+    if not fusion['search']:
+        return 'local'
+    return 'nonlocal' if fusion['nonlocal_weight'] >= 1.0 else 'mixed'
+
+
+def fusion_settings(cfg, library: dict) -> dict:
+    """The label fusion of a run: ``search`` (``--fusion-search``; ``auto``: the protocol's
+    ``fusion.search``, 0 without one), ``nonlocal_weight`` (``--fusion-nonlocal-weight``;
+    ``auto``: the protocol's with ``--fusion-search auto``, else 1, non-local only) and
+    ``white_labels`` (the protocol's corpus medullare, ``branch_units`` 0, when its
+    ``fusion.match_levels``: the entries' T1w levels are matched to the subject's; else
+    empty)."""
+    proto = protocol_setting(library, 'fusion', None) or {}
+    auto = str(cfg.fusion_search) == 'auto'
+    search = int(proto.get('search', 0)) if auto else int(cfg.fusion_search)
+    if str(cfg.fusion_nonlocal_weight) != 'auto':
+        weight = float(cfg.fusion_nonlocal_weight)
+    else:
+        weight = float(proto.get('nonlocal_weight', 1.0)) if auto else 1.0
+    white = []
+    if proto.get('match_levels'):
+        units = protocol_setting(library, 'branch_units', None) or []
+        white = [value for value, unit in enumerate(units, 1) if unit == 0]
+    return {'search': search, 'nonlocal_weight': weight if search else 1.0,
+            'white_labels': white}
 
 
 def select_cnn(run, cfg) -> dict | None:
@@ -176,6 +215,7 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
 
     sources = [bids_uri(run.t1w)] + ([bids_uri(run.t2w)] if run.t2w else [])
     branches = lobule_branches(cfg, library)
+    fusion = fusion_settings(cfg, library)
     meta = {
         'Description': f'Cerebellar labels following {protocol_summary(library["name"])} by '
                        + ('the DeepCeres CNN cascade with a multi-atlas prior.' if cnn else
@@ -183,8 +223,8 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
         'Sources': sources,
         'Mode': 'T1w+T2w' if run.t2w else 'T1w',
         'Method': {
-            'Name': 'multi-atlas registration and '
-                    + ('non-local' if cfg.fusion_search else 'locally') + ' weighted majority voting',
+            'Name': 'multi-atlas registration and ' + FUSION_NAMES[_fusion_kind(fusion)]
+                    + ' weighted majority voting',
             'Preprocessing': 'N4 bias correction and non-local means denoising (ANTs) in native '
                              'space; affine registration to MNI152NLin2009cAsym, '
                              + affine_text(cfg) + '; T2w rigidly to '
@@ -193,7 +233,8 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
                              'are 0/1.',
             'Registration': REGISTRATION_TEXT[cfg.registration].format(
                 control_mm=registration_control_mm(library)),
-            'Fusion': fusion_text(cfg.fusion_search),
+            'Fusion': fusion_text(fusion['search'], fusion['nonlocal_weight'],
+                                  bool(fusion['white_labels'])),
             'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
                            'affine, then the most probable label.',
             'Outline': {'trimmed': OUTLINE_TEXT, 'tissue': TISSUE_OUTLINE_TEXT,

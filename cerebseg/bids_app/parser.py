@@ -103,14 +103,20 @@ def _build_parser() -> argparse.ArgumentParser:
                              '(diffeomorphic, all entries in one batch, on --device; default), '
                              'ants (affine + SyN per entry) or both (each entry both ways, all '
                              'fused; slowest, used for silver-standard training labels)')
-    method.add_argument('--fusion-search', type=int, choices=[0, 1, 2], default=0,
-                        metavar='{0,1,2}',
+    method.add_argument('--fusion-search', choices=['auto', '0', '1', '2'], default='auto',
                         help='each library entry votes, at each voxel, the label of its patch '
                              'that best matches the subject\'s within this many 0.5 mm voxels '
-                             '(0, default: the patch at the same voxel, local weighted voting; '
-                             '1: better lobule boundaries on real anatomy with --atlas-library '
-                             'cobra, but a larger cerebellum with the suit library, see the '
-                             'README)')
+                             '(0: the patch at the same voxel, local weighted voting; 1: better '
+                             'lobule boundaries on real anatomy, but a larger cerebellum with '
+                             'the suit library); auto (default): what the label protocol '
+                             'defines: 0 for suit, 1 for cobra, mixed half and half with local '
+                             'voting (--fusion-nonlocal-weight); see the README')
+    method.add_argument('--fusion-nonlocal-weight', type=_nonlocal_weight, default='auto',
+                        metavar='{auto,W}',
+                        help='with --fusion-search 1 or 2: the share W (0 to 1) of the '
+                             'non-local vote in the fused probabilities, the local vote\'s '
+                             'being 1 - W; auto (default): the protocol\'s (0.5 for cobra) '
+                             'with --fusion-search auto, 1 (non-local only) with a number')
     method.add_argument('--outline', choices=['auto', 'tissue', 'trimmed', 'fused'],
                         default='auto',
                         help='the cerebellum\'s outline on the native grid: tissue (decided by '
@@ -184,6 +190,19 @@ def _build_parser() -> argparse.ArgumentParser:
                        help='more messages (-vv for debugging)')
     other.add_argument('--version', action='version', version=f'cerebseg {__version__}')
     return parser
+
+
+def _nonlocal_weight(text: str) -> str:
+    """``auto`` or a number in [0, 1] (kept as text, as the run configuration stores it)."""
+    if text == 'auto':
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'{text!r} is neither auto nor a number from 0 to 1')
+    return repr(value)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

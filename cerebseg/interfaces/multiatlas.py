@@ -85,6 +85,14 @@ class _FuseInputSpec(BaseInterfaceInputSpec):
     search = traits.Int(0, usedefault=True,
                         desc='half-width (voxels) of the cube of shifts where each entry '
                              'searches its best-matching patch (0: local voting)')
+    nonlocal_weight = traits.Range(0.0, 1.0, 1.0, usedefault=True,
+                                   desc='with search: the non-local vote\'s share of the '
+                                        'probabilities, the local vote\'s the rest (1: '
+                                        'non-local only)')
+    white_labels = traits.List(traits.Int, value=[], usedefault=True,
+                               desc='white-matter label values: when given, each entry\'s '
+                                    'T1w levels are matched to the subject\'s first '
+                                    '(cerebseg.kernels.wmv.match_levels)')
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='OpenMP threads')
 
 
@@ -94,7 +102,10 @@ class _FuseOutputSpec(TraitedSpec):
 
 
 class FuseLabels(CerebsegInterface):
-    """Weighted voting, local or non-local (:func:`cerebseg.kernels.wmv.weighted_majority_vote`).
+    """Weighted voting, local or non-local (:func:`cerebseg.kernels.wmv.weighted_majority_vote`),
+    or both mixed (``nonlocal_weight`` < 1: :func:`cerebseg.kernels.wmv.mix_fusions`), after
+    the entries' T1w levels are matched to the subject's (``white_labels``:
+    :func:`cerebseg.kernels.wmv.match_levels`).
 
     Runs the compiled OpenMP kernel when it is built (``num_threads`` threads), else the NumPy
     twin.
@@ -107,7 +118,7 @@ class FuseLabels(CerebsegInterface):
         import nibabel as nib
         import numpy as np
 
-        from cerebseg.kernels.wmv import weighted_majority_vote
+        from cerebseg.kernels.wmv import match_levels, mix_fusions, weighted_majority_vote
         from cerebseg.utils.images import atomic_save, to_label_image, to_probseg_image
 
         ref = nib.load(self.inputs.target_t1)
@@ -126,10 +137,22 @@ class FuseLabels(CerebsegInterface):
                 available[k, 1] = True
         labels = np.stack([np.asarray(nib.load(p).dataobj, np.int16)
                            for p in self.inputs.warped_dseg])
-        fusion = weighted_majority_vote(labels, images, np.stack(target), self.inputs.n_labels,
-                                        available=available, radius=self.inputs.radius,
-                                        search=self.inputs.search,
-                                        num_threads=self.inputs.num_threads)
+        if self.inputs.white_labels:
+            for k in range(n_atlas):
+                images[k, 0] = match_levels(images[k, 0], labels[k], target[0],
+                                            self.inputs.white_labels)
+        target = np.stack(target)
+
+        def vote(search):
+            return weighted_majority_vote(labels, images, target, self.inputs.n_labels,
+                                          available=available, radius=self.inputs.radius,
+                                          search=search, num_threads=self.inputs.num_threads)
+
+        search, weight = self.inputs.search, self.inputs.nonlocal_weight
+        if search and weight < 1.0:
+            fusion = mix_fusions(vote(0), vote(search), weight)
+        else:
+            fusion = vote(search if weight > 0.0 else 0)
         self._results['dseg'] = os.path.join(runtime.cwd, 'fused_dseg.nii.gz')
         atomic_save(to_label_image(fusion.fused, ref.affine), self._results['dseg'])
         # uint8 in 1/255 steps (rounded), labels last: what nibabel writes for the float array

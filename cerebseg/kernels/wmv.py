@@ -354,3 +354,60 @@ def _search_vote(labels, atlas_images, target, n_labels, available, radius, beta
     probs[(slice(None),) + box] = sub
     fused[box] = np.argmax(sub, axis=0)
     return fused, probs
+
+
+def _rows(fusion: LabelFusion, index: np.ndarray) -> np.ndarray:
+    """(M, L) float32: the probabilities of ``fusion`` at the flat voxels ``index``."""
+    rows = np.zeros((index.size, fusion.n_labels), np.float32)
+    rows[np.arange(index.size), fusion.fused.reshape(-1)[index]] = 1.0
+    at = np.searchsorted(index, fusion.index)
+    rows[at] = fusion.probs
+    return rows
+
+
+def mix_fusions(local: LabelFusion, nonlocal_: LabelFusion, weight: float) -> LabelFusion:
+    """``(1 - weight)`` times the local vote's probabilities plus ``weight`` times the
+    non-local vote's, and the most probable label (ties: the smaller label index).
+
+    Both must come from the same entries and subject (``search`` 0 and ``search > 0``): outside
+    their undecided voxels both give the same label with probability 1, so only the union of
+    those voxels is mixed. ``weight`` 0 gives the local vote, 1 the non-local one.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f'weight must lie in [0, 1]; got {weight}')
+    if local.fused.shape != nonlocal_.fused.shape or local.n_labels != nonlocal_.n_labels:
+        raise ValueError('the two fusions must share their grid and labels')
+    index = np.union1d(local.index, nonlocal_.index).astype(np.int64)
+    probs = (1.0 - weight) * _rows(local, index) + weight * _rows(nonlocal_, index)
+    fused = local.fused.copy()
+    fused.reshape(-1)[index] = probs.argmax(axis=1)
+    return LabelFusion(fused, index, np.ascontiguousarray(probs, dtype=np.float32))
+
+
+def match_levels(image, labels, target, white_labels, min_voxels: int = 100) -> np.ndarray:
+    """An entry's warped T1w with its grey- and white-matter levels moved onto the subject's.
+
+    The levels are medians over the entry's own warped labels: grey matter the labelled voxels
+    whose label is not in ``white_labels``, white matter those whose label is. The intensities
+    are mapped piecewise linearly through (0, 0), (entry grey, subject grey) and (entry white,
+    subject white), extended linearly above: zero (outside the entry's image) stays zero, and
+    an entry whose template has another grey/white contrast than the subject's (a smoother or
+    differently scaled template) then compares with the subject on the same levels, so that
+    neither the voting weights nor the non-local search prefer a patch for its brightness.
+    Returned unchanged where either class has fewer than ``min_voxels`` voxels or a level is not
+    positive and increasing from grey to white (not a T1w contrast).
+    """
+    image = np.asarray(image, np.float32)
+    labels = np.asarray(labels)
+    target = np.asarray(target, np.float32)
+    white = np.isin(labels, np.asarray(list(white_labels), dtype=labels.dtype))
+    grey = (labels > 0) & ~white
+    if grey.sum() < min_voxels or white.sum() < min_voxels:
+        return image
+    ge, we = float(np.median(image[grey])), float(np.median(image[white]))
+    gs, ws = float(np.median(target[grey])), float(np.median(target[white]))
+    if not (0.0 < ge < we and 0.0 < gs < ws):
+        return image
+    low = image * (gs / ge)
+    high = gs + (image - ge) * ((ws - gs) / (we - ge))
+    return np.where(image <= ge, low, high).astype(np.float32)

@@ -19,6 +19,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            reg_iterations: tuple[int, ...] = (40, 20, 0),
                            registration: str = 'torch', device: str = 'cpu',
                            use_gpu: bool = False, regnet: str = '', fusion_search: int = 0,
+                           fusion_nonlocal_weight: float = 1.0, white_labels: list | None = None,
                            outline: str = 'fused', reg_control_mm: float = 4.0,
                            branches: dict | None = None, cnn: dict | None = None,
                            brainstem: dict | None = None, brainstem_meta: dict | None = None,
@@ -37,7 +38,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         ``entries`` (absolute paths), ``n_labels``, ``lut`` (absolute path), ``name``.
     dseg_meta : dict
         Static part of the dseg sidecars (sources, method, mode, version).
-    registration, device, use_gpu, regnet, fusion_search
+    registration, device, use_gpu, regnet, fusion_search, fusion_nonlocal_weight, white_labels
         See :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`.
     symmetric_affine : bool
         Fit the T1w and its mirror and average (see
@@ -110,7 +111,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=reg_spacing,
         reg_iterations=list(reg_iterations), omp_nthreads=omp_nthreads, seed=seed,
         registration=registration, device=device, use_gpu=use_gpu, regnet=regnet,
-        fusion_search=fusion_search, control_mm=reg_control_mm, branches=branches)
+        fusion_search=fusion_search, fusion_nonlocal_weight=fusion_nonlocal_weight,
+        white_labels=white_labels, control_mm=reg_control_mm, branches=branches)
     native_wf = init_native_wf(lut=library['lut'], template_icv_ml=templates['icv_ml'],
                                omp_nthreads=omp_nthreads, outline=outline)
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w),

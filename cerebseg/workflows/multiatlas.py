@@ -13,8 +13,10 @@ from cerebseg.workflows.workdir import (BRANCH_BORDERS, FUSE, FUSE_VOTES, MULTIA
 def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float,
                        reg_iterations: list[int], omp_nthreads: int, seed: int,
                        registration: str = 'torch', device: str = 'cpu', use_gpu: bool = False,
-                       regnet: str = '', fusion_search: int = 0, control_mm: float = 4.0,
-                       branches: dict | None = None, name: str = MULTIATLAS_WF):
+                       regnet: str = '', fusion_search: int = 0,
+                       fusion_nonlocal_weight: float = 1.0, white_labels: list | None = None,
+                       control_mm: float = 4.0, branches: dict | None = None,
+                       name: str = MULTIATLAS_WF):
     """Register each library entry to the subject, fuse by local weighted voting (and move
     the lobule borders onto the subject's white-matter branches).
 
@@ -31,6 +33,12 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
     fusion_search : int
         Each entry votes the label of its best-matching patch within this many voxels
         (:func:`cerebseg.kernels.wmv.weighted_majority_vote`'s ``search``; 0: local voting).
+    fusion_nonlocal_weight : float
+        With ``fusion_search``: the non-local vote's share of the fused probabilities, the
+        local vote's the rest (:func:`cerebseg.kernels.wmv.mix_fusions`; 1: non-local only).
+    white_labels : list of int or None
+        The protocol's white-matter label values: each entry's T1w levels are matched to the
+        subject's before the vote (:func:`cerebseg.kernels.wmv.match_levels`); None: as warped.
     control_mm : float
         Control grid of the torch registration's velocity field (mm).
     branches : dict or None
@@ -63,6 +71,8 @@ def init_multiatlas_wf(*, entries: list[dict], n_labels: int, reg_spacing: float
                     reg_iterations=reg_iterations, omp_nthreads=omp_nthreads, seed=seed,
                     device=device, use_gpu=use_gpu, regnet=regnet, control_mm=control_mm)
     fuse = pe.Node(FuseLabels(n_labels=n_labels, search=fusion_search,
+                              nonlocal_weight=fusion_nonlocal_weight,
+                              white_labels=list(white_labels or []),
                               num_threads=omp_nthreads), name=FUSE,
                    n_procs=omp_nthreads, mem_gb=4)
     _register_into(wf, inputnode, fuse, entries, REGISTER, **settings)
