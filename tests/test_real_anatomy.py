@@ -103,12 +103,13 @@ def test_real_anatomy_case_end_to_end(shared_data, tmp_path):
     assert 'as fused' in sidecar['Method']['LobuleBorders']
 
 
-#: a little under what this case measures with the strict library (24 lobules 0.812, groups 0.826,
-#: whole 0.948, total volume -0.2 %: the lobule borders on the white-matter branches with the SUIT
-#: atlas's lobule votes, the outline trimmed and grown by the T1w, 2 mm registration control
-#: grid, as cobra runs by default). Without the votes (``--lobule-votes off``, the default
-#: before) it measures 0.768 (groups 0.773), 0.949, -0.1 % and fails ``lobules``; the outline
+#: a little under what this case measures with the strict library (24 lobules 0.827, whole
+#: 0.954, total volume +0.8 %: local and non-local voting mixed after the entries' levels are
+#: matched, the lobule borders on the white-matter branches with the SUIT atlas's lobule votes,
+#: the outline trimmed and grown by the T1w, 2 mm registration control grid, as cobra runs by
+#: default). With local voting only (the default before) it measured 0.816, 0.948, -0.3 % and
+#: fails ``whole``; without the votes as well 0.768, 0.949, -0.1 % (fails ``lobules``); the outline
 #: trimmed only measured 0.763, 0.941, -3.1 % (fails ``whole`` and ``volume``); the borders as
 #: fused (``--lobule-borders fused``) 0.742 (groups 0.741); with the outline as fused too 0.725,
 #: 0.929, +1.1 %.
-THRESHOLDS = {'lobules': 0.80, 'whole': 0.945, 'volume': 0.02}
+THRESHOLDS = {'lobules': 0.81, 'whole': 0.95, 'volume': 0.02}

@@ -512,3 +512,51 @@ def test_fuse_labels_interface_mixes_and_matches_levels(tmp_path):
     np.testing.assert_array_equal(got, ref.fused)
     plain = weighted_majority_vote(labels, images, target, 4, search=1)
     assert (got != plain.fused).any()
+
+
+@pytest.mark.parametrize('use_compiled', [False, pytest.param(True, marks=needs_kernel)])
+def test_search_stays_local_where_an_entry_is_cropped(use_compiled):
+    """Entries cut out of their image (0 beyond the labelled ball, as the cropped SUIT
+    templates): a patch shifted inwards matches the subject's partial-volume edge better than
+    the entry's own, and non-local voting grows the ball by a layer; searching only where the
+    entry's image is defined leaves the edge where local voting puts it. Whole entries (CSF
+    around the ball) are searched as before."""
+    shape = (24, 24, 24)
+    grid = np.indices(shape) - 11.5
+    radius = np.sqrt((grid ** 2).sum(0))
+    ball = radius < 7.0
+    subject = np.clip(8.0 - radius, 0.0, 1.0) * 0.7 + 0.3        # tissue 1, CSF 0.3, soft edge
+    labels = np.stack([ball, ball]).astype(np.int16)
+    whole = np.stack([np.where(ball, 1.0, 0.3), np.where(ball, 0.95, 0.3)]).astype(np.float32)
+    cropped = np.where(labels > 0, whole, 0.0).astype(np.float32)
+    local = weighted_majority_vote(labels, cropped, subject, 2, use_compiled=use_compiled)
+    grown = weighted_majority_vote(labels, cropped, subject, 2, search=1, where_defined=False,
+                                   use_compiled=use_compiled)
+    kept = weighted_majority_vote(labels, cropped, subject, 2, search=1,
+                                  use_compiled=use_compiled)
+    assert (grown.fused > 0).sum() > (local.fused > 0).sum() * 1.1
+    np.testing.assert_array_equal(kept.fused, local.fused)
+    np.testing.assert_array_equal(   # nothing cropped: the same vote either way
+        weighted_majority_vote(labels, whole, subject, 2, search=1, use_compiled=use_compiled).fused,
+        weighted_majority_vote(labels, whole, subject, 2, search=1, where_defined=False,
+                               use_compiled=use_compiled).fused)
+
+
+@needs_kernel
+def test_search_kernel_equals_twin_with_undefined_entry_voxels():
+    """Entries with holes of zeros (undefined): kernel and twin restrict the search alike."""
+    rng = np.random.default_rng(5)
+    shape = (19, 16, 15)
+    labels = np.zeros((3,) + shape, np.int16)
+    labels[:, 2:17, 2:14, 1:13] = rng.integers(0, 4, size=(3, 15, 12, 12))
+    images = rng.random((3,) + shape).astype(np.float32)
+    images[0, :7] = 0.0
+    images[2, :, 9:] = 0.0
+    target = rng.random(shape).astype(np.float32)
+    ref_fused, ref_probs = weighted_majority_vote_numpy(labels, images, target, 4, search=1)
+    res = weighted_majority_vote(labels, images, target, 4, use_compiled=True, num_threads=2,
+                                 search=1)
+    _assert_matches_twin(res, ref_fused, ref_probs)
+    free_fused, _ = weighted_majority_vote_numpy(labels, images, target, 4, search=1,
+                                                 where_defined=False)
+    assert (free_fused != ref_fused).any()

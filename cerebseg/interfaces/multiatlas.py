@@ -85,6 +85,10 @@ class _FuseInputSpec(BaseInterfaceInputSpec):
     search = traits.Int(0, usedefault=True,
                         desc='half-width (voxels) of the cube of shifts where each entry '
                              'searches its best-matching patch (0: local voting)')
+    where_defined = traits.Bool(True, usedefault=True,
+                                desc='with search: an entry searches only where its own patch '
+                                     'lies inside its image (not exactly 0; '
+                                     'cerebseg.kernels.wmv.searchable)')
     nonlocal_weight = traits.Range(0.0, 1.0, 1.0, usedefault=True,
                                    desc='with search: the non-local vote\'s share of the '
                                         'probabilities, the local vote\'s the rest (1: '
@@ -146,7 +150,8 @@ class FuseLabels(CerebsegInterface):
         def vote(search):
             return weighted_majority_vote(labels, images, target, self.inputs.n_labels,
                                           available=available, radius=self.inputs.radius,
-                                          search=search, num_threads=self.inputs.num_threads)
+                                          search=search, where_defined=self.inputs.where_defined,
+                                          num_threads=self.inputs.num_threads)
 
         search, weight = self.inputs.search, self.inputs.nonlocal_weight
         if search and weight < 1.0:

@@ -355,6 +355,7 @@ def wmv_fuse_search(const short[:, :, :, ::1] labels,
                     const float[:, :, :, :, ::1] atlas,
                     const float[:, :, :, ::1] target,
                     const unsigned char[:, ::1] available,
+                    const unsigned char[:, :, :, ::1] searchable,
                     short[:, :, ::1] fused,
                     const long long[::1] offset, const int[:, ::1] bbox,
                     long long[::1] index, float[:, ::1] probs,
@@ -366,7 +367,8 @@ def wmv_fuse_search(const short[:, :, :, ::1] labels,
     MSD_k(x, s) is the mean over the (2r+1)^3 cube around x (indices clamped at the border) and
     over the channels atlas k has of (I_c(p) - A_kc(clamp(p + s)))^2; the smallest wins (the
     unshifted patch on ties, then the first shift in C order), and its label
-    L_k(clamp(x + s)) gets the weight (MSD + eps)^-beta. Same arguments as :func:`wmv_fuse`;
+    L_k(clamp(x + s)) gets the weight (MSD + eps)^-beta; where ``searchable[k, x]`` is 0 atlas
+    k keeps its unshifted patch. Same arguments as :func:`wmv_fuse`, plus ``searchable``;
     the marked voxels are those where the K (2 search + 1)^3 candidate labels are not all
     the same (the caller marks them).
 
@@ -499,7 +501,8 @@ def wmv_fuse_search(const short[:, :, :, ::1] labels,
                                 msd = cube * inv_used[k]
                                 lab = labels[k, _clamp(i + sx, 0, nx), _clamp(j + sy, 0, ny),
                                              _clamp(l + sz, 0, nz)]
-                                if s == 0 or msd < best_msd[row * n_atlas + k]:
+                                if s == 0 or (searchable[k, i, j, l]
+                                              and msd < best_msd[row * n_atlas + k]):
                                     best_msd[row * n_atlas + k] = msd
                                     best_label[row * n_atlas + k] = <short> lab
                                 row = row + 1

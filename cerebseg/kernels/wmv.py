@@ -15,7 +15,9 @@ segmentation, one patch per atlas): atlas ``k`` compares the subject's patch at 
 own patches at ``x + d`` for every shift ``|d|_inf <= s``, keeps the best one (smallest MSD; the
 unshifted patch on ties, then the first shift in C order) and votes that patch's centre label
 ``L_k(x + d)`` with the weight of that MSD. An atlas whose fissure lies a voxel off the
-subject's thus votes where the subject's fissure is. Indices are clamped at the volume border
+subject's thus votes where the subject's fissure is. An atlas searches only where its own patch is defined
+(not exactly 0, :func:`searchable`); where that patch reaches beyond the edge of an image cropped
+to the cerebellum, say, it votes its own patch's label. Indices are clamped at the volume border
 (the shifted atlas is extended by its nearest voxel).
 
 Intensities must be normalised alike (cerebseg maps
@@ -211,7 +213,7 @@ def _vote_box(labels, radius):
 def weighted_majority_vote(labels, atlas_images, target, n_labels: int, available=None,
                            radius: int = 2, beta: float = 1.0, eps: float = 1e-3,
                            num_threads: int = 1, use_compiled: bool | None = None,
-                           search: int = 0) -> LabelFusion:
+                           search: int = 0, where_defined: bool = True) -> LabelFusion:
     """Fuse ``K`` warped label maps (compiled kernel when built, else the NumPy twin).
 
     Same parameters as :func:`weighted_majority_vote_numpy`, plus ``num_threads`` (OpenMP
@@ -224,7 +226,8 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
         if use_compiled:
             raise ImportError('cerebseg.kernels._wmv is not built')
         fused, probs = weighted_majority_vote_numpy(labels, atlas_images, target, n_labels,
-                                                    available, radius, beta, eps, search)
+                                                    available, radius, beta, eps, search,
+                                                    where_defined)
         return LabelFusion.from_dense(labels, fused, probs, search)
     labels = np.asarray(labels)
     # the kernel checks the range of int16 labels itself; other types must fit int16 first
@@ -254,10 +257,12 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
     index = np.empty(int(offset[-1]), np.int64)
     probs = np.empty((index.size, n_labels), np.float32)
     if search > 0:
+        atlas_images = np.ascontiguousarray(atlas_images, dtype=np.float32)
         wmv.wmv_fuse_search(
-            labels, np.ascontiguousarray(atlas_images, dtype=np.float32),
-            np.ascontiguousarray(target, dtype=np.float32),
-            np.ascontiguousarray(available, dtype=np.uint8), fused, offset, bbox, index, probs,
+            labels, atlas_images, np.ascontiguousarray(target, dtype=np.float32),
+            np.ascontiguousarray(available, dtype=np.uint8),
+            searchable(atlas_images, available, radius, search, where_defined),
+            fused, offset, bbox, index, probs,
             int(radius), search, float(beta), float(eps), threads)
         return LabelFusion(fused, index, probs)
     wmv.wmv_fuse(labels, np.ascontiguousarray(atlas_images, dtype=np.float32),
@@ -269,7 +274,7 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
 
 def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, available=None,
                                  radius: int = 2, beta: float = 1.0, eps: float = 1e-3,
-                                 search: int = 0):
+                                 search: int = 0, where_defined: bool = True):
     """Fuse ``K`` warped label maps (NumPy reference implementation).
 
     Parameters
@@ -286,6 +291,9 @@ def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, av
         Which channels each atlas has (an atlas without T2w votes on T1w alone).
     search : int
         Half-width (voxels) of the cube of patch shifts each atlas searches (0: local voting).
+    where_defined : bool
+        With ``search``: an atlas searches only where its image is defined around the voxel
+        (:func:`searchable`), and elsewhere votes its unshifted patch.
 
     Returns
     -------
@@ -305,8 +313,9 @@ def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, av
     if box is None:
         return fused, probs
     if search > 0:
+        allowed = searchable(atlas_images, available, radius, search, where_defined)
         return _search_vote(labels, atlas_images, target, n_labels, available, radius, beta,
-                            eps, search, box, fused, probs)
+                            eps, search, box, fused, probs, allowed)
     weights = local_weights(atlas_images[(slice(None), slice(None)) + box],
                             target[(slice(None),) + box], available, radius, beta, eps)
     total = weights.sum(axis=0)
@@ -323,8 +332,42 @@ def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, av
     return fused, probs
 
 
+def searchable(atlas_images, available, radius: int, search: int,
+               where_defined: bool = True) -> np.ndarray:
+    """(K, X, Y, Z) uint8: where atlas k may vote a shifted patch (1) or only its own (0).
+
+    With ``where_defined``, an atlas searches only where its own patch at the voxel (the cube
+    of half-width ``radius``, indices clamped) lies where its image is defined: some available
+    channel is not exactly 0. A library entry cut from a larger image (a template cropped to
+    the cerebellum, a skull-stripped head) is 0 beyond its edge; where its own patch reaches
+    there, the intensity differences measure the crop, not the anatomy (any patch shifted
+    inwards matches the subject's edge better than the entry's own, and the cerebellum grows),
+    so the entry votes its own patch's label, as local voting does. A shifted patch that
+    reaches undefined voxels needs no rule: it matches worse and loses. Without
+    ``where_defined``, everywhere. (``search`` is accepted for the signature's sake.)
+    """
+    from scipy.ndimage import minimum_filter
+
+    atlas_images = np.asarray(atlas_images)
+    if atlas_images.ndim == 4:
+        atlas_images = atlas_images[:, None]
+    n_atlas = atlas_images.shape[0]
+    shape = atlas_images.shape[2:]
+    out = np.ones((n_atlas,) + shape, np.uint8)
+    if not where_defined:
+        return out
+    available = (np.ones(atlas_images.shape[:2], bool) if available is None
+                 else np.asarray(available, bool))
+    size = 2 * int(radius) + 1
+    for k in range(n_atlas):
+        defined = (atlas_images[k, available[k]] != 0).any(axis=0)
+        if not defined.all():
+            out[k] = minimum_filter(defined.view(np.uint8), size=size, mode='nearest')
+    return out
+
+
 def _search_vote(labels, atlas_images, target, n_labels, available, radius, beta, eps, search,
-                 box, fused, probs):
+                 box, fused, probs, allowed):
     """The non-local vote of :func:`weighted_majority_vote_numpy` inside ``box``."""
     from scipy.ndimage import uniform_filter
 
@@ -344,6 +387,8 @@ def _search_vote(labels, atlas_images, target, n_labels, available, radius, beta
                 msd += uniform_filter(diff * diff, size=2 * radius + 1, mode='nearest')
             msd /= len(chans)
             better = msd < best
+            if shift != (0, 0, 0):
+                better &= allowed[k][box].astype(bool)
             best[better] = msd[better]
             label[better] = _shifted(labels[k], shift)[box][better]
         weight = (best + eps) ** (-beta)
