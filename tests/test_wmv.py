@@ -537,7 +537,8 @@ def test_search_stays_local_where_an_entry_is_cropped(use_compiled):
     assert (grown.fused > 0).sum() > (local.fused > 0).sum() * 1.1
     np.testing.assert_array_equal(kept.fused, local.fused)
     np.testing.assert_array_equal(   # nothing cropped: the same vote either way
-        weighted_majority_vote(labels, whole, subject, 2, search=1, use_compiled=use_compiled).fused,
+        weighted_majority_vote(labels, whole, subject, 2, search=1,
+                               use_compiled=use_compiled).fused,
         weighted_majority_vote(labels, whole, subject, 2, search=1, where_defined=False,
                                use_compiled=use_compiled).fused)
 

@@ -15,10 +15,10 @@ segmentation, one patch per atlas): atlas ``k`` compares the subject's patch at 
 own patches at ``x + d`` for every shift ``|d|_inf <= s``, keeps the best one (smallest MSD; the
 unshifted patch on ties, then the first shift in C order) and votes that patch's centre label
 ``L_k(x + d)`` with the weight of that MSD. An atlas whose fissure lies a voxel off the
-subject's thus votes where the subject's fissure is. An atlas searches only where its own patch is defined
-(not exactly 0, :func:`searchable`); where that patch reaches beyond the edge of an image cropped
-to the cerebellum, say, it votes its own patch's label. Indices are clamped at the volume border
-(the shifted atlas is extended by its nearest voxel).
+subject's thus votes where the subject's fissure is. An atlas searches only where its own patch
+is defined (not exactly 0, :func:`searchable`); where that patch reaches beyond the edge of an
+image cropped to the cerebellum, say, it votes its own patch's label. Indices are clamped at the
+volume border (the shifted atlas is extended by its nearest voxel).
 
 Intensities must be normalised alike (cerebseg maps
 the 2nd and 98th foreground percentiles to 0 and 1). The cube mean at the volume border uses the
