@@ -31,32 +31,35 @@ REGISTRATION_TEXT['both'] = ('Every library entry registered twice, and all warp
                              + REGISTRATION_TEXT['ants'])
 
 
-def fusion_text(search: int, nonlocal_weight: float = 1.0, matched: bool = False) -> str:
-    """The fusion, in words, for the dseg sidecar."""
-    weight = ('weight = 1/(mean squared intensity difference over a 5x5x5 patch + 1e-3), '
-              'averaged over T1w and T2w where the entry has both')
-    levels = (' Before the vote each entry\'s T1w is mapped piecewise linearly so that its median '
-              'over its own grey-matter and white-matter labels equals the subject\'s median over '
-              'the same voxels.' if matched else '')
-    if not search or nonlocal_weight <= 0.0:
-        return f'locally weighted voting: {weight}.' + levels
-    shifted = (f'each entry votes the label of its 5x5x5 patch that best matches the '
-               f'subject\'s among those shifted by up to {search} voxel'
-               f'{"s" if search > 1 else ""} (0.5 mm each) in every direction; {weight}')
-    if nonlocal_weight >= 1.0:
-        return f'non-local weighted voting: {shifted}.' + levels
-    return (f'locally and non-locally weighted voting mixed: the probabilities are '
-            f'{1 - nonlocal_weight:g} times those of local voting plus {nonlocal_weight:g} times '
-            f'those of non-local voting ({shifted}).' + levels)
-
-
 FUSION_NAMES = {'local': 'locally', 'nonlocal': 'non-local', 'mixed': 'mixed local and non-local'}
 
 
 def _fusion_kind(fusion: dict) -> str:
+    """``local``, ``nonlocal`` or ``mixed``, from :func:`fusion_settings`' result."""
     if not fusion['search']:
         return 'local'
     return 'nonlocal' if fusion['nonlocal_weight'] >= 1.0 else 'mixed'
+
+
+def fusion_text(fusion: dict) -> str:
+    """The fusion of :func:`fusion_settings`, in words, for the dseg sidecar."""
+    search, nonlocal_weight = fusion['search'], fusion['nonlocal_weight']
+    weight = ('weight = 1/(mean squared intensity difference over a 5x5x5 patch + 1e-3), '
+              'averaged over T1w and T2w where the entry has both')
+    levels = (' Before the vote each entry\'s T1w is mapped piecewise linearly so that its median '
+              'over its own grey-matter and white-matter labels equals the subject\'s median over '
+              'the same voxels.' if fusion['white_labels'] else '')
+    kind = _fusion_kind(fusion)
+    if kind == 'local':
+        return f'locally weighted voting: {weight}.' + levels
+    shifted = (f'each entry votes the label of its 5x5x5 patch that best matches the '
+               f'subject\'s among those shifted by up to {search} voxel'
+               f'{"s" if search > 1 else ""} (0.5 mm each) in every direction; {weight}')
+    if kind == 'nonlocal':
+        return f'non-local weighted voting: {shifted}.' + levels
+    return (f'locally and non-locally weighted voting mixed: the probabilities are '
+            f'{1 - nonlocal_weight:g} times those of local voting plus {nonlocal_weight:g} times '
+            f'those of non-local voting ({shifted}).' + levels)
 
 
 def fusion_settings(cfg, library: dict) -> dict:
@@ -65,7 +68,7 @@ def fusion_settings(cfg, library: dict) -> dict:
     ``auto``: the protocol's with ``--fusion-search auto``, else 1, non-local only) and
     ``white_labels`` (the protocol's corpus medullare, ``branch_units`` 0, when its
     ``fusion.match_levels``: the entries' T1w levels are matched to the subject's; else
-    empty)."""
+    empty). A non-local share of 0 is local voting (search 0, share 1)."""
     proto = protocol_setting(library, 'fusion', None) or {}
     auto = str(cfg.fusion_search) == 'auto'
     search = int(proto.get('search', 0)) if auto else int(cfg.fusion_search)
@@ -77,6 +80,8 @@ def fusion_settings(cfg, library: dict) -> dict:
     if proto.get('match_levels'):
         units = protocol_setting(library, 'branch_units', None) or []
         white = [value for value, unit in enumerate(units, 1) if unit == 0]
+    if weight <= 0.0:
+        search = 0
     return {'search': search, 'nonlocal_weight': weight if search else 1.0,
             'white_labels': white}
 
@@ -233,8 +238,7 @@ def dseg_meta(run, library: dict, bids_dir: Path, cfg, cnn: dict | None = None) 
                              'are 0/1.',
             'Registration': REGISTRATION_TEXT[cfg.registration].format(
                 control_mm=registration_control_mm(library)),
-            'Fusion': fusion_text(fusion['search'], fusion['nonlocal_weight'],
-                                  bool(fusion['white_labels'])),
+            'Fusion': fusion_text(fusion),
             'NativeSpace': 'per-label probabilities resampled linearly through the inverse '
                            'affine, then the most probable label.',
             'Outline': {'trimmed': OUTLINE_TEXT, 'tissue': TISSUE_OUTLINE_TEXT,

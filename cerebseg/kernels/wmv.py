@@ -261,7 +261,7 @@ def weighted_majority_vote(labels, atlas_images, target, n_labels: int, availabl
         wmv.wmv_fuse_search(
             labels, atlas_images, np.ascontiguousarray(target, dtype=np.float32),
             np.ascontiguousarray(available, dtype=np.uint8),
-            searchable(atlas_images, available, radius, search, where_defined),
+            searchable(atlas_images, available, radius, where_defined),
             fused, offset, bbox, index, probs,
             int(radius), search, float(beta), float(eps), threads)
         return LabelFusion(fused, index, probs)
@@ -313,7 +313,7 @@ def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, av
     if box is None:
         return fused, probs
     if search > 0:
-        allowed = searchable(atlas_images, available, radius, search, where_defined)
+        allowed = searchable(atlas_images, available, radius, where_defined)
         return _search_vote(labels, atlas_images, target, n_labels, available, radius, beta,
                             eps, search, box, fused, probs, allowed)
     weights = local_weights(atlas_images[(slice(None), slice(None)) + box],
@@ -332,8 +332,7 @@ def weighted_majority_vote_numpy(labels, atlas_images, target, n_labels: int, av
     return fused, probs
 
 
-def searchable(atlas_images, available, radius: int, search: int,
-               where_defined: bool = True) -> np.ndarray:
+def searchable(atlas_images, available, radius: int, where_defined: bool = True) -> np.ndarray:
     """(K, X, Y, Z) uint8: where atlas k may vote a shifted patch (1) or only its own (0).
 
     With ``where_defined``, an atlas searches only where its own patch at the voxel (the cube
@@ -344,7 +343,7 @@ def searchable(atlas_images, available, radius: int, search: int,
     inwards matches the subject's edge better than the entry's own, and the cerebellum grows),
     so the entry votes its own patch's label, as local voting does. A shifted patch that
     reaches undefined voxels needs no rule: it matches worse and loses. Without
-    ``where_defined``, everywhere. (``search`` is accepted for the signature's sake.)
+    ``where_defined``, everywhere.
     """
     from scipy.ndimage import minimum_filter
 
