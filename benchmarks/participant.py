@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/participant.py --assets-dir .assets \
         --dataset ../shared/data/bids/multimodal --participant ixi002 \
-        --dataset ../shared/data/bids/ds002748 --participant 01 [-- --atlas-library cobra]
+        --dataset ../shared/data/bids/ds002748 --participant 01 [-- --atlas-library suit]
 
 Options after ``--`` go to every ``cerebseg`` command as they are.
 

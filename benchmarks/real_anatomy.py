@@ -19,7 +19,8 @@ always left out:
 * ``template``: MNI152NLin2009cAsym with the CoBra atlas and its mirror (today's CERES library);
 * ``manual``: that plus the other two manual maps and their mirrors (real anatomy);
 * ``maps``: the other two manual maps and their mirrors only, without the CoBra atlas;
-* ``suit``: the default SUIT library (scored on the lobule groups only).
+* ``suit``: the SUIT library (``--atlas-library suit``, the default until this benchmark chose
+  cobra; scored on the lobule groups only).
 
 The CoBra atlas is the maximum-probability map of the five CoBrALab manual maps (CAT12's
 ``CoBra.txt``), brain1-brain3 among them: every library that holds it has seen 1/5 of the case's
@@ -320,7 +321,7 @@ def main(argv=None) -> int:
                          ['--atlas-library', 'cobra']),
             'manual': ('cerebseg --atlas-library cobra, template + other manual maps',
                        ['--atlas-library', 'cobra']),
-            'suit': ('cerebseg (default SUIT library)', []),
+            'suit': ('cerebseg --atlas-library suit (SUIT library)', ['--atlas-library', 'suit']),
             'jlf': ('ANTs SyN + antsJointFusion, template + other manual maps',
                     ['--atlas-library', 'cobra', '--registration', 'ants']),
             'template-search': ('cerebseg --atlas-library cobra --fusion-search 1, template '

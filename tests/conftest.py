@@ -16,6 +16,9 @@ os.environ['ITK_GLOBAL_DEFAULT_THREADER'] = 'Platform'
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'data')).resolve()
+#: the protocol of the session's assets (``assets_dir``: SUIT, 40 s to build; the default, cobra,
+#: takes 8 min and is run end to end by test_real_anatomy): every command run on them says so
+SUIT = ('--atlas-library', 'suit')
 
 
 @pytest.fixture(scope='module')

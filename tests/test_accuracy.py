@@ -5,7 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import write_case_bids
+from conftest import SUIT, write_case_bids
 
 from cerebseg.assets.build import leave_out_entry
 from cerebseg.bids_app.run import main
@@ -56,7 +56,7 @@ def test_exact_truth_case_end_to_end(shared_data, assets_dir, tmp_path):
     manifest = json.loads((loo / 'manifest.json').read_text())
     assert 'MNI152NLin6AsymC' not in [e['name'] for e in manifest['libraries']['suit']['entries']]
     out = tmp_path / 'out'
-    assert main([str(bids), str(out), 'participant', '--assets-dir', str(loo),
+    assert main([str(bids), str(out), 'participant', '--assets-dir', str(loo), *SUIT,
                  '-w', str(tmp_path / 'work'), '--skip-bids-validation',
                  '--skip-brainstem']) == 0   # (the brainstem: CI time)
     result = nib.load(out / 'sub-truth/anat/sub-truth_space-T1w_seg-cerebellum_dseg.nii.gz')

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from conftest import SUIT
 
 from cerebseg.models import checkpoint as cpt
 from cerebseg.models.checkpoint import CheckpointError
@@ -111,7 +112,7 @@ def test_the_command_stops_with_126_naming_the_file(shipped_copy, shared_data, a
 
     _flip_a_byte(shipped_copy / 'lobules_dpn_T1w-T2w-prior.pt')
     code = main([str(shared_data / 'bids/multimodal'), str(tmp_path / 'out'), 'participant',
-                 '--participant-label', 'ixi002', '--assets-dir', str(assets_dir),
+                 '--participant-label', 'ixi002', '--assets-dir', str(assets_dir), *SUIT,
                  '-w', str(tmp_path / 'work'), '--models', 'ensemble',
                  '--skip-bids-validation'])
     assert code == 126

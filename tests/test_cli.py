@@ -13,7 +13,7 @@ import pytest
 
 from cerebseg.assets import ASSETS_FORMAT
 from cerebseg.bids_app.run import main
-from conftest import make_bad_nifti, make_bids, make_nifti
+from conftest import SUIT, make_bad_nifti, make_bids, make_nifti
 
 
 def _digest(folder: Path) -> dict:
@@ -29,6 +29,23 @@ def test_missing_assets_exit_126(tmp_path, caplog):
                  '-w', str(tmp_path / 'work')])
     assert code == 126
     assert 'cerebseg-assets build' in caplog.text
+
+
+def test_assets_without_the_default_library_say_both_ways_out(tmp_path):
+    """Assets built before cobra became the default hold SUIT only: the default run stops with
+    exit 126 saying how to build cobra and how to keep running SUIT."""
+    from cerebseg.assets import DEFAULT_BUILD, DEFAULT_LIBRARY
+    from cerebseg.assets.locate import Assets
+    from cerebseg.errors import MissingAssetError
+
+    assert DEFAULT_LIBRARY == 'cobra' and set(DEFAULT_BUILD) == {'cobra', 'suit'}
+    assets = Assets(tmp_path, {'libraries': {'suit': {}}})
+    with pytest.raises(MissingAssetError) as err:
+        assets.library(DEFAULT_LIBRARY)
+    assert err.value.exit_code == 126
+    assert "'cobra' is not in" in str(err.value)
+    assert 'cerebseg-assets build --library cobra --sources' in str(err.value)
+    assert '--atlas-library suit' in str(err.value)
 
 
 def test_missing_brainstem_asset_file_exit_126(tmp_path):
@@ -89,7 +106,7 @@ def test_bad_inputs(tmp_path, assets_dir, caplog, case, code, message):
     before = _digest(root)
     label = '99' if case == 'unknown' else '01'
     rc = main([str(root), str(out), 'participant', '--participant-label', label,
-               '--assets-dir', str(assets_dir), '-w', str(tmp_path / 'work')])
+               '--assets-dir', str(assets_dir), *SUIT, '-w', str(tmp_path / 'work')])
     assert rc == code
     assert message in caplog.text
     assert _digest(root) == before, 'inputs must never be modified'
@@ -111,7 +128,7 @@ def test_nonbrain_phantom_is_refused(tmp_path, shared_data, assets_dir, caplog):
     root = _single_subject_bids(tmp_path / 'ds',
                                 shared_data / 'subjects/nonbrain_phantom/sub-ge01_T1w.nii.gz')
     out = tmp_path / 'out'
-    rc = main([str(root), str(out), 'participant', '--assets-dir', str(assets_dir),
+    rc = main([str(root), str(out), 'participant', '--assets-dir', str(assets_dir), *SUIT,
                '-w', str(tmp_path / 'work'), '--skip-brainstem'])   # (CI time)
     assert rc == 65
     assert 'does not fit the MNI152NLin2009cAsym template' in caplog.text
@@ -130,7 +147,8 @@ def test_unregistrable_t2w_is_refused(tmp_path, shared_data, assets_dir, caplog)
                                 shared_data / 'bids/multimodal/sub-ixi002/anat/'
                                               'sub-ixi002_T1w.nii.gz', fake_t2)
     rc = main([str(root), str(tmp_path / 'out'), 'participant', '--assets-dir',
-               str(assets_dir), '-w', str(tmp_path / 'work'), '--skip-brainstem'])  # (CI time)
+               str(assets_dir), *SUIT, '-w', str(tmp_path / 'work'),
+               '--skip-brainstem'])  # (CI time)
     assert rc == 65
     assert 'could not be registered to its T1w' in caplog.text
 
@@ -143,7 +161,7 @@ def real_run(shared_data, assets_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp('real')
     out, work = root / 'out', root / 'work'
     argv = [str(bids), str(out), 'participant', '--participant-label', '01',
-            '--assets-dir', str(assets_dir), '-w', str(work), '--models', 'ensemble']
+            '--assets-dir', str(assets_dir), *SUIT, '-w', str(work), '--models', 'ensemble']
     code = main(argv)
     return {'bids': bids, 'out': out, 'work': work, 'argv': argv, 'code': code}
 
@@ -345,7 +363,7 @@ def test_brainstem_network_on_real_subject(real_run):
     assert real_run['code'] == 0
     out = real_run['out'].parent / 'out-network'
     argv = [str(real_run['bids']), str(out), 'participant', '--participant-label', '01',
-            '--assets-dir', real_run['argv'][real_run['argv'].index('--assets-dir') + 1],
+            '--assets-dir', real_run['argv'][real_run['argv'].index('--assets-dir') + 1], *SUIT,
             '-w', str(real_run['work']), '--skip-cerebellum', '--brainstem-method', 'network']
     assert main(argv) == 0
     anat = out / 'sub-01/anat'
@@ -438,7 +456,8 @@ def test_brainstem_network_weights_are_checked_first(tmp_path, assets_dir, caplo
 
     root = make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
     base = [str(root), str(tmp_path / 'out'), 'participant', '--assets-dir', str(assets_dir),
-            '-w', str(tmp_path / 'work'), '--skip-cerebellum', '--brainstem-method', 'network',
+            *SUIT, '-w', str(tmp_path / 'work'), '--skip-cerebellum',
+            '--brainstem-method', 'network',
             '--skip-bids-validation']
     assert main(base + ['--brainstem-weights', str(tmp_path / 'none.pt')]) == 126
     assert 'brainstem network weights not found' in caplog.text and 'none.pt' in caplog.text
@@ -475,7 +494,7 @@ def two_commands(ds002748_2mm, assets_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp('two')
     out, work = root / 'out', root / 'work'
     base = [sys.executable, '-m', 'cerebseg.bids_app.run', str(bids), str(out), 'participant',
-            '--assets-dir', str(assets_dir), '-w', str(work), *BRAINSTEM_ONE_THREAD]
+            '--assets-dir', str(assets_dir), *SUIT, '-w', str(work), *BRAINSTEM_ONE_THREAD]
     procs = [subprocess.Popen(base + ['--participant-label', label], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for label in ('01', '02')]
     logs = [p.communicate()[0].decode(errors='replace') for p in procs]
@@ -533,7 +552,7 @@ def test_kill_9_then_resume_gives_identical_outputs(two_commands, assets_dir, tm
 
     out, work = tmp_path / 'out', tmp_path / 'work'
     argv = [str(two_commands['bids']), str(out), 'participant', '--participant-label', '01',
-            '--assets-dir', str(assets_dir), '-w', str(work), *BRAINSTEM_ONE_THREAD]
+            '--assets-dir', str(assets_dir), *SUIT, '-w', str(work), *BRAINSTEM_ONE_THREAD]
     log = open(tmp_path / 'killed.log', 'wb')
     proc = subprocess.Popen([sys.executable, '-m', 'cerebseg.bids_app.run', *argv],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -617,7 +636,7 @@ def test_full_disk_keeps_what_was_written(two_commands, assets_dir, tmp_path, sm
     out = small_disk / 'out'
     shutil.copytree(two_commands['out'], out, ignore=shutil.ignore_patterns('sub-02*'))
     base = [str(two_commands['bids']), str(out), 'participant', '--assets-dir', str(assets_dir),
-            '-w', str(two_commands['work']), *BRAINSTEM_ONE_THREAD]
+            *SUIT, '-w', str(two_commands['work']), *BRAINSTEM_ONE_THREAD]
     before = _digest(out)
     need = sum(p.stat().st_size for p in (two_commands['out'] / 'sub-02').rglob('*')
                if p.is_file())

@@ -161,7 +161,7 @@ def _case_bytes(kind: str) -> bytes:
 def test_command_refuses_hostile_input(tmp_path, assets_dir, caplog, kind):
     """The whole command: exit 65 with the file named, no label map, the input untouched."""
     from cerebseg.bids_app.run import main
-    from conftest import make_bids
+    from conftest import SUIT, make_bids
 
     bids = make_bids(tmp_path / 'bids', {'01': ['anat/sub-01_T1w.nii.gz']})
     t1w = bids / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'
@@ -169,7 +169,7 @@ def test_command_refuses_hostile_input(tmp_path, assets_dir, caplog, kind):
     digest = hashlib.sha256(t1w.read_bytes()).hexdigest()
     out = tmp_path / 'out'
     code = main([str(bids), str(out), 'participant', '-w', str(tmp_path / 'work'),
-                 '--assets-dir', str(assets_dir), '--skip-bids-validation'])
+                 '--assets-dir', str(assets_dir), *SUIT, '--skip-bids-validation'])
     assert code == 65, caplog.text
     assert str(t1w) in caplog.text
     assert not list(out.rglob('*_dseg.nii.gz'))

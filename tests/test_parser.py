@@ -19,6 +19,15 @@ def test_defaults_and_label_prefix(bids, tmp_path):
                        '--participant-label', '01', '--session-label', 'ses-a'])
     assert opts.participant_label == ['01'] and opts.session_label == ['a']
     assert opts.fusion_search == 'auto' and opts.fusion_nonlocal_weight == 'auto'
+    # the CERES protocol (cobra) is the default, chosen on the real-anatomy benchmark; SUIT is
+    # one option away; the configuration file of a run says which ran
+    from cerebseg.bids_app.config import RunConfig
+
+    assert opts.atlas_library == 'cobra'
+    assert RunConfig('b', 'o', 'w', 'participant').atlas_library == 'cobra'
+    assert RunConfig.from_namespace(opts).atlas_library == 'cobra'
+    suit = parse_args([str(bids), str(tmp_path / 'out'), 'participant', '--atlas-library', 'suit'])
+    assert RunConfig.from_namespace(suit).atlas_library == 'suit'
     opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant', '--fusion-search', '1',
                        '--fusion-nonlocal-weight', '0.25'])
     assert opts.fusion_search == '1' and float(opts.fusion_nonlocal_weight) == 0.25

@@ -134,6 +134,30 @@ def test_reference_ranges(tmp_path):
     assert ranges['Total']['pipelines']['q']['n'] == 2
 
 
+def test_reference_ranges_of_both_protocols(shared_data, tmp_path):
+    """The default protocol (cobra, CERES) is checked against the reference pipelines' own
+    ranges (CERES protocol: factors 1, every mapped label in its lookup table); SUIT against
+    ranges scaled by its atlas's volumes."""
+    from cerebseg.assets import package_json
+    from cerebseg.assets.build import read_lut
+    from cerebseg.assets.reference import build_reference
+
+    section = build_reference(shared_data, tmp_path)
+    doc = json.loads((tmp_path / section['cerebellum_volumes']).read_text())
+    assert set(doc['protocols']) == {'suit', 'cobra'}
+    for name, rng in doc['protocols']['cobra'].items():
+        assert rng['factor'] == 1.0
+        assert (rng['low'], rng['high']) == (doc['structures'][name]['low'],
+                                             doc['structures'][name]['high'])
+    assert len(doc['protocols']['cobra']) == 19             # 18 lobule groups and the total
+    assert any(abs(r['factor'] - 1) > 0.05 for r in doc['protocols']['suit'].values())
+    lut, _ = read_lut(shared_data, package_json('protocols/cobra.json'))
+    names = {row['name'] for row in lut}
+    mapping = package_json('reference_map.json')['protocols']['cobra']
+    assert all(label in names for parts in mapping.values() for label in parts)
+    assert sum(len(parts) for parts in mapping.values()) == 24   # every lobule, once
+
+
 def test_bids_names_and_sidecars(tmp_path):
     src = '/raw/sub-01/ses-a/anat/sub-01_ses-a_run-1_T1w.nii.gz'
     name = derivative_path(tmp_path, src, 'dseg', '.nii.gz', space='MNI152NLin2009cAsym',

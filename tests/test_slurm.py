@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cerebseg.bids_app.slurm import node_sbatch_args, set_node_requests
-from conftest import REPO, make_bids
+from conftest import REPO, SUIT, make_bids
 from slurm_cluster import Cluster, unavailable
 
 
@@ -85,7 +85,7 @@ def plugin_run(slurm, ds002748_2mm, assets_dir, tmp_path_factory):
     proc = subprocess.run(_command(bids, out, 'participant', '--participant-label', '01', '02',
                                    '-w', work, '--plugin', 'SLURM', '--plugin-args',
                                    '{"sbatch_args": "--time=0:30:00"}', '--assets-dir',
-                                   assets_dir, '--skip-cerebellum', '--omp-nthreads', '1'),
+                                   assets_dir, *SUIT, '--skip-cerebellum', '--omp-nthreads', '1'),
                           capture_output=True, text=True, timeout=1500)
     return {'bids': bids, 'out': out, 'proc': proc, 'jobs': _jobs()}
 
@@ -127,7 +127,7 @@ def test_slurm_graph_plugin_reports_a_failed_participant(slurm, shared_data, ds0
         shutil.copyfile(src, root / f'sub-{label}/anat/sub-{label}_T1w.nii.gz')
     out, work = tmp_path / 'out', tmp_path / 'work'
     proc = subprocess.run(_command(root, out, 'participant', '-w', work, '--assets-dir',
-                                   assets_dir, '--skip-cerebellum', '--omp-nthreads', '1',
+                                   assets_dir, *SUIT, '--skip-cerebellum', '--omp-nthreads', '1',
                                    '--plugin', 'SLURMGraph'),
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 65, proc.stderr[-5000:] + slurm.logs()
@@ -154,7 +154,7 @@ def test_job_array_script_runs_participants_then_group(slurm, plugin_run, ds0027
                CEREBSEG=' '.join([sys.executable, '-m', 'cerebseg.bids_app.run']),
                SBATCH_ARGS='--cpus-per-task=1 --mem=2G --time=0:30:00')
     proc = subprocess.run(['bash', str(REPO / 'scripts/slurm-array.sh'), str(bids), str(out),
-                           '--assets-dir', str(assets_dir), '--skip-cerebellum'],
+                           '--assets-dir', str(assets_dir), *SUIT, '--skip-cerebellum'],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert 'job array' in proc.stdout and '(2 tasks' in proc.stdout

@@ -32,7 +32,12 @@ TEMPLATE_HEAD = 'tpl-MNI152NLin2009cAsym_res-1_T1w.nii.gz'
 TEMPLATE_BRAIN = 'tpl-MNI152NLin2009cAsym_res-1_desc-brain_T1w.nii.gz'
 TEMPLATE_MASK = 'tpl-MNI152NLin2009cAsym_res-1_desc-brain_mask.nii.gz'
 LUT_NAME = 'seg-cerebellum_dseg.tsv'
-DEFAULT_LIBRARY = 'suit'
+#: the label protocol a run uses unless told (``--atlas-library``): CERES (cobra), chosen on the
+#: real-anatomy benchmark (README, Accuracy: "The default protocol")
+DEFAULT_LIBRARY = 'cobra'
+#: the libraries ``cerebseg-assets build`` and ``fetch`` make unless told (``--library``): the
+#: default and SUIT (its deep nuclei; ``--atlas-library suit``)
+DEFAULT_BUILD = ('cobra', 'suit')
 BRAINSTEM_DIR = 'brainstem'
 BRAINSTEM_DSEG = 'tpl-MNI152NLin2009cAsym_res-1_desc-brainstem_dseg.nii.gz'
 BRAINSTEM_T1W = 'tpl-MNI152NLin2009cAsym_res-1_desc-brainstem_T1w.nii.gz'

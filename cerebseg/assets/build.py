@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 
 from cerebseg import __version__
-from cerebseg.assets import (ASSETS_FORMAT, LUT_NAME, MANIFEST, TEMPLATE_BRAIN, TEMPLATE_HEAD,
-                             TEMPLATE_MASK, package_json)
+from cerebseg.assets import (ASSETS_FORMAT, DEFAULT_BUILD, LUT_NAME, MANIFEST, TEMPLATE_BRAIN,
+                             TEMPLATE_HEAD, TEMPLATE_MASK, package_json)
 from cerebseg.assets.sources import lut_to_tsv, source_path
 from cerebseg.errors import MissingAssetError
 from cerebseg.utils.grid import WORKING_GRID, BoxGrid
@@ -302,7 +302,7 @@ def build_vote_entries(protocol: dict, sources: Path, out: Path, grid: BoxGrid, 
             'n_labels': n_units, 'entries': entries}
 
 
-def build_assets(sources: str | Path, out: str | Path, libraries=('suit',),
+def build_assets(sources: str | Path, out: str | Path, libraries=DEFAULT_BUILD,
                  grid: BoxGrid = WORKING_GRID, seed: int = 0, mirror: bool = True,
                  brainstem: bool = True, brainstem_navigator: str | Path | None = None,
                  skip_entries=()) -> Path:

@@ -26,9 +26,12 @@ class Assets:
     def library(self, name: str) -> dict:
         libs = self.manifest['libraries']
         if name not in libs:
+            other = (f' Or run with the library these assets hold: --atlas-library '
+                     f'{sorted(libs)[0]}.' if libs else '')
             raise MissingAssetError(
                 f'The atlas library {name!r} is not in {self.root} (it has {sorted(libs)}). '
-                + BUILD_HINT.replace('build --sources', f'build --library {name} --sources'))
+                + BUILD_HINT.replace('build --sources', f'build --library {name} --sources')
+                + other)
         return libs[name]
 
     def brainstem(self) -> dict:

@@ -6,10 +6,10 @@ participants of each participant's mean over sessions; the range is the union ov
 of mean +- 3 SD, so that it spans the pipelines' disagreement too. ``Total``: the sum of the
 lobules. Plausibility ranges, not ground truth: 9 young adults, other protocols.
 
-The pipelines follow Park 2014's protocol (CERES); cerebseg's SUIT protocol cuts the lobules
-differently (its lobule X, for one, is larger). Each protocol's ranges are the reference ones
-times the ratio of the structure's volume in the protocol's template atlas to its volume in
-CoBra, the template atlas of Park 2014's protocol (``cerebseg/data/reference_map.json``).
+The pipelines follow Park 2014's protocol (CERES), that of cerebseg's ``cobra`` library (ranges
+as published); cerebseg's SUIT protocol cuts the lobules differently (its lobule X, for one, is
+larger). Each protocol's ranges are the reference ones times the ratio of the structure's volume
+in the protocol's template atlas to its volume in CoBra, the template atlas of Park 2014's protocol (``cerebseg/data/reference_map.json``).
 """
 from __future__ import annotations
 
@@ -82,10 +82,13 @@ def atlas_volumes(dseg: Path, groups: dict[str, list[int] | dict[int, float]]) -
 
 
 def protocol_factors(sources: Path, spec: dict, protocol: str) -> dict[str, float]:
-    """Reference structure -> V(protocol's template atlas) / V(CoBra)."""
+    """Reference structure -> V(protocol's template atlas) / V(CoBra); 1 for a protocol that
+    is the reference pipelines' own (its atlas marked ``reference``)."""
     from cerebseg.assets.sources import source_path
     from cerebseg.utils.native import read_lut_tsv
 
+    if spec['atlases'][protocol].get('reference'):
+        return {name: 1.0 for name in [*spec['protocols'][protocol], 'Total']}
     ref = atlas_volumes(source_path(sources, spec['reference_atlas']['dseg']),
                         spec['reference_atlas']['labels'])
     atlas = spec['atlases'][protocol]

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from cerebseg import __version__
-from cerebseg.assets import DEFAULT_LIBRARY, available_protocols, user_cache_dir
+from cerebseg.assets import DEFAULT_BUILD, available_protocols, user_cache_dir
 from cerebseg.errors import CerebsegError, missing_path_message
 
 LOGGER = logging.getLogger('cerebseg.assets')
@@ -43,7 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          help=f'assets folder to write (default: {user_cache_dir()})')
         cmd.add_argument('--library', action='append', choices=protocols, default=None,
                          help=f'atlas library (label protocol) to build; repeatable '
-                              f'(default: {DEFAULT_LIBRARY})')
+                              f'(default: {" and ".join(DEFAULT_BUILD)})')
         cmd.add_argument('--no-mirror', action='store_true',
                          help='do not add the left-right mirror of each library entry')
         cmd.add_argument('--no-brainstem', action='store_true',
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
                         format='%(asctime)s %(name)s %(levelname)s: %(message)s',
                         stream=sys.stderr)
-    libraries = tuple(opts.library or [DEFAULT_LIBRARY])
+    libraries = tuple(opts.library or DEFAULT_BUILD)
     # one ITK thread: ANTs' registrations are reproducible only so, and two builds from the
     # same sources must give the same assets (and so the same volumes)
     from cerebseg.utils.registration import set_itk_environment

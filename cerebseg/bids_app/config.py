@@ -10,6 +10,7 @@ from pathlib import Path
 import tomli_w
 
 from cerebseg import __version__
+from cerebseg.assets import DEFAULT_LIBRARY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,7 @@ class RunConfig:
     plugin: str = ''
     plugin_args: str = ''   # JSON
     device: str = 'auto'
-    atlas_library: str = 'suit'
+    atlas_library: str = DEFAULT_LIBRARY
     affine_fit: str = 'symmetric'
     registration: str = 'torch'
     fusion_search: str = 'auto'

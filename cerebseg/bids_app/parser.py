@@ -90,7 +90,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     method = parser.add_argument_group('Method')
     method.add_argument('--atlas-library', choices=available_protocols(),
-                        default=DEFAULT_LIBRARY, help='label protocol / atlas library')
+                        default=DEFAULT_LIBRARY,
+                        help='label protocol and its atlas library: cobra (default: CERES, 12 '
+                             'lobules and the corpus medullare per side) or suit (SUIT: lobules '
+                             'with the vermis apart, and 6 deep nuclei)')
     method.add_argument('--affine-fit', choices=['symmetric', 'single'], default='symmetric',
                         help='the T1w\'s affine to MNI152NLin2009cAsym and its refinement on '
                              'cerebellum and brainstem: symmetric (default: the T1w and its '

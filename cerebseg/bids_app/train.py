@@ -31,7 +31,8 @@ def _build_parser() -> argparse.ArgumentParser:
     cmd.add_argument('--out', type=Path, required=True, help='checkpoint to write (.pt)')
     cmd.add_argument('--assets-dir', type=Path, default=None,
                      help='cerebseg assets (default: $CEREBSEG_ASSETS, then the user cache)')
-    cmd.add_argument('--atlas-library', default='suit', help='library whose entries are used')
+    cmd.add_argument('--atlas-library', default='suit',
+                     help='library whose entries are used (default: suit)')
     cmd.add_argument('--participant-label', nargs='+', default=None,
                      help='participants to train on (default: all)')
     cmd.add_argument('--exclude-label', nargs='+', default=[],
@@ -82,7 +83,9 @@ def _add_segmentation_parser(sub) -> None:
     cmd.add_argument('--assets-dir', type=Path, default=None,
                      help='cerebseg assets (default: $CEREBSEG_ASSETS, then the user cache)')
     cmd.add_argument('--atlas-library', default='suit',
-                     help='label protocol of the labels (and library of the prior)')
+                     help='label protocol of the labels (and library of the prior); default: '
+                          'suit, the protocol of the shipped networks (cobra, the default of '
+                          'cerebseg, ships none)')
     cmd.add_argument('--simulated-prior', type=float, default=0.0, metavar='P',
                      help='probability that a patch\'s prior channels are replaced by its own '
                           'labels, randomly deformed (1-4 mm) and blurred (training.augment.'
