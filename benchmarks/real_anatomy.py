@@ -34,7 +34,9 @@ only; the cobra default mixes the two), same work folder, so only the fusion and
 run again; antsJointFusion
 (patch radius 2, search radius 1) of the ANTs-registered entries of the ``manual`` library
 (``--registration ants`` run of the same library), as in ``accuracy.py``; ``jlf-maps``: the
-same registrations, the CoBra entries left out of the fusion.
+same registrations, the CoBra entries left out of the fusion. ``manual-cnn``, ``maps-cnn``
+(``manual-search-cnn``): those runs with the lobule networks of ``--cnn-weights`` on their prior
+(``--models``; networks trained by ``scripts/train_ceres.py``, refused on a map they saw).
 
 Scores on the native T1w grid: mean Dice over the 24 CERES lobules; mean Dice over the 10
 lobule groups with sides and vermis merged (I-IV, V, VI, Crus I, Crus II, VIIB, VIIIA, VIIIB, IX,
@@ -273,12 +275,13 @@ def main(argv=None) -> int:
                                                          'maps', 'maps-search'],
                         choices=['template', 'manual', 'suit', 'jlf', 'template-search',
                                  'manual-search', 'maps', 'maps-search', 'jlf-maps',
-                                 'manual-local', 'maps-local', 'manual-search-cnn'])
+                                 'manual-local', 'maps-local', 'manual-cnn', 'maps-cnn',
+                                 'manual-search-cnn'])
     parser.add_argument('--cnn-weights', type=Path, default=None,
-                        help='manifest of CERES-protocol networks for manual-search-cnn '
+                        help='manifest of CERES-protocol networks for the -cnn methods '
                              '(scripts/train_ceres.py; the case\'s map unseen by them)')
     parser.add_argument('--models', default='unet', choices=['unet', 'dpn', 'ensemble'],
-                        help='the lobule networks of manual-search-cnn')
+                        help='the lobule networks of the -cnn methods')
     parser.add_argument('--tsv', type=Path, default=None)
     parser.add_argument('--overlays', type=Path, default=None)
     parser.add_argument('--t2w', action='store_true',
@@ -343,14 +346,15 @@ def main(argv=None) -> int:
             'maps-local': ('cerebseg --atlas-library cobra --fusion-search 0, other manual maps '
                            'only (no CoBra)', ['--atlas-library', 'cobra',
                                                '--fusion-search', '0'])}
-    if 'manual-search-cnn' in opts.methods:
+    cnn_methods = [m for m in opts.methods if m.endswith('-cnn')]
+    if cnn_methods:
         if opts.cnn_weights is None:
-            parser.error('manual-search-cnn needs --cnn-weights')
-        runs['manual-search-cnn'] = (
-            (f'cerebseg --atlas-library cobra --fusion-search 1 --models {opts.models} '
-             f'({opts.cnn_weights.parent.name}), template + other manual maps'),
-            ['--atlas-library', 'cobra', '--fusion-search', '1', '--models', opts.models,
-             '--cnn-weights', str(opts.cnn_weights.resolve())])
+            parser.error(f'{", ".join(cnn_methods)} need --cnn-weights')
+        for key in cnn_methods:   # the run without networks, then the networks on its prior
+            name, extra = runs[key.removesuffix('-cnn')]
+            runs[key] = (f'{name}, --models {opts.models} ({opts.cnn_weights.parent.name})',
+                         [*extra, '--models', opts.models,
+                          '--cnn-weights', str(opts.cnn_weights.resolve())])
         seen = networks_saw(opts.cnn_weights)
         if seen & set(opts.maps):
             parser.error(f'the networks of {opts.cnn_weights} were trained or validated on '

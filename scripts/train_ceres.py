@@ -11,7 +11,8 @@ and priors are cached, training resumes from ``OUT/<name>.pt.state.pt``).
    contrast, Rician noise; ``--supersample``^3 sub-samples per voxel), written as BIDS, with
    their exact labels on the native grid as the reference.
 2. **Priors**: each case's preprocessing and multi-atlas prior, computed by the pipeline itself
-   (``cerebseg-train segmentation --prepare-only``, ``--fusion-search`` as the run will use)
+   (``cerebseg-train segmentation --prepare-only``, fusion and lobule borders as the run will
+   use: the protocol's by default)
    from a library that holds neither the held-out map nor the case's own map (nor their
    mirrors): the prior the pipeline gives a person it has no atlas of.
 3. **Training**: ``cerebseg-train segmentation --stage lobules`` on every case but one,
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument('--anatomy-cache', type=Path, default=None,
                         help='placed maps (default OUT/anatomy; real_anatomy.py\'s can be '
                              'shared)')
-    parser.add_argument('--fusion-search', type=int, default=1, choices=[0, 1, 2])
+    parser.add_argument('--fusion-search', default='auto', choices=['auto', '0', '1', '2'])
     parser.add_argument('--architecture', default='unet')
     parser.add_argument('--features', type=int, nargs='+', default=[8, 16, 32, 64, 64])
     parser.add_argument('--patch-size', type=int, default=48)

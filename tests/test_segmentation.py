@@ -384,8 +384,8 @@ def test_prepared_training_data_keeps_each_cases_own_prior(tmp_path, monkeypatch
              x_mm=np.arange(4.0), t2=np.zeros(0, np.float32),
              prior=np.zeros((2, 4, 4, 4), np.uint8))
     for library, prepared in ((own, False), (other, True)):
-        got = data.prepare_subject(run, label_file, None, library, tmp_path, fusion_search=1,
-                                   prepared=prepared)
+        got = data.prepare_subject(run, label_file, None, library, tmp_path,
+                                   prior={'search': 1}, prepared=prepared)
         assert got.name == 'sub-a' and got.t2 is None and np.array_equal(got.t1, t1)
     with pytest.raises(BadDataError, match='No prepared'):   # another fusion: other data
         data.prepare_subject(run, label_file, None, other, tmp_path, prepared=True)
@@ -394,7 +394,27 @@ def test_prepared_training_data_keeps_each_cases_own_prior(tmp_path, monkeypatch
 
     monkeypatch.setattr(data, '_prior_outputs', computed)
     with pytest.raises(RuntimeError, match='prior computed'):   # another library: again
-        data.prepare_subject(run, label_file, None, other, tmp_path, fusion_search=1)
+        data.prepare_subject(run, label_file, None, other, tmp_path, prior={'search': 1})
+
+
+def test_training_cache_names_the_priors_settings():
+    """One training cache per prior setting: local voting keeps the old name; cobra's default
+    (mixed fusion, levels matched, borders on the branches with votes) has its own."""
+    from types import SimpleNamespace
+
+    from cerebseg.bids_app.metadata import fusion_settings, lobule_branches
+    from cerebseg.training.data import LOCAL_PRIOR, prior_tag
+
+    assert prior_tag(None) == prior_tag(LOCAL_PRIOR) == ''
+    assert prior_tag({'search': 1}) == '_search1'
+    cobra = {'name': 'cobra', 'votes': {'entries': [], 'n_labels': 11, 'weight': 0.5}}
+    opts = SimpleNamespace(fusion_search='auto', fusion_nonlocal_weight='auto',
+                           lobule_borders='auto', lobule_votes='auto')
+    prior = {**fusion_settings(opts, cobra), 'branches': lobule_branches(opts, cobra)}
+    assert prior_tag(prior) == '_search1w0.5_levels_branches-votes'
+    opts.lobule_votes, opts.fusion_search = 'off', '0'
+    prior = {**fusion_settings(opts, cobra), 'branches': lobule_branches(opts, cobra)}
+    assert prior_tag(prior) == '_levels_branches'
 
 
 def test_simulated_prior_is_the_labels_moved_and_blurred():

@@ -379,6 +379,34 @@ def test_affine_fit_reaches_both_affine_nodes(tmp_path, fake_assets, symmetric):
     assert nodes['box_affine'].n_procs == 1      # omp_nthreads=1: one fit at a time
 
 
+def test_training_prior_is_the_runs_prior(tmp_path, fake_assets):
+    """The training-data graph makes the prior a run gives the networks: the same fusion
+    settings on the fuse node and, with the borders on the branches, the branch node (and its
+    votes) between the fusion and the prior; without them the fused prior."""
+    from cerebseg.workflows.base import init_prior_wf
+
+    templates, library = fake_assets
+    t1w = str(make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
+              / 'sub-01/anat/sub-01_T1w.nii.gz')
+    votes = {'entries': library['entries'][:1], 'n_labels': 3, 'weight': 0.5}
+    branches = {'units': [0, 1, 2], 'sides': [0, 1, 2], 'votes': votes}
+    wf = init_prior_wf(t1w=t1w, t2w=None, templates=templates, grid=WORKING_GRID.to_dict(),
+                       library=library, omp_nthreads=1, seed=0, fusion_search=1,
+                       fusion_nonlocal_weight=0.5, white_labels=[13, 26], branches=branches)
+    nodes, feeds = _nodes_and_feeds(wf)
+    fuse = nodes['fuse']
+    assert (fuse.inputs.search, fuse.inputs.nonlocal_weight, fuse.inputs.white_labels) == \
+        (1, 0.5, [13, 26])
+    assert {('fuse', 'branch_borders'), ('fuse_votes', 'branch_borders'),
+            ('branch_borders', 'outputnode')} <= feeds
+    assert nodes['branch_borders'].inputs.votes_weight == 0.5
+    nodes, feeds = _nodes_and_feeds(init_prior_wf(
+        t1w=t1w, t2w=None, templates=templates, grid=WORKING_GRID.to_dict(), library=library,
+        omp_nthreads=1, seed=0))
+    assert 'branch_borders' not in nodes and ('fuse', 'outputnode') in feeds
+    assert (nodes['fuse'].inputs.search, nodes['fuse'].inputs.white_labels) == (0, [])
+
+
 def test_fusion_settings_reach_the_fuse_node(tmp_path, fake_assets):
     """The fusion a run resolves (search, non-local share, white labels whose levels are
     matched) is what the fuse node gets; the defaults are local voting, unmatched."""

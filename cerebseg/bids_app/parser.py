@@ -114,7 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              'the suit library); auto (default): what the label protocol '
                              'defines: 0 for suit, 1 for cobra, mixed half and half with local '
                              'voting (--fusion-nonlocal-weight); see the README')
-    method.add_argument('--fusion-nonlocal-weight', type=_nonlocal_weight, default='auto',
+    method.add_argument('--fusion-nonlocal-weight', type=nonlocal_weight_arg, default='auto',
                         metavar='{auto,W}',
                         help='with --fusion-search 1 or 2: the share W (0 to 1) of the '
                              'non-local vote in the fused probabilities, the local vote\'s '
@@ -195,7 +195,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _nonlocal_weight(text: str) -> str:
+def nonlocal_weight_arg(text: str) -> str:
     """``auto`` or a number in [0, 1] (kept as text, as the run configuration stores it)."""
     if text == 'auto':
         return text

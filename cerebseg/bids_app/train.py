@@ -55,6 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_segmentation_parser(sub) -> None:
+    from cerebseg.bids_app.parser import nonlocal_weight_arg
     from cerebseg.models.losses import LOSSES
     from cerebseg.models.nets3d import ARCHITECTURES, CHANNELS
     from cerebseg.models.cascade import STAGES
@@ -94,9 +95,17 @@ def _add_segmentation_parser(sub) -> None:
                      help='train on the data --prepare-only cached in --work-dir as it was '
                           'prepared, whatever library made each prior (e.g. each case\'s own '
                           'leave-one-out library); a participant without it is an error')
-    cmd.add_argument('--fusion-search', type=int, choices=(0, 1, 2), default=0,
-                     help='the prior\'s label fusion, as cerebseg --fusion-search (0: local '
-                          'voting; 1-2: non-local, patch search of that many voxels)')
+    cmd.add_argument('--fusion-search', choices=['auto', '0', '1', '2'], default='auto',
+                     help='the prior\'s label fusion, as cerebseg --fusion-search (auto, the '
+                          'default: the protocol\'s, as a run; 0: local voting; 1-2: non-local, '
+                          'patch search of that many voxels)')
+    cmd.add_argument('--fusion-nonlocal-weight', type=nonlocal_weight_arg, default='auto',
+                     metavar='{auto,W}', help='as cerebseg --fusion-nonlocal-weight')
+    cmd.add_argument('--lobule-borders', choices=['auto', 'branches', 'fused'], default='auto',
+                     help='the prior\'s lobule borders, as cerebseg --lobule-borders (auto: '
+                          'the protocol\'s; the networks see the prior a run gives them)')
+    cmd.add_argument('--lobule-votes', choices=['auto', 'on', 'off'], default='auto',
+                     help='as cerebseg --lobule-votes')
     cmd.add_argument('--participant-label', nargs='+', default=None,
                      help='participants to train on (default: all but validation/excluded)')
     cmd.add_argument('--exclude-label', nargs='+', default=[],

@@ -34,6 +34,7 @@ def run(opts) -> int:
     from cerebseg.models.inference import resolve_device
     from cerebseg.training import cascade as tr
     from cerebseg.training.augment import Augment
+    from cerebseg.bids_app.metadata import fusion_settings, lobule_branches
     from cerebseg.training.data import find_label_file, prepare_subject
     from cerebseg.utils.labels import read_lut
 
@@ -70,11 +71,15 @@ def run(opts) -> int:
         raise UsageError(f'No T1w to train on in {opts.bids_dir} with the participant '
                          'selection given.')
 
+    try:   # the prior a run with these options gives the networks
+        prior = {**fusion_settings(opts, library), 'branches': lobule_branches(opts, library)}
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
     def prepare(run_list):
         return [prepare_subject(r, find_label_file(opts.labels, r), assets, library,
                                 opts.work_dir, omp_nthreads=opts.nthreads,
-                                seed=opts.random_seed, fusion_search=opts.fusion_search,
-                                prepared=opts.prepared)
+                                seed=opts.random_seed, prior=prior, prepared=opts.prepared)
                 for r in run_list]
 
     if opts.prepare_only:
@@ -135,7 +140,13 @@ def run(opts) -> int:
                 'patch_size': patch, 'batch_size': opts.batch_size,
                 'learning_rate': opts.learning_rate, 'steps_per_epoch': opts.steps_per_epoch,
                 'seed': opts.random_seed, 'device': device.type,
-                'fusion_search': opts.fusion_search, 'simulated_prior': opts.simulated_prior,
+                'prior': {'fusion_search': prior['search'],
+                          'fusion_nonlocal_weight': prior['nonlocal_weight'],
+                          'levels_matched': bool(prior['white_labels']),
+                          'lobule_borders': 'branches' if prior['branches'] else 'fused',
+                          'lobule_votes': bool(prior['branches'] and
+                                               prior['branches'].get('votes'))},
+                'simulated_prior': opts.simulated_prior,
                 'init': opts.init.name if opts.init else None,
                 'torch_version': str(torch.__version__)}
 

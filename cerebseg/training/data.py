@@ -74,16 +74,46 @@ def labels_on_grid(label_path, t1w_path, grid, t1_to_mni: str) -> np.ndarray:
     return np.rint(out.numpy()).astype(np.int16)
 
 
+#: the prior of a run with local voting and the borders as fused (``prepare_subject``'s ``prior``)
+LOCAL_PRIOR = {'search': 0, 'nonlocal_weight': 1.0, 'white_labels': [], 'branches': None}
+
+
+def prior_settings(prior: dict | None) -> dict:
+    """``prior`` (a subset of :data:`LOCAL_PRIOR`'s keys: the fusion of
+    :func:`cerebseg.bids_app.metadata.fusion_settings` and the ``branches`` of
+    :func:`~cerebseg.bids_app.metadata.lobule_branches`) completed with the local defaults."""
+    return {**LOCAL_PRIOR, **(prior or {})}
+
+
+def prior_tag(prior: dict | None) -> str:
+    """The training cache's name for a prior's settings ('' for :data:`LOCAL_PRIOR`), e.g.
+    ``_search1w0.5_levels_branches-votes`` for cobra's default."""
+    p = prior_settings(prior)
+    tag = ''
+    if p['search']:
+        tag += f'_search{p["search"]}'
+        if p['nonlocal_weight'] != 1.0:
+            tag += f'w{p["nonlocal_weight"]:g}'
+    if p['white_labels']:
+        tag += '_levels'
+    if p['branches']:
+        tag += '_branches' + ('-votes' if p['branches'].get('votes') else '')
+    return tag
+
+
 def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int, seed: int,
-                   fusion_search: int = 0):
+                   prior: dict | None = None):
     """Run (or reuse) the preprocessing and prior of one T1w; its output file paths."""
     from cerebseg.assets import registration_control_mm
     from cerebseg.workflows.base import init_prior_wf
     from cerebseg.workflows.workdir import participant_work_dir, workflow_name
 
+    p = prior_settings(prior)
     wf = init_prior_wf(t1w=run.t1w, t2w=run.t2w, templates=assets.template_paths(),
                        grid=assets.manifest['grid'], library=library,
-                       omp_nthreads=omp_nthreads, seed=seed, fusion_search=fusion_search,
+                       omp_nthreads=omp_nthreads, seed=seed, fusion_search=p['search'],
+                       fusion_nonlocal_weight=p['nonlocal_weight'],
+                       white_labels=p['white_labels'] or None, branches=p['branches'],
                        reg_control_mm=registration_control_mm(library),
                        name=workflow_name(run.label))
     wf.base_dir = str(participant_work_dir(work_dir))   # where `cerebseg` puts this run
@@ -96,9 +126,10 @@ def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int
 
 
 def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nthreads: int = 1,
-                    seed: int = 0, fusion_search: int = 0, prepared: bool = False):
+                    seed: int = 0, prior: dict | None = None, prepared: bool = False):
     """A :class:`~cerebseg.training.cascade.Subject` of one T1w, cached in ``work_dir``
-    (``fusion_search``: the prior's label fusion, :func:`cerebseg.kernels.wmv.fuse_labels`).
+    (``prior``: how the prior is made, :func:`prior_settings`; the run's own settings give the
+    networks the prior they will see; one cache file per setting, :func:`prior_tag`).
 
     ``prepared``: take the cached data whatever library made its prior (e.g. each case's own
     leave-one-out library, prepared one by one), and raise :class:`BadDataError` where there is
@@ -112,8 +143,8 @@ def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nth
     from cerebseg.utils.labels import class_index, read_lut
 
     work_dir = Path(work_dir)
-    search = f'_search{fusion_search}' if fusion_search else ''
-    cache = work_dir / 'segmentation_data' / f'{run.label}_{library["name"]}{search}.npz'
+    name = f'{run.label}_{library["name"]}{prior_tag(prior)}.npz'
+    cache = work_dir / 'segmentation_data' / name
     control = registration_control_mm(library)
     inputs = f'{CACHE_VERSION}|{control:g}|{Path(label_file).resolve()}|' \
              f'{Path(label_file).stat().st_mtime_ns}|{run.t1w}|{run.t2w}|'
@@ -133,7 +164,7 @@ def prepare_subject(run, label_file, assets, library: dict, work_dir, *, omp_nth
                            f'in {cache.parent}; prepare it first (--prepare-only) or leave '
                            'out --prepared.')
     LOGGER.info('Preparing %s (preprocessing and prior; labels from %s)', run.label, label_file)
-    out = _prior_outputs(run, assets, library, work_dir, omp_nthreads, seed, fusion_search)
+    out = _prior_outputs(run, assets, library, work_dir, omp_nthreads, seed, prior)
     grid = BoxGrid.from_dict(assets.manifest['grid'])
     t1 = np.asarray(nib.load(out.t1_box).dataobj, np.float32)
     t2 = np.asarray(nib.load(out.t2_box).dataobj, np.float32) if out.t2_box else None

@@ -181,14 +181,17 @@ def _gather(t1_box, t2_box, probseg_box, t1_to_mni):
 
 def init_prior_wf(*, t1w: str, t2w: str | None, templates: dict, grid: dict, library: dict,
                   omp_nthreads: int, seed: int, registration: str = 'torch', device: str = 'cpu',
-                  use_gpu: bool = False, fusion_search: int = 0, reg_control_mm: float = 4.0,
+                  use_gpu: bool = False, fusion_search: int = 0,
+                  fusion_nonlocal_weight: float = 1.0, white_labels: list | None = None,
+                  branches: dict | None = None, reg_control_mm: float = 4.0,
                   name: str = 'single_subject_wf'):
     """Working-grid images and multi-atlas prior of one T1w (training data, no derivatives).
 
     Built from the same sub-workflows, with the same names, as
     :func:`init_single_subject_wf`: given the same name, work folder and settings
-    (``reg_control_mm``: the library protocol's, as the run uses), the nodes a ``cerebseg`` run
-    has already computed are reused.
+    (``reg_control_mm``: the library protocol's; the fusion and the lobule ``branches`` as
+    :func:`init_multiatlas_wf` takes them, as the run uses), the nodes a ``cerebseg`` run has
+    already computed are reused and the prior is the one the run gives the networks.
 
     Outputs (``outputnode``, a Function node so that it stays in the executed graph and its
     result can be read): ``t1_box``, ``t2_box``, ``probseg_box``, ``t1_to_mni``.
@@ -209,7 +212,8 @@ def init_prior_wf(*, t1w: str, t2w: str | None, templates: dict, grid: dict, lib
         entries=library['entries'], n_labels=library['n_labels'], reg_spacing=1.0,
         reg_iterations=[40, 20, 0], omp_nthreads=omp_nthreads, seed=seed,
         registration=registration, device=device, use_gpu=use_gpu, fusion_search=fusion_search,
-        control_mm=reg_control_mm)
+        fusion_nonlocal_weight=fusion_nonlocal_weight, white_labels=white_labels,
+        control_mm=reg_control_mm, branches=branches)
     wf.connect(inputnode, 't1w', preproc_wf, 'inputnode.t1w')
     if t2w:
         wf.connect(inputnode, 't2w', preproc_wf, 'inputnode.t2w')
