@@ -23,7 +23,12 @@ install: $(VENV)/.installed
 $(ASSETS)/manifest.json: $(VENV)/.installed
 	$(VENV)/bin/cerebseg-assets build --sources $(SHARED) --out $(ASSETS)
 
+# assets built by an older cerebseg may lack a library the default now needs: build again
 assets: $(ASSETS)/manifest.json
+	@$(VENV)/bin/python -c "import json, sys; from cerebseg.assets import DEFAULT_BUILD; \
+	    libs = json.load(open('$(ASSETS)/manifest.json'))['libraries']; \
+	    sys.exit(not set(DEFAULT_BUILD) <= set(libs))" || \
+	    $(VENV)/bin/cerebseg-assets build --sources $(SHARED) --out $(ASSETS)
 
 demo: assets
 	$(VENV)/bin/cerebseg $(SHARED)/bids/multimodal demo_out participant \
