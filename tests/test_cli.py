@@ -48,6 +48,36 @@ def test_assets_without_the_default_library_say_both_ways_out(tmp_path):
     assert '--atlas-library suit' in str(err.value)
 
 
+def test_an_output_folder_of_another_protocol_is_refused(tmp_path):
+    """A dataset segmented with SUIT (the default before) and continued with the cobra
+    default into the same output folder: refused (exit 2) before its lookup table is replaced,
+    naming the folder's protocol and both ways on; the same protocol (colours aside) goes on."""
+    from cerebseg.bids_app.execution import check_output_protocol
+    from cerebseg.errors import UsageError
+
+    def lut(path, names, colour='#ff0000'):
+        path.write_text('index\tname\tcolor\n0\tbackground\t#000000\n' + ''.join(
+            f'{i}\t{n}\t{colour}\n' for i, n in enumerate(names, 1)))
+        return path
+
+    suit = lut(tmp_path / 'suit.tsv', ['Left_I_IV', 'Right_I_IV'])
+    cobra = {'name': 'cobra', 'lut': str(lut(tmp_path / 'cobra.tsv', ['Left_I-II', 'Left_III']))}
+    luts = {'suit': suit, 'cobra': cobra['lut']}
+    out = tmp_path / 'out'
+    out.mkdir()
+    check_output_protocol(out, cobra, luts)                 # a new folder
+    lut(out / 'seg-cerebellum_dseg.tsv', ['Left_I-II', 'Left_III'], colour='#00ff00')
+    check_output_protocol(out, cobra, luts)                 # the same labels, other colours
+    lut(out / 'seg-cerebellum_dseg.tsv', ['Left_I_IV', 'Right_I_IV'])
+    with pytest.raises(UsageError, match="'suit' protocol") as err:
+        check_output_protocol(out, cobra, luts)
+    assert err.value.exit_code == 2 and '--atlas-library suit' in str(err.value)
+    assert 'another output folder' in str(err.value)
+    lut(out / 'seg-cerebellum_dseg.tsv', ['Something_else'])
+    with pytest.raises(UsageError, match='names other labels'):
+        check_output_protocol(out, cobra, luts)
+
+
 def test_missing_brainstem_asset_file_exit_126(tmp_path):
     """An assets folder whose manifest lists a brainstem label set without its files stops the
     command with exit 126 naming the file, not a traceback when the lookup table is copied."""

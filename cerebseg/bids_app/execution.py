@@ -55,6 +55,9 @@ def prepare(cfg) -> Plan:
         raise MissingAssetError(f'--skip-cerebellum: the assets in {assets.root} have no '
                                 'brainstem label set; rebuild them (cerebseg-assets build).')
     if not cfg.skip_cerebellum:
+        check_output_protocol(cfg.output_dir, library,
+                              {name: assets.path(lib['lut'])
+                               for name, lib in assets.manifest['libraries'].items()})
         try:
             branches = lobule_branches(cfg, library)
         except ValueError as err:
@@ -74,6 +77,39 @@ def prepare(cfg) -> Plan:
     for run in runs:  # missing or mismatched weights stop everything (exit 126)
         select_cnn(run, cfg)
     return Plan(runs, assets, library, device, brainstem)
+
+
+def check_output_protocol(output_dir, library: dict, luts: dict) -> None:
+    """Refuse (exit 2) to write the cerebellar labels of ``library`` into an output folder
+    whose lookup table (``seg-cerebellum_dseg.tsv``) is another protocol's: the run would
+    replace it, and the labels of the earlier runs would be read with the wrong names (e.g.
+    SUIT runs of a dataset continued after cobra became the default). ``luts``: each library's
+    lookup table, to name the folder's protocol."""
+    from cerebseg.errors import UsageError
+
+    from cerebseg.utils.native import read_lut_tsv
+
+    def labels(path) -> set:
+        return {(str(row['index']), row['name']) for row in read_lut_tsv(path)}
+
+    existing = Path(output_dir) / 'seg-cerebellum_dseg.tsv'
+    if not existing.is_file():
+        return
+    found = labels(existing)      # indices and names: the colours may change between versions
+    if found == labels(library['lut']):
+        return
+    other = next((name for name, lut in luts.items()
+                  if name != library['name'] and Path(lut).is_file() and labels(lut) == found),
+                 None)
+    if other:
+        raise UsageError(f'{output_dir} holds cerebellar labels of the {other!r} protocol '
+                         f'({existing}); this run would write {library["name"]!r} labels '
+                         f'beside them and replace that lookup table. To continue that '
+                         f'dataset pass --atlas-library {other}; for {library["name"]!r} '
+                         f'labels choose another output folder.')
+    raise UsageError(f'{output_dir} holds cerebellar labels whose lookup table ({existing}) '
+                     f'names other labels than the {library["name"]!r} library\'s; choose '
+                     f'another output folder, or the --atlas-library of the earlier runs.')
 
 
 def _fusion_args(fusion: dict) -> dict:
