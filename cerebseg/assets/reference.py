@@ -9,7 +9,8 @@ lobules. Plausibility ranges, not ground truth: 9 young adults, other protocols.
 The pipelines follow Park 2014's protocol (CERES), that of cerebseg's ``cobra`` library (ranges
 as published); cerebseg's SUIT protocol cuts the lobules differently (its lobule X, for one, is
 larger). Each protocol's ranges are the reference ones times the ratio of the structure's volume
-in the protocol's template atlas to its volume in CoBra, the template atlas of Park 2014's protocol (``cerebseg/data/reference_map.json``).
+in the protocol's template atlas to its volume in CoBra, the template atlas of Park 2014's
+protocol (``cerebseg/data/reference_map.json``).
 """
 from __future__ import annotations
 

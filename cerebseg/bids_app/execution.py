@@ -85,14 +85,14 @@ def check_output_protocol(output_dir, library: dict, luts: dict) -> None:
     replace it, and the labels of the earlier runs would be read with the wrong names (e.g.
     SUIT runs of a dataset continued after cobra became the default). ``luts``: each library's
     lookup table, to name the folder's protocol."""
+    from cerebseg.assets import LUT_NAME
     from cerebseg.errors import UsageError
-
     from cerebseg.utils.native import read_lut_tsv
 
     def labels(path) -> set:
-        return {(str(row['index']), row['name']) for row in read_lut_tsv(path)}
+        return {(row['index'], row['name']) for row in read_lut_tsv(path)}
 
-    existing = Path(output_dir) / 'seg-cerebellum_dseg.tsv'
+    existing = Path(output_dir) / LUT_NAME
     if not existing.is_file():
         return
     found = labels(existing)      # indices and names: the colours may change between versions

@@ -29,12 +29,12 @@ def run(opts) -> int:
 
     from cerebseg.assets.locate import load_assets
     from cerebseg.bids_app.bids import collect_inputs
+    from cerebseg.bids_app.metadata import fusion_settings, lobule_branches
     from cerebseg.models import checkpoint as ckpt
     from cerebseg.models import nets3d as seg
     from cerebseg.models.inference import resolve_device
     from cerebseg.training import cascade as tr
     from cerebseg.training.augment import Augment
-    from cerebseg.bids_app.metadata import fusion_settings, lobule_branches
     from cerebseg.training.data import find_label_file, prepare_subject
     from cerebseg.utils.labels import read_lut
 

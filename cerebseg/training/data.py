@@ -113,7 +113,7 @@ def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int
                        grid=assets.manifest['grid'], library=library,
                        omp_nthreads=omp_nthreads, seed=seed, fusion_search=p['search'],
                        fusion_nonlocal_weight=p['nonlocal_weight'],
-                       white_labels=p['white_labels'] or None, branches=p['branches'],
+                       white_labels=p['white_labels'], branches=p['branches'],
                        reg_control_mm=registration_control_mm(library),
                        name=workflow_name(run.label))
     wf.base_dir = str(participant_work_dir(work_dir))   # where `cerebseg` puts this run
