@@ -23,6 +23,12 @@ Usage::
 
     python scripts/train_ceres.py --assets-dir ASSETS --out OUT [--held-out 1]
         [--seeds 11 12 13 14] [--epochs 15] [--architecture unet] [--features 8 16 32 64 64]
+        [--t2w --init OUT/lobules_unet_cobra_T1w-prior.pt]
+
+``--t2w``: the cases have a T2w as well (labelled ``brain<k>w<seed>``; the T2w painted as in
+``real_anatomy.py --t2w``) and the network reads T1w, T2w and the prior; ``--init`` starts it
+from the T1w+prior network of the same architecture (the T2w input at zero weight), as the
+shipped SUIT-protocol T1w+T2w networks were made.
 
 ``ASSETS``: ``cerebseg-assets build --library suit --library cobra`` (the cobra library with
 its manual entries). The held-out map's case is then scored end to end by
@@ -59,6 +65,8 @@ def main(argv=None) -> int:
     from real_anatomy import entry_name, write_bids_root, write_case
 
     from cerebseg.assets.build import leave_out_entry
+    from cerebseg.bids_app.parser import FUSION_SEARCH_CHOICES
+    from cerebseg.models.losses import LOSSES
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--assets-dir', type=Path, required=True)
@@ -71,7 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument('--anatomy-cache', type=Path, default=None,
                         help='placed maps (default OUT/anatomy; real_anatomy.py\'s can be '
                              'shared)')
-    parser.add_argument('--fusion-search', default='auto', choices=['auto', '0', '1', '2'])
+    parser.add_argument('--fusion-search', default='auto', choices=FUSION_SEARCH_CHOICES)
     parser.add_argument('--architecture', default='unet')
     parser.add_argument('--features', type=int, nargs='+', default=[8, 16, 32, 64, 64])
     parser.add_argument('--patch-size', type=int, default=48)
@@ -82,12 +90,25 @@ def main(argv=None) -> int:
     parser.add_argument('--nthreads', type=int, default=os.cpu_count() or 1)
     parser.add_argument('--simulated-prior', type=float, default=0.0,
                         help='share of patches whose prior is simulated from their labels')
+    parser.add_argument('--loss', default='deepceres', choices=sorted(LOSSES))
+    parser.add_argument('--t2w', action='store_true',
+                        help='cases with a T2w; the network reads T1w, T2w and the prior')
+    parser.add_argument('--init', type=Path, default=None,
+                        help='start from this checkpoint (e.g. the T1w+prior network, for --t2w)')
+    parser.add_argument('--manifest', type=Path, nargs='+', default=None,
+                        help='with --manifest-only: the lobule checkpoints to list')
+    parser.add_argument('--manifest-only', action='store_true',
+                        help='only write OUT/deepceres_cobra<tag>.json for the --manifest '
+                             'checkpoints (their inputs decide the variant)')
     parser.add_argument('--tag', default='', help='suffix of the checkpoint and manifest names')
     parser.add_argument('--prepare-only', action='store_true')
     opts = parser.parse_args(argv)
     if len(opts.seeds) < 2:
         parser.error('--seeds needs at least two seeds (the last one validates)')
     out = opts.out.resolve()
+    if opts.manifest_only:
+        print(f'weights manifest: {write_manifest(out, opts.manifest or [], opts.tag)}')
+        return 0
     bids, truth_dir = out / 'bids', out / 'truth'
     cache = (opts.anatomy_cache or out / 'anatomy').resolve()
     assets = opts.assets_dir.resolve()
@@ -96,8 +117,8 @@ def main(argv=None) -> int:
     for k in maps:
         for seed in opts.seeds:
             tic = time.perf_counter()
-            label = write_case(bids, truth_dir, cache, k, seed, tag='t',
-                               supersample=opts.supersample)
+            label = write_case(bids, truth_dir, cache, k, seed, tag='w' if opts.t2w else 't',
+                               supersample=opts.supersample, t2w=opts.t2w)
             cases.setdefault(k, []).append(label)
             print(f'case sub-{cases[k][-1]}: {time.perf_counter() - tic:.0f} s', flush=True)
     labels = [lab for k in maps for lab in cases[k]]
@@ -118,49 +139,58 @@ def main(argv=None) -> int:
         print(f'priors of map {k}: {time.perf_counter() - tic:.0f} s', flush=True)
     if opts.prepare_only:
         return 0
-    name = f'lobules_{opts.architecture}_cobra_T1w-prior{opts.tag}'
+    inputs = ['T1w', 'T2w', 'prior'] if opts.t2w else ['T1w', 'prior']
+    name = f'lobules_{opts.architecture}_cobra_{"-".join(inputs)}{opts.tag}'
     ckpt = out / f'{name}.pt'
     # each case's prior as prepared above, from its own library (--prepared); the assets given
     # here only name the protocol
     lib = out / f'assets-no{opts.held_out}{maps[0]}'
     cmd = common + ['--assets-dir', str(lib), '--out', str(ckpt), '--resume', '--prepared',
                     '--stage', 'lobules', '--architecture', opts.architecture,
-                    '--features', *map(str, opts.features), '--inputs', 'T1w', 'prior',
+                    '--features', *map(str, opts.features), '--inputs', *inputs,
+                    '--loss', opts.loss,
                     '--patch-size', str(opts.patch_size), '--batch-size', str(opts.batch_size),
                     '--epochs', str(opts.epochs), '--steps-per-epoch', str(opts.steps_per_epoch),
                     '--learning-rate', str(opts.learning_rate),
                     '--simulated-prior', str(opts.simulated_prior),
                     '--participant-label', *train, '--validation-label', *validation]
-    (out / f'training_command{opts.tag}.json').write_text(json.dumps(cmd[1:], indent=1))
+    if opts.init:
+        cmd += ['--init', str(opts.init.resolve())]
+    (out / f'training_command_{name}.json').write_text(json.dumps(cmd[1:], indent=1))
     subprocess.run(cmd, check=True)
     print(f'weights manifest: {write_manifest(out, [ckpt], opts.tag)}', flush=True)
     return 0
 
 
 def write_manifest(out: Path, lobules: list[Path], tag: str = '') -> Path:
-    """``OUT/deepceres_cobra.json``: the T1w+prior cascade of the CERES protocol, the shipped
-    hemisphere network (its classes, background / left / right, are every protocol's; copied
-    beside it) and the lobule networks trained here."""
+    """``OUT/deepceres_cobra<tag>.json``: the CERES-protocol cascade, the shipped hemisphere
+    network (its classes, background / left / right, are every protocol's; copied beside it)
+    and the lobule networks given, one variant per input set (``T1w+prior``,
+    ``T1w+T2w+prior``; the shipped hemisphere network of that input set)."""
     import shutil
 
     from cerebseg.models.checkpoint import DEFAULT_CASCADE, read_cascade_checkpoint
     from cerebseg.utils.images import sha256sum
 
-    shipped = json.loads(DEFAULT_CASCADE.read_text())['variants']['T1w+prior']['hemisphere']
-    hemisphere = []
-    for entry in shipped:
-        shutil.copyfile(DEFAULT_CASCADE.parent / entry['file'], out / entry['file'])
-        hemisphere.append(dict(entry, sha256=sha256sum(out / entry['file'])))
-    nets = []
-    for path in lobules:
+    shipped = json.loads(DEFAULT_CASCADE.read_text())['variants']
+    variants = {}
+    for path in map(Path, lobules):
         meta = read_cascade_checkpoint(path)
-        nets.append({'file': path.name, 'architecture': meta['architecture'],
-                     'inputs': meta['inputs'], 'sha256': sha256sum(path)})
+        if path.parent.resolve() != out:
+            shutil.copyfile(path, out / path.name)
+        variant = '+'.join(meta['inputs'])
+        if variant not in variants:
+            hemisphere = []
+            for entry in shipped[variant]['hemisphere']:
+                shutil.copyfile(DEFAULT_CASCADE.parent / entry['file'], out / entry['file'])
+                hemisphere.append(dict(entry, sha256=sha256sum(out / entry['file'])))
+            variants[variant] = {'hemisphere': hemisphere, 'lobules': []}
+        variants[variant]['lobules'].append(
+            {'file': path.name, 'architecture': meta['architecture'], 'inputs': meta['inputs'],
+             'sha256': sha256sum(out / path.name)})
     manifest = out / f'deepceres_cobra{tag}.json'
-    manifest.write_text(json.dumps({'protocol': 'cobra',
-                                    'variants': {'T1w+prior': {'hemisphere': hemisphere,
-                                                               'lobules': nets}}},
-                                   indent=2) + '\n')
+    manifest.write_text(json.dumps({'protocol': 'cobra', 'variants': variants}, indent=2)
+                        + '\n')
     return manifest
 
 

@@ -273,7 +273,10 @@ def test_dice_ce_alpha_weights_the_dice_side():
     assert float(DiceCELoss()(logits, target)) == pytest.approx(dice + ce, rel=1e-5)
     with pytest.raises(ValueError, match='alpha'):
         DiceCELoss(alpha=1.2)
-    assert LOSSES == {'deepceres': LOSSES['deepceres'], 'dicece': DiceCELoss}  # 3D CLI choices
+    assert sorted(LOSSES) == ['ce', 'deepceres', 'dicece']  # 3D CLI choices
+    assert LOSSES['dicece'] is DiceCELoss
+    # ce: plain cross-entropy (no smoothing), the Dice of classes a patch lacks left out
+    assert float(LOSSES['ce']()(logits, target)) == pytest.approx(ce, rel=1e-6)
     with pytest.raises(ValueError, match='unknown loss'):
         build_loss('lovasz')
 

@@ -112,18 +112,12 @@ def check_output_protocol(output_dir, library: dict, luts: dict) -> None:
                      f'another output folder, or the --atlas-library of the earlier runs.')
 
 
-def _fusion_args(fusion: dict) -> dict:
-    """:func:`~cerebseg.bids_app.metadata.fusion_settings` as the workflow's arguments."""
-    return {'fusion_search': fusion['search'], 'fusion_nonlocal_weight': fusion['nonlocal_weight'],
-            'white_labels': fusion['white_labels']}
-
-
 def build_participant_wf(run, cfg, assets, library: dict, device=None,
                          brainstem: dict | None = None):
     """The workflow of one T1w, its crash files sent to the run's log folder."""
     from cerebseg.models.checkpoint import DEFAULT_REGNET
     from cerebseg.utils.images import atomic_write_text
-    from cerebseg.workflows.base import init_single_subject_wf
+    from cerebseg.workflows.base import fusion_kwargs, init_single_subject_wf
 
     output_dir = Path(cfg.output_dir)
     log_dir = run_log_dir(cfg, run)
@@ -136,7 +130,7 @@ def build_participant_wf(run, cfg, assets, library: dict, device=None,
         dseg_meta=dseg_meta(run, library, Path(cfg.bids_dir), cfg, cnn),
         omp_nthreads=cfg.omp_nthreads, seed=cfg.random_seed, registration=cfg.registration,
         symmetric_affine=cfg.affine_fit == 'symmetric',
-        **_fusion_args(fusion_settings(cfg, library)), outline=outline_mode(cfg, library),
+        **fusion_kwargs(fusion_settings(cfg, library)), outline=outline_mode(cfg, library),
         reg_control_mm=registration_control_mm(library), branches=lobule_branches(cfg, library),
         device=str(device or 'cpu'), use_gpu=device is not None and device.type != 'cpu',
         regnet=str(DEFAULT_REGNET) if DEFAULT_REGNET.is_file() else '',

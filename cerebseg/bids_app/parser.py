@@ -10,6 +10,12 @@ from pathlib import Path
 from cerebseg import __version__
 from cerebseg.assets import DEFAULT_LIBRARY, available_protocols
 
+#: the choices of the prior's options, shared by ``cerebseg`` and ``cerebseg-train segmentation``
+#: (the networks are trained on the prior a run gives)
+FUSION_SEARCH_CHOICES = ('auto', '0', '1', '2')
+LOBULE_BORDERS_CHOICES = ('auto', 'branches', 'fused')
+LOBULE_VOTES_CHOICES = ('auto', 'on', 'off')
+
 
 def _path_exists(value, parser, what='Path'):
     path = Path(value).expanduser().absolute()
@@ -106,7 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              '(diffeomorphic, all entries in one batch, on --device; default), '
                              'ants (affine + SyN per entry) or both (each entry both ways, all '
                              'fused; slowest, used for silver-standard training labels)')
-    method.add_argument('--fusion-search', choices=['auto', '0', '1', '2'], default='auto',
+    method.add_argument('--fusion-search', choices=FUSION_SEARCH_CHOICES, default='auto',
                         help='each library entry votes, at each voxel, the label of its patch '
                              'that best matches the subject\'s within this many 0.5 mm voxels '
                              '(0: the patch at the same voxel, local weighted voting; 1: better '
@@ -131,8 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              'it), or auto (default: what the label protocol defines; tissue '
                              'for cobra, whose manual maps label tissue only, fused for suit, '
                              'whose atlas labels the partial-volume shell; see the README)')
-    method.add_argument('--lobule-borders', choices=['auto', 'branches', 'fused'],
-                        default='auto',
+    method.add_argument('--lobule-borders', choices=LOBULE_BORDERS_CHOICES, default='auto',
                         help='the lobule borders: branches (each white-matter branch that '
                              'the bias-corrected T1w shows in the working box weighs the fused '
                              'probabilities of the voxels around it by the share of each lobule '
@@ -140,7 +145,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              'label fusion draws them), or auto (default: what the label '
                              'protocol defines; branches for cobra, fused for suit, which '
                              'labels no corpus medullare; see the README)')
-    method.add_argument('--lobule-votes', choices=['auto', 'on', 'off'], default='auto',
+    method.add_argument('--lobule-votes', choices=LOBULE_VOTES_CHOICES, default='auto',
                         help='with the lobule borders on the branches: an independent '
                              'population atlas (the SUIT atlas on MNI152NLin6AsymC and its '
                              'mirror, its lobules mapped onto the CERES lobules) also votes on '

@@ -55,7 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_segmentation_parser(sub) -> None:
-    from cerebseg.bids_app.parser import nonlocal_weight_arg
+    from cerebseg.bids_app.parser import (FUSION_SEARCH_CHOICES, LOBULE_BORDERS_CHOICES,
+                                          LOBULE_VOTES_CHOICES, nonlocal_weight_arg)
     from cerebseg.models.losses import LOSSES
     from cerebseg.models.nets3d import ARCHITECTURES, CHANNELS
     from cerebseg.models.cascade import STAGES
@@ -80,7 +81,8 @@ def _add_segmentation_parser(sub) -> None:
                      help='the prior is an input channel only (default: its log-probabilities '
                           'are also added to the logits, the network learns corrections)')
     cmd.add_argument('--loss', choices=sorted(LOSSES), default='deepceres',
-                     help='deepceres: log(((1 - mean Dice) + BCE) / 2); dicece: Dice + CE')
+                     help='deepceres: log(((1 - mean Dice) + BCE) / 2); dicece: Dice + CE; ce: '
+                          'cross-entropy alone (no Dice over the classes a patch lacks)')
     cmd.add_argument('--assets-dir', type=Path, default=None,
                      help='cerebseg assets (default: $CEREBSEG_ASSETS, then the user cache)')
     cmd.add_argument('--atlas-library', default='suit',
@@ -95,16 +97,16 @@ def _add_segmentation_parser(sub) -> None:
                      help='train on the data --prepare-only cached in --work-dir as it was '
                           'prepared, whatever library made each prior (e.g. each case\'s own '
                           'leave-one-out library); a participant without it is an error')
-    cmd.add_argument('--fusion-search', choices=['auto', '0', '1', '2'], default='auto',
+    cmd.add_argument('--fusion-search', choices=FUSION_SEARCH_CHOICES, default='auto',
                      help='the prior\'s label fusion, as cerebseg --fusion-search (auto, the '
                           'default: the protocol\'s, as a run; 0: local voting; 1-2: non-local, '
                           'patch search of that many voxels)')
     cmd.add_argument('--fusion-nonlocal-weight', type=nonlocal_weight_arg, default='auto',
                      metavar='{auto,W}', help='as cerebseg --fusion-nonlocal-weight')
-    cmd.add_argument('--lobule-borders', choices=['auto', 'branches', 'fused'], default='auto',
+    cmd.add_argument('--lobule-borders', choices=LOBULE_BORDERS_CHOICES, default='auto',
                      help='the prior\'s lobule borders, as cerebseg --lobule-borders (auto: '
                           'the protocol\'s; the networks see the prior a run gives them)')
-    cmd.add_argument('--lobule-votes', choices=['auto', 'on', 'off'], default='auto',
+    cmd.add_argument('--lobule-votes', choices=LOBULE_VOTES_CHOICES, default='auto',
                      help='as cerebseg --lobule-votes')
     cmd.add_argument('--participant-label', nargs='+', default=None,
                      help='participants to train on (default: all but validation/excluded)')

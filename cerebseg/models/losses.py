@@ -24,6 +24,8 @@ indices), applies the softmax itself and returns a scalar.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -152,7 +154,8 @@ class DiceFocalLoss(nn.Module):
 
 
 #: the 3D trainer's choices (``cerebseg-train segmentation --loss``)
-LOSSES = {'deepceres': DeepCeresLoss, 'dicece': DiceCELoss}
+LOSSES = {'deepceres': DeepCeresLoss, 'dicece': DiceCELoss,
+          'ce': functools.partial(SoftCELoss, smoothing=0.0)}
 
 #: every loss by name (:func:`build_loss`)
 ALL_LOSSES = {**LOSSES, 'dice': DiceLoss, 'jaccard': JaccardLoss, 'focal': FocalLoss,

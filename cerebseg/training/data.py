@@ -105,15 +105,14 @@ def _prior_outputs(run, assets, library: dict, work_dir: Path, omp_nthreads: int
                    prior: dict | None = None):
     """Run (or reuse) the preprocessing and prior of one T1w; its output file paths."""
     from cerebseg.assets import registration_control_mm
-    from cerebseg.workflows.base import init_prior_wf
+    from cerebseg.workflows.base import fusion_kwargs, init_prior_wf
     from cerebseg.workflows.workdir import participant_work_dir, workflow_name
 
     p = prior_settings(prior)
     wf = init_prior_wf(t1w=run.t1w, t2w=run.t2w, templates=assets.template_paths(),
                        grid=assets.manifest['grid'], library=library,
-                       omp_nthreads=omp_nthreads, seed=seed, fusion_search=p['search'],
-                       fusion_nonlocal_weight=p['nonlocal_weight'],
-                       white_labels=p['white_labels'], branches=p['branches'],
+                       omp_nthreads=omp_nthreads, seed=seed, **fusion_kwargs(p),
+                       branches=p['branches'],
                        reg_control_mm=registration_control_mm(library),
                        name=workflow_name(run.label))
     wf.base_dir = str(participant_work_dir(work_dir))   # where `cerebseg` puts this run

@@ -13,6 +13,15 @@ from cerebseg.workflows.preproc import init_preproc_wf
 from cerebseg.workflows.reports import init_reports_wf
 
 
+def fusion_kwargs(fusion: dict) -> dict:
+    """A fusion setting (``search``, ``nonlocal_weight``, ``white_labels``: those of
+    :func:`cerebseg.bids_app.metadata.fusion_settings`) as the arguments of
+    :func:`init_single_subject_wf` and :func:`init_prior_wf`; one mapping for a run and for the
+    training priors."""
+    return {'fusion_search': fusion['search'], 'fusion_nonlocal_weight': fusion['nonlocal_weight'],
+            'white_labels': fusion['white_labels']}
+
+
 def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templates: dict,
                            grid: dict, library: dict, dseg_meta: dict, omp_nthreads: int,
                            seed: int, reg_spacing: float = 1.0,
