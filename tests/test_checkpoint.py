@@ -89,6 +89,31 @@ def test_each_protocol_has_its_default_weights(shipped_copy):
     assert chosen['manifest'] == str(shipped_copy / 'deepceres_cobra.json')
 
 
+def test_a_manifest_says_what_its_lobule_networks_decide(tmp_path):
+    """``role``: labels unless the manifest says outline (per variant or for all); outline needs
+    the prior; anything else is refused naming the manifest."""
+    folder = tmp_path / 'mine'
+    shutil.copytree(cpt.WEIGHTS_DIR, folder)
+    (folder / 'manifest.json').unlink()
+    manifest = folder / 'deepceres.json'
+    spec = json.loads(manifest.read_text())
+    assert cpt.select_weights(manifest, t2w=False, prior=True)['role'] == 'labels'
+    manifest.write_text(json.dumps({**spec, 'role': 'outline'}))
+    assert cpt.select_weights(manifest, t2w=True, prior=True)['role'] == 'outline'
+    spec['variants']['T1w+prior']['role'] = 'outline'
+    manifest.write_text(json.dumps(spec))
+    assert cpt.select_weights(manifest, t2w=False, prior=True)['role'] == 'outline'
+    assert cpt.select_weights(manifest, t2w=True, prior=True)['role'] == 'labels'
+    spec['variants']['T1w+prior']['role'] = 'lobules'
+    manifest.write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match=r"deepceres\.json: the role .* 'lobules'"):
+        cpt.select_weights(manifest, t2w=False, prior=True)
+    spec['variants']['T1w'] = dict(spec['variants']['T1w+prior'], role='outline')
+    manifest.write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match='run without --no-atlas-prior'):
+        cpt.select_weights(manifest, t2w=False, prior=False)
+
+
 def test_user_manifests_may_carry_checksums(tmp_path):
     """Weights a user trained (--cnn-weights): not checked against the shipped manifest, but
     against the sha256 their own manifest gives, where it gives one."""

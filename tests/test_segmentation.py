@@ -263,6 +263,47 @@ def test_cascade_ensemble_and_uncertainty(tmp_path):
         cascade.load_models(lob, inputs=['T1w'], stage='lobules', protocol='suit')
 
 
+def test_outline_role_keeps_the_networks_background_and_the_priors_lobules(tmp_path):
+    """role 'outline': p(background) is the networks', the foreground is shared among the
+    lobules as the prior shares its own; where the prior has no foreground, as the networks
+    do. In the cascade, every voxel keeps the networks' cerebellum-or-not and, inside, takes
+    the prior's lobule."""
+    net = torch.tensor([[0.9, 0.2, 0.3, 0.1],      # background
+                        [0.05, 0.7, 0.1, 0.2],     # lobule A
+                        [0.05, 0.1, 0.6, 0.7]])    # lobule B
+    prior = np.array([[255, 0, 255, 51],
+                      [0, 51, 0, 204],
+                      [0, 204, 0, 0]], np.uint8)
+    out = cascade.outline_role(net.clone(), prior)
+    assert torch.allclose(out.sum(0), torch.ones(4))
+    assert torch.allclose(out[0], net[0])
+    assert torch.allclose(out[1:, 1], torch.tensor([0.8 * 0.2, 0.8 * 0.8]))   # prior's shares
+    assert torch.allclose(out[1:, 2], net[1:, 2])      # no prior foreground: the networks'
+    assert torch.allclose(out[1:, 3], torch.tensor([0.9, 0.0]))   # the prior's lobule A
+    assert out.argmax(0).tolist() == [0, 2, 2, 1]
+
+    rng = np.random.default_rng(0)
+    s = _toy_subject(rng, shape=(32, 24, 20))
+    inputs = ['T1w', 'prior']
+    hemi = [_stage_model(tmp_path, 'hemisphere', lab.HEMISPHERE_LABELS, inputs, 'dpn', 1.0, 0,
+                         'h.pt')]
+    lob = [_stage_model(tmp_path, 'lobules', LABELS, inputs, 'unet', 0.5, 3, 'l.pt')]
+    hm = cascade.load_models(hemi, inputs=inputs, stage='hemisphere', protocol='suit')
+    lm = cascade.load_models(lob, inputs=inputs, stage='lobules', protocol='suit')
+    kw = dict(labels=LABELS, x_mm=s.x_mm, hemisphere_models=hm, lobule_models=lm,
+              prior=s.prior, roi=16, roi_margin_mm=2, mask_margin_mm=1)
+    labels = cascade.run_cascade(s.t1, **kw)
+    outline = cascade.run_cascade(s.t1, role='outline', **kw)
+    assert np.array_equal(outline.probseg[..., 0], labels.probseg[..., 0])
+    inside = (outline.classes > 0) & (s.prior[1:].sum(0) > 0)
+    assert inside.any()
+    assert np.array_equal(outline.classes[inside], s.prior[1:].argmax(0)[inside] + 1)
+    with pytest.raises(ValueError, match='pass the prior'):
+        cascade.run_cascade(s.t1, role='outline', **{**kw, 'prior': None})
+    with pytest.raises(ValueError, match='unknown role'):
+        cascade.run_cascade(s.t1, role='lobules', **kw)
+
+
 def test_cascade_refuses_networks_of_another_label_table(tmp_path):
     """Lobule networks trained on another lookup table than the run's: exit 126 (a weights
     problem), naming the networks, the lookup table and the fix (was a plain ValueError:

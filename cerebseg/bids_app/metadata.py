@@ -97,6 +97,12 @@ def select_cnn(run, cfg) -> dict | None:
                           protocol=cfg.atlas_library)
 
 
+ROLE_TEXT = {'labels': 'the lobule networks decide every label',
+             'outline': 'the lobule networks decide where the cerebellum ends (their background '
+                        'probability); which lobule each cerebellar voxel belongs to is the '
+                        'atlas prior\'s (its share of the foreground)'}
+
+
 def cnn_meta(cnn: dict) -> dict:
     """What the sidecar says about the networks (from their self-describing checkpoints)."""
     from cerebseg.models.checkpoint import read_cascade_checkpoint
@@ -114,10 +120,12 @@ def cnn_meta(cnn: dict) -> dict:
                          'TrainingData': train.get('bids_dir'),
                          'ValidationDice': train.get('best_validation_dice')})
         stages[stage.capitalize()] = {'Inputs': cnn[stage]['inputs'], 'Networks': nets}
+    role = cnn.get('role', 'labels')
     return {'Name': 'DeepCeres cascade: hemisphere network (background/left/right cerebellum), '
                     'then the lobule network(s) at 0.5 mm inside its mask; several lobule '
                     'networks are averaged (ensemble) and their disagreement is the '
-                    'uncertainty map', 'Inputs': cnn['variant'], **stages}
+                    'uncertainty map', 'Inputs': cnn['variant'],
+            'Role': role, 'RoleDescription': ROLE_TEXT[role], **stages}
 
 
 def protocol_summary(name: str) -> str:

@@ -22,6 +22,9 @@ class _CascadeInputSpec(BaseInterfaceInputSpec):
     lobule_inputs = traits.List(traits.Str, mandatory=True, desc='their input channels')
     lut = File(exists=True, mandatory=True, desc='lookup table of the label protocol')
     protocol = traits.Str(mandatory=True, desc='label protocol name (checked in checkpoints)')
+    role = traits.Enum('labels', 'outline', usedefault=True,
+                       desc='what the lobule networks decide: every label, or the outline '
+                            '(the lobules from the prior); the weights manifest says')
     device = traits.Str('cpu', usedefault=True, nohash=True, desc='torch device')
     use_gpu = traits.Bool(False, usedefault=True, nohash=True,
                           desc='runs on a GPU (nipype MultiProc queues GPU nodes)')
@@ -69,7 +72,8 @@ class DeepCeresCascade(CerebsegInterface):
                           stage='lobules', labels=labels, lut=self.inputs.lut, **common)
         x_mm = ref.affine[0, 3] + ref.affine[0, 0] * np.arange(t1.shape[0])
         res = run_cascade(t1, labels=labels, x_mm=x_mm, hemisphere_models=hemi,
-                          lobule_models=lob, t2=t2, prior=prior, device=device)
+                          lobule_models=lob, t2=t2, prior=prior, device=device,
+                          role=self.inputs.role)
         values = np.array([v for v, _ in labels])
         out = {k: os.path.join(runtime.cwd, f) for k, f in (
             ('dseg', 'cascade_dseg.nii.gz'), ('probseg', 'cascade_probseg.nii.gz'),

@@ -13,6 +13,12 @@ Steps, on the 0.5 mm working grid:
 2. hemisphere stage at its checkpoint's spacing (1 mm): background / left / right;
 3. lobule stage at 0.5 mm in the bounding box of the hemisphere mask dilated by
    ``mask_margin_mm``; voxels outside that dilated mask are background.
+
+What the lobule networks decide (``role``, from the weights manifest): ``labels`` (every class,
+DeepCeres), or ``outline`` (:func:`outline_role`): the networks say where the cerebellum ends,
+the prior which lobule each voxel is. The CERES-protocol networks, trained on two individual
+anatomies, move the cerebellum's outline towards the image on an unseen map but not its lobule
+borders (their model card).
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ LOGGER = logging.getLogger(__name__)
 GRID_SPACING = 0.5
 #: the stages of the cascade, in order
 STAGES = ('hemisphere', 'lobules')
+#: what the lobule networks decide (a weights manifest's ``role``)
+ROLES = ('labels', 'outline')
 
 
 @dataclass
@@ -176,6 +184,23 @@ def ensemble(probs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, dis / max(pairs, 1)
 
 
+def outline_role(probs: torch.Tensor, prior: np.ndarray) -> torch.Tensor:
+    """The networks' outline with the prior's lobules, in place: the background probability
+    stays the networks' (``probs (L, ...)``, float), the foreground ``1 - p(background)`` is
+    shared among the classes as the prior shares its own foreground (``prior (L, ...)``, uint8
+    probabilities of the same classes); where the prior has no foreground at all, as the
+    networks share it."""
+    fg = probs[1:]
+    for start in range(0, fg.shape[1], SLAB):
+        part = slice(start, start + SLAB)
+        p = torch.as_tensor(prior[1:, part], dtype=probs.dtype)
+        mass = p.sum(0, keepdim=True)
+        share = torch.where(mass > 0, p / mass.clamp_min(1e-6),
+                            fg[:, part] / fg[:, part].sum(0, keepdim=True).clamp_min(1e-12))
+        fg[:, part] = share * (1 - probs[0, part])[None]
+    return probs
+
+
 def label_uncertainty(classes: np.ndarray, disagreement: np.ndarray, n: int) -> np.ndarray:
     counts = np.bincount(classes.ravel(), minlength=n)[:n].astype(np.float64)
     sums = np.bincount(classes.ravel(), weights=disagreement.ravel(), minlength=n)[:n]
@@ -202,13 +227,19 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
                 lobule_models: list, t2: np.ndarray | None = None,
                 prior: np.ndarray | None = None, device='cpu', roi: int = 256,
                 roi_margin_mm: float = 12.0, mask_margin_mm: float = 3.0,
-                bf16: bool = False, members: bool = False) -> CascadeResult:
+                bf16: bool = False, members: bool = False,
+                role: str = 'labels') -> CascadeResult:
     """Segment one working-grid volume (see the module docstring).
 
     ``prior``: ``(L, X, Y, Z)`` uint8 probabilities of the protocol's ``labels`` (or None);
     the models are ``(model, meta)`` pairs from :func:`load_models`. ``members``: also return
-    each lobule network's own labels (same hemisphere mask), for comparisons.
+    each lobule network's own labels (same hemisphere mask), for comparisons. ``role``: what
+    the lobule networks decide (:data:`ROLES`; ``outline`` needs the prior).
     """
+    if role not in ROLES:
+        raise ValueError(f'unknown role of the lobule networks {role!r}; one of {ROLES}')
+    if role == 'outline' and prior is None:
+        raise ValueError('the outline role takes the lobules from the prior: pass the prior')
     shape = t1.shape
     n = len(labels)
     if prior is not None:
@@ -239,6 +270,8 @@ def run_cascade(t1: np.ndarray, *, labels: list, x_mm: np.ndarray, hemisphere_mo
             member_classes.append(member)
     lmean, dis = ensemble(lprobs)
     del lprobs
+    if role == 'outline':
+        outline_role(lmean, crop.prior)
     lmean[:, ~inside] = 0
     lmean[0, ~inside] = 1
     dis[~inside] = 0

@@ -277,8 +277,9 @@ def select_weights(manifest=None, *, t2w: bool, prior: bool, models: str = 'ense
 
     The manifest maps an input set (``T1w+prior``, ``T1w+T2w+prior``, ...) to its
     ``hemisphere`` and ``lobules`` checkpoints (``file`` relative to the manifest,
-    ``architecture``, ``inputs``). ``models`` keeps the lobule networks of one architecture or
-    all of them (the ensemble). Raises :class:`CheckpointError` (exit 126) with the fix when
+    ``architecture``, ``inputs``) and, optionally, what the lobule networks decide (``role``:
+    ``labels``, the default, or ``outline``; per variant or for the whole manifest). ``models``
+    keeps the lobule networks of one architecture or all of them (the ensemble). Raises :class:`CheckpointError` (exit 126) with the fix when
     something is missing.
     """
     default = DEFAULT_CASCADE.with_name(CASCADE_MANIFESTS.get(protocol, DEFAULT_CASCADE.name))
@@ -312,7 +313,17 @@ def select_weights(manifest=None, *, t2w: bool, prior: bool, models: str = 'ense
             f'{sorted(variants) or "none"}. Choose a run with those inputs{hint}, or train '
             f'weights for {variant} with `cerebseg-train segmentation --inputs '
             f'{" ".join(variant.split("+"))}` and pass their manifest with --cnn-weights.')
-    out = {'variant': variant, 'manifest': str(manifest)}
+    role = variants[variant].get('role', spec.get('role', 'labels'))
+    if role not in ('labels', 'outline'):
+        raise CheckpointError(f'{manifest}: the role of the lobule networks of {variant} is '
+                              f'{role!r}; it must be "labels" (they decide every label) or '
+                              '"outline" (they decide where the cerebellum ends, the prior which '
+                              'lobule); fix the manifest')
+    if role == 'outline' and not prior:
+        raise CheckpointError(f'the lobule networks of {manifest} decide the outline only and '
+                              'take the lobules from the atlas prior; run without '
+                              '--no-atlas-prior')
+    out = {'variant': variant, 'manifest': str(manifest), 'role': role}
     for stage in ('hemisphere', 'lobules'):
         entries = variants[variant].get(stage, [])
         if stage == 'lobules' and models != 'ensemble':

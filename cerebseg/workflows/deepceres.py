@@ -15,7 +15,8 @@ def init_deepceres_wf(*, weights: dict, lut: str, protocol: str, omp_nthreads: i
     ----------
     weights : dict
         From :func:`cerebseg.models.checkpoint.select_weights`: checkpoint ``files`` and
-        ``inputs`` of the ``hemisphere`` and ``lobules`` stages.
+        ``inputs`` of the ``hemisphere`` and ``lobules`` stages, and the lobule networks'
+        ``role`` (``labels`` or ``outline``).
 
     Inputs
     ------
@@ -39,7 +40,8 @@ def init_deepceres_wf(*, weights: dict, lut: str, protocol: str, omp_nthreads: i
         hemisphere_weights=weights['hemisphere']['files'],
         hemisphere_inputs=weights['hemisphere']['inputs'],
         lobule_weights=weights['lobules']['files'], lobule_inputs=weights['lobules']['inputs'],
-        lut=lut, protocol=protocol, device=device, use_gpu=use_gpu, num_threads=omp_nthreads),
+        lut=lut, protocol=protocol, role=weights.get('role', 'labels'), device=device,
+        use_gpu=use_gpu, num_threads=omp_nthreads),
         name='cascade', n_procs=omp_nthreads, mem_gb=6)
     wf.connect([
         (inputnode, cascade, [('t1_box', 't1_box'), ('t2_box', 't2_box'), ('prior', 'prior')]),
