@@ -130,16 +130,16 @@ def main(argv=None) -> int:
     common = [sys.executable, '-m', 'cerebseg.bids_app.train', 'segmentation', str(bids),
               '--labels', str(deriv), '--atlas-library', 'cobra', '--work-dir', str(work),
               '--fusion-search', str(opts.fusion_search), '--nthreads', str(opts.nthreads)]
+    inputs = ['T1w', 'T2w', 'prior'] if opts.t2w else ['T1w', 'prior']   # prepared with them
     for k in maps:   # the prior of a case of map k: neither the held-out map nor map k
         lib = leave_out_entry(assets, out / f'assets-no{opts.held_out}{k}',
                               [entry_name(opts.held_out), entry_name(k)])
         tic = time.perf_counter()
-        subprocess.run(common + ['--assets-dir', str(lib), '--prepare-only',
+        subprocess.run(common + ['--assets-dir', str(lib), '--prepare-only', '--inputs', *inputs,
                                  '--participant-label', *cases[k]], check=True)
         print(f'priors of map {k}: {time.perf_counter() - tic:.0f} s', flush=True)
     if opts.prepare_only:
         return 0
-    inputs = ['T1w', 'T2w', 'prior'] if opts.t2w else ['T1w', 'prior']
     name = f'lobules_{opts.architecture}_cobra_{"-".join(inputs)}{opts.tag}'
     ckpt = out / f'{name}.pt'
     # each case's prior as prepared above, from its own library (--prepared); the assets given
