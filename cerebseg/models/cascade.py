@@ -16,9 +16,9 @@ Steps, on the 0.5 mm working grid:
 
 What the lobule networks decide (``role``, from the weights manifest): ``labels`` (every class,
 DeepCeres), or ``outline`` (:func:`outline_role`): the networks say where the cerebellum ends,
-the prior which lobule each voxel is. The CERES-protocol networks, trained on two individual
-anatomies, move the cerebellum's outline towards the image on an unseen map but not its lobule
-borders (their model card).
+the prior which lobule each voxel is. CERES-protocol networks trained on two individual
+anatomies move the cerebellum's outline towards the image on an unseen map but not its lobule
+borders (README, Accuracy; none ship).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
-from cerebseg.models.checkpoint import CheckpointError, load_cascade_net
+from cerebseg.models.checkpoint import ROLES, CheckpointError, load_cascade_net
 from cerebseg.models.inference import Channels, predict
 from cerebseg.models.nets3d import SLAB
 from cerebseg.utils import labels as lab
@@ -39,8 +39,6 @@ LOGGER = logging.getLogger(__name__)
 GRID_SPACING = 0.5
 #: the stages of the cascade, in order
 STAGES = ('hemisphere', 'lobules')
-#: what the lobule networks decide (a weights manifest's ``role``)
-ROLES = ('labels', 'outline')
 
 
 @dataclass

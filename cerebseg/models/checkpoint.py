@@ -52,6 +52,9 @@ DEFAULT_BRAINSTEM = WEIGHTS_DIR / 'brainstem_ndeconet_T1w.pt'
 DEFAULT_REGNET = WEIGHTS_DIR / 'regnet.pt'
 #: the lobule networks a run may use (--models)
 MODEL_CHOICES = ('ensemble', 'unet', 'dpn')
+#: what the lobule networks decide (a weights manifest's ``role``): every label, or the outline
+#: only (the lobules from the prior; :func:`cerebseg.models.cascade.outline_role`)
+ROLES = ('labels', 'outline')
 
 CASCADE_FORMAT = 'cerebseg-segmentation'
 CASCADE_VERSION = 1
@@ -277,10 +280,11 @@ def select_weights(manifest=None, *, t2w: bool, prior: bool, models: str = 'ense
 
     The manifest maps an input set (``T1w+prior``, ``T1w+T2w+prior``, ...) to its
     ``hemisphere`` and ``lobules`` checkpoints (``file`` relative to the manifest,
-    ``architecture``, ``inputs``) and, optionally, what the lobule networks decide (``role``:
-    ``labels``, the default, or ``outline``; per variant or for the whole manifest). ``models``
-    keeps the lobule networks of one architecture or all of them (the ensemble). Raises :class:`CheckpointError` (exit 126) with the fix when
-    something is missing.
+    ``architecture``, ``inputs``) and, optionally, what the lobule networks decide (``role``,
+    :data:`ROLES`: ``labels``, the default, or ``outline``; per variant or for the whole
+    manifest). ``models`` keeps the lobule networks of one architecture or all of them (the
+    ensemble). Raises :class:`CheckpointError` (exit 126) with the fix when something is
+    missing.
     """
     default = DEFAULT_CASCADE.with_name(CASCADE_MANIFESTS.get(protocol, DEFAULT_CASCADE.name))
     if not manifest and protocol != 'suit' and not default.is_file():
@@ -314,7 +318,7 @@ def select_weights(manifest=None, *, t2w: bool, prior: bool, models: str = 'ense
             f'weights for {variant} with `cerebseg-train segmentation --inputs '
             f'{" ".join(variant.split("+"))}` and pass their manifest with --cnn-weights.')
     role = variants[variant].get('role', spec.get('role', 'labels'))
-    if role not in ('labels', 'outline'):
+    if role not in ROLES:
         raise CheckpointError(f'{manifest}: the role of the lobule networks of {variant} is '
                               f'{role!r}; it must be "labels" (they decide every label) or '
                               '"outline" (they decide where the cerebellum ends, the prior which '
