@@ -71,8 +71,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--assets-dir', type=Path, required=True)
     parser.add_argument('--out', type=Path, required=True)
-    parser.add_argument('--held-out', type=int, default=1, choices=[1, 2, 3],
-                        help='the map no case, library entry or weight has seen')
+    parser.add_argument('--held-out', type=int, default=1, choices=[0, 1, 2, 3],
+                        help='the map no case, library entry or weight has seen (0: none, '
+                             'every map trains: the weights that ship)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[11, 12, 13, 14],
                         help='cases per training map (the last case of the last map validates)')
     parser.add_argument('--supersample', type=int, default=2)
@@ -131,9 +132,13 @@ def main(argv=None) -> int:
               '--labels', str(deriv), '--atlas-library', 'cobra', '--work-dir', str(work),
               '--fusion-search', str(opts.fusion_search), '--nthreads', str(opts.nthreads)]
     inputs = ['T1w', 'T2w', 'prior'] if opts.t2w else ['T1w', 'prior']   # prepared with them
-    for k in maps:   # the prior of a case of map k: neither the held-out map nor map k
-        lib = leave_out_entry(assets, out / f'assets-no{opts.held_out}{k}',
-                              [entry_name(opts.held_out), entry_name(k)])
+    held = [opts.held_out] if opts.held_out else []
+
+    def library(k):   # the prior of a case of map k: neither the held-out map nor map k
+        return out / f'assets-no{"".join(map(str, held + [k]))}'
+
+    for k in maps:
+        lib = leave_out_entry(assets, library(k), [entry_name(m) for m in held + [k]])
         tic = time.perf_counter()
         subprocess.run(common + ['--assets-dir', str(lib), '--prepare-only', '--inputs', *inputs,
                                  '--participant-label', *cases[k]], check=True)
@@ -144,7 +149,7 @@ def main(argv=None) -> int:
     ckpt = out / f'{name}.pt'
     # each case's prior as prepared above, from its own library (--prepared); the assets given
     # here only name the protocol
-    lib = out / f'assets-no{opts.held_out}{maps[0]}'
+    lib = library(maps[0])
     cmd = common + ['--assets-dir', str(lib), '--out', str(ckpt), '--resume', '--prepared',
                     '--stage', 'lobules', '--architecture', opts.architecture,
                     '--features', *map(str, opts.features), '--inputs', *inputs,

@@ -108,6 +108,19 @@ def assets_dir(shared_data, tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def strict_cobra_assets(shared_data, tmp_path_factory):
+    """The cobra library without CoBrALab brain1 and without the MNI152NLin2009cAsym entry
+    (the CoBra atlas has seen brain1): brain2, brain3 and their mirrors, for a case made from
+    brain1 (test_real_anatomy) and the shipped CERES network (test_ceres_networks)."""
+    from cerebseg.assets.build import build_assets
+
+    out = tmp_path_factory.mktemp('assets-cobra-strict')
+    build_assets(shared_data, out, libraries=('cobra',), brainstem=False,
+                 skip_entries=['CoBrALab-brain1', 'MNI152NLin2009cAsym'])
+    return out
+
+
+@pytest.fixture(scope='session')
 def ds002748_2mm(shared_data, tmp_path_factory):
     """ds002748 sub-01, 02 and 03 with their T1w resampled to 2 mm (linear), for the tests of
     scheduling and concurrency (SLURM, two commands), which test how participants are run, not

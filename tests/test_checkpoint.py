@@ -76,17 +76,24 @@ def test_missing_files_are_refused(shipped_copy):
 
 
 def test_each_protocol_has_its_default_weights(shipped_copy):
-    """The default networks are chosen by label protocol; a protocol without shipped
-    networks says so and how to run (exit 126)."""
+    """The default networks are chosen by label protocol. The CERES-protocol (cobra) networks
+    that ship read a T2w and decide the outline only; a T1w-only cobra run, or a protocol
+    without shipped networks, is told how to run (exit 126)."""
     assert cpt.select_weights(t2w=False, prior=True, protocol='suit')['manifest'] == \
         str(shipped_copy / 'deepceres.json')
+    chosen = cpt.select_weights(t2w=True, prior=True, protocol='cobra', models='unet')
+    assert chosen['manifest'] == str(shipped_copy / 'deepceres_cobra.json')
+    assert (chosen['variant'], chosen['role']) == ('T1w+T2w+prior', 'outline')
+    assert [cpt.read_cascade_checkpoint(f)['inputs'] for f in chosen['lobules']['files']] == \
+        [['T1w', 'T2w', 'prior']]
+    with pytest.raises(CheckpointError, match=r'deepceres_cobra\.json has no weights for the '
+                       r'inputs T1w\+prior; it has \[\'T1w\+T2w\+prior\'\].*--models none') as err:
+        cpt.select_weights(t2w=False, prior=True, protocol='cobra')
+    assert err.value.exit_code == 126
+    (shipped_copy / 'deepceres_cobra.json').unlink()
     with pytest.raises(CheckpointError, match=r'no networks for the cobra label protocol ship '
                        r'with cerebseg \(deepceres_cobra\.json\); run with --models none'):
-        cpt.select_weights(t2w=False, prior=True, protocol='cobra')
-    (shipped_copy / 'deepceres_cobra.json').write_text(
-        (shipped_copy / 'deepceres.json').read_text().replace('"suit"', '"cobra"'))
-    chosen = cpt.select_weights(t2w=False, prior=True, protocol='cobra')
-    assert chosen['manifest'] == str(shipped_copy / 'deepceres_cobra.json')
+        cpt.select_weights(t2w=True, prior=True, protocol='cobra')
 
 
 def test_a_manifest_says_what_its_lobule_networks_decide(tmp_path):

@@ -21,15 +21,13 @@ LOBULES = [*range(1, 13), *range(14, 26)]
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_real_anatomy_case_end_to_end(shared_data, tmp_path):
-    from cerebseg.assets.build import build_assets, entry_labels
+def test_real_anatomy_case_end_to_end(shared_data, strict_cobra_assets, tmp_path):
+    from cerebseg.assets.build import entry_labels
     from cerebseg.assets.manual import manual_case, place_in_template, read_manual_map
     from cerebseg.bids_app.run import main
     from cerebseg.utils.evaluation import dice_per_label, whole_dice
 
-    assets = tmp_path / 'assets'
-    build_assets(shared_data, assets, libraries=('cobra',), brainstem=False,
-                 skip_entries=['CoBrALab-brain1', 'MNI152NLin2009cAsym'])
+    assets = strict_cobra_assets
     library = json.loads((assets / 'manifest.json').read_text())['libraries']['cobra']
     names = [e['name'] for e in library['entries']]
     assert names == ['CoBrALab-brain2', 'CoBrALab-brain3', 'CoBrALab-brain2Mirror',

@@ -155,9 +155,11 @@ def _build_parser() -> argparse.ArgumentParser:
     method.add_argument('--models', choices=['ensemble', 'unet', 'dpn', 'none'],
                         default='none',
                         help='DeepCeres lobule networks: none (default: the multi-atlas labels '
-                             'are the result; the shipped networks do not beat them on '
-                             'exact-truth cases, see the model card), the U-Net and DPN '
-                             'ensemble, or one of them')
+                             'are the result), the U-Net and DPN ensemble, or one of them. '
+                             'With --atlas-library cobra the shipped U-Net needs a T2w and '
+                             'decides the outline only (MODEL_CARD_cobra.md); the SUIT ones '
+                             'do not beat the multi-atlas labels on exact-truth cases '
+                             '(MODEL_CARD.md)')
     method.add_argument('--skip-brainstem', action='store_true',
                         help='do not segment the brainstem (by default every participant run '
                              'segments the cerebellum and the brainstem)')

@@ -314,9 +314,10 @@ def select_weights(manifest=None, *, t2w: bool, prior: bool, models: str = 'ense
         hint += '' if prior else ' (without --no-atlas-prior the prior is used)'
         raise CheckpointError(
             f'{manifest} has no weights for the inputs {variant}; it has '
-            f'{sorted(variants) or "none"}. Choose a run with those inputs{hint}, or train '
-            f'weights for {variant} with `cerebseg-train segmentation --inputs '
-            f'{" ".join(variant.split("+"))}` and pass their manifest with --cnn-weights.')
+            f'{sorted(variants) or "none"}. Choose a run with those inputs{hint}, run with '
+            f'--models none (the multi-atlas labels), or train weights for {variant} with '
+            f'`cerebseg-train segmentation --inputs {" ".join(variant.split("+"))}` and pass '
+            'their manifest with --cnn-weights.')
     role = variants[variant].get('role', spec.get('role', 'labels'))
     if role not in ROLES:
         raise CheckpointError(f'{manifest}: the role of the lobule networks of {variant} is '
