@@ -145,19 +145,22 @@ def networks_saw(manifest: Path) -> set[int]:
 
 
 def write_case(bids: Path, truth_dir: Path, cache: Path, k: int, seed: int, *,
-               tag: str = 's', supersample: int = 3, t2w: bool = False) -> str:
+               tag: str = 's', supersample: int = 3, t2w: bool = False,
+               recede_mm: float = 0.0) -> str:
     """One synthesised case of map ``k`` (skipped when written), labelled
-    ``brain<k><tag><seed>``, painted with ``supersample``^3 sub-samples per voxel, with a T2w
-    when ``t2w``; returns its label."""
+    ``brain<k><tag><seed>`` (``r<recede_mm in hundredths>`` appended for an atrophied one),
+    painted with ``supersample``^3 sub-samples per voxel, with a T2w when ``t2w``; returns its
+    label."""
     from cerebseg.assets.manual import manual_case
 
-    label = f'brain{k}{tag}{seed}'
+    label = f'brain{k}{tag}{seed}' + (f'r{round(100 * recede_mm)}' if recede_mm > 0 else '')
     todo = case_folders(bids, truth_dir, label)
     if todo is None:
         return label
     anat, truth_file = todo
     placed = placed_map(k, cache)
-    case, drawn = manual_case(placed, seed=1000 * k + seed, supersample=supersample, t2w=t2w)
+    case, drawn = manual_case(placed, seed=1000 * k + seed, supersample=supersample, t2w=t2w,
+                              recede_mm=recede_mm)
     save_case(case, anat, truth_dir, label, truth_file, map=MAP.format(k), **drawn)
     return label
 
@@ -287,6 +290,10 @@ def main(argv=None) -> int:
     parser.add_argument('--t2w', action='store_true',
                         help='cases with a T2w as well (labelled brain<k>m<seed>: the same T1w '
                              'as brain<k>s<seed>), run without --t1-only')
+    parser.add_argument('--recede', type=float, default=0.0, metavar='MM',
+                        help='atrophied cases: the same cases with the cerebellar surface and '
+                             'the fissures\' banks receded by MM (labelled ...r<MM x 100>; '
+                             'everything else drawn as without it)')
     parser.add_argument('--outline', choices=['auto', 'tissue', 'trimmed', 'fused'],
                         default='auto',
                         help='cerebseg --outline of every cerebseg run (not auto: the method '
@@ -314,7 +321,7 @@ def main(argv=None) -> int:
             tic = time.perf_counter()
             folds.setdefault(k, []).append(write_case(bids, truth_dir, cache, k, seed,
                                                       tag='m' if opts.t2w else 's',
-                                                      t2w=opts.t2w))
+                                                      t2w=opts.t2w, recede_mm=opts.recede))
             print(f'case sub-{folds[k][-1]}: {time.perf_counter() - tic:.0f} s', flush=True)
     labels = [lab for k in folds for lab in folds[k]]
     write_bids_root(bids, labels)

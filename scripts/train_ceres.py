@@ -30,6 +30,11 @@ Usage::
 from the T1w+prior network of the same architecture (the T2w input at zero weight), as the
 shipped SUIT-protocol T1w+T2w networks were made.
 
+``--recede MM ...``: every case also atrophied by each MM (the surface and the fissures' banks
+receding, CSF in their place; the same drawing otherwise, labelled ``...r<MM x 100>``), so that
+the network sees anatomy that departs from the maps; the validation case's copies are left out.
+``--held-out 0``: every map trains (the weights that ship).
+
 ``ASSETS``: ``cerebseg-assets build --library suit --library cobra`` (the cobra library with
 its manual entries). The held-out map's case is then scored end to end by
 ``benchmarks/real_anatomy.py --cnn-weights OUT/deepceres_cobra.json``.
@@ -102,6 +107,10 @@ def main(argv=None) -> int:
                         help='only write OUT/deepceres_cobra<tag>.json for the --manifest '
                              'checkpoints (their inputs decide the variant)')
     parser.add_argument('--tag', default='', help='suffix of the checkpoint and manifest names')
+    parser.add_argument('--recede', type=float, nargs='+', default=[], metavar='MM',
+                        help='atrophied copies of every case: the cerebellar surface and the '
+                             'fissures\' banks receded by each MM (real_anatomy.py --recede); '
+                             'those of the validation case are left out')
     parser.add_argument('--prepare-only', action='store_true')
     opts = parser.parse_args(argv)
     if len(opts.seeds) < 2:
@@ -115,18 +124,26 @@ def main(argv=None) -> int:
     assets = opts.assets_dir.resolve()
     maps = [k for k in (1, 2, 3) if k != opts.held_out]
     cases = {}
+    atrophied = {}
     for k in maps:
         for seed in opts.seeds:
-            tic = time.perf_counter()
-            label = write_case(bids, truth_dir, cache, k, seed, tag='w' if opts.t2w else 't',
-                               supersample=opts.supersample, t2w=opts.t2w)
-            cases.setdefault(k, []).append(label)
-            print(f'case sub-{cases[k][-1]}: {time.perf_counter() - tic:.0f} s', flush=True)
+            for mm in [0.0, *opts.recede]:
+                tic = time.perf_counter()
+                label = write_case(bids, truth_dir, cache, k, seed,
+                                   tag='w' if opts.t2w else 't', supersample=opts.supersample,
+                                   t2w=opts.t2w, recede_mm=mm)
+                cases.setdefault(k, []).append(label)
+                if mm:
+                    atrophied.setdefault((k, seed), []).append(label)
+                print(f'case sub-{label}: {time.perf_counter() - tic:.0f} s', flush=True)
     labels = [lab for k in maps for lab in cases[k]]
     write_bids_root(bids, labels)
     deriv = labels_folder(truth_dir, out / 'labels', labels)
-    validation = [cases[maps[-1]][-1]]   # one case: a whole-volume inference per epoch
-    train = [lab for lab in labels if lab not in validation]
+    # one case, a whole-volume inference per epoch: the last seed of the last map, whose
+    # atrophied copies are not trained on either
+    validation = [f'brain{maps[-1]}{"w" if opts.t2w else "t"}{opts.seeds[-1]}']
+    unseen = set(validation) | set(atrophied.get((maps[-1], opts.seeds[-1]), []))
+    train = [lab for lab in labels if lab not in unseen]
     work = out / 'work'
     common = [sys.executable, '-m', 'cerebseg.bids_app.train', 'segmentation', str(bids),
               '--labels', str(deriv), '--atlas-library', 'cobra', '--work-dir', str(work),

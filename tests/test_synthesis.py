@@ -10,6 +10,7 @@ from cerebseg.utils.synthesis import (
     lobule_interfaces,
     paint,
     random_levels,
+    recede,
     remap_contrast,
     tissue_fractions,
 )
@@ -66,6 +67,27 @@ def test_tissues_follow_the_labels():
     img = paint(frac, inside, TissueLevels(gm=600, wm=1000, csf=200))
     assert np.isnan(img[0, 0, 0]) and img[20, 20, 10] == 1000 and img[18, 10, 20] == 200
     assert img[24, 19, 24] == pytest.approx(0.6 * 600 + 0.4 * 200)
+
+
+def test_atrophy_recedes_the_surface_and_widens_the_fissures():
+    """``recede``: lobule voxels within the distance of the surface facing CSF (the outside, a
+    sulcus, the banks of a fissure without a gap) unlabelled; the corpus medullare and the
+    lobules' cores kept; painted, the lost voxels are CSF; 0 mm changes nothing."""
+    lab = _two_lobules()
+    zooms = (0.25,) * 3
+    np.testing.assert_array_equal(recede(lab, zooms, 0.0), lab)
+    out = recede(lab, zooms, 0.4)   # centres 0.125 and 0.375 mm deep: 2 layers of 0.25 mm
+    assert out[8, 12, 24] == 0 and out[9, 12, 24] == 0 and out[10, 12, 24] == 1    # outside
+    assert out[24, 19, 24] == 0 and out[24, 18, 24] == 0 and out[24, 17, 24] == 1  # fissure
+    assert out[24, 20, 24] == 0 and out[24, 21, 24] == 0 and out[24, 22, 24] == 2
+    assert out[17, 10, 20] == 0 and out[16, 10, 20] == 0 and out[15, 10, 20] == 1  # sulcus
+    assert np.array_equal(out == 13, lab == 13)                   # corpus medullare kept
+    assert out[24, 12, 24] == 1 and out[24, 26, 24] == 2          # cores kept
+    assert set(np.unique(out)) == {0, 1, 2, 13}
+    deeper = recede(lab, zooms, 0.8)
+    assert (deeper > 0).sum() < (out > 0).sum() < (lab > 0).sum()
+    frac, inside = tissue_fractions(out, zooms)
+    assert inside[24, 19, 24] and frac[2][24, 19, 24] == 1       # the fissure: CSF now
 
 
 def test_random_levels_keep_the_tissue_order():

@@ -221,7 +221,8 @@ def t2w_head(placed: Placed, levels: TissueLevels) -> nib.Nifti1Image:
     return nib.Nifti1Image(remap_contrast(data, HEAD_LEVELS, levels), placed.head.affine)
 
 
-def manual_case(placed: Placed, seed: int, supersample: int = 3, t2w: bool = False):
+def manual_case(placed: Placed, seed: int, supersample: int = 3, t2w: bool = False,
+                recede_mm: float = 0.0):
     """An exact-truth case of real anatomy (:func:`cerebseg.utils.truth.make_case`) from a
     placed manual map: its cerebellum painted with tissue levels drawn around the template's
     (10 %), a cortical thickness of 0.8-1.3 mm and a CSF share of 0.2-0.8 in the fissures the
@@ -229,9 +230,19 @@ def manual_case(placed: Placed, seed: int, supersample: int = 3, t2w: bool = Fal
     random transform, grid, bias, contrast and noise. ``t2w``: a T2w of the same anatomy too
     (levels drawn around :data:`T2W_LEVELS`, the head around the cerebellum by
     :func:`t2w_head`, its own native grid, bias and noise); the T1w is the same as without it.
-    Returns the case and what was drawn."""
-    from cerebseg.utils.synthesis import random_levels
+    ``recede_mm``: atrophy (:func:`cerebseg.utils.synthesis.recede`: the surface and the
+    fissures' banks receding by that much, CSF in their place) with everything else drawn as
+    without it, so that only the anatomy changes. Returns the case and what was drawn."""
+    import dataclasses
+
+    from cerebseg.utils.synthesis import random_levels, recede
     from cerebseg.utils.truth import CaseSpec, make_case
+
+    if recede_mm > 0:
+        receded = recede(np.asarray(placed.labels.dataobj), placed.labels.header.get_zooms()[:3],
+                         recede_mm)
+        placed = dataclasses.replace(placed, labels=nib.Nifti1Image(receded,
+                                                                    placed.labels.affine))
 
     rng = np.random.default_rng([seed, 22])
     levels = random_levels(rng, TEMPLATE_LEVELS)
@@ -240,7 +251,8 @@ def manual_case(placed: Placed, seed: int, supersample: int = 3, t2w: bool = Fal
     spec = CaseSpec(scale_range=(0.9 / placed.scale, 1.1 / placed.scale),
                     supersample=supersample)
     drawn = {'levels': [levels.gm, levels.wm, levels.csf], 'cortex_mm': cortex_mm,
-             'fissure_csf': fissure_csf, 'scale_to_template': placed.scale}
+             'fissure_csf': fissure_csf, 'scale_to_template': placed.scale,
+             'recede_mm': float(recede_mm)}
     t2_sources = None
     if t2w:
         levels2 = random_levels(np.random.default_rng([seed, 22, 2]), T2W_LEVELS)

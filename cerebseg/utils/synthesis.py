@@ -88,6 +88,33 @@ def lobule_interfaces(labels: np.ndarray, white_matter=CERES_WHITE_MATTER,
     return out
 
 
+def recede(labels: np.ndarray, zooms, mm: float, white_matter=CERES_WHITE_MATTER,
+           lobule_of=ceres_lobule) -> np.ndarray:
+    """Atrophy of a lobule map: every lobule voxel within ``mm`` of the surface that faces CSF
+    (an unlabelled voxel, or the bank of a fissure the labels leave no gap in) unlabelled, so
+    that the surface recedes and the sulci and fissures widen by twice ``mm``; the corpus
+    medullare (``white_matter``) is kept, and with it the peduncles' border with the
+    brainstem. Painted by :func:`tissue_fractions`, the unlabelled voxels become CSF."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    if mm <= 0:
+        return labels.copy()
+    zooms = tuple(float(z) for z in zooms)
+    labelled = labels > 0
+    banks = lobule_interfaces(labels, white_matter, lobule_of)
+    # depth below the surface, from voxel centres: the surface lies half a voxel outside an
+    # outer voxel's centre and half a voxel outside a bank voxel's (the fissure's middle)
+    half = 0.5 * min(zooms)
+    depth = np.minimum(ndimage.distance_transform_edt(labelled, sampling=zooms) - half,
+                       ndimage.distance_transform_edt(~banks, sampling=zooms) + half)
+    lobule = labelled & ~np.isin(labels, white_matter)
+    gone = lobule & (depth < mm)
+    out = labels.copy()
+    out[gone] = 0
+    return out
+
+
 def tissue_fractions(labels: np.ndarray, zooms, cortex_mm: float = 1.0,
                      fissure_csf: float = 0.5, closing_mm: float = 2.0,
                      white_matter=CERES_WHITE_MATTER) -> tuple[np.ndarray, np.ndarray]:
