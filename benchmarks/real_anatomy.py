@@ -51,6 +51,11 @@ Usage::
         manual-search maps maps-search jlf-maps] [--t2w] [--outline fused|trimmed]
         [--lobule-borders fused] [--overlays DIR]
 
+``--recede MM`` makes the same cases atrophied (:func:`cerebseg.utils.synthesis.recede`: the
+surface and the fissures' banks receding by MM, CSF in their place; labelled
+``brain<k><tag><seed>r<MM x 100>``; everything else drawn as without it): their volume error
+beside the intact case's gives the share of the loss a method measures.
+
 ``--t2w`` makes each case with a T2w as well (labelled ``brain<k>m<seed>``; its T1w is that of
 ``brain<k>s<seed>``; the T2w painted with T2w levels over the template head remapped to a T2w
 contrast, :func:`cerebseg.assets.manual.t2w_head`, on its own grid) and runs cerebseg on both.
