@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     assets = opts.assets_dir.resolve()
     maps = [k for k in (1, 2, 3) if k != opts.held_out]
     cases = {}
-    atrophied = {}
+    copies = {}   # (map, seed) -> the intact case, then its atrophied copies
     for k in maps:
         for seed in opts.seeds:
             for mm in [0.0, *opts.recede]:
@@ -133,17 +133,16 @@ def main(argv=None) -> int:
                                    tag='w' if opts.t2w else 't', supersample=opts.supersample,
                                    t2w=opts.t2w, recede_mm=mm)
                 cases.setdefault(k, []).append(label)
-                if mm:
-                    atrophied.setdefault((k, seed), []).append(label)
+                copies.setdefault((k, seed), []).append(label)
                 print(f'case sub-{label}: {time.perf_counter() - tic:.0f} s', flush=True)
     labels = [lab for k in maps for lab in cases[k]]
     write_bids_root(bids, labels)
     deriv = labels_folder(truth_dir, out / 'labels', labels)
     # one case, a whole-volume inference per epoch: the last seed of the last map, whose
     # atrophied copies are not trained on either
-    validation = [f'brain{maps[-1]}{"w" if opts.t2w else "t"}{opts.seeds[-1]}']
-    unseen = set(validation) | set(atrophied.get((maps[-1], opts.seeds[-1]), []))
-    train = [lab for lab in labels if lab not in unseen]
+    last = copies[maps[-1], opts.seeds[-1]]
+    validation = last[:1]
+    train = [lab for lab in labels if lab not in last]
     work = out / 'work'
     common = [sys.executable, '-m', 'cerebseg.bids_app.train', 'segmentation', str(bids),
               '--labels', str(deriv), '--atlas-library', 'cobra', '--work-dir', str(work),

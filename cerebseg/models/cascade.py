@@ -18,7 +18,7 @@ What the lobule networks decide (``role``, from the weights manifest): ``labels`
 DeepCeres), or ``outline`` (:func:`outline_role`): the networks say where the cerebellum ends,
 the prior which lobule each voxel is. CERES-protocol networks trained on two individual
 anatomies move the cerebellum's outline towards the image on an unseen map but not its lobule
-borders (README, Accuracy; none ship).
+borders (README, Accuracy); the T1w+T2w one ships with that role (MODEL_CARD_cobra.md).
 """
 from __future__ import annotations
 
