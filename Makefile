@@ -6,7 +6,9 @@ VENV ?= .venv
 SHARED ?= ../shared/data
 ASSETS ?= .assets
 PIP = $(VENV)/bin/pip
-PYTEST_ARGS ?= --durations=30
+# one pytest worker per CPU, each pinned to its CPU, a test file per worker at a time (its module
+# fixtures run once), the files that run whole participants first (tests/conftest.py)
+PYTEST_ARGS ?= --durations=30 -n logical --dist loadfile --no-loadscope-reorder
 export NIPYPE_NO_ET = 1
 
 .PHONY: install assets demo test clean

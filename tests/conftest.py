@@ -21,6 +21,32 @@ SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'd
 SUIT = ('--atlas-library', 'suit')
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per CPU), each worker is pinned to a CPU
+    of its own: the commands it runs see one CPU (``available_cpus``) and use one thread, instead
+    of two workers each running two threads on two cores."""
+    worker = os.environ.get('PYTEST_XDIST_WORKER', '')
+    count = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '0') or 0)
+    if not worker.startswith('gw') or not hasattr(os, 'sched_setaffinity'):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if count > 1 and len(cpus) >= count:
+        share = len(cpus) // count
+        index = int(worker[2:])
+        os.sched_setaffinity(0, cpus[index * share:(index + 1) * share])
+
+
+#: the test files that run whole participants, longest first: run first, so that under
+#: pytest-xdist (``--dist loadfile --no-loadscope-reorder``) the short files fill in beside them
+#: instead of a long one starting last
+LONG_FIRST = ('test_real_anatomy.py', 'test_cli.py', 'test_slurm.py', 'test_accuracy.py')
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))
+
+
 @pytest.fixture(scope='module')
 def one_torch_thread():
     """One intra-op torch thread for a module of tiny convolutions (they run faster so on a busy
@@ -111,7 +137,7 @@ def assets_dir(shared_data, tmp_path_factory):
 def strict_cobra_assets(shared_data, tmp_path_factory):
     """The cobra library without CoBrALab brain1 and without the MNI152NLin2009cAsym entry
     (the CoBra atlas has seen brain1): brain2, brain3 and their mirrors, for a case made from
-    brain1 (test_real_anatomy) and the shipped CERES network (test_ceres_networks)."""
+    brain1 (test_real_anatomy, which also runs the shipped CERES network on it)."""
     from cerebseg.assets.build import build_assets
 
     out = tmp_path_factory.mktemp('assets-cobra-strict')

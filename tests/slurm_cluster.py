@@ -24,6 +24,12 @@ DAEMONS = ('munged', 'slurmctld', 'slurmd')
 CLIENTS = ('sbatch', 'squeue', 'sinfo', 'scancel')
 
 
+def _every_cpu() -> None:
+    """(In the child, before exec) allow every CPU of the host."""
+    if hasattr(os, 'sched_setaffinity'):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
 def unavailable() -> str | None:
     """Why a cluster cannot be started here (None when it can)."""
     if os.geteuid() != 0:
@@ -135,9 +141,12 @@ class Cluster:
         self.procs['slurmctld'] = subprocess.Popen(
             [_which('slurmctld'), '-D', '-i', '-f', str(self.conf)],
             stdout=subprocess.DEVNULL, stderr=open(logs / 'slurmctld.err', 'wb'))
+        # the node's jobs run on every CPU of the node (task/none: a job inherits slurmd's
+        # affinity, which would be the test worker's one CPU under pytest-xdist)
         self.procs['slurmd'] = subprocess.Popen(
             [_which('slurmd'), '-D', '-f', str(self.conf), '-N', self.node],
-            stdout=subprocess.DEVNULL, stderr=open(logs / 'slurmd.err', 'wb'))
+            stdout=subprocess.DEVNULL, stderr=open(logs / 'slurmd.err', 'wb'),
+            preexec_fn=_every_cpu)
 
         def idle():
             out = subprocess.run(['sinfo', '-h', '-N', '-o', '%T'], capture_output=True,

@@ -17,6 +17,17 @@ LOBULE_BORDERS_CHOICES = ('auto', 'branches', 'fused')
 LOBULE_VOTES_CHOICES = ('auto', 'on', 'off')
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the system has one (a SLURM
+    job, ``taskset``, a container limited with ``--cpuset-cpus``), else every CPU of the host.
+    ``os.cpu_count()`` counts the host's CPUs whatever the process is allowed, which would run
+    as many threads on a one-CPU job as the node has."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):   # no affinity on this platform (macOS)
+        return os.cpu_count() or 1
+
+
 def _path_exists(value, parser, what='Path'):
     path = Path(value).expanduser().absolute()
     if not path.exists():
@@ -236,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if opts.group_by and opts.analysis_level != 'group':
         parser.error('--group-by is an option of the group level: run cerebseg bids_dir '
                      'output_dir group --group-by COLUMN after the participant level')
-    nprocs = opts.nprocs or os.cpu_count() or 1
+    nprocs = opts.nprocs or available_cpus()
     opts.nprocs = nprocs
     opts.omp_nthreads = opts.omp_nthreads or nprocs
     if opts.omp_nthreads > nprocs:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from cerebseg import __version__
+from cerebseg.bids_app.parser import available_cpus
 from cerebseg.errors import CerebsegError
 
 LOGGER = logging.getLogger('cerebseg.train')
@@ -46,7 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     cmd.add_argument('--work-dir', type=Path, default=Path('work_cerebseg_train'))
     cmd.add_argument('--resume', action='store_true', help='continue from --out')
     cmd.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
-    cmd.add_argument('--nthreads', type=int, default=os.cpu_count() or 1)
+    cmd.add_argument('--nthreads', type=int, default=available_cpus())
     cmd.add_argument('--random-seed', type=int, default=0)
     cmd.add_argument('-v', '--verbose', action='count', default=0)
     _add_segmentation_parser(sub)
@@ -132,7 +133,7 @@ def _add_segmentation_parser(sub) -> None:
                           'T1w+prior network to fine-tune with --inputs T1w T2w prior: the new '
                           'channels start at zero weight)')
     cmd.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
-    cmd.add_argument('--nthreads', type=int, default=os.cpu_count() or 1)
+    cmd.add_argument('--nthreads', type=int, default=available_cpus())
     cmd.add_argument('--random-seed', type=int, default=0)
     cmd.add_argument('-v', '--verbose', action='count', default=0)
 
@@ -246,7 +247,7 @@ def _add_brainstem_parser(sub) -> None:
     cmd.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
     cmd.add_argument('--bf16', action='store_true',
                      help='bfloat16 autocast on CPU (always on a GPU)')
-    cmd.add_argument('--nthreads', type=_positive, default=os.cpu_count() or 1)
+    cmd.add_argument('--nthreads', type=_positive, default=available_cpus())
     cmd.add_argument('-v', '--verbose', action='count', default=0)
 
 
