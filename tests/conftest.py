@@ -44,7 +44,7 @@ LONG_FIRST = ('test_real_anatomy.py', 'test_cli.py', 'test_slurm.py', 'test_accu
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope='module')

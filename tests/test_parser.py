@@ -10,7 +10,6 @@ def bids(tmp_path):
     return make_bids(tmp_path / 'ds', {'01': ['anat/sub-01_T1w.nii.gz']})
 
 
-
 def test_default_threads_are_the_cpus_this_process_may_use(bids, tmp_path, monkeypatch):
     """A SLURM job or ``taskset`` gives the process fewer CPUs than the host has: --nprocs and
     --omp-nthreads default to those (os.cpu_count() would oversubscribe them)."""
@@ -22,6 +21,7 @@ def test_default_threads_are_the_cpus_this_process_may_use(bids, tmp_path, monke
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2}, raising=False)
     opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant'])
     assert opts.nprocs == 3 and opts.omp_nthreads == 3
+
 
 def test_defaults_and_label_prefix(bids, tmp_path):
     opts = parse_args([str(bids), str(tmp_path / 'out'), 'participant',

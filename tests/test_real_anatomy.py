@@ -8,13 +8,12 @@ time. Scored on the native grid against the map; the run's sidecar says how the 
 trimmed and how many voxels the white-matter branches moved to another lobule; the same case
 with the borders as fused scores lower.
 
-The case has a T2w of the same anatomy (its T1w is the same as without it; the cobra library has
-no T2w, so the default ignores it), so the same work folder also runs the CERES-protocol network
-that ships (issue 22: ``deepceres_cobra.json``, a T1w+T2w U-Net with the outline role,
-``MODEL_CARD_cobra.md``) with ``--models unet``: it moves the outline a little, the lobules stay
-the prior's, and the sidecar says so. That network was trained on all three maps, brain1
-among them, so only its behaviour is checked here, not its accuracy (the model card has the
-leave-one-map-out figures)."""
+The case has a T2w of the same anatomy (its T1w is the same as without it; the cobra library has no
+T2w to fuse), so the same work folder also runs the CERES-protocol network that ships (issue 22:
+``deepceres_cobra.json``, a T1w+T2w U-Net with the outline role, ``MODEL_CARD_cobra.md``) with
+``--models unet``: it moves the outline a little, the lobules stay the prior's, and the sidecar
+says so. That network was trained on all three maps, brain1 among them, so only its behaviour is
+checked here, not its accuracy (the model card has the leave-one-map-out figures)."""
 import json
 
 import nibabel as nib
@@ -25,6 +24,17 @@ from conftest import write_case_bids
 MAP = 'atlases/cerebellum/CoBrALab-manual/cerebellum/labels/brain{}_labels.mnc'
 TEMPLATE = 'templates/MNI152NLin2009cAsym/MNI152_2009_template.nii.gz'
 LOBULES = [*range(1, 13), *range(14, 26)]
+#: the cerebellum label map of a run, in its output folder (.nii.gz, .json)
+DSEG = 'sub-brain1/anat/sub-brain1_space-T1w_seg-cerebellum_dseg'
+
+
+def _volume_error(img: nib.Nifti1Image, case) -> float:
+    """Signed total volume error of a native-grid label map against the case's exact
+    partial-volume truth."""
+    from cerebseg.utils.preproc import nonzero_volume_ml
+
+    ml = nonzero_volume_ml(np.asarray(img.dataobj), img.header.get_zooms()[:3])
+    return 1000 * ml / case.volumes_mm3[1:].sum() - 1
 
 
 @pytest.mark.integration
@@ -65,24 +75,23 @@ def test_real_anatomy_case_end_to_end(shared_data, strict_cobra_assets, tmp_path
     nib.save(nib.Nifti1Image(np.rint(case.t2w).astype(np.int16), case.t2w_affine),
              bids / 'sub-brain1/anat/sub-brain1_T2w.nii.gz')
     out = tmp_path / 'out'
-    assert main([str(bids), str(out), 'participant', '--assets-dir', str(assets),
-                 '-w', str(tmp_path / 'work'), '--skip-bids-validation', '--skip-brainstem',
-                 '--atlas-library', 'cobra']) == 0
-    result = nib.load(out / 'sub-brain1/anat/sub-brain1_space-T1w_seg-cerebellum_dseg.nii.gz')
+    # the three commands share one work folder: registrations and fusion run once
+    common = ['participant', '--assets-dir', str(assets), '-w', str(tmp_path / 'work'),
+              '--skip-bids-validation', '--skip-brainstem', '--atlas-library', 'cobra']
+    assert main([str(bids), str(out), *common]) == 0
+    result = nib.load(out / f'{DSEG}.nii.gz')
     assert np.allclose(result.affine, case.affine)
     pred = np.asarray(result.dataobj)
     lobules = float(np.nanmean(dice_per_label(pred, case.labels, LOBULES)))
     whole = whole_dice(pred, case.labels)
-    volume = (pred > 0).sum() * np.prod(result.header.get_zooms()[:3])
-    error = volume / case.volumes_mm3[1:].sum() - 1
+    error = _volume_error(result, case)
     message = (f'24 lobules {lobules:.3f}, whole {whole:.3f}, total volume '
                f'{100 * error:+.1f} %')
     print(message)     # the measured figures, shown with pytest -s
     assert lobules >= THRESHOLDS['lobules'], message
     assert whole >= THRESHOLDS['whole'], message
     assert abs(error) <= THRESHOLDS['volume'], message
-    sidecar = json.loads((out / 'sub-brain1/anat/'
-                          'sub-brain1_space-T1w_seg-cerebellum_dseg.json').read_text())
+    sidecar = json.loads((out / f'{DSEG}.json').read_text())
     assert 'more CSF than tissue' in sidecar['Method']['Outline']
     assert 'more tissue than CSF' in sidecar['Method']['Outline']
     assert sidecar['OutlineTrimming']['removed_voxels'] > 0
@@ -97,32 +106,25 @@ def test_real_anatomy_case_end_to_end(shared_data, strict_cobra_assets, tmp_path
     # same outline in the working box (on the native grid the swapped probabilities move
     # 0.01 % of the voxels), worse lobules
     fused = tmp_path / 'out-fused'
-    assert main([str(bids), str(fused), 'participant', '--assets-dir', str(assets),
-                 '-w', str(tmp_path / 'work'), '--skip-bids-validation', '--skip-brainstem',
-                 '--atlas-library', 'cobra', '--lobule-borders', 'fused']) == 0
-    pred2 = np.asarray(nib.load(fused / 'sub-brain1/anat/'
-                                'sub-brain1_space-T1w_seg-cerebellum_dseg.nii.gz').dataobj)
+    assert main([str(bids), str(fused), *common, '--lobule-borders', 'fused']) == 0
+    pred2 = np.asarray(nib.load(fused / f'{DSEG}.nii.gz').dataobj)
     lobules2 = float(np.nanmean(dice_per_label(pred2, case.labels, LOBULES)))
     message2 = f'{message}; borders as fused: 24 lobules {lobules2:.3f}'
     assert whole_dice(pred2, pred) > 0.995, message2
     assert lobules2 < lobules, message2
-    sidecar = json.loads((fused / 'sub-brain1/anat/'
-                          'sub-brain1_space-T1w_seg-cerebellum_dseg.json').read_text())
+    sidecar = json.loads((fused / f'{DSEG}.json').read_text())
     assert 'as fused' in sidecar['Method']['LobuleBorders']
 
     # the shipped CERES network (T1w+T2w, outline role) on the same prior: the same work folder
     net_out = tmp_path / 'out-unet'
-    assert main([str(bids), str(net_out), 'participant', '--assets-dir', str(assets),
-                 '-w', str(tmp_path / 'work'), '--skip-bids-validation', '--skip-brainstem',
-                 '--atlas-library', 'cobra', '--models', 'unet']) == 0
-    net_img = nib.load(net_out / 'sub-brain1/anat/sub-brain1_space-T1w_seg-cerebellum_dseg.nii.gz')
+    assert main([str(bids), str(net_out), *common, '--models', 'unet']) == 0
+    net_img = nib.load(net_out / f'{DSEG}.nii.gz')
     assert np.allclose(net_img.affine, case.affine)
     net = np.asarray(net_img.dataobj)
     change = (net > 0).sum() / (pred > 0).sum() - 1
     both = (pred > 0) & (net > 0)
     same = (pred[both] == net[both]).mean()
-    net_volume = (net > 0).sum() * np.prod(net_img.header.get_zooms()[:3])
-    net_error = net_volume / case.volumes_mm3[1:].sum() - 1
+    net_error = _volume_error(net_img, case)
     message3 = (f'{message}; network: cerebellum {100 * change:+.1f} % against the prior, whole '
                 f'Dice {whole_dice(net, pred):.3f} with it, same lobule in {100 * same:.1f} % of '
                 f'the voxels both label; against the truth whole '
@@ -132,19 +134,18 @@ def test_real_anatomy_case_end_to_end(shared_data, strict_cobra_assets, tmp_path
     assert whole_dice(net, pred) > 0.97, message3
     assert same > 0.97, message3                     # the lobules are the prior's
     assert set(np.unique(net)) <= set(np.unique(pred)) | {0}
-    text = (net_out / 'sub-brain1/anat/sub-brain1_space-T1w_seg-cerebellum_dseg.json').read_text()
-    assert '"Role": "outline"' in json.dumps(json.loads(text))
+    text = json.dumps(json.loads((net_out / f'{DSEG}.json').read_text()))
+    assert '"Role": "outline"' in text
     assert 'lobules_unet_cobra_T1w-T2w-prior.pt' in text
 
 
-#: a little under what this case measures with the strict library (24 lobules 0.827, whole
-#: 0.954, total volume +0.8 %; 0.825, 0.954, +0.8 % with its T2w beside it, which the cobra
-#: default does not read for the labels: local and non-local voting mixed after the entries' levels are
-#: matched, the lobule borders on the white-matter branches with the SUIT atlas's lobule votes,
-#: the outline trimmed and grown by the T1w, 2 mm registration control grid, as cobra runs by
-#: default). With local voting only (the default before) it measured 0.816, 0.948, -0.3 % and
-#: fails ``whole``; without the votes as well 0.768, 0.949, -0.1 % (fails ``lobules``); the outline
-#: trimmed only measured 0.763, 0.941, -3.1 % (fails ``whole`` and ``volume``); the borders as
-#: fused (``--lobule-borders fused``) 0.742 (groups 0.741); with the outline as fused too 0.725,
-#: 0.929, +1.1 %.
+#: a little under what this case measures with the strict library (24 lobules 0.827, whole 0.954,
+#: total volume +0.8 % without its T2w, 0.825, 0.954, +0.8 % with it: local and non-local voting
+#: mixed after the entries' levels are matched, the lobule borders on the white-matter branches
+#: with the SUIT atlas's lobule votes, the outline trimmed and grown by the T1w, 2 mm registration
+#: control grid, as cobra runs by default). With local voting only (the default before) it measured
+#: 0.816, 0.948, -0.3 % and fails ``whole``; without the votes as well 0.768, 0.949, -0.1 % (fails
+#: ``lobules``); the outline trimmed only measured 0.763, 0.941, -3.1 % (fails ``whole`` and
+#: ``volume``); the borders as fused (``--lobule-borders fused``) 0.742 (groups 0.741); with the
+#: outline as fused too 0.725, 0.929, +1.1 %.
 THRESHOLDS = {'lobules': 0.81, 'whole': 0.95, 'volume': 0.02}
