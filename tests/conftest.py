@@ -19,6 +19,12 @@ SHARED = Path(os.environ.get('CEREBSEG_SHARED_DATA', REPO.parent / 'shared' / 'd
 #: the protocol of the session's assets (``assets_dir``: SUIT, 40 s to build; the default, cobra,
 #: takes 8 min and is run end to end by test_real_anatomy): every command run on them says so
 SUIT = ('--atlas-library', 'suit')
+#: for the tests of how participants are run (scheduling, SLURM, concurrency, kill and resume,
+#: a T2w refused), not of their labels: one coarse affine fit to MNI instead of four fine ones
+#: (the T1w's and its mirror's, two starts each: 82 of the 125 s of a brainstem-only
+#: participant at 2 mm on one thread). The default fit runs end to end in test_cli's real run
+#: and test_real_anatomy
+COARSE_FIT = ('--affine-fit', 'coarse')
 
 
 def pytest_configure(config):
@@ -36,10 +42,12 @@ def pytest_configure(config):
         os.sched_setaffinity(0, cpus[index * share:(index + 1) * share])
 
 
-#: the test files that run whole participants, longest first: run first, so that under
-#: pytest-xdist (``--dist loadfile --no-loadscope-reorder``) the short files fill in beside them
-#: instead of a long one starting last
-LONG_FIRST = ('test_real_anatomy.py', 'test_cli.py', 'test_slurm.py', 'test_accuracy.py')
+#: the test files that run whole participants, collected first, so that under pytest-xdist
+#: (``--dist loadfile --no-loadscope-reorder``) the short files fill in beside them instead of a
+#: long one starting last. xdist hands each worker two files at the start, the first and third
+#: to one and the second and fourth to the other: test_real_anatomy (about 18 min on one core)
+#: beside test_registration's short real-data tests, test_cli (14 min) beside test_slurm (5 min)
+LONG_FIRST = ('test_real_anatomy.py', 'test_cli.py', 'test_registration.py', 'test_slurm.py')
 
 
 def pytest_collection_modifyitems(config, items):
@@ -120,17 +128,34 @@ def shared_data():
     return SHARED
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A session's folder ``name`` made by ``build(folder)`` once for the whole run: under
+    pytest-xdist the first worker that asks builds it in the run's shared base folder while the
+    others wait on a lock, instead of every worker building its own (the SUIT assets: 70 s on
+    two cores). Complete when its ``manifest.json`` is there (:func:`build_assets` writes it
+    last); a build that failed is made again by the next worker that asks."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent                  # pytest-of-<user>/pytest-<n>: the workers' parent
+    out = root / name
+    with FileLock(f'{out}.lock'):
+        if not (out / 'manifest.json').is_file():
+            build(out)
+    return out
+
+
 @pytest.fixture(scope='session')
 def assets_dir(shared_data, tmp_path_factory):
-    """The atlas library built from ../shared/data once per session (about 40 s)."""
+    """The SUIT atlas library built from ../shared/data once per run (70 s on two cores)."""
     from cerebseg.assets.build import build_assets
 
     prebuilt = os.environ.get('CEREBSEG_TEST_ASSETS')
     if prebuilt and (Path(prebuilt) / 'manifest.json').is_file():
         return Path(prebuilt)
-    out = tmp_path_factory.mktemp('assets')
-    build_assets(shared_data, out, libraries=('suit',))
-    return out
+    return built_once(tmp_path_factory, 'assets-suit',
+                      lambda out: build_assets(shared_data, out, libraries=('suit',)))
 
 
 @pytest.fixture(scope='session')
@@ -150,7 +175,7 @@ def strict_cobra_assets(shared_data, tmp_path_factory):
 def ds002748_2mm(shared_data, tmp_path_factory):
     """ds002748 sub-01, 02 and 03 with their T1w resampled to 2 mm (linear), for the tests of
     scheduling and concurrency (SLURM, two commands), which test how participants are run, not
-    their labels: a brainstem-only run on one thread takes about 50 s instead of 90 s."""
+    their labels (with :data:`COARSE_FIT`)."""
     import shutil
 
     import nibabel as nib

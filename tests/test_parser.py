@@ -249,7 +249,7 @@ def test_sidecar_names_the_lobule_votes_only_when_they_vote(bids, tmp_path, choi
     assert 'white-matter branch' in meta['Method']['LobuleBorders']
 
 
-@pytest.mark.parametrize('choice', ['symmetric', 'single'])
+@pytest.mark.parametrize('choice', ['symmetric', 'single', 'coarse'])
 def test_sidecars_say_how_the_affine_was_fitted(bids, tmp_path, choice):
     """``--affine-fit``: the config carries it, and both sidecars' ``Method.Preprocessing`` say
     whether the T1w's mirror was fitted too."""
@@ -266,5 +266,6 @@ def test_sidecars_say_how_the_affine_was_fitted(bids, tmp_path, choice):
     text = dseg_meta(run, library, bids, cfg)['Method']['Preprocessing']
     assert affine_text(cfg) in text
     assert ('mirror-equivariant' in text) is (choice == 'symmetric')
+    assert ('not for volumes' in text) is (choice == 'coarse')
     default = RunConfig.from_namespace(parse_args([str(bids), str(tmp_path / 'o'), 'participant']))
     assert default.affine_fit == 'symmetric'

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cerebseg.bids_app.slurm import node_sbatch_args, set_node_requests
-from conftest import REPO, SUIT, make_bids
+from conftest import COARSE_FIT, REPO, SUIT, make_bids
 from slurm_cluster import Cluster, unavailable
 
 
@@ -85,7 +85,8 @@ def plugin_run(slurm, ds002748_2mm, assets_dir, tmp_path_factory):
     proc = subprocess.run(_command(bids, out, 'participant', '--participant-label', '01', '02',
                                    '-w', work, '--plugin', 'SLURM', '--plugin-args',
                                    '{"sbatch_args": "--time=0:30:00"}', '--assets-dir',
-                                   assets_dir, *SUIT, '--skip-cerebellum', '--omp-nthreads', '1'),
+                                   assets_dir, *SUIT, *COARSE_FIT, '--skip-cerebellum',
+                                   '--omp-nthreads', '1'),
                           capture_output=True, text=True, timeout=1500)
     return {'bids': bids, 'out': out, 'proc': proc, 'jobs': _jobs()}
 
@@ -119,7 +120,8 @@ def test_slurm_graph_plugin_reports_a_failed_participant(slurm, shared_data, ds0
     """``--plugin SLURMGraph`` submits the whole graph at once; cerebseg waits for its jobs,
     cancels those whose dependencies failed (this cluster does not set kill_invalid_depend),
     and ends as with MultiProc: the brain is done, the non-brain phantom fails with exit 65,
-    its crash file in its log folder, nothing left in the queue."""
+    its crash file in its log folder, nothing left in the queue. (The end-to-end check that a
+    non-brain is refused: the MNI affine's quality gate, which every participant passes.)"""
     root = make_bids(tmp_path / 'ds', {})
     for label, src in (('01', ds002748_2mm / 'sub-01/anat/sub-01_T1w.nii.gz'),
                        ('ph', shared_data / 'subjects/nonbrain_phantom/sub-ge01_T1w.nii.gz')):
@@ -127,8 +129,8 @@ def test_slurm_graph_plugin_reports_a_failed_participant(slurm, shared_data, ds0
         shutil.copyfile(src, root / f'sub-{label}/anat/sub-{label}_T1w.nii.gz')
     out, work = tmp_path / 'out', tmp_path / 'work'
     proc = subprocess.run(_command(root, out, 'participant', '-w', work, '--assets-dir',
-                                   assets_dir, *SUIT, '--skip-cerebellum', '--omp-nthreads', '1',
-                                   '--plugin', 'SLURMGraph'),
+                                   assets_dir, *SUIT, *COARSE_FIT, '--skip-cerebellum',
+                                   '--omp-nthreads', '1', '--plugin', 'SLURMGraph'),
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 65, proc.stderr[-5000:] + slurm.logs()
     assert 'does not fit the MNI152NLin2009cAsym template' in proc.stderr
@@ -154,7 +156,8 @@ def test_job_array_script_runs_participants_then_group(slurm, plugin_run, ds0027
                CEREBSEG=' '.join([sys.executable, '-m', 'cerebseg.bids_app.run']),
                SBATCH_ARGS='--cpus-per-task=1 --mem=2G --time=0:30:00')
     proc = subprocess.run(['bash', str(REPO / 'scripts/slurm-array.sh'), str(bids), str(out),
-                           '--assets-dir', str(assets_dir), *SUIT, '--skip-cerebellum'],
+                           '--assets-dir', str(assets_dir), *SUIT, *COARSE_FIT,
+                           '--skip-cerebellum'],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert 'job array' in proc.stdout and '(2 tasks' in proc.stdout

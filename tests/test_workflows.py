@@ -368,14 +368,17 @@ def test_prior_graph_feeds_the_t1w(tmp_path, fake_assets):
         assert register.inputs.control_mm == 2.0     # training priors as the runs make them
 
 
-@pytest.mark.parametrize('symmetric', [True, False])
-def test_affine_fit_reaches_both_affine_nodes(tmp_path, fake_assets, symmetric):
+@pytest.mark.parametrize('symmetric, coarse', [(True, False), (False, False), (False, True)])
+def test_affine_fit_reaches_both_affine_nodes(tmp_path, fake_assets, symmetric, coarse):
     """``--affine-fit``: the whole-brain affine and its box refinement both fit the T1w and its
-    mirror (symmetric, the default), or neither does; each uses two cores for its two fits."""
-    wf = _subject_graph(tmp_path, fake_assets, False, device='cpu', symmetric_affine=symmetric)
+    mirror (symmetric, the default), or neither does; each uses two cores for its two fits;
+    coarse reaches the whole-brain affine."""
+    wf = _subject_graph(tmp_path, fake_assets, False, device='cpu', symmetric_affine=symmetric,
+                        coarse_affine=coarse)
     nodes, _ = _nodes_and_feeds(wf)
     for name in ('mni_affine', 'box_affine'):
         assert nodes[name].inputs.symmetric is symmetric
+    assert nodes['mni_affine'].inputs.coarse is coarse
     assert nodes['box_affine'].n_procs == 1      # omp_nthreads=1: one fit at a time
 
 

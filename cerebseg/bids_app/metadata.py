@@ -335,6 +335,9 @@ def affine_text(cfg) -> str:
     """How the MNI affine was fitted (``--affine-fit``), for the sidecars' Preprocessing."""
     if cfg.affine_fit == 'single':
         return 'whole brain, then refined on cerebellum and brainstem, one fit each'
+    if cfg.affine_fit == 'coarse':
+        return ('whole brain from one start on 4 mm copies (coarse: for tests, not for '
+                'volumes), then refined on cerebellum and brainstem, one fit each')
     return ('whole brain, then refined on cerebellum and brainstem, each fitted to the T1w '
             'and to its left-right mirror and the two fits averaged (mirror-equivariant)')
 

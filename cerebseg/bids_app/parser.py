@@ -111,13 +111,17 @@ def _build_parser() -> argparse.ArgumentParser:
                         help='label protocol and its atlas library: cobra (default: CERES, 12 '
                              'lobules and the corpus medullare per side) or suit (SUIT: lobules '
                              'with the vermis apart, and 6 deep nuclei)')
-    method.add_argument('--affine-fit', choices=['symmetric', 'single'], default='symmetric',
+    method.add_argument('--affine-fit', choices=['symmetric', 'single', 'coarse'],
+                        default='symmetric',
                         help='the T1w\'s affine to MNI152NLin2009cAsym and its refinement on '
                              'cerebellum and brainstem: symmetric (default: the T1w and its '
                              'left-right mirror are both fitted and the fits averaged, so that '
                              'a mirrored head gets exactly the mirrored transform and left and '
-                             'right are treated alike) or single (one fit each, about 15 s '
-                             'faster; a fit and its mirror\'s differ by up to 1 mm)')
+                             'right are treated alike), single (one fit each, about 15 s '
+                             'faster; a fit and its mirror\'s differ by up to 1 mm) or coarse '
+                             '(one fit each, the whole-brain one from one start on 4 mm copies: '
+                             'another 15 s faster, about 1 mm off; for trying out the pipeline '
+                             'and its scheduling, not for volumes you report)')
     method.add_argument('--registration', choices=['torch', 'ants', 'both'], default='torch',
                         help='how library entries are registered to the subject: torch '
                              '(diffeomorphic, all entries in one batch, on --device; default), '

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     LOGGER.log(IMPORTANT, 'cerebseg %s: %d T1w run(s) to process; run %s', cfg.version,
                len(plan.runs), cfg.run_uuid)
+    if cfg.affine_fit == 'coarse':
+        LOGGER.warning('--affine-fit coarse: the affine to MNI152NLin2009cAsym is fitted from '
+                       'one start on 4 mm copies (about 1 mm off); for trying out the pipeline, '
+                       'not for volumes you report (the sidecars say so).')
     try:
         finalize(cfg, None if cfg.skip_cerebellum else plan.library, plan.brainstem)
     except OSError as err:

@@ -97,6 +97,9 @@ class _MNIAffineInputSpec(_RegistrationInputSpec):
     symmetric = traits.Bool(True, usedefault=True,
                             desc='fit the T1w and its world mirror and average the two '
                                  '(a mirrored input gets exactly the mirrored transform)')
+    coarse = traits.Bool(False, usedefault=True,
+                         desc='one start (affine) on 4 mm copies instead of two on 2 mm '
+                              '(--affine-fit coarse: tests of the pipeline, not for volumes)')
 
 
 class _MNIAffineOutputSpec(TraitedSpec):
@@ -118,7 +121,7 @@ def _fit_plan(inputs):
 
 
 def _mni_affine_start(in_file: str, template: str, template_mask: str, candidate: str,
-                      out_prefix: str, seed: int, mirrored: bool = False):
+                      out_prefix: str, seed: int, mirrored: bool = False, spacing: float = 2.0):
     """One start of the MNI affine, from files (run in a child process by :class:`MNIAffine`);
     with ``mirrored``, of the image's world mirror."""
     import nibabel as nib
@@ -131,7 +134,7 @@ def _mni_affine_start(in_file: str, template: str, template_mask: str, candidate
     return affine_start(nib_to_ants(mirror_world(image) if mirrored else image),
                         nib_to_ants(mirror_average(nib.load(template))),
                         np.asarray(mirror_average(nib.load(template_mask)).dataobj) > 0.25,
-                        candidate, out_prefix, seed=seed)
+                        candidate, out_prefix, seed=seed, spacing=spacing)
 
 
 class MNIAffine(CerebsegInterface):
@@ -156,16 +159,18 @@ class MNIAffine(CerebsegInterface):
 
         from cerebseg.errors import BadDataError
         from cerebseg.utils.isolate import call_in_fresh_process
-        from cerebseg.utils.registration import (AFFINE_STARTS, best_affine,
-                                                 combine_mirror_fits)
+        from cerebseg.utils.registration import (AFFINE_STARTS, COARSE_AFFINE_START,
+                                                 best_affine, combine_mirror_fits)
 
         template, threads, workers, sides = _fit_plan(self.inputs)
+        starts, spacing = ((COARSE_AFFINE_START,), 4.0) if self.inputs.coarse \
+            else (AFFINE_STARTS, 2.0)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             jobs = {mirrored: [pool.submit(
                 call_in_fresh_process, _mni_affine_start, self.inputs.in_file, template,
                 self.inputs.template_mask, candidate,
                 os.path.join(runtime.cwd, f'T1w{"_mirror" * mirrored}_to_MNI_{candidate}_'),
-                self.inputs.seed, mirrored, threads=threads) for candidate in AFFINE_STARTS]
+                self.inputs.seed, mirrored, spacing, threads=threads) for candidate in starts]
                 for mirrored in sides}
             best = {mirrored: best_affine([job.result() for job in side])
                     for mirrored, side in jobs.items()}

@@ -32,7 +32,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                            outline: str = 'fused', reg_control_mm: float = 4.0,
                            branches: dict | None = None, cnn: dict | None = None,
                            brainstem: dict | None = None, brainstem_meta: dict | None = None,
-                           symmetric_affine: bool = True,
+                           symmetric_affine: bool = True, coarse_affine: bool = False,
                            cerebellum: bool = True, name: str = 'single_subject_wf'):
     """Segment the cerebellum (and the brainstem) of one T1w (with its T2w when given) and
     write the derivatives.
@@ -49,8 +49,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         Static part of the dseg sidecars (sources, method, mode, version).
     registration, device, use_gpu, regnet, fusion_search, fusion_nonlocal_weight, white_labels
         See :func:`~cerebseg.workflows.multiatlas.init_multiatlas_wf`.
-    symmetric_affine : bool
-        Fit the T1w and its mirror and average (see
+    symmetric_affine, coarse_affine : bool
+        Fit the T1w and its mirror and average; one coarse fit (see
         :func:`~cerebseg.workflows.preproc.init_preproc_wf`).
     reg_control_mm : float
         Control grid (mm) of the torch registration's velocity field (the protocol's choice).
@@ -88,7 +88,8 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                                  omp_nthreads=omp_nthreads, seed=seed,
                                  region_dseg=[e['dseg'] for e in library['entries']],
                                  brainstem_grid=brainstem['grid'] if brainstem else None,
-                                 working_box=cerebellum, symmetric_affine=symmetric_affine)
+                                 working_box=cerebellum, symmetric_affine=symmetric_affine,
+                                 coarse_affine=coarse_affine)
     wf.connect(inputnode, 't1w', preproc_wf, 'inputnode.t1w')
     luts = {'cerebellum': library['lut']} if cerebellum else {}
     if brainstem:

@@ -16,7 +16,7 @@ MIN_T2_EDGE_CORRELATION = 0.15
 def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads: int,
                     seed: int, region_dseg: list[str], brainstem_grid: dict | None = None,
                     working_box: bool = True, symmetric_affine: bool = True,
-                    name: str = PREPROC_WF):
+                    coarse_affine: bool = False, name: str = PREPROC_WF):
     """Bias correction and denoising (native), MNI affine (whole brain, then refined on
     cerebellum and brainstem), T2w->T1w rigid, working-grid box.
 
@@ -41,6 +41,9 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
         and average the two (:class:`~cerebseg.interfaces.preproc.MNIAffine`): a mirrored
         input gets exactly the mirrored transform. False: one fit each (``--affine-fit
         single``).
+    coarse_affine : bool
+        The whole-brain affine from one start on 4 mm copies (``--affine-fit coarse``: for
+        tests of how participants are run, not for volumes).
 
     Inputs
     ------
@@ -81,7 +84,7 @@ def init_preproc_wf(*, templates: dict, grid: dict, use_t2w: bool, omp_nthreads:
                                    template_mask=templates['mask'],
                                    min_correlation=MIN_TEMPLATE_CORRELATION,
                                    num_threads=omp_nthreads, seed=seed,
-                                   symmetric=symmetric_affine),
+                                   symmetric=symmetric_affine, coarse=coarse_affine),
                          name='mni_affine', n_procs=min(2, omp_nthreads))
     box_affine = pe.Node(BoxAffine(template_head=templates['head'],
                                    template_brain=templates['brain'], entry_dseg=region_dseg,
