@@ -191,3 +191,31 @@ def test_native_interfaces_carry_the_structure_probability(tmp_path, identity_ma
         'removed_voxels']
     assert np.array_equal(np.asarray(nib.load(trimmed.out_file).dataobj) > 0,
                           labels > 0)                        # nothing was dark inside r 8.5
+
+
+def test_trim_depth_is_the_library_constant_and_part_of_the_node_hash(tmp_path, monkeypatch):
+    """The interface's default depth is cerebseg.utils.outline.TRIM_DEPTH_MM (three passes on a
+    1 mm grid, reported), and the depth is an input: a work folder of a cerebseg that trimmed
+    to another depth runs the node again instead of reusing its labels."""
+    import nibabel as nib
+
+    from cerebseg.interfaces.native import TrimOutline
+    from cerebseg.utils.outline import TRIM_DEPTH_MM
+
+    assert TrimOutline().inputs.depth_mm == TRIM_DEPTH_MM
+    labels = np.zeros((40, 40, 40), np.int16)
+    labels[4:36, 4:36, 4:36] = 1                             # three voxels too large ...
+    tissue = np.zeros(labels.shape, bool)
+    tissue[7:33, 7:33, 7:33] = True
+    image = np.where(tissue, 1000.0, 200.0).astype(np.float32)   # ... over CSF
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / 'dseg.nii.gz')
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / 't1w.nii.gz')
+    node = TrimOutline(dseg=str(tmp_path / 'dseg.nii.gz'), t1w=str(tmp_path / 't1w.nii.gz'))
+    monkeypatch.chdir(tmp_path)
+    res = node.run().outputs
+    report = json.loads(Path(res.report).read_text())['OutlineTrimming']
+    assert report['passes'] == 3 and len(report['removed_by_pass']) == 3
+    out = np.asarray(nib.load(res.out_file).dataobj)
+    assert np.array_equal(out > 0, tissue)
+    shallow = TrimOutline(dseg=node.inputs.dseg, t1w=node.inputs.t1w, depth_mm=1.0)
+    assert shallow.inputs.get_hashval()[1] != node.inputs.get_hashval()[1]

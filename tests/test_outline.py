@@ -46,17 +46,39 @@ def test_a_generous_outline_is_trimmed_to_the_partial_volume_midpoint():
     assert not (out > 0)[~(fused > 0)].any()             # nothing is added
 
 
-def test_only_the_outer_layer_is_judged():
-    """Dark voxels inside (a fissure the labels cover) keep their labels; a second layer of
-    CSF under a generous outline is left: one voxel is the partial-volume layer."""
+def test_layers_are_judged_from_outside_up_to_the_passes():
+    """Labels two voxels too large all round: each pass takes one layer of CSF, so two passes
+    match the truth's volume within 3 % and one pass leaves the deeper layer; more passes stop
+    where the outline meets tissue. A dark voxel inside (a fissure the labels cover, no chain
+    of dark voxels to the outside) keeps its label; the report counts each pass."""
     from scipy import ndimage as ndi
 
-    image, truth, _ = _phantom()
+    image, truth, exact = _phantom()
     image[16, 16, 16] = CSF                               # an interior dark voxel
     fused = ndi.binary_dilation(truth, iterations=2).astype(np.int16)
-    out, _ = trim_outline(fused, image)
-    assert out[16, 16, 16] == 1
-    assert ((out > 0) & ~truth).sum() > 0                # the second layer stays
+    one, info1 = trim_outline(fused, image, passes=1)
+    assert (one > 0).sum() / exact > 1.2                  # the deeper layer stays
+    assert info1['passes'] == 1 and len(info1['removed_by_pass']) == 1
+    two, info2 = trim_outline(fused, image, passes=2)
+    assert abs((two > 0).sum() / exact - 1) < 0.03
+    assert two[16, 16, 16] == 1
+    assert info2['removed_voxels'] == sum(info2['removed_by_pass']) == (fused > two).sum()
+    assert info2['removed_by_pass'][0] == info1['removed_voxels']
+    more, info6 = trim_outline(fused, image, passes=6)
+    assert np.array_equal(more, two) and len(info6['removed_by_pass']) == 2
+    with pytest.raises(ValueError, match='passes=0'):
+        trim_outline(fused, image, passes=0)
+
+
+def test_passes_come_from_the_depth_in_mm():
+    from cerebseg.utils.outline import TRIM_DEPTH_MM, trim_passes
+
+    assert trim_passes((1.0, 1.0, 1.0)) == round(TRIM_DEPTH_MM) == 3
+    assert trim_passes((1.0, 1.0, 1.2)) == 3 and trim_passes((0.9, 1.3, 0.9)) == 3
+    assert trim_passes((0.5, 0.5, 0.5)) == 6
+    assert trim_passes((4.0, 4.0, 4.0)) == 1
+    with pytest.raises(ValueError, match='positive'):
+        trim_passes((1.0, 0.0, 1.0))
 
 
 def test_a_boundary_with_other_tissue_is_kept():

@@ -270,7 +270,7 @@ def test_participant_report_in_chromium(tmp_path):
 def test_methods_say_whether_the_outline_was_trimmed():
     from cerebseg.bids_app.metadata import FUSED_OUTLINE_TEXT, OUTLINE_TEXT, TISSUE_OUTLINE_TEXT
     from cerebseg.bids_app.reports import _methods
-    from cerebseg.utils.outline import SUPPORT
+    from cerebseg.utils.outline import SUPPORT, TRIM_DEPTH_MM
 
     method = {'Name': 'multi-atlas', 'Registration': 'r.', 'Fusion': 'f.'}
     trimmed = _methods({'cerebellum': {'meta': {'Method': dict(method, Outline=OUTLINE_TEXT)}}})
@@ -279,6 +279,7 @@ def test_methods_say_whether_the_outline_was_trimmed():
                                                              Outline=TISSUE_OUTLINE_TEXT)}}})
     assert 'more CSF than tissue' in grown and 'more tissue than CSF' in grown
     assert f'at least {SUPPORT:g},' in TISSUE_OUTLINE_TEXT   # the text says the support used
+    assert f'up to {TRIM_DEPTH_MM:g} mm deep' in OUTLINE_TEXT   # and the trimming's depth
     fused = _methods({'cerebellum': {'meta': {'Method': dict(
         method, Outline=FUSED_OUTLINE_TEXT)}}})
     assert 'CSF' not in fused and 'as fused' not in fused

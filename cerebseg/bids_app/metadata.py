@@ -207,9 +207,11 @@ def borders_text(branches: dict | None) -> str:
 OUTLINE_TEXT = ('outline voxels (a face on the background) whose bias-corrected T1w intensity is '
                 'below the midpoint between the CSF level (the darker of two intensity classes '
                 'within 3 voxels outside the labels) and the median of the labelled tissue are '
-                'background (more CSF than tissue).')
-#: ``Method.Outline`` of ``--outline tissue`` (cerebseg.utils.outline.SUPPORT, not imported here:
-#: the command's start-up imports no NumPy)
+                'background (more CSF than tissue); the new outline is judged again, up to '
+                '3 mm deep (three layers of 1 mm voxels: a dark voxel goes when a chain of dark '
+                'voxels joins it to the background).')
+#: ``Method.Outline`` of ``--outline tissue`` (cerebseg.utils.outline.SUPPORT and
+#: TRIM_DEPTH_MM, not imported here: the command's start-up imports no NumPy)
 TISSUE_OUTLINE_TEXT = (OUTLINE_TEXT + ' Then the voxels just outside the labels at or above '
                        'that midpoint, with a face neighbour outside the labels below it '
                        '(between the labels and CSF, not other tissue), where the fused '

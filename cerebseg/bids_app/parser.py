@@ -145,7 +145,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         default='auto',
                         help='the cerebellum\'s outline on the native grid: tissue (decided by '
                              'the bias-corrected T1w on both sides: the outline voxels that are '
-                             'more CSF than tissue are background, and the voxels just outside '
+                             'more CSF than tissue are background, judged again up to 3 mm '
+                             'deep, and the voxels just outside '
                              'that are more tissue than CSF, facing CSF, where the fusion gives '
                              'the cerebellum a probability of 0.25 or more, are added), trimmed '
                              '(only the first half of that), fused (as the label fusion draws '

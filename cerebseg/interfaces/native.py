@@ -68,6 +68,10 @@ class _TrimInputSpec(BaseInterfaceInputSpec):
                desc='the bias-corrected T1w on the same grid (the intensities judged)')
     foreground = File(exists=True, desc='the fused probability of the structure on the same '
                                         'grid: when given, the outline is grown too')
+    # cerebseg.utils.outline.TRIM_DEPTH_MM (not imported here: no NumPy at import); an input,
+    # so that a work folder of a cerebseg that trimmed otherwise runs this node again
+    depth_mm = traits.Float(3.0, usedefault=True,
+                            desc='how deep the trimming goes from the fused outline (mm)')
 
 
 class _TrimOutputSpec(TraitedSpec):
@@ -88,18 +92,20 @@ class TrimOutline(CerebsegInterface):
         import numpy as np
 
         from cerebseg.utils.images import atomic_save, atomic_write_text, to_label_image
-        from cerebseg.utils.outline import tissue_outline, trim_outline
+        from cerebseg.utils.outline import tissue_outline, trim_outline, trim_passes
 
         seg = nib.load(self.inputs.dseg)
+        passes = trim_passes(seg.header.get_zooms()[:3], self.inputs.depth_mm)
         t1w = nib.load(self.inputs.t1w)
         # the corrected T1w is the input's voxel array corrected voxel by voxel: same indices
         # (its header went through ITK, which may spell an oblique affine differently)
         image = np.asarray(t1w.dataobj, dtype=np.float32)
         if isdefined(self.inputs.foreground):
             foreground = np.asarray(nib.load(self.inputs.foreground).dataobj, np.float32)
-            labels, info = tissue_outline(np.asarray(seg.dataobj), image, foreground)
+            labels, info = tissue_outline(np.asarray(seg.dataobj), image, foreground,
+                                          passes=passes)
         else:
-            labels, info = trim_outline(np.asarray(seg.dataobj), image)
+            labels, info = trim_outline(np.asarray(seg.dataobj), image, passes=passes)
         if 'skipped' in info:
             LOGGER.warning(
                 'Outline left as fused (%s): %s', info['skipped'], self.inputs.t1w)
