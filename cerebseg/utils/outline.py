@@ -30,6 +30,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from cerebseg.utils.reports import crop_box
+
 #: where between the CSF (0) and tissue (1) levels an outline voxel becomes background
 TISSUE_FRACTION = 0.5
 #: below this contrast (tissue - CSF) / tissue the image cannot separate them: nothing changes
@@ -89,14 +91,16 @@ def trim_passes(zooms, depth_mm: float = TRIM_DEPTH_MM) -> int:
 
 def trim_outline(labels: np.ndarray, image: np.ndarray, *,
                  levels: tuple[float, float] | None = None,
-                 fraction: float = TISSUE_FRACTION, passes: int = 3) -> tuple[np.ndarray, dict]:
+                 fraction: float = TISSUE_FRACTION,
+                 passes: int = round(TRIM_DEPTH_MM)) -> tuple[np.ndarray, dict]:
     """Labels without the voxels of their outer layers that are more CSF than tissue.
 
     ``labels``: integer label map (0 background) on the grid of ``image`` (a bias-corrected
     T1w: CSF darker than tissue). A labelled voxel with a background face neighbour whose
     intensity is below ``csf + fraction * (tissue - csf)`` becomes background; the new outer
     layer is judged the same way, ``passes`` times in all (a dark voxel goes only when a chain
-    of dark voxels joins it to the background). ``levels``: (csf, tissue) to use (default:
+    of dark voxels joins it to the background; default: ``TRIM_DEPTH_MM`` of 1 mm voxels, see
+    :func:`trim_passes`). ``levels``: (csf, tissue) to use (default:
     :func:`outline_levels` of ``labels``, measured once). Returns the new labels and what was
     done: the levels, the threshold, the voxels removed in all and by each pass (``skipped``
     names the reason when nothing could be judged).
@@ -115,15 +119,14 @@ def trim_outline(labels: np.ndarray, image: np.ndarray, *,
     if threshold is None:
         return labels, dict(info, skipped=why)
     # the labels' bounding box, one voxel wider on each side: nothing outside it changes
-    where = np.argwhere(inside)
-    lo = np.maximum(where.min(0) - 1, 0)
-    hi = np.minimum(where.max(0) + 2, inside.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = crop_box(inside, 1)
     ins, dark = inside[box].copy(), image[box] < threshold
-    first_outline = int((ins & ndi.binary_dilation(~ins)).sum())
-    by_pass = []
+    by_pass, first_outline = [], None
     for _ in range(passes):
-        remove = ins & dark & ndi.binary_dilation(~ins)
+        outline = ins & ndi.binary_dilation(~ins)
+        if first_outline is None:
+            first_outline = int(outline.sum())
+        remove = outline & dark
         if not remove.any():
             break
         ins &= ~remove
@@ -162,10 +165,7 @@ def grow_outline(labels: np.ndarray, image: np.ndarray, foreground: np.ndarray, 
         return labels, dict(info, skipped=why)
     # work on the labels' bounding box, one voxel wider on each side (plus one for the
     # dark-neighbour test)
-    where = np.argwhere(inside)
-    lo = np.maximum(where.min(0) - 2, 0)
-    hi = np.minimum(where.max(0) + 3, inside.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = crop_box(inside, 2)
     ins, img, fg = inside[box], image[box], foreground[box]
     dark = (img < threshold) & ~ins
     add = (~ins & ndi.binary_dilation(ins) & (img >= threshold) & (fg >= support)
@@ -180,7 +180,7 @@ def grow_outline(labels: np.ndarray, image: np.ndarray, foreground: np.ndarray, 
 
 def tissue_outline(labels: np.ndarray, image: np.ndarray, foreground: np.ndarray, *,
                    fraction: float = TISSUE_FRACTION, support: float = SUPPORT,
-                   passes: int = 3) -> tuple[np.ndarray, dict]:
+                   passes: int = round(TRIM_DEPTH_MM)) -> tuple[np.ndarray, dict]:
     """The outline decided by the image on both sides: :func:`trim_outline` (``passes``
     layers), then :func:`grow_outline` of what is left, both with the CSF and tissue levels of
     ``labels`` (a trimmed voxel, below the midpoint, is never added back). Returns the labels
