@@ -272,3 +272,27 @@ def test_few_runs_flag_no_outlier(tmp_path):
     assert all(r['n_outliers'] == '0' for r in rows) and rows[-1]['Left_I_IV_z'] != 'n/a'
     assert len(_read(out / 'group_qc.tsv')) == 0
     assert 'fewer than' in (out / 'group_report.html').read_text()
+
+
+def test_labels_not_measured_stay_not_measured(tree):
+    """A run whose image cut off a label (its volume n/a in the morph table): the group table
+    writes n/a for that label, its ICV fraction, its z-score and the run's total, never a
+    smaller total; the other runs' statistics are unchanged; the report is still written."""
+    bids, out = tree
+    write_group_outputs(out, bids)
+    before = {r['participant_id']: r for r in _read(out / 'group_seg-cerebellum_morph.tsv')
+              if r['session_id'] == 'n/a'}
+    path = out / 'sub-05' / 'anat' / 'sub-05_seg-cerebellum_morph.tsv'
+    lines = path.read_text().splitlines()
+    cut = [i for i, line in enumerate(lines) if '\tVermis_VI\t' in line][0]
+    lines[cut] = '3\tVermis_VI\tn/a\tn/a'
+    path.write_text('\n'.join(lines) + '\n')
+    write_group_outputs(out, bids)
+    rows = {r['participant_id']: r for r in _read(out / 'group_seg-cerebellum_morph.tsv')
+            if r['session_id'] == 'n/a'}
+    r5 = rows['sub-05']
+    assert (r5['Vermis_VI'], r5['Vermis_VI_icv'], r5['Vermis_VI_z']) == ('n/a', 'n/a', 'n/a')
+    assert (r5['total_mm3'], r5['total_icv']) == ('n/a', 'n/a')
+    assert r5['Left_I_IV'] == before['sub-05']['Left_I_IV']
+    assert rows['sub-01']['total_mm3'] == before['sub-01']['total_mm3']
+    assert (out / 'group_report.html').is_file()

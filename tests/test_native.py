@@ -219,3 +219,111 @@ def test_trim_depth_is_the_library_constant_and_part_of_the_node_hash(tmp_path, 
     assert np.array_equal(out > 0, tissue)
     shallow = TrimOutline(dseg=node.inputs.dseg, t1w=node.inputs.t1w, depth_mm=1.0)
     assert shallow.inputs.get_hashval()[1] != node.inputs.get_hashval()[1]
+
+
+def _ball_labels(shape=(40, 40, 40), centre=(19.5, 19.5, 19.5), radius=12.0):
+    """Two labels (1: the lower, 2: the upper half of a ball) on a 1 mm grid."""
+    idx = np.indices(shape).astype(np.float32)
+    ball = np.sqrt(((idx - np.array(centre)[:, None, None, None]) ** 2).sum(0)) < radius
+    return np.where(ball, np.where(idx[2] < centre[2], 1, 2), 0).astype(np.int16)
+
+
+def test_outside_image_measures_what_the_image_cuts_off(identity_mat):
+    """A native image that ends 6 voxels above the ball's bottom: the share of each label
+    outside it is the share of its voxels below the edge, summed over the label maps given
+    (two entries, one shifted up by 2 voxels); an image covering them all cuts nothing off;
+    the report names the labels above the limit, largest share first."""
+    from cerebseg.utils.native import MAX_OUTSIDE_IMAGE, outside_image, outside_report
+
+    labels = _ball_labels()
+    up = np.eye(4)
+    up[2, 3] = 2.0
+    maps = [nib.Nifti1Image(labels, np.eye(4)), nib.Nifti1Image(labels, up)]
+    lut = [{'index': 0, 'name': 'background'}, {'index': 1, 'name': 'Lower'},
+           {'index': 2, 'name': 'Upper'}, {'index': 3, 'name': 'Absent'}]
+    whole = nib_to_ants(nib.Nifti1Image(np.zeros((50, 50, 50), np.float32), np.eye(4)))
+    outside, total = outside_image(maps, whole, identity_mat, 4)
+    np.testing.assert_array_equal(total, [0, 2 * (labels == 1).sum(), 2 * (labels == 2).sum(),
+                                          0])
+    assert outside.max() == 0
+    report = outside_report(outside, total, lut)
+    assert report['NotMeasured'] == [] and report['WholeShareOutside'] == 0
+    # the native image starts at z = 14 mm (the ball's bottom: 8 mm, 10 mm in the shifted
+    # entry): its first voxel covers the point at 14 fully, at 13 not at all
+    cut_affine = np.eye(4)
+    cut_affine[2, 3] = 14.0
+    cut = nib_to_ants(nib.Nifti1Image(np.zeros((50, 50, 40), np.float32), cut_affine))
+    outside, total = outside_image(maps, cut, identity_mat, 4)
+    below = [np.bincount(labels[:, :, :14].ravel(), minlength=3),
+             np.bincount(labels[:, :, :12].ravel(), minlength=3)]
+    np.testing.assert_allclose(outside[:3], [0, below[0][1] + below[1][1], 0])
+    assert 0.1 < outside[1] / total[1] < 0.5 and outside[3] == total[3] == 0
+    report = outside_report(outside, total, lut)
+    assert report['Limit'] == MAX_OUTSIDE_IMAGE
+    assert report['NotMeasured'] == ['Lower'] and set(report['ShareOutside']) == {'Lower'}
+    assert report['WholeShareOutside'] == pytest.approx(outside.sum() / total.sum(), abs=1e-4)
+    # a shallow cut, below the limit, is measured; two cut labels come largest first
+    shallow = outside_report(np.array([0.0, 0.01, 0.0]), np.array([0.0, 1.0, 1.0]), lut)
+    assert shallow['NotMeasured'] == [] and shallow['WholeShareOutside'] == 0.005
+    both = outside_report(np.array([0.0, 0.1, 0.3]), np.array([0.0, 1.0, 1.0]), lut)
+    assert both['NotMeasured'] == ['Upper', 'Lower']
+
+
+def test_labels_cut_off_are_not_measured():
+    """The morph table writes n/a for the labels the image cuts off, and for every sum that
+    would add them up (the brainstem's parts); the others keep their volumes."""
+    from cerebseg.utils.brainstem_parts import part_rows
+
+    labels = np.zeros((10, 10, 10), np.int16)
+    labels[:2] = 1
+    labels[2:4] = 2
+    labels[4:5] = 3
+    lut = [{'index': 0, 'name': 'background'},
+           {'index': 1, 'name': 'Medulla_GM', 'part': 'medulla'},
+           {'index': 2, 'name': 'Pons_GM', 'part': 'pons'},
+           {'index': 3, 'name': 'Midbrain_GM', 'part': 'midbrain'}]
+    rows = [line.split('\t') for line in morph_table(
+        labels, (1.0, 1.0, 1.0), lut, icv_mm3=1000.0, summary=part_rows,
+        not_measured=[1]).splitlines()]
+    by_name = {r[1]: r[2:] for r in rows[1:]}
+    assert by_name['Medulla_GM'] == ['n/a', 'n/a'] and by_name['Medulla'] == ['n/a', 'n/a']
+    assert by_name['Whole_Brainstem'] == ['n/a', 'n/a']
+    assert by_name['Pons_GM'][0] == '200.0' and by_name['Pons'][0] == '200.0'
+    assert by_name['Midbrain'][0] == '100.0'
+
+
+def test_field_of_view_interface_warns_and_the_volumes_follow(tmp_path, identity_mat,
+                                                             monkeypatch, caplog):
+    """FieldOfView writes the sidecar's FieldOfView and warns, naming the structure, the file
+    and the label; LabelVolumes given its report writes that label n/a. Its limit is the
+    library constant."""
+    from cerebseg.interfaces.native import FieldOfView, LabelVolumes
+    from cerebseg.utils.native import MAX_OUTSIDE_IMAGE
+
+    assert FieldOfView().inputs.limit == MAX_OUTSIDE_IMAGE
+    entry = tmp_path / 'entry_dseg.nii.gz'
+    nib.save(nib.Nifti1Image(_ball_labels(), np.eye(4)), entry)
+    cut_affine = np.eye(4)
+    cut_affine[2, 3] = 14.0
+    t1w = tmp_path / 't1w.nii.gz'
+    nib.save(nib.Nifti1Image(np.zeros((50, 50, 40), np.float32), cut_affine), t1w)
+    lut = tmp_path / 'lut.tsv'
+    lut.write_text('index\tname\n0\tbackground\n1\tLower\n2\tUpper\n')
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level('WARNING', logger='cerebseg.interfaces.native'):
+        res = FieldOfView(label_maps=[str(entry)], reference=str(t1w), t1_to_mni=identity_mat,
+                          lut=str(lut), structure='cerebellum').run().outputs
+    info = json.loads(Path(res.report).read_text())['FieldOfView']
+    assert info['NotMeasured'] == ['Lower']
+    assert 'ends inside the cerebellum' in caplog.text and str(t1w) in caplog.text
+    assert 'Lower' in caplog.text
+    dseg = tmp_path / 'dseg.nii.gz'
+    labels = np.zeros((50, 50, 40), np.int16)
+    labels[10:20, 10:20, 0:5] = 1
+    labels[10:20, 10:20, 5:10] = 2
+    nib.save(nib.Nifti1Image(labels, cut_affine), dseg)
+    kwargs = dict(dseg=str(dseg), lut=str(lut), t1_to_mni=identity_mat, template_icv_ml=1.0)
+    table = Path(LabelVolumes(fov=res.report, **kwargs).run().outputs.out_file).read_text()
+    assert '1\tLower\tn/a\tn/a' in table and '2\tUpper\t500.0' in table
+    plain = Path(LabelVolumes(**kwargs).run().outputs.out_file).read_text()
+    assert '1\tLower\t500.0' in plain

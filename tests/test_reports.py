@@ -255,6 +255,41 @@ def test_participant_report(tmp_path):
     assert 'bad box' in write_participant_report(out, '01').read_text()
 
 
+def test_a_cut_off_structure_is_flagged_and_not_measured(tmp_path):
+    """A run whose image ends inside the cerebellum: its sidecar's FieldOfView raises a
+    field_of_view flag naming the structure and the labels; the report writes "not measured"
+    for them and for the total, never a smaller number; no flag when nothing is cut off."""
+    fov = {'Limit': 0.02, 'WholeShareOutside': 0.27, 'NotMeasured': ['Left_A'],
+           'ShareOutside': {'Left_A': 0.41}}
+    assert qc.field_of_view_flags({'FieldOfView': dict(fov, NotMeasured=[],
+                                                       ShareOutside={})}, 'cerebellum') == []
+    assert qc.field_of_view_flags({}, 'cerebellum') == []
+    out = tmp_path / 'out'
+    _fake_run_outputs(out)
+    anat = out / 'sub-01' / 'anat'
+    (anat / 'sub-01_seg-brainstem_morph.tsv').write_text(
+        'index\tname\tvolume_mm3\tvolume_icv_fraction\n1\tLeft_A\tn/a\tn/a\n'
+        '2\tRight_A\t1500.0\t1.5e-03\nn/a\tWhole\tn/a\tn/a\n')
+    meta_file = anat / 'sub-01_space-T1w_seg-brainstem_dseg.json'
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(dict(meta, FieldOfView=fov)))
+    from cerebseg.bids_app.reports import run_results
+
+    flags = participant_flags(run_results(out, 'sub-01'))
+    cut = [f for f in flags if f['kind'] == 'field_of_view']
+    assert len(cut) == 1 and cut[0]['structure'] == 'brainstem'
+    assert '27 %' in cut[0]['message'] and 'Left_A 41 %' in cut[0]['message']
+    assert not any(f['kind'] == 'asymmetry' for f in flags)   # one side unmeasured: no pair
+    run = SimpleNamespace(label='sub-01', subject='01', session=None)
+    from datetime import datetime, timezone
+
+    write_status(out, run, out / 'sub-01/log/new', started=datetime.now(timezone.utc), code=0,
+                 message='done', device='cpu', run_uuid='new', qc_flags=flags)
+    text = write_participant_report(out, '01').read_text()
+    assert text.count('not measured') >= 2 and 'ends inside the brainstem' in text
+    assert '1,500' in text and '2,500' not in text
+
+
 def test_participant_report_in_chromium(tmp_path):
     out = tmp_path / 'out'
     _fake_run_outputs(out)

@@ -98,6 +98,13 @@ def test_single_subject_graph(tmp_path, fake_assets, with_t2, registration):
         assert f'cerebseg {__version__}' in register.inputs.settings
     assert ('t2_coreg' in names) == with_t2
     assert ('ds_t2_to_t1' in names) == with_t2
+    # the field of view is judged on the library entries' labels as the affine places them;
+    # its report reaches the volume table and the sidecar
+    fov = next(n for n in graph.nodes() if n.fullname.endswith('native_wf.fov'))
+    assert fov.inputs.label_maps == [e['dseg'] for e in library['entries']]
+    assert fov.inputs.structure == 'cerebellum'
+    feeds = {(u.fullname.split('.')[-1], v.fullname.split('.')[-1]) for u, v in graph.edges()}
+    assert ('fov', 'volumes') in feeds and ('fov', 'qc_files') in feeds
     # the report figures: registration checks and the native label mosaic, into figures/
     assert {'mni_rpt', 'cerebellum_rpt', 'ds_mni_report', 'ds_cerebellum_report'} <= names
     assert ({'t2w_rpt', 'ds_t2w_report'} <= names) == with_t2
@@ -204,6 +211,8 @@ def test_brainstem_graph(tmp_path, fake_assets):
             'brainstem_wf.native_wf.volumes', 'brainstem_wf.ds_wf.ds_dseg_native',
             'brainstem_wf.ds_wf.ds_dseg_box', 'brainstem_wf.ds_wf.ds_morph'} <= set(nodes)
     assert nodes['brainstem_wf.native_wf.volumes'].inputs.parts
+    assert nodes['brainstem_wf.native_wf.fov'].inputs.label_maps == [files['dseg']]
+    assert nodes['brainstem_wf.native_wf.fov'].inputs.structure == 'brainstem'
     assert {'reports_wf.brainstem_rpt', 'reports_wf.cerebellum_rpt',
             'reports_wf.ds_reports_wf.ds_brainstem_report'} <= set(nodes)
     assert nodes['brainstem_wf.ds_wf.ds_morph'].inputs.entities == {'seg': 'brainstem'}

@@ -12,6 +12,7 @@ import functools
 import html
 import json
 import logging
+import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -138,7 +139,8 @@ def run_results(output_dir: Path, label: str) -> dict:
 
 
 def _volumes(rows: list[dict]) -> dict[str, float]:
-    return {r['name']: float(r['volume_mm3']) for r in rows}
+    """Measured volumes by name (``n/a``: not measured, left out)."""
+    return {r['name']: float(r['volume_mm3']) for r in rows if r['volume_mm3'] != 'n/a'}
 
 
 def participant_flags(results: dict, reference: dict | None = None,
@@ -155,6 +157,7 @@ def participant_flags(results: dict, reference: dict | None = None,
             if flag['kind'] not in seen:   # the same fit is in both sidecars
                 seen.add(flag['kind'])
                 flags.append(flag)
+        flags += qc.field_of_view_flags(res['meta'], seg)
         volumes = _volumes(res['rows'])
         flags += qc.asymmetry_flags(volumes, baseline=(baselines or {}).get(seg))
         if seg == 'cerebellum' and reference:
@@ -210,15 +213,21 @@ def _volume_table(seg: str, rows: list[dict]) -> str:
     body = []
     total = 0.0
     for r in rows:
-        vol = float(r['volume_mm3'])
+        if r['volume_mm3'] == 'n/a':   # the image ends inside it (FieldOfView)
+            vol = float('nan')
+            line = [r['index'], r['name'], 'not measured', 'n/a']
+        else:
+            vol = float(r['volume_mm3'])
+            line = [r['index'], r['name'], f'{vol:,.0f}',
+                    f'{float(r["volume_icv_fraction"]) * 1000:.3f}']
         if r['index'] != 'n/a':   # the brainstem's parts (index n/a) sum labels listed above
             total += vol
-        line = [r['index'], r['name'], f'{vol:,.0f}',
-                f'{float(r["volume_icv_fraction"]) * 1000:.3f}']
         if unc:
             line.append(r.get('uncertainty', 'n/a'))
         body.append(line)
-    body.append(['', f'all labels ({seg})', f'{total:,.0f}', ''] + ([''] if unc else []))
+    body.append(['', f'all labels ({seg})',
+                 'not measured' if math.isnan(total) else f'{total:,.0f}', '']
+                + ([''] if unc else []))
     return _table(header, body, num_cols=(0, 2, 3, 4))
 
 

@@ -121,6 +121,58 @@ class TrimOutline(CerebsegInterface):
         return runtime
 
 
+class _FieldOfViewInputSpec(BaseInterfaceInputSpec):
+    label_maps = traits.List(File(exists=True), mandatory=True,
+                             desc='label maps in MNI space (the library entries\' labels)')
+    reference = File(exists=True, mandatory=True, desc='the input T1w (its field of view)')
+    t1_to_mni = File(exists=True, mandatory=True, desc='T1w -> MNI affine (ANTs)')
+    lut = File(exists=True, mandatory=True, desc='lookup table TSV (the labels\' names)')
+    structure = traits.Str(mandatory=True, desc='what the labels are (for the warning)')
+    # cerebseg.utils.native.MAX_OUTSIDE_IMAGE (no NumPy at import; a test ties the two)
+    limit = traits.Float(0.02, usedefault=True,
+                         desc='share of a label outside the image above which it is not '
+                              'measured')
+
+
+class _FieldOfViewOutputSpec(TraitedSpec):
+    report = File(exists=True, desc='JSON (for the sidecar, key FieldOfView)')
+
+
+class FieldOfView(CerebsegInterface):
+    """:func:`cerebseg.utils.native.outside_image`: how much of each label lies beyond the
+    input image's edge; a warning names the labels above the limit."""
+
+    input_spec = _FieldOfViewInputSpec
+    output_spec = _FieldOfViewOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+        import numpy as np
+
+        from cerebseg.utils.images import atomic_write_text, nib_to_ants
+        from cerebseg.utils.native import outside_image, outside_report, read_lut_tsv
+
+        ref = nib.load(self.inputs.reference)
+        ref3d = nib.Nifti1Image(np.zeros(ref.shape[:3], np.float32), ref.affine)
+        lut = read_lut_tsv(self.inputs.lut)
+        outside, total = outside_image([nib.load(f) for f in self.inputs.label_maps],
+                                       nib_to_ants(ref3d), self.inputs.t1_to_mni,
+                                       max(row['index'] for row in lut) + 1)
+        info = outside_report(outside, total, lut, self.inputs.limit)
+        if info['NotMeasured'] or info['WholeShareOutside'] > self.inputs.limit:
+            LOGGER.warning(
+                'The image ends inside the %s: about %.0f %% of it lies outside %s (most: %s). '
+                'The volumes of %d label(s) are written n/a (not measured); acquire or '
+                'choose an image whose field of view covers the whole %s.',
+                self.inputs.structure, 100 * info['WholeShareOutside'], self.inputs.reference,
+                ', '.join(f"{n} {100 * info['ShareOutside'][n]:.0f} %"
+                          for n in info['NotMeasured'][:3]) or 'none above the limit',
+                len(info['NotMeasured']), self.inputs.structure)
+        self._results['report'] = os.path.join(runtime.cwd, 'field_of_view.json')
+        atomic_write_text(self._results['report'], json.dumps({'FieldOfView': info}, indent=1))
+        return runtime
+
+
 class _VolumesInputSpec(BaseInterfaceInputSpec):
     dseg = File(exists=True, mandatory=True, desc='native-space labels')
     lut = File(exists=True, mandatory=True, desc='lookup table TSV')
@@ -131,6 +183,7 @@ class _VolumesInputSpec(BaseInterfaceInputSpec):
                              desc="TSV of per-label uncertainty to add as a column ('' none)")
     parts = traits.Bool(False, usedefault=True,
                         desc='append the brainstem part sums (the lookup table\'s part column)')
+    fov = File(exists=True, desc='JSON of FieldOfView: its NotMeasured labels are written n/a')
 
 
 class _VolumesOutputSpec(TraitedSpec):
@@ -167,8 +220,14 @@ class LabelVolumes(CerebsegInterface):
         summary = None
         if self.inputs.parts:
             from cerebseg.utils.brainstem_parts import part_rows as summary
-        table = morph_table(np.asarray(img.dataobj), img.header.get_zooms()[:3],
-                            read_lut_tsv(self.inputs.lut), icv_mm3, uncertainty, summary)
+        lut = read_lut_tsv(self.inputs.lut)
+        not_measured = ()
+        if isdefined(self.inputs.fov):
+            with open(self.inputs.fov, encoding='utf-8') as fobj:
+                names = set(json.load(fobj)['FieldOfView']['NotMeasured'])
+            not_measured = [row['index'] for row in lut if row['name'] in names]
+        table = morph_table(np.asarray(img.dataobj), img.header.get_zooms()[:3], lut, icv_mm3,
+                            uncertainty, summary, not_measured=not_measured)
         self._results['out_file'] = os.path.join(runtime.cwd, 'morph.tsv')
         atomic_write_text(self._results['out_file'], table)
         self._results['icv_file'] = os.path.join(runtime.cwd, 'icv.json')

@@ -98,27 +98,34 @@ def label_volumes(labels: np.ndarray, zooms, n_labels: int) -> np.ndarray:
 
 
 def morph_table(labels: np.ndarray, zooms, lut: list[dict], icv_mm3: float,
-                uncertainty: dict | None = None, summary=None) -> str:
+                uncertainty: dict | None = None, summary=None,
+                not_measured=()) -> str:
     """BIDS-style TSV: index, name, volume_mm3, volume_icv_fraction (one row per non-0 label),
     and ``uncertainty`` (``{index: text}``, the networks' mean disagreement) when given.
 
     ``summary``: a function ``({index: volume_mm3}, lut) -> [(name, volume_mm3), ...]`` whose
     rows (sums of labels, e.g. the brainstem parts) are appended with index ``n/a``.
+    ``not_measured``: label indices whose volume is written ``n/a`` (the image ends inside
+    them, :func:`outside_report`), and so is every summary row that adds them up.
     """
     vols = label_volumes(labels, zooms, max(r['index'] for r in lut) + 1)
+    vols[list(not_measured)] = np.nan
+
+    def _cells(vol):
+        return 'n/a\tn/a' if np.isnan(vol) else f'{vol:.1f}\t{vol / icv_mm3:.6e}'
+
     lines = ['index\tname\tvolume_mm3\tvolume_icv_fraction'
              + ('\tuncertainty' if uncertainty is not None else '')]
     for row in lut:
         if row['index'] == 0:
             continue
-        vol = vols[row['index']]
-        line = f"{row['index']}\t{row['name']}\t{vol:.1f}\t{vol / icv_mm3:.6e}"
+        line = f"{row['index']}\t{row['name']}\t{_cells(vols[row['index']])}"
         if uncertainty is not None:
             line += f"\t{uncertainty.get(row['index'], 'n/a')}"
         lines.append(line)
     if summary is not None:
         for name, vol in summary({r['index']: float(vols[r['index']]) for r in lut}, lut):
-            lines.append(f'n/a\t{name}\t{vol:.1f}\t{vol / icv_mm3:.6e}'
+            lines.append(f'n/a\t{name}\t{_cells(vol)}'
                          + ('\tn/a' if uncertainty is not None else ''))
     return '\n'.join(lines) + '\n'
 
@@ -131,3 +138,64 @@ def read_lut_tsv(path) -> list[dict]:
     for row in rows:
         row['index'] = int(row['index'])
     return rows
+
+
+
+#: share of a label's probability (working grid) outside the input image above which its
+#: native volume is not measured: the image ends inside it (issue 23: a crop that removes more
+#: than 2 % of the cerebellum is flagged)
+MAX_OUTSIDE_IMAGE = 0.02
+
+
+def outside_image(label_maps, reference, transform: str, n_labels: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """How much of each label lies outside the image whose grid is ``reference`` (ANTs image),
+    as the library places the anatomy by the affine alone: ``(outside, total)``, two
+    ``(n_labels,)`` arrays of voxels summed over ``label_maps`` (nibabel label images in MNI
+    space: the library entries' or the label set's own; label 0 left at 0).
+
+    The working grid covers the whole of cerebellum and brainstem whatever the input's field of
+    view, and the native-to-MNI affine (fitted on the whole head, then on the posterior fossa)
+    puts each entry's anatomy there as it continues beyond an image that ends inside it (a slab
+    cut off below or behind). Each voxel of an entry counts by how much of it the input image
+    does not cover (the image grid's support resampled linearly onto the entry's grid through
+    ``transform``, native -> MNI). The entries are read as the affine places them, not as the
+    deformable registration does: the registration pulls them into the image where it ends
+    (ds002748 sub-03 with its lowest 18 mm of cerebellum cut off, 25 % of its cerebellum: 16 %
+    of the registered library's probability outside the image, 22-25 % of each entry's labels).
+    """
+    import ants
+    import nibabel as nib
+
+    from cerebseg.utils.images import nib_to_ants
+
+    ones = reference.new_image_like(np.ones(reference.shape, np.float32))
+    outside, total = np.zeros(n_labels), np.zeros(n_labels)
+    missing = {}
+    for img in label_maps:
+        key = (img.shape[:3], img.affine.tobytes())
+        if key not in missing:
+            grid = nib_to_ants(nib.Nifti1Image(np.zeros(img.shape[:3], np.float32), img.affine))
+            covered = ants.apply_transforms(grid, ones, [transform], interpolator='linear',
+                                            defaultvalue=0.0).numpy()
+            missing[key] = np.clip(1.0 - covered, 0.0, 1.0).ravel().astype(np.float64)
+        labels = np.asarray(img.dataobj).astype(np.int64).ravel()
+        labels[(labels < 0) | (labels >= n_labels)] = 0
+        total += np.bincount(labels, minlength=n_labels)[:n_labels]
+        outside += np.bincount(labels, weights=missing[key], minlength=n_labels)[:n_labels]
+    outside[0] = total[0] = 0.0
+    return outside, total
+
+
+def outside_report(outside, total, lut: list[dict], limit: float = MAX_OUTSIDE_IMAGE) -> dict:
+    """The sidecar's ``FieldOfView`` from :func:`outside_image`: the share of the whole
+    structure (every label but 0) outside the image, and every label whose own share is above
+    ``limit`` (``NotMeasured``, largest share first; ``ShareOutside``: their shares)."""
+    outside, total = np.asarray(outside, float), np.asarray(total, float)
+    whole = float(outside[1:].sum() / total[1:].sum()) if total[1:].sum() > 0 else 0.0
+    shares = np.divide(outside, total, out=np.zeros_like(outside), where=total > 0)
+    names = {row['index']: row['name'] for row in lut}
+    cut = {names[i]: round(float(s), 4) for i, s in enumerate(shares)
+           if i > 0 and i in names and s > limit}
+    return {'Limit': limit, 'WholeShareOutside': round(whole, 4),
+            'NotMeasured': sorted(cut, key=lambda n: (-cut[n], n)), 'ShareOutside': cut}

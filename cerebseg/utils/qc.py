@@ -51,6 +51,22 @@ def fit_flags(meta: dict) -> list[dict]:
     return flags
 
 
+def field_of_view_flags(meta: dict, structure: str) -> list[dict]:
+    """A flag when a dseg sidecar's ``FieldOfView`` (:func:`cerebseg.utils.native.
+    outside_report`) has labels that the image cuts off: their volumes are not measured."""
+    fov = meta.get('FieldOfView') or {}
+    cut = fov.get('NotMeasured') or []
+    if not cut:
+        return []
+    shares = fov.get('ShareOutside', {})
+    most = ', '.join(f'{n} {100 * shares.get(n, 0):.0f} %' for n in cut[:3])
+    return [_flag('field_of_view', structure,
+                  f'the image ends inside the {structure}: about '
+                  f'{100 * fov.get("WholeShareOutside", 0):.0f} % of it lies outside the image '
+                  f'({most}); the volumes of {len(cut)} label(s) and their sums are not '
+                  'measured (n/a)')]
+
+
 def asymmetry_flags(volumes: dict[str, float], bound: float = MAX_ASYMMETRY,
                     min_volume: float = MIN_ASYMMETRY_VOLUME_MM3,
                     baseline: dict[str, float] | None = None) -> list[dict]:

@@ -124,10 +124,11 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
         fusion_search=fusion_search, fusion_nonlocal_weight=fusion_nonlocal_weight,
         white_labels=white_labels, control_mm=reg_control_mm, branches=branches)
     native_wf = init_native_wf(lut=library['lut'], template_icv_ml=templates['icv_ml'],
-                               omp_nthreads=omp_nthreads, outline=outline)
+                               omp_nthreads=omp_nthreads, outline=outline,
+                               label_maps=[e['dseg'] for e in library['entries']])
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=bool(t2w),
                        with_cnn=bool(cnn))
-    qc_files = pe.Node(niu.Merge(5), name='qc_files', run_without_submitting=True)
+    qc_files = pe.Node(niu.Merge(6), name='qc_files', run_without_submitting=True)
     if t2w:
         wf.connect(inputnode, 't2w', preproc_wf, 'inputnode.t2w')
     wf.connect([
@@ -144,7 +145,7 @@ def init_single_subject_wf(*, t1w: str, t2w: str | None, output_dir: str, templa
                             ('outputnode.morph', 'inputnode.morph')]),
         (native_wf, reports_wf, [('outputnode.dseg_native', 'inputnode.dseg_cerebellum')]),
         (preproc_wf, qc_files, [('outputnode.mni_qc', 'in1')]),
-        (native_wf, qc_files, [('outputnode.icv', 'in2')]),
+        (native_wf, qc_files, [('outputnode.icv', 'in2'), ('outputnode.fov', 'in6')]),
         (qc_files, ds_wf, [('out', 'inputnode.qc_files')]),
     ])
     if outline != 'fused':

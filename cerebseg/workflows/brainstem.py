@@ -65,16 +65,17 @@ def init_brainstem_wf(*, brainstem: dict, output_dir: str, dseg_meta: dict,
     if use_gpu:
         atlas.use_gpu = True
     native_wf = init_native_wf(lut=brainstem['lut'], template_icv_ml=template_icv_ml,
-                               omp_nthreads=omp_nthreads, parts=True)
+                               omp_nthreads=omp_nthreads, parts=True, structure='brainstem',
+                               label_maps=[brainstem['dseg']])
     ds_wf = init_ds_wf(output_dir=output_dir, dseg_meta=dseg_meta, with_t2w=False,
                        outputs=BRAINSTEM_OUTPUTS + (BRAINSTEM_XFM_OUTPUTS if write_xfm else ()))
     if write_xfm:
         wf.connect(inputnode, 't1_to_mni', ds_wf, 'inputnode.t1_to_mni')
-    qc_files = pe.Node(niu.Merge(2), name='qc_files', run_without_submitting=True)
+    qc_files = pe.Node(niu.Merge(3), name='qc_files', run_without_submitting=True)
     wf.connect([
         (inputnode, atlas, [('bs_t1_box', 't1_box')]),
         (inputnode, qc_files, [('mni_qc', 'in1')]),
-        (native_wf, qc_files, [('outputnode.icv', 'in2')]),
+        (native_wf, qc_files, [('outputnode.icv', 'in2'), ('outputnode.fov', 'in3')]),
         (qc_files, ds_wf, [('out', 'inputnode.qc_files')]),
         (inputnode, native_wf, [('t1w', 'inputnode.t1w'), ('t1_to_mni', 'inputnode.t1_to_mni'),
                                 ('brain_to_mni', 'inputnode.brain_to_mni')]),

@@ -4,12 +4,12 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from cerebseg.interfaces.native import LabelVolumes, ProbsToNative, TrimOutline
+from cerebseg.interfaces.native import FieldOfView, LabelVolumes, ProbsToNative, TrimOutline
 
 
 def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
                    parts: bool = False, outline: str = 'fused',
-                   name: str = 'native_wf'):
+                   structure: str = 'cerebellum', label_maps=(), name: str = 'native_wf'):
     """Resample the label probabilities to the input T1w's grid and measure each label.
 
     Inputs
@@ -42,6 +42,12 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
     outline
         JSON of the outline's trimming (levels, voxels removed and added); '' with ``outline``
         ``fused``.
+    fov
+        JSON of how much of each label lies beyond the edge of the input image, as the
+        affine places ``label_maps`` (the library entries' labels in MNI space;
+        :class:`~cerebseg.interfaces.native.FieldOfView`; ``structure`` names the labels in
+        its warning); the volumes of the labels above its limit are written n/a. Without
+        ``label_maps`` nothing is checked and ``fov`` is ''.
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
@@ -50,7 +56,7 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
         name='inputnode')
     inputnode.inputs.label_uncertainty = ''
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=['dseg_native', 'morph', 'icv', 'outline']), name='outputnode')
+        fields=['dseg_native', 'morph', 'icv', 'outline', 'fov']), name='outputnode')
     if outline not in ('fused', 'trimmed', 'tissue'):
         raise ValueError(f'outline {outline!r}: use fused, trimmed or tissue')
     to_native = pe.Node(ProbsToNative(num_threads=omp_nthreads, foreground_first=parts,
@@ -65,6 +71,16 @@ def init_native_wf(*, lut: str, template_icv_ml: float, omp_nthreads: int,
                               ('label_uncertainty', 'uncertainty')]),
         (volumes, outputnode, [('out_file', 'morph'), ('icv_file', 'icv')]),
     ])
+    if label_maps:
+        fov = pe.Node(FieldOfView(lut=lut, structure=structure, label_maps=list(label_maps)),
+                      name='fov', mem_gb=1)
+        wf.connect([
+            (inputnode, fov, [('t1w', 'reference'), ('t1_to_mni', 't1_to_mni')]),
+            (fov, volumes, [('report', 'fov')]),
+            (fov, outputnode, [('report', 'fov')]),
+        ])
+    else:
+        outputnode.inputs.fov = ''
     final = to_native
     if outline != 'fused':
         final = pe.Node(TrimOutline(), name='trim_outline', mem_gb=1)
