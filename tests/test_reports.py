@@ -256,13 +256,19 @@ def test_participant_report(tmp_path):
 
 
 def test_a_cut_off_structure_is_flagged_and_not_measured(tmp_path):
-    """A run whose image ends inside the cerebellum: its sidecar's FieldOfView raises a
+    """A run whose image ends inside the brainstem: its sidecar's FieldOfView raises a
     field_of_view flag naming the structure and the labels; the report writes "not measured"
-    for them and for the total, never a smaller number; no flag when nothing is cut off."""
+    for them and for the total, never a smaller number; no flag when nothing, or less than the
+    limit of the whole structure, is cut off."""
     fov = {'Limit': 0.02, 'WholeShareOutside': 0.27, 'NotMeasured': ['Left_A'],
            'ShareOutside': {'Left_A': 0.41}}
-    assert qc.field_of_view_flags({'FieldOfView': dict(fov, NotMeasured=[],
-                                                       ShareOutside={})}, 'cerebellum') == []
+    assert qc.field_of_view_flags({'FieldOfView': dict(fov, WholeShareOutside=0.0,
+                                                       NotMeasured=[], ShareOutside={})},
+                                  'cerebellum') == []
+    # the tip of one label clipped, the whole within the limit: not flagged (the label is
+    # still written n/a by the volume table)
+    assert qc.field_of_view_flags({'FieldOfView': dict(fov, WholeShareOutside=0.004)},
+                                  'cerebellum') == []
     assert qc.field_of_view_flags({}, 'cerebellum') == []
     out = tmp_path / 'out'
     _fake_run_outputs(out)

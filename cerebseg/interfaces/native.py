@@ -161,7 +161,7 @@ class FieldOfView(CerebsegInterface):
         info = outside_report(outside, total, lut, self.inputs.limit)
         if info['NotMeasured'] or info['WholeShareOutside'] > self.inputs.limit:
             LOGGER.warning(
-                'The image ends inside the %s: about %.0f %% of it lies outside %s (most: %s). '
+                'The image ends inside the %s: about %.1f %% of it lies outside %s (most: %s). '
                 'The volumes of %d label(s) are written n/a (not measured); acquire or '
                 'choose an image whose field of view covers the whole %s.',
                 self.inputs.structure, 100 * info['WholeShareOutside'], self.inputs.reference,

@@ -53,18 +53,21 @@ def fit_flags(meta: dict) -> list[dict]:
 
 def field_of_view_flags(meta: dict, structure: str) -> list[dict]:
     """A flag when a dseg sidecar's ``FieldOfView`` (:func:`cerebseg.utils.native.
-    outside_report`) has labels that the image cuts off: their volumes are not measured."""
+    outside_report`) says that more than its limit of the whole structure lies outside the
+    image. Labels cut off above the limit are not measured (n/a) whether or not the whole
+    structure is flagged: an image that clips the tip of the tonsils leaves the cerebellum's
+    total within the limit but lobule IX not measured."""
     fov = meta.get('FieldOfView') or {}
-    cut = fov.get('NotMeasured') or []
-    if not cut:
+    whole, limit = fov.get('WholeShareOutside', 0.0), fov.get('Limit', 0.0)
+    if not whole > limit:
         return []
+    cut = fov.get('NotMeasured') or []
     shares = fov.get('ShareOutside', {})
     most = ', '.join(f'{n} {100 * shares.get(n, 0):.0f} %' for n in cut[:3])
     return [_flag('field_of_view', structure,
-                  f'the image ends inside the {structure}: about '
-                  f'{100 * fov.get("WholeShareOutside", 0):.0f} % of it lies outside the image '
-                  f'({most}); the volumes of {len(cut)} label(s) and their sums are not '
-                  'measured (n/a)')]
+                  f'the image ends inside the {structure}: about {100 * whole:.0f} % of it lies '
+                  f'outside the image ({most}); the volumes of {len(cut)} label(s) and their '
+                  'sums are not measured (n/a)')]
 
 
 def asymmetry_flags(volumes: dict[str, float], bound: float = MAX_ASYMMETRY,
