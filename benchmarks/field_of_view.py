@@ -75,6 +75,12 @@ def crop(img: nib.Nifti1Image, labels: np.ndarray, world: int, mm: float
     return img.slicer[tuple(index)], removed
 
 
+def _done(out: Path, label: str) -> bool:
+    """Whether a run finished (an interrupted one leaves some outputs: run it again)."""
+    return all((out / f'sub-{label}' / 'anat' / f'sub-{label}_seg-{seg}_morph.tsv').is_file()
+               for seg in SEGS)
+
+
 def _results(out: Path, label: str) -> dict:
     anat = out / f'sub-{label}' / 'anat'
     res = {}
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
     bids, out, work = opts.out / 'bids', opts.out / 'out', opts.out / 'work'
     img = nib.load(opts.t1w)
     _bids(bids, 'whole', img)
-    if not (out / 'sub-whole' / 'anat').is_dir():
+    if not _done(out, 'whole'):
         run_cerebseg(bids, out, work, opts.assets_dir, ['--participant-label', 'whole', *extra],
                      opts.out / 'logs' / 'whole.log')
     anat = out / 'sub-whole' / 'anat'
@@ -124,7 +130,7 @@ def main(argv=None) -> int:
             label = f'{side}{int(round(mm))}'
             cut, removed = crop(img, whole['cerebellum'], world, mm)
             _bids(bids, label, cut)
-            if not (out / f'sub-{label}' / 'anat').is_dir():
+            if not _done(out, label):
                 run_cerebseg(bids, out, work, opts.assets_dir,
                              ['--participant-label', label, *extra],
                              opts.out / 'logs' / f'{label}.log')
