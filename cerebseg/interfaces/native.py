@@ -159,14 +159,14 @@ class FieldOfView(CerebsegInterface):
                                        nib_to_ants(ref3d), self.inputs.t1_to_mni,
                                        max(row['index'] for row in lut) + 1)
         info = outside_report(outside, total, lut, self.inputs.limit)
-        if info['NotMeasured'] or info['WholeShareOutside'] > self.inputs.limit:
+        if info['NotMeasured']:   # the whole's share is a mean of the labels': never above
             LOGGER.warning(
                 'The image ends inside the %s: about %.1f %% of it lies outside %s (most: %s). '
                 'The volumes of %d label(s) are written n/a (not measured); acquire or '
                 'choose an image whose field of view covers the whole %s.',
                 self.inputs.structure, 100 * info['WholeShareOutside'], self.inputs.reference,
                 ', '.join(f"{n} {100 * info['ShareOutside'][n]:.0f} %"
-                          for n in info['NotMeasured'][:3]) or 'none above the limit',
+                          for n in info['NotMeasured'][:3]),
                 len(info['NotMeasured']), self.inputs.structure)
         self._results['report'] = os.path.join(runtime.cwd, 'field_of_view.json')
         atomic_write_text(self._results['report'], json.dumps({'FieldOfView': info}, indent=1))

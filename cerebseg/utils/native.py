@@ -140,10 +140,10 @@ def read_lut_tsv(path) -> list[dict]:
     return rows
 
 
-
-#: share of a label's probability (working grid) outside the input image above which its
-#: native volume is not measured: the image ends inside it (issue 23: a crop that removes more
-#: than 2 % of the cerebellum is flagged)
+#: share of a label (of the library entries' labels as the affine places them) outside the
+#: input image above which its native volume is not measured: the image ends inside it; the
+#: field_of_view flag uses the same limit for the whole structure (issue 23: a crop that
+#: removes more than 2 % of the cerebellum is flagged)
 MAX_OUTSIDE_IMAGE = 0.02
 
 
